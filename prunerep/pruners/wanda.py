@@ -1,0 +1,30 @@
+"""Wanda (Sun et al., 2023): score each weight by |W_ij| · ‖X_j‖₂, the magnitude times the
+norm of its input feature over the calibration tokens, and prune the lowest scores within
+each output row (or within each group of M inputs for N:M). No weight update."""
+from __future__ import annotations
+
+import torch
+
+from prunerep.pruners.common import apply_mask, calibrated_blocks, mask_for, prunable_linears, prune_block
+
+
+def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """|W| · ‖X_j‖ for weight [out, in] and the per-input-feature sum of squares [in]."""
+    return weight.abs().float() * input_sq_norm.float().sqrt()[None, :]
+
+
+@torch.no_grad()
+def prune(model, calib, cfg) -> dict:
+    for step in calibrated_blocks(model, calib, cfg, desc="wanda"):
+        linears = prunable_linears(step.block, cfg.pruner)
+        sq = {name: torch.zeros(lin.in_features, device=lin.weight.device, dtype=torch.float32)
+              for name, lin in linears.items()}
+
+        def accumulate(name, x):
+            sq[name] += x.float().pow(2).sum(0)
+
+        def prune_linear(name, lin):
+            apply_mask(lin, mask_for(wanda_score(lin.weight, sq[name]), cfg.spec, per_row=True))
+
+        prune_block(step, linears, cfg, accumulate, prune_linear)
+    return {"method": "wanda", "calibration": True, "calib_shape": list(calib.shape)}

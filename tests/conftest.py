@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random-initialised decoders built here, and the embedded SmolLM2."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_DIR = os.environ.get("PRUNEREP_CACHE", os.path.expanduser("~/.cache/prunerep"))
+
+
+def make_tiny(model_type: str = "llama", seed: int = 0, vocab_size: int = 256, hidden_size: int = 64,
+              intermediate_size: int = 160, num_hidden_layers: int = 3, num_attention_heads: int = 4,
+              num_key_value_heads: int = 2, **kw):
+    """A random-initialised causal LM of the given family (llama, qwen2, mistral, gemma...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, max_position_embeddings=512, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return make_tiny("qwen2")
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (8, 32), generator=g)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> str:
+    return CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def embedded(cache_dir):
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session.
+    Tests that prune it must work on a copy (`copy.deepcopy(model)`) or reload."""
+    from omegaconf import OmegaConf
+
+    from prunerep.models import load_model
+
+    mcfg = OmegaConf.load(REPO / "conf" / "model" / "smollm2.yaml")
+    mcfg = OmegaConf.merge(OmegaConf.structured(__import__("prunerep.config").config.ModelConfig), mcfg)
+    mcfg.device = "cpu"
+    return load_model(mcfg, cache_dir)
