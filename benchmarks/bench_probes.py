@@ -1,0 +1,219 @@
+"""Probe cost, as ratios taken in one run (these machines are noisy; ratios travel).
+
+  probe / floor        compare_to_reference (the pruned side of probe=all: forwards, logit lens,
+                       every metric, the table) over the time of its floor, the LM-head matmuls
+                       the logit lens cannot avoid: 2 sides x (probed rows) x d x V   (target <= 1.5)
+  peak extra memory    of probing a T-token prompt beyond a plain forward that returns the same
+                       hidden states, for T = 256 .. 4096 (flat once the token chunk is full),
+                       next to what a [layers x T x V] float32 tensor would take
+
+    python benchmarks/bench_probes.py                      # embedded SmolLM2 + a Qwen2.5-7B-shaped head
+    python benchmarks/bench_probes.py --skip-7b-head       # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from prunerep import probes  # noqa: E402
+from prunerep.config import ModelConfig, ProbeConfig  # noqa: E402
+from prunerep.io import atomic_write_json  # noqa: E402
+from prunerep.models import load_model, model_device  # noqa: E402
+from prunerep.probes.reference import lens_rows  # noqa: E402
+
+CACHE = os.environ.get("PRUNEREP_CACHE", os.path.expanduser("~/.cache/prunerep"))
+
+
+def model_cfg(name: str, arch: dict | None = None, **over):
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
+    for k, v in over.items():
+        cfg[k] = v
+    if arch:
+        cfg.arch = OmegaConf.merge(cfg.arch, arch)
+    return cfg
+
+
+def probe_cfg(**over):
+    return OmegaConf.merge(OmegaConf.structured(ProbeConfig), over)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def perturb_(model, scale=0.02, seed=0):
+    """A stand-in for pruning: small relative noise on the decoder weights (not the head)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.model.layers.named_parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * p.std() * scale)
+
+
+@torch.inference_mode()
+def floor_seconds(model, rows: int, chunk: int) -> float:
+    """The LM-head matmuls of `rows` lens rows, chunk by chunk, as the probe does them."""
+    head = model.get_output_embeddings()
+    device = model_device(model)
+    h = torch.randn(chunk, model.config.hidden_size, device=device, dtype=head.weight.dtype)
+    torch.nn.functional.linear(h, head.weight)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    done = 0
+    while done < rows:
+        n = min(chunk, rows - done)
+        torch.nn.functional.linear(h[:n], head.weight)
+        done += n
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def lens_row_count(df) -> int:
+    """Rows that went through the logit lens on ONE side: (context, prompt, layer, step) cells
+    of the logit/probability spaces at sublayer block."""
+    sel = df[(df["space"].isin(["logit", "probability"])) & (df["sublayer"] == "block")]
+    per = sel.groupby(["context", "prompt_id", "layer"])["step"]
+    n = 0
+    for (ctx, _pid, _layer), steps in per:
+        n += steps.max() + 1 if ctx != "prompt" else 0
+    return int(n)
+
+
+def time_probe(name: str, mcfg, pcfg) -> dict:
+    model, tok = load_model(mcfg, CACHE)
+    device = model_device(model)
+    with tempfile.TemporaryDirectory() as d:
+        ref = probes.dense_reference(model, tok, pcfg, d)
+        perturb_(model)
+        probes.compare_to_reference(model, tok, probe_cfg(**{**pcfg, "n_prompts": 1}), ref)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        df = probes.compare_to_reference(model, tok, pcfg, ref)
+        sync(device)
+        t_probe = time.perf_counter() - t0
+    prompt_tokens = sum(len(p.ids) for p in ref.prompts)
+    n_lens_layers = df[(df["context"] == "prompt") & (df["space"] == "logit")]["layer"].nunique()
+    rows = lens_row_count(df) + n_lens_layers * prompt_tokens
+    t_floor = floor_seconds(model, 2 * rows, int(pcfg.token_chunk))
+    out = {"model": name, "device": str(device), "hidden": model.config.hidden_size,
+           "vocab": model.config.vocab_size, "layers_probed": int(n_lens_layers), "lens_rows_per_side": rows,
+           "probe_s": t_probe, "floor_s": t_floor, "probe_over_floor": t_probe / t_floor, "table_rows": len(df)}
+    del model
+    return out
+
+
+MEMORY_CHILD = r"""
+import json, os, sys, threading, time, torch
+sys.path.insert(0, {repo!r})
+from omegaconf import OmegaConf
+from prunerep import probes
+from prunerep.config import ModelConfig, ProbeConfig
+from prunerep.models import load_model
+mode, T, chunk, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(1)
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+class Peak(threading.Thread):  # samples the resident set every 0.5 ms
+    def __init__(self):
+        super().__init__(daemon=True); self.peak = rss(); self.stop = False
+    def run(self):
+        while not self.stop:
+            self.peak = max(self.peak, rss()); time.sleep(0.0005)
+
+mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load({repo!r} + "/conf/model/tiny.yaml"))
+mcfg.arch = OmegaConf.merge(mcfg.arch, dict(num_hidden_layers=2))
+model, tok = load_model(mcfg, cache)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, tok.vocab_size, (T,), generator=g)
+with open(cache + "/p.jsonl", "w") as f:
+    f.write(json.dumps({{"prompt": tok.decode(ids)}}) + "\n")
+pc = OmegaConf.merge(OmegaConf.structured(ProbeConfig), dict(n_prompts=1, contexts=["prompt"],
+     prompts=cache + "/p.jsonl", max_prompt_tokens=T, token_chunk=chunk, metric_threads=1))
+ref = probes.dense_reference(model, tok, pc, cache)
+x = torch.tensor([ref.prompts[0].ids])
+before = rss(); mon = Peak(); mon.start()
+with torch.inference_mode():
+    if mode == "forward":
+        out = model(x, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    else:
+        probes.compare_to_reference(model, tok, pc, ref)
+mon.stop = True; mon.join()
+print(json.dumps({{"tokens": x.shape[1], "peak_mb": (mon.peak - before) / 2**20,
+                  "layers": model.config.num_hidden_layers + 1, "vocab": model.config.vocab_size}}))
+"""
+
+
+def memory_curve(lengths, chunk: int) -> list[dict]:
+    """Peak resident-set growth of probing vs of a plain forward that returns the same hidden
+    states, each measured in a fresh process (glibc told to return freed blocks at once)."""
+    code = MEMORY_CHILD.format(repo=str(REPO))
+    env = {**os.environ, "PRUNEREP_CACHE": CACHE, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    rows = []
+    for T in lengths:
+        res = {}
+        for mode in ("forward", "probe"):
+            with tempfile.TemporaryDirectory() as d:
+                out = subprocess.run([sys.executable, "-c", code, mode, str(T), str(chunk), d], capture_output=True,
+                                     text=True, env=env)
+                if out.returncode:
+                    raise RuntimeError(out.stderr[-2000:])
+                res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        full = res["probe"]["layers"] * res["probe"]["tokens"] * res["probe"]["vocab"] * 4 / 2**20
+        rows.append({"tokens": res["probe"]["tokens"], "forward_growth_mb": res["forward"]["peak_mb"],
+                     "probe_growth_mb": res["probe"]["peak_mb"],
+                     "extra_mb": res["probe"]["peak_mb"] - res["forward"]["peak_mb"],
+                     "layers_x_tokens_x_vocab_mb": full})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-prompts", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--skip-7b-head", action="store_true")
+    ap.add_argument("--lengths", default="256,1024,4096")
+    ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "probes.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    pcfg = probe_cfg(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens)
+    results = {"torch_threads": torch.get_num_threads(), "speed": []}
+    results["speed"].append(time_probe("smollm2", model_cfg("smollm2"), pcfg))
+    if not args.skip_7b_head:
+        # Qwen2.5-7B's hidden size and vocabulary (the LM head, where the probe's cost is), 2 blocks
+        mcfg = model_cfg("qwen2.5-shape", arch=dict(num_hidden_layers=2, intermediate_size=1024), dtype="float32"
+                         if not torch.cuda.is_available() else "bfloat16")
+        results["speed"].append(time_probe("qwen2.5-7b-head (2 blocks)", mcfg,
+                                           probe_cfg(n_prompts=2, max_new_tokens=8)))
+    results["memory"] = memory_curve([int(x) for x in args.lengths.split(",")], chunk=256)
+
+    print("\nprobe bench: probe=all, pruned side (compare_to_reference) vs its LM-head floor")
+    for r in results["speed"]:
+        print(f"  {r['model']:28s} d={r['hidden']:5d} V={r['vocab']:6d} on {r['device']}: probe {r['probe_s']:.2f} s, "
+              f"floor {r['floor_s']:.2f} s, probe / floor {r['probe_over_floor']:.2f}   (target <= 1.5)")
+    print("peak extra memory of probing one prompt (tiny model, V=49152, token_chunk=256):")
+    for r in results["memory"]:
+        print(f"  T={r['tokens']:5d}: probe +{r['probe_growth_mb']:7.1f} MB, forward +{r['forward_growth_mb']:7.1f} MB: "
+              f"extra {r['extra_mb']:7.1f} MB "
+              f"(a [layers x T x V] tensor would be {r['layers_x_tokens_x_vocab_mb']:8.1f} MB)")
+    atomic_write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

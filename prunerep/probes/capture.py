@@ -1,0 +1,148 @@
+"""Read hidden states out of an unmodified Hugging Face decoder with forward hooks.
+
+Layer index convention (the same as ``output_hidden_states``): layer 0 is the embedding
+output (the input of block 0), layer i ≥ 1 is the output of block i − 1, layer L (the
+number of blocks) is the last block's output *before* the final norm.
+
+Sublayers at layer i ≥ 1 (block i − 1):
+
+* ``block`` — the residual stream after the block (the decoder layer's output);
+* ``attn``  — the attention sublayer's update to the residual stream;
+* ``mlp``   — the MLP sublayer's update to the residual stream.
+
+For Llama/Qwen2/Mistral/Gemma(1) the updates are the outputs of ``self_attn`` and ``mlp``,
+so ``block_i = block_{i-1} + attn_i + mlp_i``. Gemma2/3-style blocks normalise each update
+before adding it (``post_attention_layernorm``, ``post_feedforward_layernorm``); there the
+hooks sit on those norms, so the same identity holds. Layer 0 has only ``block``.
+
+The logit lens :func:`lens_logits` uses the model's own final norm and LM head, unchanged:
+for the last layer it reproduces the model's logits exactly.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from prunerep.models import decoder_layers, final_norm, output_head
+
+SUBLAYERS = ("block", "attn", "mlp")
+Key = tuple[int, str]
+
+
+def num_layers(model: nn.Module) -> int:
+    """L, the number of decoder blocks (layer indices run 0..L)."""
+    return len(decoder_layers(model))
+
+
+def resolve_layers(spec: Any, n_layers: int, include_last: bool = True) -> list[int]:
+    """``"all"`` | list of indices (negative count from L, ``-1`` = L) | ``{every: k}``
+    (0, k, 2k, ...) -> sorted unique layer indices in 0..L. The final layer L is always
+    included (the headline numbers are read there) unless ``include_last`` is False."""
+    if spec is None or spec == "all":
+        layers = list(range(n_layers + 1))
+    elif isinstance(spec, int):
+        layers = [spec]
+    elif hasattr(spec, "get") and "every" in spec:
+        k = int(spec["every"])
+        if k < 1:
+            raise ValueError(f"probe.layers.every={k} must be >= 1")
+        layers = list(range(0, n_layers + 1, k))
+    elif isinstance(spec, str):
+        raise ValueError(f"probe.layers={spec!r}: use all, a list of indices or {{every: k}}")
+    else:
+        layers = [int(i) for i in spec]
+    out = set()
+    for i in layers:
+        j = i + n_layers + 1 if i < 0 else i
+        if not 0 <= j <= n_layers:
+            raise ValueError(f"probe.layers: index {i} is outside 0..{n_layers} (0 = embeddings, "
+                             f"{n_layers} = last block)")
+        out.add(j)
+    if include_last:
+        out.add(n_layers)
+    return sorted(out)
+
+
+def _child(module: nn.Module, names: Sequence[str], what: str) -> nn.Module:
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    raise TypeError(f"cannot find the {what} sublayer of {type(module).__name__} (looked for {list(names)})")
+
+
+def sublayer_module(block: nn.Module, sublayer: str) -> nn.Module:
+    """The module whose output is the sublayer's update to the residual stream."""
+    sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
+    if sublayer == "attn":
+        if sandwich:
+            return block.post_attention_layernorm
+        return _child(block, ("self_attn", "attention", "attn", "self_attention"), "attention")
+    if sublayer == "mlp":
+        if sandwich:
+            return block.post_feedforward_layernorm
+        return _child(block, ("mlp", "feed_forward", "ffn"), "MLP")
+    raise ValueError(f"unknown sublayer {sublayer!r}; choose from {SUBLAYERS}")
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[int], sublayers: Sequence[str] = ("block",)
+            ) -> Iterator[dict[Key, Tensor]]:
+    """Hooks that record ``acts[(layer, sublayer)]`` (shape ``[batch, seq, d]``) on every
+    forward of ``model``; each forward overwrites the previous values. The tensors are the
+    modules' own outputs, detached, not copies. All hooks are removed on exit.
+
+    ``(0, "attn")`` and ``(0, "mlp")`` do not exist and are skipped."""
+    blocks = decoder_layers(model)
+    n = len(blocks)
+    acts: dict[Key, Tensor] = {}
+    handles = []
+
+    def store(key: Key):
+        def hook(_module, _inputs, output):
+            acts[key] = _first(output).detach()
+        return hook
+
+    def store_input(key: Key):
+        def hook(_module, args, kwargs):
+            acts[key] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    try:
+        for layer in layers:
+            if not 0 <= layer <= n:
+                raise ValueError(f"layer {layer} is outside 0..{n}")
+            for sub in sublayers:
+                if sub not in SUBLAYERS:
+                    raise ValueError(f"unknown sublayer {sub!r}; choose from {SUBLAYERS}")
+                if layer == 0:
+                    if sub == "block":
+                        handles.append(blocks[0].register_forward_pre_hook(
+                            store_input((0, "block")), with_kwargs=True))
+                    continue
+                block = blocks[layer - 1]
+                module = block if sub == "block" else sublayer_module(block, sub)
+                handles.append(module.register_forward_hook(store((layer, sub))))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def lens_logits(model: nn.Module, h: Tensor) -> Tensor:
+    """Logit lens: ``output_head(final_norm(h))`` with the model's own modules.
+
+    For the raw last-layer state h_L this is exactly the model's logits. Models that
+    soft-cap their final logits (Gemma2: ``final_logit_softcapping``) get the same cap."""
+    z = output_head(model)(final_norm(model)(h))
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    return z

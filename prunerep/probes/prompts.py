@@ -1,0 +1,137 @@
+"""The prompts the probes run on: multiple-choice questions and generative problems.
+
+``probe.prompts=offline`` (default): half MMLU questions formatted as multiple choice
+(option tokens " A" " B" " C" " D", probed at the answer position), half arithmetic word
+problems used generatively (greedy continuation: teacher-forced and free-running
+contexts). Both come from :mod:`prunerep.evals.offline` (installed packages, no network).
+
+``probe.prompts=path/to/file.jsonl``: one JSON object per line,
+``{"prompt": str, "options": [str, ...]}`` with ``options`` optional; a prompt with
+options is multiple choice (its options' first tokens are the option subspace), one
+without is generative. The first ``n_prompts`` lines are used, in file order.
+
+Token ids are computed here once; the dense reference caches them, so the dense and the
+pruned side always see the same ids. Prompts longer than ``max_prompt_tokens`` keep
+their last tokens (the answer position of a question is at the end).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: int
+    kind: str  # "mc" (multiple choice: prompt context + option subspace) | "gen" (generative)
+    text: str
+    ids: tuple[int, ...]
+    options: tuple[str, ...] = ()
+    option_ids: tuple[int, ...] = ()  # first token of each option
+    answer: str | None = None
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "text": self.text, "ids": list(self.ids),
+                "options": list(self.options), "option_ids": list(self.option_ids), "answer": self.answer}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Prompt":
+        return cls(id=int(d["id"]), kind=d["kind"], text=d["text"], ids=tuple(d["ids"]),
+                   options=tuple(d["options"]), option_ids=tuple(d["option_ids"]), answer=d.get("answer"))
+
+
+def format_mc(question: str, choices: list[str]) -> str:
+    lines = [question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def format_gen(question: str) -> str:
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def _offline_items(n: int, seed: int) -> list[dict]:
+    from prunerep.evals.offline import arithmetic_problems, load_mmlu_questions
+
+    n_mc = n // 2
+    n_gen = n - n_mc
+    questions = load_mmlu_questions()
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(questions)), min(n_mc, len(questions)))
+    items = []
+    for i in picked:
+        q = questions[i]
+        items.append({"prompt": format_mc(q["question"], q["choices"]), "options": [f" {c}" for c in LETTERS],
+                      "answer": f" {LETTERS[q['answer']]}", "meta": {"source": "mmlu", "subject": q["subject"]}})
+    for p in arithmetic_problems(n_gen, seed):
+        items.append({"prompt": format_gen(p["question"]), "answer": str(p["answer"]),
+                      "meta": {"source": "arithmetic", "kind": p.get("kind")}})
+    return items
+
+
+def _jsonl_items(path: Path, n: int) -> list[dict]:
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+            if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
+                raise ValueError(f'{path}:{lineno}: expected {{"prompt": str, "options": [str, ...]}}')
+            items.append(d)
+            if len(items) >= n:
+                break
+    return items
+
+
+def _option_ids(tokenizer, options: list[str], where: str) -> tuple[int, ...]:
+    ids = []
+    for opt in options:
+        toks = tokenizer.encode(opt, add_special_tokens=False)
+        if not toks:
+            raise ValueError(f"{where}: option {opt!r} encodes to no token")
+        if len(toks) > 1:
+            log.debug("%s: option %r is %d tokens; its first token stands for it", where, opt, len(toks))
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: options {options!r} do not start with distinct tokens")
+    return tuple(ids)
+
+
+def load_prompts(probe_cfg, tokenizer) -> list[Prompt]:
+    """The probe prompts, tokenised; deterministic given ``probe_cfg.seed``."""
+    n = int(probe_cfg.n_prompts)
+    if n <= 0:
+        return []
+    src = str(probe_cfg.prompts)
+    if src == "offline":
+        items = _offline_items(n, int(probe_cfg.seed))
+    else:
+        path = Path(src).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"probe.prompts={src!r}: use 'offline' or a readable .jsonl file")
+        items = _jsonl_items(path, n)
+    max_len = int(probe_cfg.max_prompt_tokens)
+    prompts = []
+    for i, item in enumerate(items):
+        ids = tokenizer(item["prompt"])["input_ids"]
+        if len(ids) > max_len:
+            log.warning("probe prompt %d has %d tokens; keeping its last %d (probe.max_prompt_tokens)",
+                        i, len(ids), max_len)
+            ids = ids[-max_len:]
+        options = list(item.get("options") or [])
+        prompts.append(Prompt(
+            id=i, kind="mc" if options else "gen", text=item["prompt"], ids=tuple(int(t) for t in ids),
+            options=tuple(options), option_ids=_option_ids(tokenizer, options, f"prompt {i}") if options else (),
+            answer=item.get("answer"), meta=dict(item.get("meta") or {})))
+    return prompts

@@ -1,0 +1,476 @@
+"""Dense reference (cached once per model and prompt set) and the pruned-vs-dense comparison.
+
+Only ONE model is ever in memory. The pipeline calls, in order::
+
+    ref = dense_reference(model, tokenizer, probe_cfg, cache_dir, model_key=key)   # dense model
+    ... prune the same model in place ...
+    df = compare_to_reference(model, tokenizer, probe_cfg, ref)                    # pruned model
+    summary = write_probe_outputs(df, run_dir)
+
+The dense side is cached on disk as hidden states only, under
+``cache_dir/probes/<key>/`` (one safetensors file per prompt, then ``manifest.json``
+last: a directory without a manifest is incomplete and is recomputed). ``<key>`` hashes
+the model identity (``model_key`` or the model's config), a sample of its weights, the
+prompt token ids, the probed layers/sublayers/contexts and the decoding settings — not
+the spaces, temperatures, top-k or chunk size, which only change what is computed from
+the states. A sweep over sparsities therefore runs the dense model once.
+
+Logits and probabilities of BOTH sides are recomputed on the fly through the model's own
+final norm and LM head (the logit lens), streamed layer by layer and in chunks of
+``probe_cfg.token_chunk`` tokens, so no ``[layers × tokens × vocab]`` tensor ever exists:
+the extra memory is O(token_chunk × vocab). The lens applies to the residual stream
+(sublayer ``block``); ``attn``/``mlp`` updates are compared in the embedding space only.
+
+Table layout (one row per value; see :data:`COLUMNS`):
+
+* ``context``: prompt | teacher_forced | free_running; ``prompt_id``, ``prompt_kind`` (mc | gen)
+* ``layer`` (0 = embeddings … L = last block, before the final norm), ``sublayer``
+* ``step``: prompt context: ``-1`` = mean over all prompt positions (the option subspace
+  rows sit at the answer position ``P−1``); teacher_forced / free_running: the decoding
+  step t (0 = first generated token); ``-1`` for per-trajectory values
+* ``space``: embedding (h) | logit (z) | probability (p) | options (p on the MC option
+  tokens, renormalised) | tokens (free-running token agreement)
+* ``metric``, ``temperature`` (NaN when the metric does not depend on it), ``value``
+  (float64; NaN/inf are kept and reported by a warning, never dropped).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from prunerep.io import atomic_write_json, atomic_write_with, read_json, stable_hash
+from prunerep.models import final_norm, model_device, output_head
+from prunerep.probes import metrics as M
+from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_layers
+from prunerep.probes.contexts import (CONTEXTS, greedy_decode, prompt_states, stop_token_ids,
+                                      teacher_forced_states)
+from prunerep.probes.prompts import Prompt, load_prompts
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+SPACES = ("embedding", "logit", "probability")
+COLUMNS = ("context", "prompt_id", "prompt_kind", "layer", "sublayer", "step", "space", "metric",
+           "temperature", "value")
+NAN = math.nan
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Plan:
+    """What a probe config asks for, validated."""
+
+    spaces: tuple[str, ...]
+    contexts: tuple[str, ...]
+    sublayers: tuple[str, ...]
+    temperatures: tuple[float, ...]
+    topk: tuple[int, ...]
+    token_chunk: int
+    max_new_tokens: int
+    metric_threads: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.spaces or not self.contexts
+
+
+def plan(probe_cfg) -> Plan:
+    """Validate a ProbeConfig; ``name: none`` or empty spaces/contexts is an empty plan."""
+    if str(probe_cfg.name) == "none":
+        return Plan((), (), (), (), (), 1, 0)
+
+    def check(values, allowed, what):
+        values = tuple(str(v) for v in values)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"probe.{what}: unknown {bad}; choose from {list(allowed)}")
+        return tuple(dict.fromkeys(values))
+
+    temps = tuple(float(t) for t in probe_cfg.temperatures)
+    if any(not (t > 0 and math.isfinite(t)) for t in temps):
+        raise ValueError(f"probe.temperatures={list(temps)}: temperatures must be finite and > 0")
+    spaces = check(probe_cfg.spaces, SPACES, "spaces")
+    if "probability" in spaces and not temps:
+        raise ValueError("probe.temperatures is empty but the probability space is probed")
+    topk = tuple(int(k) for k in probe_cfg.topk)
+    if any(k < 1 for k in topk):
+        raise ValueError(f"probe.topk={list(topk)}: k must be >= 1")
+    if int(probe_cfg.token_chunk) < 1 or int(probe_cfg.max_new_tokens) < 0:
+        raise ValueError("probe.token_chunk must be >= 1 and probe.max_new_tokens >= 0")
+    threads = getattr(probe_cfg, "metric_threads", None)
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"probe.metric_threads={threads} must be >= 1 or null")
+    threads = None if threads is None else int(threads)
+    return Plan(spaces=spaces, contexts=check(probe_cfg.contexts, CONTEXTS, "contexts"),
+                sublayers=check(probe_cfg.sublayers or ["block"], SUBLAYERS, "sublayers"),
+                temperatures=temps, topk=topk, token_chunk=int(probe_cfg.token_chunk),
+                max_new_tokens=int(probe_cfg.max_new_tokens), metric_threads=threads)
+
+
+def check_probe_config(probe_cfg) -> Plan:
+    """Everything about a probe config that can be checked before a model is loaded:
+    the plan, the shape of ``layers`` and the prompt source. Raises ValueError (one line)."""
+    p = plan(probe_cfg)
+    if p.empty:
+        return p
+    spec = probe_cfg.layers
+    if isinstance(spec, str) and spec != "all":
+        raise ValueError(f"probe.layers={spec!r}: use all, a list of indices or {{every: k}}")
+    if hasattr(spec, "get") and "every" in spec and int(spec["every"]) < 1:
+        raise ValueError(f"probe.layers.every={spec['every']} must be >= 1")
+    src = str(probe_cfg.prompts)
+    if src != "offline" and not Path(src).expanduser().is_file():
+        raise ValueError(f"probe.prompts={src!r}: use 'offline' or a readable .jsonl file")
+    return p
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def _fingerprint(tensors: Sequence[Tensor], samples: int = 4096) -> str:
+    """Hash of an evenly strided sample of each tensor's values (exact bits, cheap)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(flat[::step].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    return _fingerprint([p for _, p in sorted(model.named_parameters())])
+
+
+def lens_fingerprint(model: nn.Module) -> str:
+    """Identity of the final norm + LM head (the logit lens) — must not change when pruning."""
+    return _fingerprint(list(final_norm(model).parameters()) + list(output_head(model).parameters()))
+
+
+def derived_model_key(model: nn.Module) -> str:
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
+    return f"{name}-{stable_hash(cfg)}"
+
+
+# --------------------------------------------------------------------------- dense reference
+
+@dataclass
+class DenseReference:
+    """Handle on the cached dense-side states; ``load(prompt_id)`` reads one prompt's file."""
+
+    key: str
+    path: Path | None
+    prompts: list[Prompt] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    sublayers: list[str] = field(default_factory=list)
+    contexts: list[str] = field(default_factory=list)
+    n_layers: int = 0
+    lens_fingerprint: str = ""
+    from_cache: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.prompts or not self.contexts
+
+    def file(self, prompt_id: int) -> Path:
+        return self.path / f"prompt-{prompt_id:04d}.safetensors"
+
+    def load(self, prompt_id: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.file(prompt_id)), device=str(device))
+
+
+def _tqdm(it, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, leave=False, **kw)
+
+
+def _states_to_cpu(prefix: str, states: dict) -> dict[str, Tensor]:
+    return {f"{prefix}/{layer}/{sub}": v.detach().to("cpu").contiguous().clone()
+            for (layer, sub), v in states.items()}
+
+
+def dense_reference(model: nn.Module, tokenizer, probe_cfg, cache_dir: str | os.PathLike,
+                    model_key: str | None = None) -> DenseReference:
+    """Run the dense model over the probe prompts once and cache its hidden states.
+
+    ``model_key`` names the dense model (the pipeline passes one); without it the key is
+    derived from ``model.config``. A weight sample is hashed in as well, so two models
+    with the same config but different weights never share a cache."""
+    p = plan(probe_cfg)
+    if p.empty:
+        return DenseReference(key="", path=None)
+    prompts = load_prompts(probe_cfg, tokenizer)
+    n_layers = num_layers(model)
+    layers = resolve_layers(probe_cfg.layers, n_layers)
+    stop = stop_token_ids(model, tokenizer)
+    dtype = str(next(model.parameters()).dtype)
+    key = stable_hash(CACHE_VERSION, model_key or derived_model_key(model), weights_fingerprint(model),
+                      [pr.to_json() for pr in prompts], layers, list(p.sublayers), list(p.contexts),
+                      p.max_new_tokens, stop, dtype)
+    path = Path(os.path.expanduser(str(cache_dir))) / "probes" / key
+    ref = DenseReference(key=key, path=path, prompts=prompts, layers=layers, sublayers=list(p.sublayers),
+                         contexts=list(p.contexts), n_layers=n_layers, lens_fingerprint=lens_fingerprint(model))
+    manifest = path / "manifest.json"
+    if manifest.is_file() and all(ref.file(pr.id).is_file() for pr in prompts):
+        log.info("probe dense reference %s: loaded from cache", key)
+        ref.from_cache = True
+        return ref
+
+    from safetensors.torch import save_file
+
+    generative = {"teacher_forced", "free_running"} & set(p.contexts)
+    for prompt in _tqdm(prompts, desc="probe: dense reference", unit="prompt"):
+        ids = torch.tensor(prompt.ids, dtype=torch.long)
+        tensors = {"prompt_ids": ids}
+        if "prompt" in p.contexts:
+            tensors.update(_states_to_cpu("prompt", prompt_states(model, ids, layers, p.sublayers)))
+        if prompt.kind == "gen" and generative and p.max_new_tokens > 0:
+            traj = greedy_decode(model, ids, p.max_new_tokens, stop)
+            tensors["gen_ids"] = traj.tokens
+            if "free_running" in p.contexts:
+                tensors["free_running/h_last"] = traj.h_last.contiguous()
+            if "teacher_forced" in p.contexts:
+                tensors.update(_states_to_cpu("teacher_forced", teacher_forced_states(
+                    model, ids, traj.tokens, layers, p.sublayers)))
+        atomic_write_with(ref.file(prompt.id), lambda tmp, t=tensors: save_file(t, str(tmp)))
+    atomic_write_json(manifest, {"key": key, "version": CACHE_VERSION, "model_key": model_key,
+                                 "layers": layers, "sublayers": list(p.sublayers), "contexts": list(p.contexts),
+                                 "n_layers": n_layers, "max_new_tokens": p.max_new_tokens, "stop_ids": stop,
+                                 "prompts": [pr.to_json() for pr in prompts]})
+    log.info("probe dense reference %s: %d prompts cached in %s", key, len(prompts), path)
+    return ref
+
+
+# --------------------------------------------------------------------------- per-chunk metrics
+
+def compare_states(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, *, lens: bool, spaces: Sequence[str],
+                   temperatures: Sequence[float], topk: Sequence[int], token_chunk: int,
+                   metric_threads: int | None = None) -> dict[tuple[str, str, float], Tensor]:
+    """Per-row metrics of two ``[n, d]`` state matrices, keyed ``(space, metric, T)``.
+
+    ``lens``: also compare z = lens(h) and p = softmax(z/T) (residual-stream states only).
+    Rows are processed ``token_chunk`` at a time; results are float64 on the CPU and each
+    row's value does not depend on the chunk size (see :func:`lens_rows`)."""
+    device = model_device(model)
+    out: dict[tuple[str, str, float], list[Tensor]] = defaultdict(list)
+    want_z = lens and ("logit" in spaces or "probability" in spaces)
+    for start in range(0, h_dense.shape[0], token_chunk):
+        hd = h_dense[start:start + token_chunk].to(device)
+        hp = h_pruned[start:start + token_chunk].to(device)
+        if "embedding" in spaces:
+            for m, v in M.geometry(hd, hp).items():
+                out[("embedding", m, NAN)].append(v)
+        if not want_z:
+            continue
+        zd, zp = lens_rows(model, hd), lens_rows(model, hp)
+        with intra_op_threads(metric_threads, device):
+            for k, v in M.vocab_metrics(zd, zp, temperatures, topk, logit="logit" in spaces,
+                                        probability="probability" in spaces).items():
+                out[k].append(v)
+        del zd, zp
+    return {k: torch.cat(v).to("cpu", torch.float64) for k, v in out.items()}
+
+
+def compare_layers(model: nn.Module, cached: dict[str, Tensor], context: str, states: dict, kw: dict
+                   ) -> dict[tuple[int, str], dict[tuple[str, str, float], Tensor]]:
+    """:func:`compare_states` for every captured ``(layer, sublayer)`` of one context.
+
+    The residual-stream states (``block``) of all layers go through the lens together, so
+    the LM-head matmuls run on full ``token_chunk``-row chunks however short the prompt
+    (a few large matmuls are what makes the probe cost close to its floor); the results
+    are split back per layer. ``states`` and the matching ``cached`` entries are consumed."""
+    out = {}
+    block = [key for key in states if key[1] == "block"]
+    if block:
+        lengths = [states[key].shape[0] for key in block]
+        hp = torch.cat([states.pop(key) for key in block])
+        hd = torch.cat([cached.pop(f"{context}/{layer}/{sub}") for layer, sub in block])
+        per_row = compare_states(model, hd, hp, lens=True, **kw)
+        del hp, hd
+        offsets = np.cumsum([0] + lengths)
+        for j, key in enumerate(block):
+            out[key] = {k: v[offsets[j]:offsets[j + 1]] for k, v in per_row.items()}
+    for key in list(states):
+        layer, sub = key
+        out[key] = compare_states(model, cached.pop(f"{context}/{layer}/{sub}"), states.pop(key), lens=False, **kw)
+    return out
+
+
+LENS_ROW_MULTIPLE = 8
+
+
+def lens_rows(model: nn.Module, h: Tensor) -> Tensor:
+    """:func:`lens_logits` of ``[n, d]`` rows, zero-padded to a multiple of 8 rows: a BLAS
+    takes another code path for 1-3 rows (gemv), so padding keeps each row's logits
+    bit-identical however the rows are chunked."""
+    pad = -h.shape[0] % LENS_ROW_MULTIPLE
+    if pad:
+        h = torch.cat([h, h.new_zeros(pad, h.shape[-1])])
+    z = lens_logits(model, h)
+    return z[: z.shape[0] - pad] if pad else z
+
+
+@contextmanager
+def intra_op_threads(n: int | None, device: torch.device):
+    """Temporarily use ``n`` CPU threads (None: leave torch's setting)."""
+    if n is None or device.type != "cpu" or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- the table
+
+class _Rows:
+    """Columnar accumulator: each `add` appends one vector of values sharing its labels."""
+
+    def __init__(self):
+        self.labels: list[tuple] = []
+        self.steps: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def add(self, context: str, prompt: Prompt, layer: int, sublayer: str, space: str, metric: str,
+            temperature: float, steps, values) -> None:
+        values = np.atleast_1d(np.asarray(values, dtype=np.float64))
+        steps = np.broadcast_to(np.asarray(steps, dtype=np.int32), values.shape)
+        self.labels.append((context, prompt.id, prompt.kind, layer, sublayer, space, metric, temperature))
+        self.steps.append(steps)
+        self.values.append(values)
+
+    def add_metrics(self, context: str, prompt: Prompt, layer: int, sublayer: str,
+                    per_row: dict[tuple[str, str, float], Tensor], steps=None) -> None:
+        """``steps=None``: mean over rows (step -1); else one table row per metric row."""
+        for (space, metric, t), v in per_row.items():
+            v = v.numpy()
+            if steps is None:
+                self.add(context, prompt, layer, sublayer, space, metric, t, -1, v.mean() if v.size else NAN)
+            else:
+                self.add(context, prompt, layer, sublayer, space, metric, t, steps, v)
+
+    def frame(self) -> pd.DataFrame:
+        if not self.labels:
+            return empty_table()
+        lengths = np.array([len(v) for v in self.values])
+        cols = list(zip(*self.labels))
+        data = {}
+        for name, col in zip(("context", "prompt_id", "prompt_kind", "layer", "sublayer", "space", "metric",
+                              "temperature"), cols):
+            data[name] = np.repeat(np.asarray(col, dtype=object if isinstance(col[0], str) else None), lengths)
+        data["step"] = np.concatenate(self.steps)
+        data["value"] = np.concatenate(self.values)
+        df = pd.DataFrame(data)
+        return df.astype({"prompt_id": "int32", "layer": "int16", "step": "int32", "temperature": "float64",
+                          "value": "float64"})[list(COLUMNS)]
+
+
+def empty_table() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
+        COLUMNS, ("object", "int32", "object", "int16", "object", "int32", "object", "object", "float64", "float64"))})
+
+
+# --------------------------------------------------------------------------- comparison
+
+def _check_compatible(ref: DenseReference, p: Plan, layers: list[int]) -> None:
+    missing = {"contexts": [c for c in p.contexts if c not in ref.contexts],
+               "sublayers": [s for s in p.sublayers if s not in ref.sublayers],
+               "layers": [i for i in layers if i not in ref.layers]}
+    missing = {k: v for k, v in missing.items() if v}
+    if missing:
+        raise ValueError(f"the dense reference was built without {missing}; build it with the same "
+                         f"probe config as the comparison")
+
+
+def compare_to_reference(model: nn.Module, tokenizer, probe_cfg, ref: DenseReference) -> pd.DataFrame:
+    """Compare the (pruned) ``model`` with the cached dense reference; returns the tidy table."""
+    p = plan(probe_cfg)
+    if p.empty or ref.empty:
+        return empty_table()
+    n_layers = num_layers(model)
+    if n_layers != ref.n_layers:
+        raise ValueError(f"the model has {n_layers} blocks, the dense reference {ref.n_layers} (layer "
+                         f"dropping must keep the blocks, as identity sublayers)")
+    layers = resolve_layers(probe_cfg.layers, n_layers)
+    _check_compatible(ref, p, layers)
+    if lens_fingerprint(model) != ref.lens_fingerprint:
+        log.warning("the final norm / LM head changed since the dense reference (pruned LM head?): both "
+                    "sides are projected through the CURRENT head, so the logit/probability spaces do not "
+                    "include the head's own damage")
+    kw = dict(spaces=p.spaces, temperatures=p.temperatures, topk=p.topk, token_chunk=p.token_chunk,
+              metric_threads=p.metric_threads)
+    want_options = "probability" in p.spaces
+    device = model_device(model)
+    rows = _Rows()
+    for prompt in _tqdm(ref.prompts, desc="probe: compare", unit="prompt"):
+        cached = ref.load(prompt.id)
+        ids = cached["prompt_ids"]
+        if "prompt" in p.contexts:
+            states = prompt_states(model, ids, layers, p.sublayers)
+            if prompt.kind == "mc" and want_options and "block" in p.sublayers:
+                last = len(ids) - 1
+                zd = lens_rows(model, torch.stack([cached[f"prompt/{i}/block"][-1] for i in layers]).to(device))
+                zp = lens_rows(model, torch.stack([states[(i, "block")][-1] for i in layers]).to(device))
+                for t in p.temperatures:
+                    for m, v in M.option_metrics(zd, zp, prompt.option_ids, t).items():
+                        if m != "top1_agree":
+                            for i, layer in enumerate(layers):
+                                rows.add("prompt", prompt, layer, "block", "options", m, t, last, v[i].item())
+                top1 = M.option_metrics(zd, zp, prompt.option_ids)["top1_agree"]
+                for i, layer in enumerate(layers):
+                    rows.add("prompt", prompt, layer, "block", "options", "top1_agree", NAN, last, top1[i].item())
+            for (layer, sub), per_row in compare_layers(model, cached, "prompt", states, kw).items():
+                rows.add_metrics("prompt", prompt, layer, sub, per_row)
+        gen = cached.get("gen_ids")
+        if gen is None or len(gen) == 0:
+            continue
+        steps = np.arange(len(gen))
+        if "teacher_forced" in p.contexts:
+            states = teacher_forced_states(model, ids, gen, layers, p.sublayers)
+            for (layer, sub), per_row in compare_layers(model, cached, "teacher_forced", states, kw).items():
+                rows.add_metrics("teacher_forced", prompt, layer, sub, per_row, steps=steps)
+        if "free_running" in p.contexts:
+            traj = greedy_decode(model, ids, len(gen))  # exactly as many steps as the dense model
+            n = min(len(gen), len(traj.tokens))
+            rows.add_metrics("free_running", prompt, n_layers, "block",
+                             compare_states(model, cached["free_running/h_last"][:n], traj.h_last[:n],
+                                            lens=True, **kw), steps=steps[:n])
+            agree = (traj.tokens[:n] == gen[:n]).numpy()
+            first = int(np.argmin(agree)) if not agree.all() else n
+            rows.add("free_running", prompt, n_layers, "block", "tokens", "token_agree", NAN, steps[:n], agree)
+            rows.add("free_running", prompt, n_layers, "block", "tokens", "first_divergence", NAN, -1, first)
+            rows.add("free_running", prompt, n_layers, "block", "tokens", "diverged", NAN, -1, float(first < n))
+    df = rows.frame()
+    warn_nonfinite(df)
+    return df
+
+
+def warn_nonfinite(df: pd.DataFrame) -> int:
+    """logging.warning with counts per (context, space, metric) of NaN/inf values; returns the total."""
+    bad = ~np.isfinite(df["value"].to_numpy())
+    total = int(bad.sum())
+    if total:
+        counts = df[bad].groupby(["context", "space", "metric"], sort=True).size()
+        detail = ", ".join(f"{c}/{s}/{m}: {k}" for (c, s, m), k in counts.items())
+        log.warning("probes: %d non-finite values (NaN/inf) of %d, kept in the table — %s",
+                    total, len(df), detail)
+    return total

