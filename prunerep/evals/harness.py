@@ -1,0 +1,301 @@
+"""lm-evaluation-harness glue: evaluate the in-memory model, return a plain-JSON summary.
+
+The model object is wrapped in ``HFLM(pretrained=model)`` -- never saved and reloaded -- so
+weights pruned in place are what is evaluated. Both lm-eval caches stay off
+(``use_cache=None``, ``cache_requests=False``): they are keyed on the model NAME and would
+serve the dense model's answers to the pruned one.
+
+Which task is what (:func:`plan_tasks`):
+
+* a name of :data:`~prunerep.evals.taskdefs.OFFLINE_TASKS` is prunerep's offline task, built
+  from local data into ``<workdir>/tasks`` -- except ``humaneval`` with ``task.offline=false``,
+  which then means lm-eval's own (hub) ``humaneval``;
+* any other name is an lm-eval task, group or tag from its registry (needs
+  ``task.offline=false``: hub datasets).
+
+Tasks that run model-written code (``unsafe_code`` in their config) are skipped unless
+``task.allow_code_execution=true``; they are recorded as ``{"skipped": true, "reason": ...}``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunerep.config import ConfigError
+from prunerep.evals import codeexec
+from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml
+
+log = logging.getLogger(__name__)
+
+# preference order when an lm-eval result carries several metrics / filters
+_METRIC_PREFERENCE = ["acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "f1", "bleu"]
+_FILTER_PREFERENCE = ["flexible-extract", "final-number", "strict-match", "none"]
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    name: str
+    source: str  # "offline" | "hub"
+    skip_reason: str | None = None
+
+
+def is_offline_task(name: str, task_cfg) -> bool:
+    """True when ``name`` resolves to prunerep's offline task (see module docstring)."""
+    return name in OFFLINE_TASKS and not (name == "humaneval" and not task_cfg.offline)
+
+
+def requested_tasks(task_cfg) -> list[str]:
+    """The task names to evaluate, in order, without duplicates; [] for ``task=none``."""
+    if task_cfg is None or task_cfg.name == "none" or not task_cfg.tasks:
+        return []
+    return list(dict.fromkeys(str(t) for t in task_cfg.tasks))
+
+
+def plan_tasks(task_cfg, task_manager=None) -> list[TaskPlan]:
+    """Resolve every requested name to an offline or hub task and decide what is skipped."""
+    plans = []
+    for name in requested_tasks(task_cfg):
+        if is_offline_task(name, task_cfg):
+            unsafe = OFFLINE_TASKS[name].unsafe_code
+            source = "offline"
+        else:
+            if task_cfg.offline:
+                raise ConfigError(
+                    f"task {name!r} is an lm-eval hub task but task.offline=true; set task.offline=false "
+                    f"(or task=paper) to evaluate it, or pick offline tasks: {', '.join(OFFLINE_TASKS)}")
+            unsafe = task_manager is not None and _hub_unsafe(task_manager, name)
+            source = "hub"
+        reason = None
+        if unsafe and not task_cfg.allow_code_execution:
+            reason = f"{name} runs model-written code; {codeexec.REFUSAL}"
+        plans.append(TaskPlan(name, source, reason))
+    return plans
+
+
+def _hub_unsafe(tm, name: str, depth: int = 0) -> bool:
+    """Whether an lm-eval task, or any task of a group/tag, is marked ``unsafe_code``."""
+    entry = tm.task_index.get(name)
+    if entry is None or depth > 4:
+        return False
+    cfg = entry.cfg or {}
+    if cfg.get("unsafe_code"):
+        return True
+    children = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+    children += [n for n, e in tm.task_index.items() if name in getattr(e, "tags", ())] if depth == 0 else []
+    return any(_hub_unsafe(tm, c if isinstance(c, str) else c.get("task", ""), depth + 1) for c in children)
+
+
+# --------------------------------------------------------------------------- guards
+
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextlib.contextmanager
+def hub_offline(active: bool = True):
+    """Force Hugging Face libraries offline for the duration (env vars AND the constants the
+    libraries read at import time), so an offline evaluation cannot reach the Hub."""
+    if not active:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in _OFFLINE_ENV}
+    patched = []
+    try:
+        for k in _OFFLINE_ENV:
+            os.environ[k] = "1"
+        for modname, attrs in (("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+                               ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))):
+            try:
+                mod = __import__(modname, fromlist=["_"])
+            except ImportError:
+                continue
+            for a in attrs:
+                if hasattr(mod, a):
+                    patched.append((mod, a, getattr(mod, a)))
+                    setattr(mod, a, True)
+        yield
+    finally:
+        for mod, a, v in reversed(patched):
+            setattr(mod, a, v)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval at WARNING for the call (``simple_evaluate`` sets its logger's level globally)."""
+    lg = logging.getLogger("lm_eval")
+    level = lg.level
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def _hflm(model, tokenizer, batch_size: int):
+    """HFLM around the in-memory model, without its two warnings about being handed one."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    disabled, hf_log.disabled = hf_log.disabled, True
+    try:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    finally:
+        hf_log.disabled = disabled
+
+
+# --------------------------------------------------------------------------- running
+
+def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str | Path, task_manager=None):
+    """One ``simple_evaluate`` over the runnable tasks.
+
+    Returns (lm-eval results dict, {requested name: [result keys]}, seconds). A tag expands
+    to its tasks, each reported under its own name."""
+    from lm_eval import simple_evaluate
+
+    workdir = Path(workdir)
+    hub = any(p.source == "hub" for p in plans)
+    for p in plans:
+        if p.source == "offline":
+            write_task_yaml(p.name, task_cfg, workdir)
+    tm = task_manager or make_task_manager(workdir, include_defaults=hub)
+    if task_cfg.allow_code_execution:
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # lm-eval's hub humaneval asks for it
+    t0 = time.perf_counter()
+    with hub_offline(task_cfg.offline or not hub), codeexec.execution_allowed(task_cfg.allow_code_execution), \
+            _quiet_lm_eval():
+        objs, keys = [], {}
+        for p in plans:  # build the tasks here (datasets load now) to set hub generation lengths
+            loaded = tm.load([p.name])
+            top = loaded["groups"].get(p.name) or loaded["tasks"].get(p.name)
+            objs.extend([top] if top is not None else loaded["tasks"].values())
+            keys[p.name] = [p.name] if top is not None else list(loaded["tasks"])
+            if p.source == "hub":
+                for t in loaded["tasks"].values():
+                    if t.get_config("output_type") == "generate_until":
+                        n = task_cfg.code_max_gen_toks if t.get_config("unsafe_code") else task_cfg.max_gen_toks
+                        t.set_config(key="generation_kwargs", value={"max_gen_toks": int(n)}, update=True)
+        lm = _hflm(model, tokenizer, int(task_cfg.batch_size))
+        res = simple_evaluate(
+            lm, tasks=objs, task_manager=tm,
+            # offline YAMLs already carry task.num_fewshot; lm-eval never overrides a task set to 0
+            num_fewshot=task_cfg.num_fewshot,
+            limit=task_cfg.limit, use_cache=None, cache_requests=False, log_samples=True,
+            bootstrap_iters=1000, confirm_run_unsafe_code=bool(task_cfg.allow_code_execution),
+            random_seed=int(task_cfg.seed), numpy_random_seed=int(task_cfg.seed),
+            torch_random_seed=int(task_cfg.seed), fewshot_random_seed=int(task_cfg.seed),
+            verbosity="WARNING")
+    return res, keys, time.perf_counter() - t0
+
+
+def make_task_manager(workdir: str | Path, include_defaults: bool):
+    """TaskManager over ``<workdir>/tasks``; lm-eval's own registry (~15 s to index) only if asked."""
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = Path(workdir) / "tasks"
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    return TaskManager(include_path=str(tasks_dir), include_defaults=include_defaults)
+
+
+# --------------------------------------------------------------------------- summary
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _leaves(res: dict, name: str) -> list[str]:
+    """Leaf task names under a result key (itself for a task)."""
+    sub = res.get("group_subtasks", {}).get(name)
+    if not sub:
+        return [name]
+    return [leaf for s in sub for leaf in _leaves(res, s)]
+
+
+def _type_of(output_type: str) -> str:
+    return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE}.get(output_type, output_type)
+
+
+def _pick_metric(result: dict, preferred: str | None = None) -> tuple[str, str] | None:
+    """(metric, filter) of the headline score among ``"<metric>,<filter>"`` keys."""
+    pairs = [tuple(k.split(",", 1)) for k in result if "," in k and "_stderr" not in k]
+    pairs = [(m, f) for m, f in pairs if _num(result[f"{m},{f}"]) is not None]
+    if not pairs:
+        return None
+    def rank(p):
+        m, f = p
+        mi = 0 if m == preferred else (1 + _METRIC_PREFERENCE.index(m) if m in _METRIC_PREFERENCE else 99)
+        fi = _FILTER_PREFERENCE.index(f) if f in _FILTER_PREFERENCE else 50
+        return mi, fi
+    return min(pairs, key=rank)
+
+
+def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
+    """One task's entry of :func:`prunerep.evals.evaluate_model`'s result."""
+    result = res["results"][name]
+    leaves = _leaves(res, name)
+    output_types = {res["configs"][leaf]["output_type"] for leaf in leaves if leaf in res["configs"]}
+    ttype = _type_of(sorted(output_types)[0]) if len(output_types) == 1 else "mixed"
+    preferred = OFFLINE_TASKS[name].metric if name in OFFLINE_TASKS else None
+    picked = _pick_metric(result, preferred)
+    if picked is None:
+        raise RuntimeError(f"lm-eval returned no numeric metric for task {name!r}: {sorted(result)}")
+    metric, filt = picked
+    samples = [(leaf, s) for leaf in leaves for s in res.get("samples", {}).get(leaf, [])]
+    entry: dict[str, Any] = {
+        "type": ttype,
+        "metric": metric,
+        "filter": filt,
+        "score": _num(result[f"{metric},{filt}"]),
+        "stderr": _num(result.get(f"{metric}_stderr,{filt}")),
+        "n": len({(leaf, s["doc_id"]) for leaf, s in samples}) or None,
+        "num_fewshot": res.get("n-shot", {}).get(name, res.get("n-shot", {}).get(leaves[0])),
+        "all_metrics": {k: _num(v) for k, v in result.items() if "," in k and _num(v) is not None},
+        "eval_seconds": round(seconds, 2),  # the whole lm-eval call, shared by its tasks
+    }
+    if ttype == MULTIPLE_CHOICE and samples:
+        entry["chance"] = sum(1.0 / max(1, len(s["filtered_resps"])) for _, s in samples) / len(samples)
+    if ttype == GENERATIVE:
+        entry["generations"] = _generations(samples, metric, filt, tokenizer, several=len(leaves) > 1)
+    return entry
+
+
+def _generations(samples, metric: str, filt: str, tokenizer, several: bool) -> list[dict]:
+    """Per doc: raw generation, its tokens (re-tokenised text, no special tokens), the
+    filtered answer, the target and the per-doc metric value."""
+    out = []
+    for leaf, s in samples:
+        if s.get("filter", filt) != filt:
+            continue
+        text = s["resps"][0][0] if s["resps"] and s["resps"][0] else ""
+        text = text if isinstance(text, str) else str(text)
+        rec = {"doc_id": int(s["doc_id"]), "text": text,
+               "tokens": tokenizer(text, add_special_tokens=False)["input_ids"],
+               "extracted": s["filtered_resps"][0] if s.get("filtered_resps") else None,
+               "target": s.get("target"), metric: _num(s.get(metric))}
+        if isinstance(rec["extracted"], (list, tuple)):
+            rec["extracted"] = str(rec["extracted"][0]) if rec["extracted"] else None
+        if isinstance(rec["target"], (list, tuple, dict)):
+            rec["target"] = str(rec["target"])
+        if several:
+            rec["task"] = leaf
+        out.append(rec)
+    out.sort(key=lambda r: (r.get("task", ""), r["doc_id"]))
+    return out
+
+
+def skipped_entry(plan: TaskPlan) -> dict:
+    spec = OFFLINE_TASKS.get(plan.name) if plan.source == "offline" else None
+    return {"type": spec.type if spec else GENERATIVE, "metric": spec.metric if spec else None,
+            "skipped": True, "reason": plan.skip_reason}

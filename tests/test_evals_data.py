@@ -1,0 +1,115 @@
+"""Offline evaluation data: the MMLU parser, the arithmetic generator, HumanEval, task YAMLs."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from prunerep.config import TaskConfig
+from prunerep.evals import offline
+from prunerep.evals.taskdefs import OFFLINE_TASKS, write_task_yaml
+
+
+# --------------------------------------------------------------------------- MMLU
+
+def test_mmlu_questions_are_well_formed():
+    qs = offline.load_mmlu_questions()
+    raw = json.loads(offline.mmlu_prompts_path().read_text(encoding="utf-8"))
+    # every subject of the file contributes, and every question is a 4-option MC item
+    assert {q["subject"] for q in qs} == set(raw)
+    for q in qs:
+        assert set(q) == {"subject", "question", "choices", "answer"}
+        assert q["question"] and not q["question"].startswith("Q:")
+        assert len(q["choices"]) == 4 and all(isinstance(c, str) and c for c in q["choices"])
+        assert q["answer"] in (0, 1, 2, 3)
+        assert "Let's think step by step" not in q["question"]  # the reasoning is dropped
+        assert not any(re.search(r"\([A-E]\) ", c) for c in q["choices"])
+    # 282 question blocks in lm-eval 0.4.x; the one with a fifth option (E) is refused
+    n_blocks = sum(len(re.split(r"\n\n(?=Q: )", t)) - 1 for t in raw.values())
+    n_five = sum(1 for t in raw.values() for b in re.split(r"\n\n(?=Q: )", t)[1:]
+                 if re.search(r"\(E\) ", b.partition("\nA: ")[0]))
+    assert len(qs) == n_blocks - n_five == 281
+
+
+def test_mmlu_answers_match_the_worked_solution():
+    """Independent check: the answer letter is the last '(X)' the worked reasoning names."""
+    raw = json.loads(offline.mmlu_prompts_path().read_text(encoding="utf-8"))
+    by_question = {(q["subject"], q["question"]): q for q in offline.load_mmlu_questions()}
+    checked = 0
+    for subject, text in raw.items():
+        for block in text.split("\n\nQ: ")[1:]:
+            head, _, reasoning = block.partition("\nA: ")
+            q = by_question.get((subject, head.partition("\n(A) ")[0].strip()))
+            if q is None:
+                continue
+            letter = reasoning.rsplit("answer is (", 1)[1][0]
+            assert "ABCD"[q["answer"]] == letter
+            checked += 1
+    assert checked >= 270
+
+
+def test_mmlu_returns_fresh_copies():
+    a = offline.load_mmlu_questions()
+    a[0]["choices"].append("x")
+    assert len(offline.load_mmlu_questions()[0]["choices"]) == 4
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+_FORMULA = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}
+
+
+@pytest.mark.parametrize("kinds", [offline.DEFAULT_ARITH_KINDS, tuple(offline.ARITH_KINDS)])
+def test_arithmetic_answers_recomputed_from_the_question(kinds):
+    probs = offline.arithmetic_problems(300, seed=7, kinds=kinds)
+    assert {p["kind"] for p in probs} == set(kinds)
+    for i, p in enumerate(probs):
+        assert p["id"] == i
+        operands = [int(x) for x in re.findall(r"\d+", p["question"])]
+        assert len(operands) == 2, p
+        assert p["answer"] == _FORMULA[p["kind"].removesuffix("_story")](*operands) > 0
+        assert len(p["choices"]) == 4 and len(set(p["choices"])) == 4
+        assert all(c.isdigit() and int(c) > 0 for c in p["choices"])
+        assert p["choices"][p["answer_idx"]] == str(p["answer"])
+        assert sum(c == str(p["answer"]) for c in p["choices"]) == 1
+    # the right answer is not always in the same slot
+    assert len({p["answer_idx"] for p in probs}) == 4
+
+
+def test_arithmetic_is_deterministic_per_seed_and_prefix_stable():
+    a = offline.arithmetic_problems(50, seed=3)
+    assert a == offline.arithmetic_problems(50, seed=3)
+    assert a[:20] == offline.arithmetic_problems(20, seed=3)
+    assert a != offline.arithmetic_problems(50, seed=4)
+    with pytest.raises(ValueError):
+        offline.arithmetic_problems(5, kinds=("division",))
+
+
+# --------------------------------------------------------------------------- HumanEval, YAMLs
+
+def test_humaneval_is_read_from_the_installed_package():
+    probs = offline.load_humaneval()
+    assert len(probs) == 164
+    assert all({"task_id", "prompt", "test", "entry_point", "canonical_solution"} <= set(p) for p in probs)
+
+
+def test_offline_task_yamls_point_at_local_files(tmp_path):
+    tc = TaskConfig(name="offline", tasks=list(OFFLINE_TASKS), num_fewshot=2, n_arith=30)
+    for name, spec in OFFLINE_TASKS.items():
+        path = write_task_yaml(name, tc, tmp_path)
+        text = path.read_text()
+        cfg = yaml.load(text, Loader=yaml.BaseLoader)  # tolerant of the !function tag
+        assert cfg["task"] == name and cfg["dataset_path"] == "json"
+        for f in cfg["dataset_kwargs"]["data_files"].values():
+            assert f.startswith(str(tmp_path)) and (tmp_path / "data").exists()
+            with open(f) as fh:
+                assert sum(1 for _ in fh) > 0
+        assert int(cfg["num_fewshot"]) == (0 if spec.fixed_fewshot else 2)
+        assert ("unsafe_code" in cfg) == spec.unsafe_code
+    gen = (tmp_path / "tasks" / "arith_gen.yaml").read_text()
+    mc = (tmp_path / "tasks" / "arith_mc.yaml").read_text()
+    # the generative and the MC arithmetic tasks read the same problems
+    files = lambda t: yaml.safe_load(t)["dataset_kwargs"]["data_files"]  # noqa: E731
+    assert files(gen) == files(mc)

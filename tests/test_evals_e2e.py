@@ -1,0 +1,150 @@
+"""End to end: the embedded SmolLM2 through lm-eval on the offline tasks, network blocked.
+
+One dense evaluation (module fixture) serves several tests. Stated margins for the dense
+model on LIMIT documents (4-shot, greedy, seed 1234):
+  * arith_mc  accuracy >= chance + 0.20 (chance = 0.25)
+  * arith_gen exact match >= 0.15 (at least 3 of 20 right)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import socket
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from prunerep.config import TaskConfig
+from prunerep.evals import compare_evals, dense_scores, evaluate_model, format_evals_table, validate_tasks
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 20
+PRUNED_LIMIT = 8
+MC_MARGIN = 0.20
+GEN_MIN = 0.15
+OFFLINE = ["mmlu_dev", "arith_mc", "arith_gen"]
+
+
+def _cfg(**over) -> TaskConfig:
+    base = dict(name="offline", tasks=OFFLINE, offline=True, limit=LIMIT, batch_size=16, max_gen_toks=8)
+    return OmegaConf.structured(TaskConfig(**{**base, **over}))
+
+
+@contextlib.contextmanager
+def network_blocked():
+    """Every non-loopback connect / name lookup raises; yields the list of attempts."""
+    attempts: list = []
+    local = ("127.0.0.1", "::1", "localhost")
+    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family == getattr(socket, "AF_UNIX", None) or address[0] in local:
+            return real_connect(self, address)
+        attempts.append(address)
+        raise OSError(f"network blocked by the test: {address}")
+
+    def getaddrinfo(host, *a, **k):
+        if host is None or host in local:
+            return real_gai(host, *a, **k)
+        attempts.append(host)
+        raise socket.gaierror(f"name lookup blocked by the test: {host}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket, "getaddrinfo", getaddrinfo)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        yield attempts
+
+
+@pytest.fixture(scope="module")
+def dense_run(embedded, tmp_path_factory):
+    model, tok = embedded
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = _cfg()
+    with network_blocked() as attempts:
+        validate_tasks(cfg)
+        t0 = time.perf_counter()
+        dense = dense_scores(model, tok, cfg, cache, model_key="smollm2-embedded")
+        seconds = time.perf_counter() - t0
+    return dict(dense=dense, cfg=cfg, cache=cache, attempts=attempts, seconds=seconds)
+
+
+def test_offline_eval_never_touches_the_network(dense_run):
+    assert dense_run["attempts"] == []
+    assert list(dense_run["dense"]) == OFFLINE
+
+
+def test_dense_scores_are_finite_and_above_chance(dense_run):
+    d = dense_run["dense"]
+    for name in OFFLINE:
+        r = d[name]
+        assert math.isfinite(r["score"]) and 0.0 <= r["score"] <= 1.0
+        assert r["n"] == LIMIT and r["stderr"] is not None and math.isfinite(r["stderr"])
+    assert d["mmlu_dev"]["type"] == d["arith_mc"]["type"] == "multiple_choice"
+    assert d["arith_gen"]["type"] == "generative" and d["arith_gen"]["metric"] == "exact_match"
+    assert d["arith_mc"]["chance"] == 0.25
+    assert d["arith_mc"]["score"] >= d["arith_mc"]["chance"] + MC_MARGIN, d["arith_mc"]
+    assert d["arith_gen"]["score"] >= GEN_MIN, d["arith_gen"]
+    gens = d["arith_gen"]["generations"]
+    assert [g["doc_id"] for g in gens] == list(range(LIMIT))
+    # the per-doc metric is exact match of the last number of the generation
+    for g in gens:
+        assert g["tokens"] and isinstance(g["text"], str)
+        assert g["exact_match"] == float(g["extracted"] == g["target"])
+    assert sum(g["exact_match"] for g in gens) / LIMIT == pytest.approx(d["arith_gen"]["score"])
+
+
+def test_dense_scores_are_cached_on_disk(dense_run, embedded):
+    files = list((dense_run["cache"] / "evals").glob("*.json"))
+    assert len(files) == 1
+    t0 = time.perf_counter()
+    again = dense_scores(None, None, dense_run["cfg"], dense_run["cache"], model_key="smollm2-embedded")
+    assert time.perf_counter() - t0 < 1.0
+    assert again == json.loads(json.dumps(dense_run["dense"]))
+
+
+def test_weights_pruned_in_place_are_evaluated(dense_run, embedded):
+    model, tok = embedded
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():  # 60% magnitude pruning of every decoder Linear, in place
+        for name, mod in pruned.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                w = mod.weight
+                k = int(0.6 * w.numel())
+                thr = w.abs().flatten().kthvalue(k).values
+                w[w.abs() <= thr] = 0.0
+    cfg = _cfg(tasks=["arith_gen"], limit=PRUNED_LIMIT)  # the first docs of the dense run
+    with network_blocked() as attempts:
+        res = evaluate_model(pruned, tok, cfg, dense_run["cache"] / "pruned-work")
+    assert attempts == []
+    evals = compare_evals(dense_run["dense"], res)
+    row = evals["tasks"]["arith_gen"]
+    assert row["pruned"] == res["arith_gen"]["score"] and row["dense"] == dense_run["dense"]["arith_gen"]["score"]
+    fid = row["fidelity"]
+    assert fid["n_compared"] == PRUNED_LIMIT and fid["unit"] == "token"
+    assert fid["identical_frac"] < 1.0  # the zeroed weights were seen
+    assert evals["tasks"]["mmlu_dev"]["skipped"]  # no pruned result for it
+    assert "arith_gen" in format_evals_table(evals)
+
+
+def test_code_task_is_skipped_without_opt_in(tmp_path, embedded):
+    model, tok = embedded
+    res = evaluate_model(model, tok, _cfg(tasks=["humaneval"]), tmp_path)
+    assert res["humaneval"]["skipped"] and "allow_code_execution" in res["humaneval"]["reason"]
+
+
+def test_code_task_runs_with_opt_in(tmp_path, embedded):
+    model, tok = embedded
+    cfg = _cfg(tasks=["humaneval"], limit=1, allow_code_execution=True, code_max_gen_toks=24, code_timeout_s=5.0)
+    with network_blocked() as attempts:
+        res = evaluate_model(model, tok, cfg, tmp_path)
+    assert attempts == []
+    r = res["humaneval"]
+    assert r["metric"] == "pass@1" and r["type"] == "generative" and 0.0 <= r["score"] <= 1.0
+    assert len(r["generations"]) == 1 and all(g["pass@1"] in (0.0, 1.0) for g in r["generations"])
