@@ -43,6 +43,17 @@ def test_every_option_of_every_group_composes(group):
             assert cfg[group].name == option
 
 
+def test_launcher_profiles_select_their_hydra_launchers():
+    """conf/launcher is the top-level launchers/ directory; each profile picks a Hydra launcher."""
+    assert {p.stem for p in (REPO / "conf" / "launcher").glob("*.yaml")} == {"local", "local_gpu", "slurm"}
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        targets = {name: compose(config_name="config", overrides=[f"launcher={name}"],
+                                 return_hydra_config=True).hydra.launcher._target_
+                   for name in ("local", "local_gpu", "slurm")}
+    assert targets["slurm"].endswith("SlurmLauncher") and targets["local"].endswith("BasicLauncher")
+
+
 def test_default_config_is_the_embedded_model_with_wanda():
     cfg = compose_cfg()
     assert (cfg.model.name, cfg.model.source, cfg.pruner.name, cfg.sparsity) == ("smollm2", "package", "wanda", 0.5)
@@ -154,3 +165,23 @@ def test_default_entrypoint_on_the_embedded_model(tmp_path):
     for name in ("config.yaml", "probes.parquet", "probes_summary.json", "evals.json"):
         assert (run_dir / name).is_file(), name
     assert OmegaConf.load(run_dir / "config.yaml").pruner.name == "wanda"
+
+    # probes: every space and context, finite values, the headline numbers and the plots
+    import numpy as np
+    import pandas as pd
+
+    df = pd.read_parquet(run_dir / "probes.parquet")
+    assert set(df.columns) >= {"context", "prompt_id", "layer", "sublayer", "step", "space", "metric",
+                               "temperature", "value"}
+    assert set(df["context"]) == {"prompt", "teacher_forced", "free_running"}
+    assert set(df["space"]) >= {"embedding", "logit", "probability", "options"}
+    assert np.isfinite(df["value"]).all()
+    assert sorted(df["layer"].unique()) == list(range(31))
+    head = json.loads((run_dir / "probes_summary.json").read_text())
+    # pruning moved the model: strictly positive divergence at the final layer, cos(h) still high
+    assert head["prompt/probability/kl@T=1"] > 0 and head["prompt/embedding/cos"] > 0.5
+    for png in ("probes_similarity.png", "probes_kl.png", "probes_steps.png"):
+        assert (run_dir / png).stat().st_size > 1000, png
+    evals = json.loads((run_dir / "evals.json").read_text())
+    assert set(evals["tasks"]) == {"mmlu_dev", "arith_mc", "arith_gen"}
+    assert list(run_dir.glob("wandb/offline-run-*")), "no offline wandb run"
