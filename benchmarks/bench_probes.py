@@ -31,7 +31,6 @@ from prunerep import probes  # noqa: E402
 from prunerep.config import ModelConfig, ProbeConfig  # noqa: E402
 from prunerep.io import atomic_write_json  # noqa: E402
 from prunerep.models import load_model, model_device  # noqa: E402
-from prunerep.probes.reference import lens_rows  # noqa: E402
 
 CACHE = os.environ.get("PRUNEREP_CACHE", os.path.expanduser("~/.cache/prunerep"))
 

@@ -268,17 +268,13 @@ class Tracker:
         by_step = _curve(df, "step")
 
         # native history with custom x axes: runs of a sweep overlay in W&B's charts
-        if not by_layer.empty:
-            for layer, g in by_layer.groupby("layer", sort=True):
-                row = {f"layer/{c}/{s}/{m}": v for c, s, m, v in
+        for axis, curve in (("layer", by_layer), ("step", by_step)):
+            if curve.empty:
+                continue
+            for x, g in curve.groupby(axis, sort=True):
+                row = {f"{axis}/{c}/{s}/{m}": v for c, s, m, v in
                        zip(g["context"], g["space"], g["metric"], g["value"])}
-                row["layer/index"] = int(layer)
-                self._log(row)
-        if not by_step.empty:
-            for step, g in by_step.groupby("step", sort=True):
-                row = {f"step/{c}/{s}/{m}": v for c, s, m, v in
-                       zip(g["context"], g["space"], g["metric"], g["value"])}
-                row["step/index"] = int(step)
+                row[f"{axis}/index"] = int(x)
                 self._log(row)
 
         # line plots over tables (one per space: similarity and divergence vs layer, divergence vs step)

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random-initialised decoders built here, and the embedded SmolLM2."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,30 @@ def embedded(cache_dir):
     mcfg = OmegaConf.merge(OmegaConf.structured(__import__("prunerep.config").config.ModelConfig), mcfg)
     mcfg.device = "cpu"
     return load_model(mcfg, cache_dir)
+
+
+@contextlib.contextmanager
+def network_blocked():
+    """Every non-loopback connect / name lookup raises; yields the list of attempts."""
+    attempts: list = []
+    local = ("127.0.0.1", "::1", "localhost")
+    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family == getattr(socket, "AF_UNIX", None) or address[0] in local:
+            return real_connect(self, address)
+        attempts.append(address)
+        raise OSError(f"network blocked by the test: {address}")
+
+    def getaddrinfo(host, *a, **k):
+        if host is None or host in local:
+            return real_gai(host, *a, **k)
+        attempts.append(host)
+        raise socket.gaierror(f"name lookup blocked by the test: {host}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket, "getaddrinfo", getaddrinfo)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        yield attempts

@@ -7,17 +7,16 @@ model on LIMIT documents (4-shot, greedy, seed 1234):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import socket
 import time
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import network_blocked
 from prunerep.config import TaskConfig
 from prunerep.evals import compare_evals, dense_scores, evaluate_model, format_evals_table, validate_tasks
 
@@ -33,33 +32,6 @@ OFFLINE = ["mmlu_dev", "arith_mc", "arith_gen"]
 def _cfg(**over) -> TaskConfig:
     base = dict(name="offline", tasks=OFFLINE, offline=True, limit=LIMIT, batch_size=16, max_gen_toks=8)
     return OmegaConf.structured(TaskConfig(**{**base, **over}))
-
-
-@contextlib.contextmanager
-def network_blocked():
-    """Every non-loopback connect / name lookup raises; yields the list of attempts."""
-    attempts: list = []
-    local = ("127.0.0.1", "::1", "localhost")
-    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self, address):
-        if self.family == getattr(socket, "AF_UNIX", None) or address[0] in local:
-            return real_connect(self, address)
-        attempts.append(address)
-        raise OSError(f"network blocked by the test: {address}")
-
-    def getaddrinfo(host, *a, **k):
-        if host is None or host in local:
-            return real_gai(host, *a, **k)
-        attempts.append(host)
-        raise socket.gaierror(f"name lookup blocked by the test: {host}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", connect)
-        mp.setattr(socket, "getaddrinfo", getaddrinfo)
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        yield attempts
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """validate_tasks: one-line errors, before any heavy work."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import network_blocked
 from prunerep.config import ConfigError, TaskConfig
 from prunerep.evals import evaluate_model, validate_tasks
 
@@ -21,29 +21,10 @@ def _cfg(name: str, **over):
 
 
 @pytest.fixture
-def no_network(monkeypatch):
+def no_network():
     """Any non-loopback connection or name lookup raises (and is recorded)."""
-    attempts: list = []
-    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
-    local = ("127.0.0.1", "::1", "localhost")
-
-    def connect(self, address):
-        if self.family == getattr(socket, "AF_UNIX", None) or address[0] in local:
-            return real_connect(self, address)
-        attempts.append(address)
-        raise OSError(f"network blocked by the test: {address}")
-
-    def getaddrinfo(host, *a, **k):
-        if host in local or host is None:
-            return real_gai(host, *a, **k)
-        attempts.append(host)
-        raise socket.gaierror(f"name lookup blocked by the test: {host}")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    return attempts
+    with network_blocked() as attempts:
+        yield attempts
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 
 import numpy as np

@@ -27,7 +27,7 @@ GENERATIVE = "generative"
 MULTIPLE_CHOICE = "multiple_choice"
 
 
-def _finite(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
     try:
         f = float(x)
     except (TypeError, ValueError):
@@ -82,12 +82,12 @@ def compare_task(dense: dict | None, pruned: dict | None) -> dict:
         row.update(skipped=True, reason=skipped[0] if skipped else f"no {missing[0]} result",
                    dense=None, pruned=None, abs_change=None, rel_change=None)
         return row
-    d, p = _finite(dense.get("score")), _finite(pruned.get("score"))
+    d, p = finite_or_none(dense.get("score")), finite_or_none(pruned.get("score"))
     row.update(
         dense=d, pruned=p,
         abs_change=None if d is None or p is None else p - d,
         rel_change=None if d is None or p is None or d == 0 else (p - d) / d,
-        stderr={"dense": _finite(dense.get("stderr")), "pruned": _finite(pruned.get("stderr"))},
+        stderr={"dense": finite_or_none(dense.get("stderr")), "pruned": finite_or_none(pruned.get("stderr"))},
         n=pruned.get("n"),
     )
     if "chance" in ref:
@@ -122,7 +122,7 @@ def compare_evals(dense: dict, pruned: dict) -> dict:
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
-    f = _finite(x)
+    f = finite_or_none(x)
     if f is None:
         return "-"
     return f"{f:+.1%}" if pct else f"{f:.3f}"

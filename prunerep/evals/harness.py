@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 from prunerep.config import ConfigError
 from prunerep.evals import codeexec
+from prunerep.evals.compare import finite_or_none
 from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml
 
 log = logging.getLogger(__name__)
@@ -207,14 +207,6 @@ def make_task_manager(workdir: str | Path, include_defaults: bool):
 
 # --------------------------------------------------------------------------- summary
 
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _leaves(res: dict, name: str) -> list[str]:
     """Leaf task names under a result key (itself for a task)."""
     sub = res.get("group_subtasks", {}).get(name)
@@ -230,7 +222,7 @@ def _type_of(output_type: str) -> str:
 def _pick_metric(result: dict, preferred: str | None = None) -> tuple[str, str] | None:
     """(metric, filter) of the headline score among ``"<metric>,<filter>"`` keys."""
     pairs = [tuple(k.split(",", 1)) for k in result if "," in k and "_stderr" not in k]
-    pairs = [(m, f) for m, f in pairs if _num(result[f"{m},{f}"]) is not None]
+    pairs = [(m, f) for m, f in pairs if finite_or_none(result[f"{m},{f}"]) is not None]
     if not pairs:
         return None
     def rank(p):
@@ -257,11 +249,11 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
         "type": ttype,
         "metric": metric,
         "filter": filt,
-        "score": _num(result[f"{metric},{filt}"]),
-        "stderr": _num(result.get(f"{metric}_stderr,{filt}")),
+        "score": finite_or_none(result[f"{metric},{filt}"]),
+        "stderr": finite_or_none(result.get(f"{metric}_stderr,{filt}")),
         "n": len({(leaf, s["doc_id"]) for leaf, s in samples}) or None,
         "num_fewshot": res.get("n-shot", {}).get(name, res.get("n-shot", {}).get(leaves[0])),
-        "all_metrics": {k: _num(v) for k, v in result.items() if "," in k and _num(v) is not None},
+        "all_metrics": {k: finite_or_none(v) for k, v in result.items() if "," in k and finite_or_none(v) is not None},
         "eval_seconds": round(seconds, 2),  # the whole lm-eval call, shared by its tasks
     }
     if ttype == MULTIPLE_CHOICE and samples:
@@ -283,7 +275,7 @@ def _generations(samples, metric: str, filt: str, tokenizer, several: bool) -> l
         rec = {"doc_id": int(s["doc_id"]), "text": text,
                "tokens": tokenizer(text, add_special_tokens=False)["input_ids"],
                "extracted": s["filtered_resps"][0] if s.get("filtered_resps") else None,
-               "target": s.get("target"), metric: _num(s.get(metric))}
+               "target": s.get("target"), metric: finite_or_none(s.get(metric))}
         if isinstance(rec["extracted"], (list, tuple)):
             rec["extracted"] = str(rec["extracted"][0]) if rec["extracted"] else None
         if isinstance(rec["target"], (list, tuple, dict)):

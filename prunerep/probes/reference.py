@@ -43,14 +43,14 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from prunerep.io import atomic_write_json, atomic_write_with, read_json, stable_hash
+from prunerep.io import atomic_write_json, atomic_write_with, stable_hash
 from prunerep.models import final_norm, model_device, output_head
 from prunerep.probes import metrics as M
 from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_layers

@@ -188,15 +188,22 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: 
 
 
 @contextmanager
-def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
-    """Call fn(name, input activations [tokens, in_features]) on every forward of each module."""
-    handles = [mod.register_forward_hook(lambda m, args, out, name=name: fn(name, args[0].detach().flatten(0, -2)))
-               for name, mod in modules.items()]
+def removing(handles: list):
+    """Remove the given hook handles on exit, whatever happens inside."""
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """Call fn(name, input activations [tokens, in_features]) on every forward of each module."""
+    handles = [mod.register_forward_hook(lambda m, args, out, name=name: fn(name, args[0].detach().flatten(0, -2)))
+               for name, mod in modules.items()]
+    with removing(handles):
+        yield
 
 
 @contextmanager
@@ -211,11 +218,8 @@ def prune_on_first_call(modules: dict[str, nn.Module], prune_fn: Callable[[str, 
 
     handles = [mod.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
                for name, mod in modules.items()]
-    try:
+    with removing(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass
