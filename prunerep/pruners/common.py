@@ -64,10 +64,18 @@ def n_pruned(numel: int, ratio: float) -> int:
 
 
 def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of exactly the k lowest-scored entries of the whole matrix."""
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        mask[torch.topk(score.flatten(), k, largest=False).indices] = True
+    """Mask of exactly the k lowest-scored entries of the whole matrix. Selection (kthvalue,
+    linear time), not a sort; entries tied at the cut are taken in index order."""
+    flat = score.flatten()
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(score, dtype=torch.bool)
+    cut = torch.kthvalue(flat, k).values
+    mask = flat < cut
+    short = k - int(mask.sum())
+    if short:
+        mask[(flat == cut).nonzero().squeeze(1)[:short]] = True
     return mask.view_as(score)
 
 
