@@ -2,7 +2,8 @@
 
   probe / floor        compare_to_reference (the pruned side of probe=all: forwards, logit lens,
                        every metric, the table) over the time of its floor, the LM-head matmuls
-                       the logit lens cannot avoid: 2 sides x (probed rows) x d x V   (target <= 1.5)
+                       the logit lens cannot avoid: 2 sides x (probed rows) x d x V   (target <= 1.5),
+                       with the eager metric passes and with probe.compile=true
   peak extra memory    of probing a T-token prompt beyond a plain forward that returns the same
                        hidden states, for T = 256 .. 4096 (flat once the token chunk is full),
                        next to what a [layers x T x V] float32 tensor would take
@@ -92,24 +93,30 @@ def lens_row_count(df) -> int:
 
 
 def time_probe(name: str, mcfg, pcfg) -> dict:
+    """probe / floor with the eager metric passes and with torch.compile (compiled beforehand)."""
     model, tok = load_model(mcfg, CACHE)
     device = model_device(model)
+    t_probe = {}
     with tempfile.TemporaryDirectory() as d:
         ref = probes.dense_reference(model, tok, pcfg, d)
         perturb_(model)
-        probes.compare_to_reference(model, tok, probe_cfg(**{**pcfg, "n_prompts": 1}), ref)  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        df = probes.compare_to_reference(model, tok, pcfg, ref)
-        sync(device)
-        t_probe = time.perf_counter() - t0
+        for mode in ("eager", "compiled"):
+            cfg = probe_cfg(**{**pcfg, "compile": mode == "compiled"})
+            probes.compare_to_reference(model, tok, probe_cfg(**{**cfg, "n_prompts": 1}), ref)  # warm-up / compile
+            sync(device)
+            t0 = time.perf_counter()
+            df = probes.compare_to_reference(model, tok, cfg, ref)
+            sync(device)
+            t_probe[mode] = time.perf_counter() - t0
     prompt_tokens = sum(len(p.ids) for p in ref.prompts)
     n_lens_layers = df[(df["context"] == "prompt") & (df["space"] == "logit")]["layer"].nunique()
     rows = lens_row_count(df) + n_lens_layers * prompt_tokens
     t_floor = floor_seconds(model, 2 * rows, int(pcfg.token_chunk))
     out = {"model": name, "device": str(device), "hidden": model.config.hidden_size,
            "vocab": model.config.vocab_size, "layers_probed": int(n_lens_layers), "lens_rows_per_side": rows,
-           "probe_s": t_probe, "floor_s": t_floor, "probe_over_floor": t_probe / t_floor, "table_rows": len(df)}
+           "floor_s": t_floor, "table_rows": len(df)}
+    for mode, t in t_probe.items():
+        out[f"probe_{mode}_s"], out[f"probe_{mode}_over_floor"] = t, t / t_floor
     del model
     return out
 
@@ -204,8 +211,9 @@ def main() -> None:
 
     print("\nprobe bench: probe=all, pruned side (compare_to_reference) vs its LM-head floor")
     for r in results["speed"]:
-        print(f"  {r['model']:28s} d={r['hidden']:5d} V={r['vocab']:6d} on {r['device']}: probe {r['probe_s']:.2f} s, "
-              f"floor {r['floor_s']:.2f} s, probe / floor {r['probe_over_floor']:.2f}   (target <= 1.5)")
+        print(f"  {r['model']:28s} d={r['hidden']:5d} V={r['vocab']:6d} on {r['device']}: floor {r['floor_s']:.2f} s; "
+              f"probe / floor: eager {r['probe_eager_over_floor']:.2f}, compiled {r['probe_compiled_over_floor']:.2f}"
+              "   (target <= 1.5)")
     print("peak extra memory of probing one prompt (tiny model, V=49152, token_chunk=256):")
     for r in results["memory"]:
         print(f"  T={r['tokens']:5d}: probe +{r['probe_growth_mb']:7.1f} MB, forward +{r['forward_growth_mb']:7.1f} MB: "

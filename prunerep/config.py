@@ -110,6 +110,9 @@ class ProbeConfig:
     # CPU threads for the vocabulary-sized metric passes; null = torch's setting. Set 1 on a
     # shared, oversubscribed CPU, where many small threaded passes stall.
     metric_threads: Optional[int] = None
+    # fuse the vocabulary-sized metric passes with torch.compile (compiled once per process);
+    # null: on CUDA only, where ~50 eager passes over [tokens x vocab] would dwarf the LM head
+    compile: Optional[bool] = None
     seed: int = 0
 
 

@@ -235,13 +235,16 @@ def test_option_metrics_match_reference():
 
 # --------------------------------------------------------------------------- the hot path
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
-def test_vocab_metrics_equals_single_metric_functions(dtype, rtol):
+@pytest.mark.parametrize("dtype,rtol,compiled", [(torch.float64, 1e-9, False), (torch.float32, 2e-3, False),
+                                                 (torch.float64, 1e-9, True)])
+def test_vocab_metrics_equals_single_metric_functions(dtype, rtol, compiled):
+    """The hot path (eager with scratch buffers, or fused by torch.compile) against the
+    single-metric functions, over several row blocks."""
     zd, zp = _logits_pair(n=9, v=3000, eps=0.5, seed=20, dtype=dtype)
     temps = (0.5, 1.0, 2.0)
     M.ROW_BLOCK_ELEMENTS, saved = 4 * 3000, M.ROW_BLOCK_ELEMENTS  # force several row blocks
     try:
-        out = M.vocab_metrics(zd, zp, temps, topk=(5, 10))
+        out = M.vocab_metrics(zd, zp, temps, topk=(5, 10), compiled=compiled)
     finally:
         M.ROW_BLOCK_ELEMENTS = saved
     dz = zp - zd
@@ -259,14 +262,16 @@ def test_vocab_metrics_equals_single_metric_functions(dtype, rtol):
         want.update({("probability", k, t): v for k, v in ref.items()})
     key = lambda k: (k[0], k[1], -1.0 if k[2] != k[2] else k[2])  # noqa: E731  (NaN != NaN)
     assert sorted(map(key, out)) == sorted(map(key, want))
+    assert M._COMPILED.get("failed") is None, "torch.compile fell back to eager"
     got = {key(k): v for k, v in out.items()}
     for k, v in want.items():
         torch.testing.assert_close(got[key(k)], v, rtol=rtol, atol=1e-7, msg=lambda m: f"{k}: {m}")
 
 
-def test_identical_inputs_give_exact_zeros_in_float32():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_identical_inputs_give_exact_zeros_in_float32(compiled):
     zd = _rand(5, 1000, seed=21, scale=4.0, dtype=torch.float32)
-    out = M.vocab_metrics(zd, zd.clone(), (0.5, 1.0, 2.0))
+    out = M.vocab_metrics(zd, zd.clone(), (0.5, 1.0, 2.0), compiled=compiled)
     for (space, metric, t), v in out.items():
         if metric == "cos" or "agree" in metric or "overlap" in metric:
             assert torch.equal(v, torch.ones_like(v)), (space, metric, t)

@@ -35,12 +35,22 @@ def _forward(model: nn.Module, ids: Tensor, **kw):
     return model(input_ids=ids.to(model_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
 
 
+def _states_forward(model: nn.Module, ids: Tensor) -> None:
+    """A forward for its hidden states only: through the decoder without the LM head where
+    the model exposes it (the head of a 7B model is ~1 GB read per call, even for one row)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        decoder(input_ids=ids.to(model_device(model)).unsqueeze(0), use_cache=False)
+    else:
+        _forward(model, ids, use_cache=False)
+
+
 @torch.inference_mode()
 def prompt_states(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers: Sequence[str]
                   ) -> dict[Key, Tensor]:
     """Hidden states ``[T, d]`` at every prompt position, for each (layer, sublayer)."""
     with capture(model, layers, sublayers) as acts:
-        _forward(model, ids, use_cache=False)
+        _states_forward(model, ids)
     return {k: v[0] for k, v in acts.items()}
 
 
@@ -51,7 +61,7 @@ def teacher_forced_states(model: nn.Module, prompt_ids: Tensor, gen_ids: Tensor,
     n, p = len(gen_ids), len(prompt_ids)
     seq = torch.cat([prompt_ids.cpu(), gen_ids.cpu()[: n - 1]])
     with capture(model, layers, sublayers) as acts:
-        _forward(model, seq, use_cache=False)
+        _states_forward(model, seq)
     return {k: v[0, p - 1: p - 1 + n] for k, v in acts.items()}
 
 
