@@ -199,6 +199,15 @@ def parse_sparsity(value: Any) -> SparsitySpec:
     raise ConfigError(f"sparsity={value!r} is neither a ratio in [0, 1) nor an N:M pattern like 2:4")
 
 
+def sparsity_label(value: Any) -> str:
+    """Canonical text of a sparsity value: 0.5, "0.50" and "5e-1" read "0.5"; " 2 : 4 " reads
+    "2:4". A value that is not a valid sparsity comes back as its text."""
+    try:
+        return str(parse_sparsity(value))
+    except ConfigError:
+        return str(value).strip()
+
+
 def validate(cfg) -> SparsitySpec:
     """Checks that need more than types. Runs before any model is loaded."""
     from prunerep.pruners import PRUNERS  # registry of pruning methods

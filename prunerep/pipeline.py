@@ -31,8 +31,8 @@ from prunerep.calibration import calibration_batch
 from prunerep.config import ConfigError, validate
 from prunerep.io import atomic_write_json, atomic_write_text, stable_hash
 from prunerep.models import load_model, resolve_device, resolve_dtype
-from prunerep.pruners import get_pruner
-from prunerep.pruners.common import PruneSettings, check_prunable, measure_sparsity
+from prunerep.pruners import check_pruner, get_pruner
+from prunerep.pruners.common import PruneSettings, measure_sparsity
 from prunerep.sweep import config_hash, find_completed, mark_completed, reuse_completed, slurm_job_id
 from prunerep.tracking import Tracker
 
@@ -115,12 +115,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         key = model_key(cfg)
         settings = PruneSettings(spec=spec, pruner=cfg.pruner, device=resolve_device(cfg.model.device),
                                  offload=cfg.offload, batch_size=cfg.calib.batch_size or cfg.calib.nsamples, seed=cfg.seed)
-        check_prunable(model, settings)
+        check_pruner(model, settings)
         prune_fn = get_pruner(cfg.pruner.name)
-        if cfg.pruner.name == "layer_drop":
-            from prunerep.pruners.layer_drop import check_count
-
-            check_count(model, settings)
 
         calib = None
         if cfg.pruner.name in NEEDS_CALIBRATION:

@@ -27,8 +27,10 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from prunerep.config import sparsity_label
 from prunerep.io import atomic_write_json, atomic_write_text, atomic_write_with, read_json
 
+#: preferred similarity / divergence metric per plot, first one present wins (report and W&B)
 SIMILARITY_METRICS = ("cos", "top1_agree", "token_agree", "top5_overlap", "topk_overlap_5")
 DIVERGENCE_METRICS = ("kl", "kl_est", "js", "reverse_kl", "one_minus_cos", "rel_l2")
 SPACE_ORDER = ("embedding", "logit", "probability", "options")
@@ -62,16 +64,6 @@ def sparsity_key(value: Any) -> tuple[float, int, str]:
         return (float(s), 0, s)
     except ValueError:
         return (math.inf, 2, s)
-
-
-def sparsity_label(value: Any) -> str:
-    s = str(value).strip()
-    if ":" in s:
-        return s.replace(" ", "")
-    try:
-        return f"{float(s):g}"
-    except ValueError:
-        return s
 
 
 # --------------------------------------------------------------------------- loading
@@ -230,7 +222,8 @@ def _typed(t: pd.DataFrame) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- headline numbers
 
-def _pick(available, prefs) -> Optional[str]:
+def pick_metric(available, prefs) -> Optional[str]:
+    """The first metric of ``prefs`` that is among ``available``."""
     avail = set(map(str, available))
     return next((m for m in prefs if m in avail), None)
 
@@ -247,7 +240,7 @@ def final_layer_points(table: pd.DataFrame, kind: str) -> pd.DataFrame:
     p = table[(table["source"] == "probe") & table["value"].notna() & table["space"].isin(SPARSITY_SPACES)]
     out = []
     for (run, space), g in p.groupby(["run", "space"], sort=False):
-        metric = _pick(g["metric"].unique(), prefs)
+        metric = pick_metric(g["metric"].unique(), prefs)
         if metric is None:
             continue
         g = g[g["metric"] == metric]
@@ -444,7 +437,7 @@ def step_curves(table: pd.DataFrame) -> pd.DataFrame:
               & (table["step"].fillna(-1) >= 0) & table["value"].notna() & table["space"].isin(STEP_SPACES)]
     out = []
     for (run, space), g in p.groupby(["run", "space"], sort=False):
-        metric = _pick(g["metric"].unique(), DIVERGENCE_METRICS)
+        metric = pick_metric(g["metric"].unique(), DIVERGENCE_METRICS)
         if metric is None:
             continue
         g = g[g["metric"] == metric]

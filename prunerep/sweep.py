@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional
 
 from omegaconf import OmegaConf
 
+from prunerep.config import sparsity_label
 from prunerep.io import atomic_write_json, read_json, stable_hash
 
 log = logging.getLogger("prunerep.sweep")
@@ -47,16 +48,6 @@ def _container(cfg: Any) -> dict:
     raise TypeError(f"expected a DictConfig or dict, got {type(cfg).__name__}")
 
 
-def _normalise_sparsity(value: Any) -> Any:
-    """0.5, "0.5", "0.50" hash alike; "2:4" and " 2 : 4 " too."""
-    try:
-        from prunerep.config import parse_sparsity
-
-        return str(parse_sparsity(value))
-    except Exception:
-        return value
-
-
 def hashable_config(cfg: Any, volatile: Iterable[str] = VOLATILE_KEYS) -> dict:
     """The resolved config as a plain dict, minus the volatile keys."""
     d = _container(cfg)
@@ -71,7 +62,7 @@ def hashable_config(cfg: Any, volatile: Iterable[str] = VOLATILE_KEYS) -> dict:
         if isinstance(parent, dict):
             parent.pop(rest[-1], None)
     if "sparsity" in d:
-        d["sparsity"] = _normalise_sparsity(d["sparsity"])
+        d["sparsity"] = sparsity_label(d["sparsity"])  # 0.5, "0.50" hash alike
     return d
 
 

@@ -35,20 +35,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from prunerep.config import sparsity_label
+from prunerep.report import DIVERGENCE_METRICS, SIMILARITY_METRICS, pick_metric
+
 log = logging.getLogger("prunerep.tracking")
-
-#: preferred similarity / divergence metric per plot, first one present wins
-SIMILARITY_METRICS = ("cos", "top1_agree", "token_agree", "top5_overlap", "topk_overlap_5")
-DIVERGENCE_METRICS = ("kl", "kl_est", "js", "reverse_kl", "one_minus_cos", "rel_l2")
-
-
-def _sparsity_str(value: Any) -> str:
-    try:
-        from prunerep.config import parse_sparsity
-
-        return str(parse_sparsity(value))
-    except Exception:
-        return str(value)
 
 
 def sweep_group(cfg) -> Optional[str]:
@@ -72,7 +62,7 @@ def run_name(cfg) -> str:
     name = cfg.wandb.get("name") if cfg.get("wandb") is not None else None
     if name:
         return str(name)
-    return f"{cfg.model.name}/{cfg.pruner.name}/{_sparsity_str(cfg.sparsity)}"
+    return f"{cfg.model.name}/{cfg.pruner.name}/{sparsity_label(cfg.sparsity)}"
 
 
 def _flatten(d: Any, prefix: str = "", out: Optional[dict] = None) -> dict:
@@ -146,7 +136,7 @@ class Tracker:
         config["run_dir"] = str(self.run_dir)
         config["config_hash"] = config_hash(self.cfg)
         config["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
-        sp = _sparsity_str(self.cfg.sparsity)
+        sp = sparsity_label(self.cfg.sparsity)
         tags = [str(t) for t in (w.get("tags") or [])]
         tags += [str(self.cfg.model.name), str(self.cfg.pruner.name), f"sparsity={sp}"]
         settings = wandb.Settings(
@@ -283,7 +273,7 @@ class Tracker:
             plots["probes/by_layer"] = wandb.Table(dataframe=by_layer.reset_index(drop=True))
             for space, g in by_layer.groupby("space", sort=True):
                 for kind, prefs in (("similarity", SIMILARITY_METRICS), ("divergence", DIVERGENCE_METRICS)):
-                    metric = _pick(g["metric"].unique(), prefs)
+                    metric = pick_metric(g["metric"].unique(), prefs)
                     if metric is None:
                         continue
                     sub = g[g["metric"] == metric][["context", "layer", "value"]].rename(columns={"value": metric})
@@ -293,7 +283,7 @@ class Tracker:
         if not by_step.empty:
             plots["probes/by_step"] = wandb.Table(dataframe=by_step.reset_index(drop=True))
             for space, g in by_step.groupby("space", sort=True):
-                metric = _pick(g["metric"].unique(), DIVERGENCE_METRICS)
+                metric = pick_metric(g["metric"].unique(), DIVERGENCE_METRICS)
                 if metric is None:  # e.g. the tokens space: agreement only, in the history and table
                     continue
                 sub = g[g["metric"] == metric][["context", "step", "value"]].rename(columns={"value": metric})
@@ -349,11 +339,6 @@ def _layer_of(name: str) -> int:
         return int(parts[1]) if parts[0] == "layers" else -1
     except (IndexError, ValueError):
         return -1
-
-
-def _pick(available, preferences) -> Optional[str]:
-    avail = set(map(str, available))
-    return next((m for m in preferences if m in avail), None)
 
 
 STEP_CONTEXTS = ("teacher_forced", "free_running")

@@ -13,7 +13,7 @@ from prunerep.models import decoder_layers
 from prunerep.pruners import PRUNERS, get_pruner
 from prunerep.pruners.common import (PruneSettings, calibrated_blocks, check_prunable, measure_sparsity,
                                      per_row_mask, run_block)
-from prunerep.pruners.layer_drop import check_count, importance
+from prunerep.pruners.layer_drop import check as check_count, importance
 from prunerep.pruners.sparsegpt import sparsegpt_prune_weight
 from prunerep.pruners.wanda import wanda_score
 

@@ -50,7 +50,7 @@ def evaluate_model(model, tokenizer, task_cfg, workdir) -> dict:
     names = harness.requested_tasks(task_cfg)
     if not names:
         return {}
-    plans = [p for p in harness.plan_tasks(task_cfg)]
+    plans = harness.plan_tasks(task_cfg)
     tm = None
     if any(p.source == "hub" for p in plans):
         tm = harness.make_task_manager(workdir, include_defaults=True)

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from prunerep.models import model_device
+from prunerep.models import base_model, model_device
 from prunerep.probes.capture import Key, capture, num_layers
 
 CONTEXTS = ("prompt", "teacher_forced", "free_running")
@@ -38,8 +38,8 @@ def _forward(model: nn.Module, ids: Tensor, **kw):
 def _states_forward(model: nn.Module, ids: Tensor) -> None:
     """A forward for its hidden states only: through the decoder without the LM head where
     the model exposes it (the head of a 7B model is ~1 GB read per call, even for one row)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if isinstance(decoder, nn.Module) and decoder is not model:
+    decoder = base_model(model)
+    if decoder is not model:
         decoder(input_ids=ids.to(model_device(model)).unsqueeze(0), use_cache=False)
     else:
         _forward(model, ids, use_cache=False)

@@ -42,11 +42,6 @@ class Prompt:
         return {"id": self.id, "kind": self.kind, "text": self.text, "ids": list(self.ids),
                 "options": list(self.options), "option_ids": list(self.option_ids), "answer": self.answer}
 
-    @classmethod
-    def from_json(cls, d: dict) -> "Prompt":
-        return cls(id=int(d["id"]), kind=d["kind"], text=d["text"], ids=tuple(d["ids"]),
-                   options=tuple(d["options"]), option_ids=tuple(d["option_ids"]), answer=d.get("answer"))
-
 
 def format_mc(question: str, choices: list[str]) -> str:
     lines = [question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]

@@ -13,3 +13,14 @@ def get_pruner(name: str):
 
         raise ConfigError(f"unknown pruner {name!r}; choose one of: {', '.join(PRUNERS)}")
     return importlib.import_module(f"prunerep.pruners.{name}").prune
+
+
+def check_pruner(model, cfg) -> None:
+    """Everything that can fail before pruning starts: the shared checks (pattern vs shapes,
+    LM-head options) and the method's own ``check(model, cfg)`` where its module has one."""
+    from prunerep.pruners.common import check_prunable
+
+    check_prunable(model, cfg)
+    check = getattr(importlib.import_module(f"prunerep.pruners.{cfg.pruner.name}"), "check", None)
+    if check is not None:
+        check(model, cfg)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prunerep.config import ConfigError, SparsitySpec
-from prunerep.models import decoder_layers, output_head
+from prunerep.models import base_model, decoder_layers, output_head
 
 
 @dataclass
@@ -156,8 +156,7 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device: torch.de
     layers = decoder_layers(model)
     moved = []
     if offload:  # everything but the decoder blocks (embeddings, rotary tables) goes over
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        for name, child in base.named_children():
+        for child in base_model(model).children():
             if child is not layers:
                 child.to(device)
                 moved.append(child)
@@ -322,10 +321,6 @@ def mean_cos_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over tokens of 1 − cos(a, b) (LLM-Drop's importance)."""
     cos = torch.nn.functional.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2), dim=-1)
     return float((1 - cos).mean())
-
-
-def isfinite_weights(model: nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
 
 
 __all__ = ["PruneSettings", "prunable_linears", "check_prunable", "mask_for", "per_row_mask", "nm_mask",

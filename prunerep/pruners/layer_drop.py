@@ -53,8 +53,8 @@ def n_to_drop(n_candidates: int, cfg) -> int:
     return int(round(cfg.spec.ratio * n_candidates))
 
 
-def check_count(model, cfg) -> None:
-    """Raise before any work when `count` exceeds what the model has."""
+def check(model, cfg) -> None:
+    """Raise before any work when `count` exceeds what the model has (see check_pruner)."""
     n_candidates = len(decoder_layers(model)) * (2 if cfg.pruner.target == "both" else 1)
     n_to_drop(n_candidates, cfg)
 
