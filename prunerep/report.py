@@ -248,15 +248,21 @@ def final_layer_points(table: pd.DataFrame, kind: str) -> pd.DataFrame:
         if ctxs:
             ctx = "prompt" if "prompt" in ctxs else sorted(ctxs)[0]
             g = g[g["context"] == ctx]
-        g = _at_reference_temperature(g)
-        if g["sublayer"].notna().any() and (g["sublayer"] == "block").any():
-            g = g[g["sublayer"] == "block"]
+        g = _residual_at_reference_temperature(g)
         if g["layer"].notna().any():
             g = g[g["layer"] == g["layer"].max()]
         first = g.iloc[0]
         out.append({"run": run, "model": first["model"], "pruner": first["pruner"], "sparsity": first["sparsity"],
                     "space": space, "metric": metric, "value": float(g["value"].mean())})
     return pd.DataFrame(out, columns=["run", "model", "pruner", "sparsity", "space", "metric", "value"])
+
+
+def _residual_at_reference_temperature(g: pd.DataFrame) -> pd.DataFrame:
+    """The rows at the reference temperature, on the residual stream (sublayer block) if probed."""
+    g = _at_reference_temperature(g)
+    if g["sublayer"].notna().any() and (g["sublayer"] == "block").any():
+        g = g[g["sublayer"] == "block"]
+    return g
 
 
 def _at_reference_temperature(g: pd.DataFrame) -> pd.DataFrame:
@@ -441,9 +447,7 @@ def step_curves(table: pd.DataFrame) -> pd.DataFrame:
         if metric is None:
             continue
         g = g[g["metric"] == metric]
-        g = _at_reference_temperature(g)
-        if g["sublayer"].notna().any() and (g["sublayer"] == "block").any():
-            g = g[g["sublayer"] == "block"]
+        g = _residual_at_reference_temperature(g)
         if g["layer"].notna().any():
             g = g[g["layer"].isna() | (g["layer"] == g["layer"].max())]
         c = g.groupby(["context", "step"], as_index=False)["value"].mean()

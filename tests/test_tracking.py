@@ -74,6 +74,18 @@ def prompt_mean(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     return df.groupby([*keys, "prompt_id"])["value"].mean().groupby(keys).mean()
 
 
+def history_curves(hist: list[dict], axis: str) -> dict:
+    """{(context, space, metric, x): value} from the W&B history rows logged against `axis`/index."""
+    got = {}
+    for h in hist:
+        if f"{axis}/index" in h:
+            for k, v in h.items():
+                if k.startswith(f"{axis}/") and k != f"{axis}/index":
+                    _, ctx, space, metric = k.split("/")
+                    got[(ctx, space, metric, int(h[f"{axis}/index"]))] = v
+    return got
+
+
 def test_offline_run_holds_curves_config_and_scores(tmp_path):
     cfg = make_cfg(group="unit-group", tags=["t1"])
     df = synthetic_probes()
@@ -107,26 +119,14 @@ def test_offline_run_holds_curves_config_and_scores(tmp_path):
     # curves vs layer: the mean over prompts (and decoding steps) of every (context, space, metric, layer)
     t1 = df[df["temperature"] == 1.0]
     expected = prompt_mean(t1, ["context", "space", "metric", "layer"])
-    got = {}
-    for h in hist:
-        if "layer/index" in h:
-            for k, v in h.items():
-                if k.startswith("layer/") and k != "layer/index":
-                    _, ctx, space, metric = k.split("/")
-                    got[(ctx, space, metric, int(h["layer/index"]))] = v
+    got = history_curves(hist, "layer")
     assert len(got) == len(expected)
     for key, v in expected.items():
         assert got[key] == pytest.approx(v, rel=1e-9)
     # curves vs decoding step, teacher-forced and free-running
     tf_fr = t1[(t1["step"] >= 0) & (t1["layer"] == 4)]
     exp_step = prompt_mean(tf_fr, ["context", "space", "metric", "step"])
-    got_step = {}
-    for h in hist:
-        if "step/index" in h:
-            for k, v in h.items():
-                if k.startswith("step/") and k != "step/index":
-                    _, ctx, space, metric = k.split("/")
-                    got_step[(ctx, space, metric, int(h["step/index"]))] = v
+    got_step = history_curves(hist, "step")
     assert {k[0] for k in got_step} == {"teacher_forced", "free_running"}
     for key, v in exp_step.items():
         assert got_step[key] == pytest.approx(v, rel=1e-9)
