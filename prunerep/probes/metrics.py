@@ -329,7 +329,7 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
     zd, zp = zd.reshape(-1, v), zp.reshape(-1, v)
     n = zd.shape[0]
     block = max(2, ROW_BLOCK_ELEMENTS // max(v, 1) // 2 * 2)
-    scratch = torch.empty((_N_SCRATCH, block, v), dtype=zd.dtype, device=zd.device)
+    scratch = None  # the eager path's buffers, allocated once when first needed
     parts = []
     for i in range(0, max(n, 1), block):
         bd, bp = zd[i:i + block], zp[i:i + block]
@@ -339,6 +339,8 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
             bp = torch.cat([bp, bp.new_zeros(block - rows, v)])
         part = _run_fused(bd, bp, temperatures, topk, logit, probability) if compiled else None
         if part is None:
+            if scratch is None:
+                scratch = torch.empty((_N_SCRATCH, block, v), dtype=zd.dtype, device=zd.device)
             part = _vocab_block(bd, bp, scratch, temperatures, topk, logit, probability)
         parts.append({k: val[:rows] for k, val in part.items()})
     return {k: torch.cat([part[k] for part in parts]).reshape(lead) for k in parts[0]}
