@@ -13,9 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from prunerep.config import Config
-from prunerep.io import atomic_write_json, read_json
-from prunerep.sweep import (config_hash, find_completed, index_path, is_complete, mark_completed,
+from prunerep.index import (config_hash, find_completed, index_path, is_complete, mark_completed,
                             reuse_completed)
+from prunerep.io import atomic_write_json, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,10 +198,26 @@ def test_new_sweep_dir_reuses_completed_points(sweep_2x2):
 
 def test_a_failing_point_does_not_stop_the_sweep(tmp_path):
     """sparsity=1.5 is invalid: that point is recorded as failed, the others complete, and a re-run
-    redoes only the failed point (which fails again) while reusing nothing else needlessly."""
+    redoes only the failed point (which fails again) while the complete one is reused in place."""
     sweep = tmp_path / "multirun"
     p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.3,1.5")
-    s = {str(v["sparsity"]): v for v in summaries(sweep).values()}
-    assert set(s) == {"0.3", "1.5"}, (p.returncode, p.stderr[-3000:])
-    assert s["0.3"]["status"] == "complete"
-    assert s["1.5"]["status"] == "failed" and "sparsity" in s["1.5"]["error"]
+    assert p.returncode == 0, p.stderr[-4000:]
+    s = {str(v["sparsity"]): (name, v) for name, v in summaries(sweep).items()}
+    assert set(s) == {"0.3", "1.5"}, p.stderr[-3000:]
+    (done_name, done), (failed_name, failed) = s["0.3"], s["1.5"]
+    assert done["status"] == "complete"
+    assert failed["status"] == "failed" and "sparsity" in failed["error"]
+
+    kept = (sweep / done_name / "summary.json").read_bytes()
+    mtime = (sweep / done_name / "summary.json").stat().st_mtime_ns
+    atomic_write_json(sweep / failed_name / "summary.json", dict(failed, error="left by the first run"))
+    p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.3,1.5")
+    assert p.returncode == 0, p.stderr[-4000:]
+    log = p.stdout + p.stderr
+    assert f"already complete (config {done['config_hash']})" in log, log[-3000:]
+    assert f"already complete (config {failed['config_hash']})" not in log
+    assert (sweep / done_name / "summary.json").read_bytes() == kept  # reused, neither recomputed nor rewritten
+    assert (sweep / done_name / "summary.json").stat().st_mtime_ns == mtime
+    again = read_json(sweep / failed_name / "summary.json")  # redone: the first run's summary is replaced
+    assert again["status"] == "failed" and "sparsity" in again["error"]
+    assert set(summaries(sweep)) == {done_name, failed_name}
