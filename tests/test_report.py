@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from prunerep.io import atomic_write_json, read_json
-from prunerep.report import eval_scores, load_sweep, sparsity_key, thresholds
+from prunerep.report import format_thresholds, sparsity_key, thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 PNGS = ("similarity_vs_sparsity.png", "kl_vs_sparsity.png", "mc_vs_gen_vs_sparsity.png", "divergence_vs_step.png")
@@ -72,6 +72,68 @@ def test_sparsity_order_puts_nm_at_its_ratio():
     assert sorted(sps, key=sparsity_key) == ["0.25", "1:4", "0.3", "0.5", "2:4", "4:8", "0.7"]
 
 
+def _scores(rows):
+    return pd.DataFrame(rows, columns=["run", "model", "pruner", "sparsity", "task", "task_type", "dense", "pruned"])
+
+
+MC, GEN = "multiple_choice", "generative"
+# (pruner, sparsity, task, type, dense, pruned), scores in percentage points
+HAND_SCORES = _scores([
+    (f"{pr}/{sp}", "tiny", pr, sp, task, tt, dense, pruned) for pr, sp, task, tt, dense, pruned in [
+        # magnitude, MC: worst drop 0.5, 1.0 (exactly the tolerance), 2.0 (miss), then 0.5 again
+        ("magnitude", "0.1", "a", MC, 50.0, 49.5), ("magnitude", "0.1", "b", MC, 60.0, 60.25),
+        ("magnitude", "0.3", "a", MC, 50.0, 49.25), ("magnitude", "0.3", "b", MC, 60.0, 59.0),
+        ("magnitude", "0.5", "a", MC, 50.0, 48.0), ("magnitude", "0.5", "b", MC, 60.0, 60.0),
+        ("magnitude", "0.7", "a", MC, 50.0, 49.5), ("magnitude", "0.7", "b", MC, 60.0, 60.0),
+        # N:M walked on its own: 2:4 (ratio 0.5) within, 4:8 (ratio 0.5, after 2:4) a miss
+        ("magnitude", "2:4", "a", MC, 50.0, 49.25), ("magnitude", "2:4", "b", MC, 60.0, 60.0),
+        ("magnitude", "4:8", "a", MC, 50.0, 48.5), ("magnitude", "4:8", "b", MC, 60.0, 60.0),
+        # magnitude, generation: 0.1 already a miss; a gain at 2:4 counts as within
+        ("magnitude", "0.1", "g", GEN, 40.0, 38.5), ("magnitude", "0.3", "g", GEN, 40.0, 40.0),
+        ("magnitude", "2:4", "g", GEN, 40.0, 42.0),
+        # wanda: MC only; 1:4 (ratio 0.25) misses, so 2:4 is not reached
+        ("wanda", "0.5", "a", MC, 50.0, 50.0), ("wanda", "1:4", "a", MC, 50.0, 47.0),
+        ("wanda", "2:4", "a", MC, 50.0, 50.0),
+    ]
+])
+
+
+def test_thresholds_on_a_hand_made_scores_table():
+    none = {"unstructured": None, "nm": None, "tested": []}
+    assert thresholds(HAND_SCORES) == {"tiny": {
+        "magnitude": {
+            "mc": {"unstructured": "0.3", "nm": "2:4", "tested": [
+                {"sparsity": "0.1", "worst_drop_pp": 0.5}, {"sparsity": "0.3", "worst_drop_pp": 1.0},
+                {"sparsity": "0.5", "worst_drop_pp": 2.0}, {"sparsity": "2:4", "worst_drop_pp": 0.75},
+                {"sparsity": "4:8", "worst_drop_pp": 1.5}, {"sparsity": "0.7", "worst_drop_pp": 0.5}]},
+            "generative": {"unstructured": None, "nm": "2:4", "tested": [
+                {"sparsity": "0.1", "worst_drop_pp": 1.5}, {"sparsity": "0.3", "worst_drop_pp": 0.0},
+                {"sparsity": "2:4", "worst_drop_pp": -2.0}]},
+        },
+        "wanda": {
+            "mc": {"unstructured": "0.5", "nm": None, "tested": [
+                {"sparsity": "1:4", "worst_drop_pp": 3.0}, {"sparsity": "0.5", "worst_drop_pp": 0.0},
+                {"sparsity": "2:4", "worst_drop_pp": 0.0}]},
+            "generative": none,
+        },
+    }}
+    # a wider tolerance walks further: magnitude MC past 0.5 to 0.7, and N:M to 4:8
+    wide = thresholds(HAND_SCORES, tol_pp=2.0)["tiny"]["magnitude"]
+    assert (wide["mc"]["unstructured"], wide["mc"]["nm"]) == ("0.7", "4:8")
+    assert (wide["generative"]["unstructured"], wide["generative"]["nm"]) == ("0.3", "2:4")
+    assert thresholds(_scores([])) == {}
+
+
+def test_format_thresholds_table():
+    assert format_thresholds(thresholds(HAND_SCORES)) == "\n".join([
+        "highest sparsity with every task within 1 pp of dense:",
+        "model          pruner       MC               generation      ",
+        "tiny           magnitude    0.3 (N:M 2:4)    none (N:M 2:4)  ",
+        "tiny           wanda        0.5 (N:M none)   -               ",
+    ])
+    assert format_thresholds({}) == "no eval scores in this sweep (task=none?): no MC / generation thresholds"
+
+
 def test_report_on_known_run_dirs(tmp_path, capsys):
     sweep = tmp_path / "multirun"
     frames = {}
@@ -83,7 +145,7 @@ def test_report_on_known_run_dirs(tmp_path, capsys):
             i += 1
     write_run(sweep, "wanda", "0.9", i, status="failed")
 
-    from prunerep.report import main
+    from prunerep.report.__main__ import main
 
     assert main([str(sweep)]) == 0
     printed = capsys.readouterr().out
@@ -197,26 +259,44 @@ def test_report_on_a_real_sweep(tmp_path):
         t = table[table["run"] == run.name]
         summary = read_json(d)
         assert t["achieved_sparsity"].iloc[0] == pytest.approx(summary["achieved_sparsity"])
-        if (run / "probes.parquet").exists():
-            df = pd.read_parquet(run / "probes.parquet")
-            keys = [c for c in ("context", "space", "metric", "layer", "sublayer", "step", "temperature") if c in df]
-            assert (t["source"] == "probe").sum() == len(df.groupby(keys, dropna=False))
-            # the mean over prompts of one group, recomputed from the run's own parquet
-            g0 = df.groupby(keys, dropna=False)["value"].mean()
-            k0, v0 = next(iter(g0.items()))
-            probes = t[t["source"] == "probe"]
-            sel = np.ones(len(probes), bool)
-            for k, v in zip(keys, k0 if isinstance(k0, tuple) else (k0,)):
-                col = probes[k]
-                sel &= (col.isna().to_numpy() if pd.isna(v) else (col == v).fillna(False).to_numpy())
-            assert probes[sel]["value"].iloc[0] == pytest.approx(v0)
-        if (run / "evals.json").exists():
-            ev = read_json(run / "evals.json")
-            e = t[(t["source"] == "eval") & (t["metric"] == "pruned")]
-            for task, v in ev["tasks"].items():
-                if isinstance(v.get("pruned"), (int, float)):
-                    assert e[e["task"] == task]["value"].iloc[0] == pytest.approx(v["pruned"])
-    if (out / "thresholds.json").exists():
-        th = read_json(out / "thresholds.json")["thresholds"]
-        scores = eval_scores(load_sweep(sweep)[0])
-        assert th == json.loads(json.dumps(thresholds(scores)))
+        # every complete run wrote its probe table and its evals (task=offline)
+        df = pd.read_parquet(run / "probes.parquet")
+        keys = [c for c in ("context", "space", "metric", "layer", "sublayer", "step", "temperature") if c in df]
+        assert (t["source"] == "probe").sum() == len(df.groupby(keys, dropna=False)) > 0
+        # the mean over prompts of one group, recomputed from the run's own parquet
+        g0 = df.groupby(keys, dropna=False)["value"].mean()
+        k0, v0 = next(iter(g0.items()))
+        probes = t[t["source"] == "probe"]
+        sel = np.ones(len(probes), bool)
+        for k, v in zip(keys, k0 if isinstance(k0, tuple) else (k0,)):
+            col = probes[k]
+            sel &= (col.isna().to_numpy() if pd.isna(v) else (col == v).fillna(False).to_numpy())
+        assert sel.sum() == 1
+        assert probes[sel]["value"].iloc[0] == pytest.approx(v0)
+        ev = read_json(run / "evals.json")
+        e = t[(t["source"] == "eval") & (t["metric"] == "pruned")]
+        assert set(ev["tasks"]) == {"mmlu_dev", "arith_mc", "arith_gen"}
+        for task, v in ev["tasks"].items():
+            assert e[e["task"] == task]["value"].iloc[0] == pytest.approx(v["pruned"])
+
+    # thresholds.json against the evals.json files directly: worst drop per type, in points
+    th = read_json(out / "thresholds.json")
+    assert th["tolerance_pp"] == 1.0
+    model = read_json(runs_dirs[0])["model"]
+    assert set(th["thresholds"]) == {model}
+    for pruner in ("magnitude", "wanda"):
+        for kind, ttype in (("mc", "multiple_choice"), ("generative", "generative")):
+            worst = {}
+            for d in runs_dirs:
+                s = read_json(d)
+                if s["pruner"] == pruner:
+                    tasks = read_json(d.parent / "evals.json")["tasks"].values()
+                    worst[str(s["sparsity"])] = max(100 * (t["dense"] - t["pruned"]) for t in tasks
+                                                    if t["type"] == ttype)
+            entry = th["thresholds"][model][pruner][kind]
+            assert [x["sparsity"] for x in entry["tested"]] == ["0.3", "2:4"]
+            for x in entry["tested"]:
+                assert x["worst_drop_pp"] == pytest.approx(worst[x["sparsity"]], abs=1e-3)
+            assert entry["unstructured"] == ("0.3" if worst["0.3"] <= 1.0 + 1e-9 else None)
+            assert entry["nm"] == ("2:4" if worst["2:4"] <= 1.0 + 1e-9 else None)
+    assert (out / "thresholds.txt").read_text() == format_thresholds(th["thresholds"]) + "\n"

@@ -1,0 +1,64 @@
+"""Aggregate a sweep into one table and a few figures.
+
+    python -m prunerep.report outputs/multirun/2025-01-01_12-00-00          # -> <dir>/report/
+    python -m prunerep.report <dir> --out report/ --tolerance-pp 2
+
+Writes
+    sweep.parquet, sweep.csv   one row per run x metric (tidy): run identity (model, pruner, sparsity,
+                               sparsity_ratio, status, ...), source (probe | eval | pruning | run), and
+                               for probes context/space/metric/layer/step/temperature (mean over prompts),
+                               for evals task/task_type/metric (dense | pruned | abs_change | rel_change)
+    runs.csv                   one row per run: status, error, achieved sparsity, timings, reuse
+    thresholds.json            per pruner: highest sparsity keeping MC / generative scores within 1 pp
+    thresholds.txt             the thresholds as printed
+    similarity_vs_sparsity.png per space, the similarity to dense at the last layer (one panel per pruner)
+    kl_vs_sparsity.png         per space, the divergence (KL where defined) at the last layer
+    mc_vs_gen_vs_sparsity.png  MC and generative scores vs sparsity, dense baseline dashed
+    divergence_vs_step.png     divergence vs decoding step, one line per sparsity,
+                               teacher-forced solid, free-running dashed
+and prints the thresholds. Sparsities sort by their ratio (2:4 sits at 0.5, after unstructured 0.5).
+
+The package: :mod:`.load` finds the runs and reads them into the tables, :mod:`.analysis` turns the
+table into the plotted points and the thresholds (pandas in, pandas / dicts out), :mod:`.plots` draws
+the figures, :mod:`.__main__` is the command line. What a run writes is :mod:`prunerep.results`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prunerep.io import atomic_write_json, atomic_write_text, atomic_write_with
+from prunerep.report.analysis import eval_scores, final_layer_points, format_thresholds, step_curves, thresholds
+from prunerep.report.load import ReportError, find_runs, load_sweep
+from prunerep.report.plots import plot_scores, plot_steps, plot_vs_sparsity
+from prunerep.sparsity import sparsity_key
+
+__all__ = ["ReportError", "eval_scores", "final_layer_points", "find_runs", "format_thresholds", "load_sweep",
+           "make_report", "sparsity_key", "step_curves", "thresholds"]
+
+
+def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, tol_pp: float = 1.0) -> dict:
+    """Read the sweep under `sweep_dir`, write the report into `out_dir` (default
+    ``<sweep_dir>/report``) and return what was written: out_dir, files, table, runs, thresholds,
+    text (the printed thresholds) and counts (runs per status). Raises :class:`ReportError`."""
+    sweep_dir = Path(sweep_dir)
+    table, runs = load_sweep(sweep_dir)
+    out = Path(out_dir) if out_dir else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["table_parquet"] = atomic_write_with(out / "sweep.parquet", lambda p: table.to_parquet(p, index=False))
+    files["table_csv"] = atomic_write_with(out / "sweep.csv", lambda p: table.to_csv(p, index=False))
+    files["runs_csv"] = atomic_write_with(out / "runs.csv", lambda p: runs.to_csv(p, index=False))
+    scores = eval_scores(table)
+    th = thresholds(scores, tol_pp)
+    files["thresholds"] = atomic_write_json(out / "thresholds.json", {"tolerance_pp": tol_pp, "thresholds": th})
+    files["similarity_png"] = plot_vs_sparsity(final_layer_points(table, "similarity"), "similarity",
+                                               out / "similarity_vs_sparsity.png")
+    files["kl_png"] = plot_vs_sparsity(final_layer_points(table, "divergence"), "divergence",
+                                       out / "kl_vs_sparsity.png")
+    files["scores_png"] = plot_scores(scores, out / "mc_vs_gen_vs_sparsity.png")
+    files["steps_png"] = plot_steps(step_curves(table), out / "divergence_vs_step.png")
+    text = format_thresholds(th, tol_pp)
+    atomic_write_text(out / "thresholds.txt", text + "\n")
+    counts = runs["status"].value_counts().to_dict()
+    return {"out_dir": out, "files": files, "table": table, "runs": runs, "thresholds": th, "text": text,
+            "counts": counts}

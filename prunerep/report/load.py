@@ -1,0 +1,185 @@
+"""Find the run directories of a sweep and read them into two tables: the tidy table (one row per
+run x metric, :data:`RUN_COLUMNS` + :data:`ROW_COLUMNS`) and the runs table (one row per run).
+The files read and their schema are :mod:`prunerep.results`."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from prunerep.io import read_json
+from prunerep.results import CONFIG_FILE, EVALS_FILE, PROBES_FILE, PRUNING_FILE, SUMMARY_FILE
+from prunerep.sparsity import sparsity_key, sparsity_label
+
+RUN_COLUMNS = ["run", "run_dir", "model", "pruner", "sparsity", "sparsity_ratio", "sparsity_nm", "seed",
+               "status", "config_hash", "achieved_sparsity"]
+ROW_COLUMNS = ["source", "context", "space", "metric", "layer", "sublayer", "step", "temperature", "task",
+               "task_type", "value"]
+#: the probe table's columns a probe row keeps (the mean over prompts is taken per combination),
+#: in the order the rows are sorted
+PROBE_KEYS = ("context", "space", "metric", "layer", "sublayer", "step", "temperature")
+#: folders under a sweep that hold no runs
+SKIP_DIRS = {"wandb", ".submitit", "report", "index"}
+EVAL_VALUES = ("dense", "pruned", "abs_change", "rel_change")
+
+
+class ReportError(RuntimeError):
+    """Bad input, reported as one line."""
+
+
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Run directories under `sweep_dir` (itself included): those holding summary.json, or a
+    config.yaml next to Hydra's .hydra/ (a point that started but never finished)."""
+    found = {p.parent for p in sweep_dir.rglob(SUMMARY_FILE)}
+    found |= {p.parent.parent for p in sweep_dir.rglob(f".hydra/{CONFIG_FILE}")}
+    return sorted(d for d in found if not (set(d.relative_to(sweep_dir).parts) & SKIP_DIRS))
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        d = read_json(path)
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _run_identity(run_dir: Path, sweep_dir: Path) -> dict:
+    summary = _read_json(run_dir / SUMMARY_FILE) or {}
+    cfg = {}
+    for p in (run_dir / CONFIG_FILE, run_dir / ".hydra" / CONFIG_FILE):
+        if p.is_file():
+            try:
+                from omegaconf import OmegaConf
+
+                cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+                break
+            except Exception:
+                pass
+
+    def pick(key, dotted):
+        if summary.get(key) is not None:
+            return summary[key]
+        d: Any = cfg
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    sparsity = sparsity_label(pick("sparsity", "sparsity"))
+    ratio, nm, _ = sparsity_key(sparsity)
+    status = summary.get("status") or ("missing" if not summary else "unknown")
+    rel = run_dir.relative_to(sweep_dir).as_posix() if run_dir != sweep_dir else run_dir.name
+    return {
+        "run": rel, "run_dir": str(run_dir), "model": pick("model", "model.name"),
+        "pruner": pick("pruner", "pruner.name"), "sparsity": sparsity,
+        "sparsity_ratio": ratio if math.isfinite(ratio) else None, "sparsity_nm": bool(nm == 1),
+        "seed": pick("seed", "seed"), "status": status, "config_hash": summary.get("config_hash"),
+        "achieved_sparsity": summary.get("achieved_sparsity"), "_summary": summary,
+    }
+
+
+def _probe_rows(run_dir: Path) -> pd.DataFrame:
+    """The probe table, averaged over prompts per :data:`PROBE_KEYS` (NaN skipped)."""
+    path = run_dir / PROBES_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=ROW_COLUMNS)
+    df = pd.read_parquet(path)
+    if df.empty:
+        return pd.DataFrame(columns=ROW_COLUMNS)
+    keys = [c for c in PROBE_KEYS if c in df]
+    df = df.assign(value=pd.to_numeric(df["value"], errors="coerce"))
+    agg = df.groupby(keys, dropna=False, as_index=False, sort=True)["value"].mean()  # over prompts
+    agg["source"] = "probe"
+    for c in ROW_COLUMNS:
+        if c not in agg:
+            agg[c] = None
+    return agg[ROW_COLUMNS]
+
+
+def _eval_rows(run_dir: Path) -> pd.DataFrame:
+    ev = _read_json(run_dir / EVALS_FILE) or {}
+    rows = []
+    for task, t in (ev.get("tasks") or {}).items():
+        if not isinstance(t, dict):
+            continue
+        for k in EVAL_VALUES:
+            v = t.get(k)
+            if _is_number(v):
+                rows.append({"source": "eval", "task": task, "task_type": t.get("type"),
+                             "context": t.get("metric"), "metric": k, "value": float(v)})
+    gap = ev.get("mc_vs_gen_gap")
+    if _is_number(gap):
+        rows.append({"source": "eval", "task": "mc_vs_gen_gap", "metric": "mc_vs_gen_gap", "value": float(gap)})
+    elif isinstance(gap, dict):
+        for k, v in gap.items():
+            if _is_number(v):
+                rows.append({"source": "eval", "task": "mc_vs_gen_gap", "metric": str(k), "value": float(v)})
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+def _run_rows(ident: dict, run_dir: Path) -> pd.DataFrame:
+    s = ident["_summary"]
+    rows = []
+    if isinstance(ident.get("achieved_sparsity"), (int, float)):
+        rows.append({"source": "pruning", "metric": "achieved_sparsity", "value": float(ident["achieved_sparsity"])})
+    pr = _read_json(run_dir / PRUNING_FILE) or {}
+    for k in ("max_abs_deviation_pp", "lm_head_sparsity"):
+        if isinstance(pr.get(k), (int, float)):
+            rows.append({"source": "pruning", "metric": k, "value": float(pr[k])})
+    for stage, sec in (s.get("timings_s") or {}).items():
+        if isinstance(sec, (int, float)):
+            rows.append({"source": "run", "metric": f"time_s/{stage}", "value": float(sec)})
+    for kind, mb in (s.get("peak_memory_mb") or {}).items():
+        if isinstance(mb, (int, float)):
+            rows.append({"source": "run", "metric": f"peak_memory_mb/{kind}", "value": float(mb)})
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table, runs): the tidy table (one row per run x metric, complete runs only) and one row
+    per run (every status). Raises :class:`ReportError` when there is nothing to read."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ReportError(f"{sweep_dir}: no such directory")
+    dirs = find_runs(sweep_dir)
+    if not dirs:
+        raise ReportError(f"{sweep_dir}: no runs found (no run directory with a summary.json or .hydra/config.yaml)")
+    parts, runs = [], []
+    for d in dirs:
+        ident = _run_identity(d, sweep_dir)
+        s = ident.pop("_summary")
+        runs.append(dict(ident, error=s.get("error"), reused_from=s.get("reused_from"),
+                         slurm_job_id=s.get("slurm_job_id"),
+                         total_s=(s.get("timings_s") or {}).get("total")))
+        if ident["status"] != "complete":
+            continue
+        ident["_summary"] = s
+        rows = pd.concat([x for x in (_probe_rows(d), _eval_rows(d), _run_rows(ident, d)) if not x.empty]
+                         or [pd.DataFrame(columns=ROW_COLUMNS)], ignore_index=True)
+        for k in RUN_COLUMNS:
+            rows[k] = ident.get(k)
+        parts.append(rows[RUN_COLUMNS + ROW_COLUMNS])
+    runs_df = pd.DataFrame(runs)
+    runs_df = runs_df.iloc[sorted(range(len(runs_df)), key=lambda i: (
+        str(runs_df.iloc[i]["model"]), str(runs_df.iloc[i]["pruner"]), sparsity_key(runs_df.iloc[i]["sparsity"]),
+        str(runs_df.iloc[i]["run"])))].reset_index(drop=True)
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=RUN_COLUMNS + ROW_COLUMNS)
+    return _typed(table), runs_df
+
+
+def _typed(t: pd.DataFrame) -> pd.DataFrame:
+    t = t.copy()
+    for c in ("run", "run_dir", "model", "pruner", "sparsity", "status", "config_hash", "source", "context",
+              "space", "metric", "sublayer", "task", "task_type"):
+        t[c] = t[c].astype("string")
+    for c in ("sparsity_ratio", "achieved_sparsity", "temperature", "value"):
+        t[c] = pd.to_numeric(t[c], errors="coerce").astype("float64")
+    for c in ("layer", "step", "seed"):
+        t[c] = pd.to_numeric(t[c], errors="coerce").astype("Int64")
+    t["sparsity_nm"] = t["sparsity_nm"].astype("boolean")
+    return t
