@@ -1,23 +1,18 @@
-"""Typed schema of the Hydra config.
+"""Typed schema of the Hydra config (a leaf: imports nothing from prunerep).
 
 Every YAML file in ``conf/`` is merged onto these dataclasses, so a misspelt key
-(``pruner.blocksze=64``) fails at composition time, before any model is loaded.
-Values are validated again in :func:`validate` for what a type cannot express
-(sparsity range, N:M pattern, paths that must exist).
+(``model.pth=...``) fails at composition time, before any model is loaded. The ``pruner``
+node is typed by the chosen method's own dataclass (``prunerep/pruners/<name>.py``, stored
+in Hydra's ConfigStore by :func:`prunerep.registry.register_configs`), so a setting the
+chosen method does not have fails too. What a type cannot express (sparsity range, paths
+that must exist) is checked by :func:`prunerep.registry.validate` before the model loads.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-
-
-class ConfigError(ValueError):
-    """Bad user input, reported as one line before any heavy work starts."""
 
 
 @dataclass
@@ -38,24 +33,6 @@ class ModelConfig:
     trust_remote_code: bool = False
     cache_dequantized: bool = True
     arch: dict[str, Any] = field(default_factory=dict)  # for source=random
-    chat_template: bool = False
-
-
-@dataclass
-class PrunerConfig:
-    name: str = MISSING
-    # which Linear layers are candidates (regex on the module name inside a block)
-    include: str = r".*"
-    exclude: Optional[str] = None
-    prune_lm_head: bool = False
-    # sparsegpt
-    blocksize: int = 128
-    percdamp: float = 0.01
-    # layer_drop: what to drop and how many; `count` overrides the sparsity ratio
-    target: str = "attn"  # attn | mlp | block
-    count: Optional[int] = None
-    # random baseline
-    seed: Optional[int] = None
 
 
 @dataclass
@@ -65,8 +42,8 @@ class CalibConfig:
     nsamples: int = 32
     seqlen: int = 128
     seed: int = 0
-    # samples per block forward; null = all at once, which lets wanda/sparsegpt gather
-    # statistics and prune in one sequential pass per block (see pruners/common.py)
+    # samples per block forward (a memory setting only; null = all at once). The pruning order
+    # is the method's own setting (pruner.sequential), whatever the batch size.
     batch_size: Optional[int] = None
 
 
@@ -132,7 +109,7 @@ class WandbConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    pruner: Any = MISSING  # typed by the chosen method's dataclass (prunerep/pruners/<name>.py)
     task: TaskConfig = field(default_factory=TaskConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # a ratio in [0, 1) ("0.5", "0.37") or an N:M pattern ("2:4", "4:8");
@@ -145,102 +122,3 @@ class Config:
     cache_dir: str = MISSING
     calib: CalibConfig = field(default_factory=CalibConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    # the group files merge into the typed nodes of `Config`, so they are checked too
-    cs.store(name="config_schema", node=Config)
-
-
-# --------------------------------------------------------------------------- sparsity
-
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class SparsitySpec:
-    """What a pruner is asked to do: a ratio, or n zeros in every m consecutive weights."""
-
-    ratio: float
-    n: int = 0
-    m: int = 0
-
-    @property
-    def is_nm(self) -> bool:
-        return self.m > 0
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
-
-
-def parse_sparsity(value: Any) -> SparsitySpec:
-    """`0.5`, `"0.37"`, `"2:4"` -> SparsitySpec; anything else raises ConfigError."""
-    if isinstance(value, bool):
-        raise ConfigError(f"sparsity={value!r} is not a number or an N:M pattern")
-    if isinstance(value, str):
-        mt = _NM.match(value)
-        if mt:
-            n, m = int(mt.group(1)), int(mt.group(2))
-            if not (0 < n < m):
-                raise ConfigError(
-                    f"sparsity={value!r}: an N:M pattern needs 0 < N < M (N zeros in every M weights), e.g. 2:4")
-            return SparsitySpec(ratio=n / m, n=n, m=m)
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(
-                f"sparsity={value!r} is neither a ratio in [0, 1) nor an N:M pattern like 2:4") from None
-    if isinstance(value, (int, float)):
-        ratio = float(value)
-        if not (0.0 <= ratio < 1.0):
-            raise ConfigError(f"sparsity={value!r} is outside [0, 1): it is the fraction of weights set to zero")
-        return SparsitySpec(ratio=ratio)
-    raise ConfigError(f"sparsity={value!r} is neither a ratio in [0, 1) nor an N:M pattern like 2:4")
-
-
-def sparsity_label(value: Any) -> str:
-    """Canonical text of a sparsity value: 0.5, "0.50" and "5e-1" read "0.5"; " 2 : 4 " reads
-    "2:4". A value that is not a valid sparsity comes back as its text."""
-    try:
-        return str(parse_sparsity(value))
-    except ConfigError:
-        return str(value).strip()
-
-
-def validate(cfg) -> SparsitySpec:
-    """Checks that need more than types. Runs before any model is loaded."""
-    from prunerep.pruners import PRUNERS  # registry of pruning methods
-
-    if cfg.pruner.name not in PRUNERS:
-        raise ConfigError(
-            f"unknown pruner {cfg.pruner.name!r}; choose one of: {', '.join(sorted(PRUNERS))}")
-    spec = parse_sparsity(cfg.sparsity)
-    if spec.is_nm and cfg.pruner.name in ("layer_drop",):
-        raise ConfigError("layer_drop removes whole sublayers; an N:M pattern does not apply to it")
-    if cfg.pruner.count is not None and cfg.pruner.count < 0:
-        raise ConfigError(f"pruner.count={cfg.pruner.count} must be >= 0")
-    if cfg.pruner.target not in ("attn", "mlp", "block", "both"):
-        raise ConfigError(f"pruner.target={cfg.pruner.target!r}; choose attn, mlp, block or both")
-    if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2:
-        raise ConfigError("calib.nsamples must be >= 1 and calib.seqlen >= 2")
-    if cfg.calib.source not in ("pydoc", "c4", "file"):
-        raise ConfigError(f"calib.source={cfg.calib.source!r}; choose pydoc, c4 or file")
-    if cfg.calib.source == "file" and not (cfg.calib.path and Path(cfg.calib.path).is_file()):
-        raise ConfigError(f"calib.path={cfg.calib.path!r} is not a readable file")
-    m = cfg.model
-    if m.source not in ("hub", "gguf", "package", "random"):
-        raise ConfigError(f"model.source={m.source!r}; choose hub, gguf, package or random")
-    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={m.dtype!r}; choose auto, float32, bfloat16 or float16")
-    if m.source == "gguf" and not (m.path and Path(m.path).exists()):
-        raise ConfigError(f"model.path={m.path!r}: no such .gguf file")
-    if m.source == "hub" and m.path and _looks_local(m.path) and not Path(m.path).exists():
-        raise ConfigError(f"model.path={m.path!r}: no such local directory")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; choose offline, online or disabled")
-    return spec
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or Path(path).exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunerep.config import ConfigError
+from prunerep.errors import ConfigError
 from prunerep.io import stable_hash
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,45 @@ def final_norm(model: nn.Module) -> nn.Module:
         if isinstance(mod, nn.Module):
             return mod
     raise TypeError(f"cannot find the final norm of {type(model).__name__}")
+
+
+SUBLAYER_KINDS = ("attn", "mlp")
+_SUBLAYER_NAMES = {"attn": ("self_attn", "attention", "attn", "self_attention"),
+                   "mlp": ("mlp", "feed_forward", "ffn")}
+_OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense", "c_proj", "fc2", "dense_4h_to_h")
+
+
+def sublayer(block: nn.Module, kind: str) -> nn.Module:
+    """The attention (``attn``) or MLP (``mlp``) sublayer of a decoder block."""
+    if kind not in _SUBLAYER_NAMES:
+        raise ValueError(f"unknown sublayer {kind!r}; choose from {SUBLAYER_KINDS}")
+    for name in _SUBLAYER_NAMES[kind]:
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    raise TypeError(f"cannot find the {kind} sublayer of {type(block).__name__} "
+                    f"(looked for {list(_SUBLAYER_NAMES[kind])})")
+
+
+def residual_update(block: nn.Module, kind: str) -> nn.Module:
+    """The module whose output is the sublayer's update to the residual stream, so that
+    ``block_out = block_in + update(attn) + update(mlp)``. Llama/Qwen2/Mistral/Gemma(1): the
+    sublayer itself. Gemma2/3-style "sandwich" blocks normalise each update before adding it
+    (``post_attention_layernorm``, ``post_feedforward_layernorm``): those norms."""
+    sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
+    if sandwich:
+        return block.post_attention_layernorm if kind == "attn" else block.post_feedforward_layernorm
+    return sublayer(block, kind)
+
+
+def output_projection(module: nn.Module) -> nn.Linear:
+    """The last Linear of a sublayer (o_proj, down_proj, ...): zero it and the sublayer adds
+    nothing to the residual stream (a post-norm of zero is zero too)."""
+    for name in _OUTPUT_PROJECTIONS:
+        lin = getattr(module, name, None)
+        if isinstance(lin, nn.Linear):
+            return lin
+    raise TypeError(f"cannot find the output projection of {type(module).__name__}")
 
 
 def output_head(model: nn.Module) -> nn.Module:

@@ -1,13 +1,8 @@
-"""The whole experiment, top to bottom: load -> calibrate -> dense reference -> prune ->
-probe the three spaces -> evaluate -> record. Every stage is a small module; this file
-only orders them, times them and writes the results contract into the run directory:
-
-    config.yaml         the resolved config
-    pruning.json        what the pruner did, measured on the weights
-    probes.parquet      tidy per-(context, prompt, layer, sublayer, step, space, metric) table
-    probes_summary.json headline per-space numbers at the final layer
-    evals.json          dense vs pruned scores per task, mc_vs_gen_gap
-    summary.json        status, model, pruner, sparsity, achieved sparsity, timings, peak memory
+"""The whole experiment, top to bottom: validate -> load -> calibrate -> dense reference ->
+prune -> probe the three spaces -> evaluate -> record. Every stage is a small module taking
+typed objects that :func:`prunerep.spec.build` makes once from the config; this file only
+orders the stages, times them and writes the results contract (:mod:`prunerep.results`)
+into the run directory.
 
 Each file is written atomically. summary.json is written last, with status "complete" only
 when everything before it succeeded; a failed run writes status "failed" and its error.
@@ -22,23 +17,22 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prunerep import evals, probes
+from prunerep import evals, probes, spec as run_spec
 from prunerep.calibration import calibration_batch
-from prunerep.config import ConfigError, validate
-from prunerep.io import atomic_write_json, atomic_write_text, stable_hash
-from prunerep.models import load_model, resolve_device, resolve_dtype
-from prunerep.pruners import check_pruner, get_pruner
-from prunerep.pruners.common import PruneSettings, measure_sparsity
-from prunerep.sweep import config_hash, find_completed, mark_completed, reuse_completed, slurm_job_id
+from prunerep.errors import ConfigError, ModelUnavailable
+from prunerep.io import atomic_write_json, atomic_write_text
+from prunerep.models import load_model
+from prunerep.pruners.common import measure_sparsity
+from prunerep.results import CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
+from prunerep.index import find_completed, mark_completed, reuse_completed
 from prunerep.tracking import Tracker
 
 log = logging.getLogger("prunerep")
-
-NEEDS_CALIBRATION = {"wanda", "sparsegpt", "layer_drop"}
 
 
 class Timings(dict):
@@ -51,16 +45,6 @@ class Timings(dict):
         finally:
             self[name] = round(time.perf_counter() - t0, 3)
             log.info("stage %s done in %.1fs", name, self[name])
-
-
-def model_key(cfg: DictConfig) -> str:
-    """Identity of the dense model for the dense-reference caches (probes, evals)."""
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    device = resolve_device(cfg.model.device)
-    m.pop("device", None)
-    m["dtype"] = str(resolve_dtype(cfg.model.dtype, device))
-    m["device_type"] = device.type
-    return f"{cfg.model.name}-{stable_hash(m)}"
 
 
 def peak_memory_mb() -> dict:
@@ -80,75 +64,65 @@ def save_pruned_model(model, tokenizer, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one experiment point. Raises ConfigError on bad input before any heavy work."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(os.path.expanduser(cfg.cache_dir))
-    chash = config_hash(cfg)
-    base = {"config_hash": chash, "model": cfg.model.name, "pruner": cfg.pruner.name,
-            "sparsity": cfg.sparsity, "run_dir": str(run_dir), "slurm_job_id": slurm_job_id()}
-    try:
-        spec = validate(cfg)
-        evals.validate_tasks(cfg.task)
-        try:
-            probes.check_probe_config(cfg.probe)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    except ConfigError as e:
-        _record_failure(run_dir, dict(base), e, Timings())
-        raise
-
-    if cfg.skip_completed and (done := find_completed(cfg)) is not None:
-        log.info("already complete (config %s) in %s: reusing its results", chash, done)
+def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
+    """Run one experiment point. Bad input (ConfigError, ModelUnavailable) is raised before anything
+    is written; the caller reports it."""
+    rs = run_spec.build(cfg, run_dir, sweep_dir)
+    ident = rs.identity
+    if rs.skip_completed and (done := find_completed(cfg)) is not None:
+        log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
         return reuse_completed(done, run_dir)
 
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     timings = Timings()
-    tracker = Tracker(cfg, run_dir)
-    summary = dict(base, status="running")
+    summary = dict(ident.summary_fields(), status="running")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
-    try:
+    try:  # the checks that need the model; bad input here leaves nothing written
         with timings.stage("load"):
-            model, tokenizer = load_model(cfg.model, cache_dir, offload=cfg.offload)
-        key = model_key(cfg)
-        settings = PruneSettings(spec=spec, pruner=cfg.pruner, device=resolve_device(cfg.model.device),
-                                 offload=cfg.offload, batch_size=cfg.calib.batch_size or cfg.calib.nsamples, seed=cfg.seed)
-        check_pruner(model, settings)
-        prune_fn = get_pruner(cfg.pruner.name)
+            model, tokenizer = load_model(rs.model, rs.cache_dir, offload=rs.prune.offload)
+        rs.pruner.check(model, rs.prune)
+    except (ConfigError, ModelUnavailable):
+        raise
+    except BaseException as e:
+        _record_failure(run_dir, summary, e, timings)
+        raise
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = Tracker(ident, rs.config, rs.wandb)
+    try:
         calib = None
-        if cfg.pruner.name in NEEDS_CALIBRATION:
+        if rs.pruner.needs_calibration:
             with timings.stage("calibration_data"):
-                calib = calibration_batch(cfg.calib, tokenizer)
+                calib = calibration_batch(rs.calib, tokenizer)
 
         with timings.stage("probe_dense"):
-            reference = probes.dense_reference(model, tokenizer, cfg.probe, cache_dir, model_key=key)
+            reference = probes.dense_reference(model, tokenizer, rs.probe, rs.cache_dir, model_key=rs.model_key)
         with timings.stage("eval_dense"):
-            dense_scores = evals.dense_scores(model, tokenizer, cfg.task, cache_dir, model_key=key)
+            dense_scores = evals.dense_scores(model, tokenizer, rs.task, rs.cache_dir, model_key=rs.model_key)
 
         with timings.stage("prune"):
-            method_report = prune_fn(model, calib, settings)
-        pruning = dict(measure_sparsity(model, settings), method=method_report)
-        atomic_write_json(run_dir / "pruning.json", pruning)
+            method_report = rs.pruner.prune(model, calib, rs.prune)
+        pruning = dict(measure_sparsity(model, rs.prune), method=method_report)
+        atomic_write_json(run_dir / PRUNING_FILE, pruning)
         tracker.log_pruning(pruning)
-        log.info("pruned: target %s, achieved %.4f", spec, pruning["achieved_sparsity"])
+        log.info("pruned: target %s, achieved %.4f", rs.sparsity, pruning["achieved_sparsity"])
 
-        if cfg.save_model:
+        if rs.save_model:
             with timings.stage("save_model"):
                 save_pruned_model(model, tokenizer, run_dir / "model")
 
         with timings.stage("probe_pruned"):
-            table = probes.compare_to_reference(model, tokenizer, cfg.probe, reference)
+            table = probes.compare_to_reference(model, tokenizer, rs.probe, reference)
             probe_summary = probes.write_probe_outputs(table, run_dir)
         tracker.log_probes(table, probe_summary)
 
         with timings.stage("eval_pruned"):
-            pruned_scores = evals.evaluate_model(model, tokenizer, cfg.task, run_dir / "eval_work")
+            pruned_scores = evals.evaluate_model(model, tokenizer, rs.task, run_dir / "eval_work")
             eval_report = evals.compare_evals(dense_scores, pruned_scores)
         if eval_report.get("tasks"):
-            atomic_write_json(run_dir / "evals.json", eval_report)
+            atomic_write_json(run_dir / EVALS_FILE, eval_report)
             print(evals.format_evals_table(eval_report), flush=True)
         tracker.log_evals(eval_report)
 
@@ -156,7 +130,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         summary.update(status="complete", error=None, achieved_sparsity=pruning["achieved_sparsity"],
                        timings_s=dict(timings), peak_memory_mb=peak_memory_mb(),
                        probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"))
-        atomic_write_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / SUMMARY_FILE, summary)
         mark_completed(cfg, run_dir)
         tracker.log_summary(summary)
         tracker.finish(0)
@@ -168,7 +142,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise
 
 
+def record_bad_input(cfg: DictConfig, run_dir: Path, error: BaseException) -> None:
+    """A point of a multirun rejected before it ran: its summary.json says failed, and why."""
+    try:
+        fields = run_spec.identity(cfg, run_dir).summary_fields()
+    except Exception:  # the identity itself is what was bad
+        fields = {"run_dir": str(run_dir)}
+    _record_failure(run_dir, fields, error, Timings())
+
+
 def _record_failure(run_dir: Path, summary: dict, error: BaseException, timings: Timings) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
     summary.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(),
                    timings_s=dict(timings), peak_memory_mb=peak_memory_mb())
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)

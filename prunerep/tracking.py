@@ -1,6 +1,6 @@
 """Weights & Biases tracking for one experiment point.
 
-    tracker = Tracker(cfg, run_dir)      # wandb.init (offline by default), logs the resolved config
+    tracker = Tracker(identity, config, settings)  # wandb.init (offline by default), logs the config
     tracker.log_pruning(pruning)         # pruning.json: achieved sparsity, per-module zero fractions
     tracker.log_probes(table, summary)   # probes.parquet: divergence curves per space
     tracker.log_evals(evals)             # evals.json: dense vs pruned per task
@@ -8,7 +8,7 @@
     tracker.finish(exit_code)
 
 What is logged
-  * config: the resolved Hydra config, plus config_hash, run_dir and the SLURM job id;
+  * config: the resolved config, plus config_hash, run_dir and the SLURM job id (as summary.json);
   * history, with their own x axes so that runs of a sweep overlay in W&B's native charts:
       ``layer/<context>/<space>/<metric>`` against ``layer/index`` (mean over prompts), and
       ``step/<context>/<space>/<metric>`` against ``step/index`` (decoding step, teacher-forced and
@@ -35,34 +35,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from prunerep.config import sparsity_label
-from prunerep.report import DIVERGENCE_METRICS, SIMILARITY_METRICS, pick_metric
+from prunerep.sparsity import sparsity_label
+
+from prunerep.results import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTEXTS, at_reference_temperature,
+                              per_prompt_mean, pick_metric)
 
 log = logging.getLogger("prunerep.tracking")
-
-
-def sweep_group(cfg) -> Optional[str]:
-    """`wandb.group` if set; in a Hydra multirun the sweep directory's name; else None."""
-    group = cfg.wandb.get("group") if cfg.get("wandb") is not None else None
-    if group:
-        return str(group)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            return Path(str(hc.sweep.dir)).name
-    except Exception:  # not inside a Hydra job (tests, notebooks)
-        pass
-    return None
-
-
-def run_name(cfg) -> str:
-    name = cfg.wandb.get("name") if cfg.get("wandb") is not None else None
-    if name:
-        return str(name)
-    return f"{cfg.model.name}/{cfg.pruner.name}/{sparsity_label(cfg.sparsity)}"
 
 
 def _flatten(d: Any, prefix: str = "", out: Optional[dict] = None) -> dict:
@@ -88,14 +66,18 @@ def _flatten(d: Any, prefix: str = "", out: Optional[dict] = None) -> dict:
 class Tracker:
     """One W&B run per experiment point; every method is safe to call whatever wandb does."""
 
-    def __init__(self, cfg, run_dir: str | os.PathLike):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
+    def __init__(self, identity, config: dict, settings):
+        """``identity``: a :class:`prunerep.spec.RunIdentity`; ``config``: the resolved config as a
+        dict (logged as the run's config); ``settings``: a :class:`prunerep.config.WandbConfig`."""
+        self.identity = identity
+        self.config = config
+        self.settings = settings
+        self.run_dir = Path(identity.run_dir)
         self.run = None
         self._wandb = None
         self._step = 0
         self._warned = False
-        self.mode = str(cfg.wandb.mode) if cfg.get("wandb") is not None else "disabled"
+        self.mode = str(settings.mode)
         if self.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
             self.mode = "disabled"
             return
@@ -120,36 +102,30 @@ class Tracker:
 
     @property
     def wandb_dir(self) -> Path:
-        d = self.cfg.wandb.get("dir")
+        d = self.settings.dir
         return Path(os.path.expanduser(str(d))) if d else self.run_dir
 
     def _init(self, mode: str) -> None:
         import wandb
-        from omegaconf import OmegaConf
-
-        from prunerep.sweep import config_hash
 
         self._wandb = wandb
-        w = self.cfg.wandb
+        w, ident = self.settings, self.identity
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
-        config = OmegaConf.to_container(self.cfg, resolve=True, throw_on_missing=False)
-        config["run_dir"] = str(self.run_dir)
-        config["config_hash"] = config_hash(self.cfg)
-        config["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
-        sp = sparsity_label(self.cfg.sparsity)
-        tags = [str(t) for t in (w.get("tags") or [])]
-        tags += [str(self.cfg.model.name), str(self.cfg.pruner.name), f"sparsity={sp}"]
+        config = dict(self.config, run_dir=str(self.run_dir), config_hash=ident.config_hash,
+                      slurm_job_id=ident.slurm_job_id)
+        tags = [str(t) for t in (w.tags or [])]
+        tags += [str(ident.model), str(ident.pruner), f"sparsity={sparsity_label(ident.sparsity)}"]
         settings = wandb.Settings(
-            init_timeout=float(w.get("init_timeout", 60.0)),
-            finish_timeout=float(w.get("finish_timeout", 300.0)),
-            login_timeout=float(w.get("init_timeout", 60.0)),
+            init_timeout=float(w.init_timeout),
+            finish_timeout=float(w.finish_timeout),
+            login_timeout=float(w.init_timeout),
             console="off",  # Hydra already keeps the job's log; no fd redirection inside SLURM jobs
             silent=True,
             reinit="finish_previous",  # the basic launcher runs the points of a sweep in one process
         )
         self.run = wandb.init(
-            mode=mode, project=w.get("project") or "prunerep", entity=w.get("entity") or None,
-            group=sweep_group(self.cfg), job_type="prune", name=run_name(self.cfg), tags=sorted(set(tags)),
+            mode=mode, project=w.project or "prunerep", entity=w.entity or None,
+            group=ident.group, job_type="prune", name=ident.name, tags=sorted(set(tags)),
             dir=str(self.wandb_dir), config=config, settings=settings,
         )
         # each family of curves has its own x axis (W&B's step stays monotonic across all of them)
@@ -248,11 +224,7 @@ class Tracker:
                 df[col] = df[col].astype("string").fillna("")
         df["value"] = pd.to_numeric(df["value"], errors="coerce")
         df = df[df["value"].notna() & df["value"].map(lambda v: math.isfinite(v))]
-        if "temperature" in df:  # curves at T=1 (else the temperature closest to it); NaN: T-independent
-            temps = [t for t in df["temperature"].dropna().unique() if t > 0]
-            if temps:
-                t = min(temps, key=lambda x: abs(math.log(x)))
-                df = df[df["temperature"].isna() | (df["temperature"] == t)]
+        df = at_reference_temperature(df)  # curves at T=1 (else the closest); NaN: T-independent
 
         by_layer = _curve(df, "layer")
         by_step = _curve(df, "step")
@@ -341,17 +313,6 @@ def _layer_of(name: str) -> int:
         return -1
 
 
-STEP_CONTEXTS = ("teacher_forced", "free_running")
-
-
-def _two_stage_mean(df, keys: list[str]):
-    """Mean within each prompt (over positions/steps), then over prompts: every prompt weighs the same."""
-    if "prompt_id" not in df:
-        return df.groupby(keys, as_index=False, sort=True)["value"].mean()
-    inner = df.groupby([*keys, "prompt_id"], as_index=False, sort=False)["value"].mean()
-    return inner.groupby(keys, as_index=False, sort=True)["value"].mean()
-
-
 def _curve(df, axis: str):
     """Curves along `axis` ("layer" or "step"), one per (context, space, metric), mean over prompts.
 
@@ -373,9 +334,9 @@ def _curve(df, axis: str):
         sub = sub[sub["sublayer"] == "block"]
     if sub.empty:
         return pd.DataFrame(columns=cols)
-    out = _two_stage_mean(sub, ["context", "space", "metric", axis])
+    out = per_prompt_mean(sub, ["context", "space", "metric", axis], skipna=True)
     out[axis] = out[axis].astype(int)
     return out[cols]
 
 
-__all__ = ["Tracker", "sweep_group", "run_name"]
+__all__ = ["Tracker"]

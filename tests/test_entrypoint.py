@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import CACHE_DIR, REPO
-from prunerep.config import register_configs
+from prunerep.registry import register_configs
 
 CONF = str(REPO / "conf")
 
@@ -64,10 +64,29 @@ def test_sparsity_override_is_a_plain_value(value, expected):
     assert compose_cfg(f"sparsity={value}").sparsity == expected
 
 
-@pytest.mark.parametrize("typo", ["pruner.blocksze=64", "model.dtyp=float32", "calib.nsample=4", "probe.layer=all"])
+@pytest.mark.parametrize("typo", ["pruner.blocksze=64", "model.dtyp=float32", "calib.nsample=4", "probe.layer=all",
+                                  "pruner.blocksize=7", "model.chat_template=true"])
 def test_a_typo_in_a_key_fails_at_composition(typo):
     with pytest.raises(ConfigCompositionException):
         compose_cfg(typo)
+
+
+@pytest.mark.parametrize("pruner,key", [("wanda", "blocksize"), ("layer_drop", "percdamp"), ("magnitude", "sequential"),
+                                        ("sparsegpt", "prune_lm_head"), ("none", "target")])
+def test_a_setting_the_chosen_method_lacks_fails_at_composition(pruner, key):
+    """Each method has its own typed schema: another method's setting does not compose."""
+    with pytest.raises(ConfigCompositionException, match=key):
+        compose_cfg(f"pruner={pruner}", f"pruner.{key}=1")
+
+
+def test_each_method_composes_to_its_own_typed_settings():
+    from prunerep.registry import build_method, discover
+
+    for name, cls in discover("pruner").items():
+        cfg = compose_cfg(f"pruner={name}")
+        method = build_method("pruner", cfg.pruner)
+        assert type(method) is cls and set(cfg.pruner) == {"name", *cls.settings()}
+    assert build_method("pruner", compose_cfg("pruner=sparsegpt", "pruner.blocksize=7").pruner).blocksize == 7
 
 
 def test_cfg_job_prints_the_composed_config():
@@ -90,6 +109,15 @@ def test_cfg_job_prints_the_composed_config():
     (["model.source=gguf", "model.path=/nonexistent.gguf"], "no such .gguf file"),
     (["model=tiny", "pruner=layer_drop", "pruner.target=block", "pruner.count=9", "task=none", "probe=none"],
      "only 4 block candidates"),
+    (["pruner=wanda", "pruner.blocksize=7"], "pruner.blocksize: the wanda pruner has no setting 'blocksize'"),
+    (["model.chat_template=true"], "model.chat_template: model has no setting 'chat_template'"),
+    (["pruner=layer_drop", "pruner.percdamp=0.1"], "pruner.percdamp: the layer_drop pruner has no setting"),
+    (["-m", "pruner=sparsegpt,wanda", "pruner.blocksize=7"], "the wanda pruner has no setting 'blocksize'"),
+    (["sparsity_=0.5"], "sparsity_: the run has no setting 'sparsity_'; did you mean sparsity?"),
+    (["pruner=sparsegpt", "pruner.blocksize=abc"], "could not be converted to Integer"),
+    (["pruner=layer_drop", "sparsity=2:4"], "does not take an N:M pattern"),
+    (["model=tiny", "pruner.include=nomatch", "task=none", "probe=none"], "match no Linear"),
+    (["pruner.include='('"], "not a valid regular expression"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     run_dir = tmp_path / "run"
@@ -99,6 +127,27 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     assert len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not run_dir.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("bad", ["sparsity=1.5", "model=tiny pruner.include=nomatch task=none probe=none"])
+def test_bad_input_never_removes_what_prunerep_did_not_write(tmp_path, bad):
+    """Regression: `hydra.run.dir=<existing dir> sparsity=1.5` used to delete that directory."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    res = run_cli(*bad.split(), "wandb.mode=disabled", f"hydra.run.dir={mine}", timeout=180)
+    assert res.returncode == 2 and "not a prunerep run directory" in res.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    # a prunerep run directory given again: bad input removes only what this invocation wrote
+    run = tmp_path / "run"
+    assert run_cli("model=tiny", "task=none", "probe=none", "pruner=magnitude", "wandb.mode=disabled",
+                   f"hydra.run.dir={run}", timeout=180).returncode == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    res = run_cli(*bad.split(), "wandb.mode=disabled", f"hydra.run.dir={run}", timeout=180)
+    assert res.returncode == 2, res.stderr[-2000:]
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert {k: v for k, v in after.items() if not str(k).endswith(".log")} == {
+        k: v for k, v in before.items() if not str(k).endswith(".log")}
 
 
 def test_hub_model_unavailable_offline_says_how_to_fix(tmp_path):

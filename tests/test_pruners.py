@@ -5,24 +5,26 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import make_tiny
-from prunerep.config import ConfigError, PrunerConfig, parse_sparsity
+from prunerep.errors import ConfigError
 from prunerep.models import decoder_layers
-from prunerep.pruners import PRUNERS, get_pruner
-from prunerep.pruners.common import (PruneSettings, calibrated_blocks, check_prunable, measure_sparsity,
+from prunerep.pruners.common import (BlockStep, PruneSettings, calibrated_blocks, input_groups, measure_sparsity,
                                      per_row_mask, run_block)
-from prunerep.pruners.layer_drop import check as check_count, importance
 from prunerep.pruners.sparsegpt import sparsegpt_prune_weight
 from prunerep.pruners.wanda import wanda_score
+from prunerep.registry import discover, method_class
+from prunerep.sparsity import parse_sparsity
 
 
 def settings(name: str, sparsity="0.5", offload=False, batch_size=3, **pruner_kw) -> PruneSettings:
-    """batch_size=3 < 8 calibration samples: the two-pass reference order; >= 8: one pass."""
-    pc = OmegaConf.merge(OmegaConf.structured(PrunerConfig), {"name": name, **pruner_kw})
-    return PruneSettings(spec=parse_sparsity(sparsity), pruner=pc, device=torch.device("cpu"),
-                         offload=offload, batch_size=batch_size)
+    """batch_size=3 < 8 calibration samples: micro-batches; >= 8: the whole batch in one forward."""
+    return PruneSettings(spec=parse_sparsity(sparsity), pruner=method_class("pruner", name)(**pruner_kw),
+                         device=torch.device("cpu"), offload=offload, batch_size=batch_size)
+
+
+def prune(model, calib, cfg: PruneSettings) -> dict:
+    return cfg.pruner.prune(model, calib, cfg)
 
 
 def linear_inputs(model, module, ids) -> torch.Tensor:
@@ -74,7 +76,7 @@ def test_blockwise_calibration_reproduces_the_models_hidden_states(family, calib
 def test_unstructured_hits_target_per_module(name, sparsity, batch_size, calib_ids):
     model = make_tiny("llama")
     cfg = settings(name, sparsity, batch_size=batch_size)
-    get_pruner(name)(model, calib_ids, cfg)
+    prune(model, calib_ids, cfg)
     report = measure_sparsity(model, cfg)
     assert report["max_abs_deviation_pp"] < 0.1
     assert abs(report["achieved_sparsity"] - float(sparsity)) < 1e-3
@@ -87,7 +89,7 @@ def test_unstructured_hits_target_per_module(name, sparsity, batch_size, calib_i
 def test_nm_structure_holds(name, pattern, calib_ids):
     model = make_tiny("qwen2")
     cfg = settings(name, pattern)
-    get_pruner(name)(model, calib_ids, cfg)
+    prune(model, calib_ids, cfg)
     n, m = map(int, pattern.split(":"))
     for block in decoder_layers(model):
         for lin in [mod for mod in block.modules() if isinstance(mod, torch.nn.Linear)]:
@@ -99,7 +101,8 @@ def test_nm_structure_holds(name, pattern, calib_ids):
 def test_nm_rejects_incompatible_width():
     model = make_tiny("llama", hidden_size=36, num_attention_heads=2, num_key_value_heads=1)
     with pytest.raises(ConfigError, match="multiple of 8"):
-        check_prunable(model, settings("wanda", "4:8"))
+        cfg = settings("wanda", "4:8")
+        cfg.pruner.check(model, cfg)
 
 
 # --------------------------------------------------------------------------- wanda
@@ -118,7 +121,7 @@ def test_per_row_mask_keeps_each_rows_top_scores():
 def test_wanda_keeps_exactly_the_top_scored_weights_per_row(batch_size, calib_ids):
     model = make_tiny("llama")
     dense = copy.deepcopy(model)
-    get_pruner("wanda")(model, calib_ids, settings("wanda", "0.5", batch_size=batch_size))
+    prune(model, calib_ids, settings("wanda", "0.5", batch_size=batch_size))
     # block 0 sees the dense embeddings; block 1 sees the outputs of the pruned block 0
     for block_idx, source in ((0, dense), (1, model)):
         for name in ("self_attn.q_proj", "self_attn.k_proj"):
@@ -134,8 +137,8 @@ def test_wanda_keeps_exactly_the_top_scored_weights_per_row(batch_size, calib_id
 def test_wanda_differs_from_magnitude(calib_ids):
     """The activation norm matters: Wanda's mask is not |W|'s mask."""
     a, b = make_tiny("llama"), make_tiny("llama")
-    get_pruner("wanda")(a, calib_ids, settings("wanda"))
-    get_pruner("magnitude")(b, calib_ids, settings("magnitude"))
+    prune(a, calib_ids, settings("wanda"))
+    prune(b, calib_ids, settings("magnitude"))
     wa = a.model.layers[0].mlp.down_proj.weight == 0
     wb = b.model.layers[0].mlp.down_proj.weight == 0
     assert (wa != wb).float().mean() > 0.05
@@ -171,7 +174,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(sparsity):
 def test_dropped_attention_leaves_the_residual_unchanged(calib_ids):
     model = make_tiny("llama", num_hidden_layers=4)
     cfg = settings("layer_drop", "0.25", target="attn")
-    report = get_pruner("layer_drop")(model, calib_ids, cfg)
+    report = prune(model, calib_ids, cfg)
     assert report["n_dropped"] == 1
     i = int(report["dropped"][0].split(".")[1])
     block = model.model.layers[i]
@@ -189,8 +192,8 @@ def test_layer_drop_drops_the_least_important(target, calib_ids):
     model = make_tiny("llama", num_hidden_layers=4)
     dense = copy.deepcopy(model)
     cfg = settings("layer_drop", "0.5", target=target)
-    report = get_pruner("layer_drop")(model, calib_ids, cfg)
-    scores = importance(dense, calib_ids, cfg)
+    report = prune(model, calib_ids, cfg)
+    scores = cfg.pruner.importance(dense, calib_ids, cfg)
     suffix = {"attn": (".attn",), "mlp": (".mlp",), "both": (".attn", ".mlp")}.get(target)
     cands = {k: v for k, v in scores.items() if (k.endswith(suffix) if suffix else k.count(".") == 1)}
     assert report["n_dropped"] == round(0.5 * len(cands))
@@ -201,34 +204,86 @@ def test_layer_drop_drops_the_least_important(target, calib_ids):
 def test_layer_drop_count_larger_than_model_is_rejected():
     model = make_tiny("llama", num_hidden_layers=3)
     with pytest.raises(ConfigError, match="only 3"):
-        check_count(model, settings("layer_drop", "0.5", target="block", count=4))
+        cfg = settings("layer_drop", "0.5", target="block", count=4)
+        cfg.pruner.check(model, cfg)
 
 
 # --------------------------------------------------------------------------- offload, registry, save
 
-def test_one_pass_and_two_pass_agree_where_inputs_agree(calib_ids):
-    """q/k/v of block 0 see the same inputs in both orders, so their masks are the same;
-    the MLP of block 0 sees the pruned attention in the one-pass order, so it may differ."""
+def test_sequential_and_reference_orders_agree_where_inputs_agree(calib_ids):
+    """q/k/v of block 0 see the same inputs in both orders, so their masks are the same; o_proj
+    sees the pruned q/k/v only in the sequential order, so its mask differs."""
     a, b = make_tiny("llama"), make_tiny("llama")
-    get_pruner("wanda")(a, calib_ids, settings("wanda", batch_size=3))
-    get_pruner("wanda")(b, calib_ids, settings("wanda", batch_size=8))
+    prune(a, calib_ids, settings("wanda", batch_size=8, sequential=False))
+    prune(b, calib_ids, settings("wanda", batch_size=8, sequential=True))
+    attn_a, attn_b = a.model.layers[0].self_attn, b.model.layers[0].self_attn
     for name in ("q_proj", "k_proj", "v_proj"):
-        assert torch.equal(getattr(a.model.layers[0].self_attn, name).weight,
-                           getattr(b.model.layers[0].self_attn, name).weight)
+        assert torch.equal(getattr(attn_a, name).weight, getattr(attn_b, name).weight)
+    assert not torch.equal(attn_a.o_proj.weight == 0, attn_b.o_proj.weight == 0)
+
+
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_the_pruning_order_does_not_depend_on_the_batch_size(name, sequential, calib_ids):
+    """calib.batch_size is a memory setting: micro-batches of 3 and one batch of 8 prune alike
+    (up to the float rounding of sums taken in another order)."""
+    a, b = make_tiny("llama"), make_tiny("llama")
+    prune(a, calib_ids, settings(name, batch_size=3, sequential=sequential))
+    prune(b, calib_ids, settings(name, batch_size=8, sequential=sequential))
+    for (pname, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.dim() == 2 and "layers" in pname:
+            assert float(((pa == 0) != (pb == 0)).float().mean()) < 1e-3, pname
+            torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4)
+
+
+def test_input_groups_follow_the_blocks_dataflow(calib_ids):
+    model = make_tiny("llama")
+    cfg = settings("wanda")
+    step = next(iter(calibrated_blocks(model, calib_ids, cfg)))
+    linears = {n: m for n, m in step.block.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert input_groups(BlockStep(0, step.block, step.inputs, step.kwargs), linears) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def test_offload_gives_the_same_result(calib_ids):
     a, b = make_tiny("llama"), make_tiny("llama")
-    get_pruner("sparsegpt")(a, calib_ids, settings("sparsegpt", offload=False))
-    get_pruner("sparsegpt")(b, calib_ids, settings("sparsegpt", offload=True))
+    prune(a, calib_ids, settings("sparsegpt", offload=False))
+    prune(b, calib_ids, settings("sparsegpt", offload=True))
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
 
 
-def test_registry_lists_every_method():
-    assert set(PRUNERS) == {"none", "magnitude", "wanda", "sparsegpt", "random", "layer_drop"}
-    with pytest.raises(ConfigError, match="unknown pruner"):
-        get_pruner("wandaa")
+def test_registry_is_the_set_of_method_modules():
+    from pathlib import Path
+
+    methods = discover("pruner")
+    assert set(methods) == {"none", "magnitude", "wanda", "sparsegpt", "random", "layer_drop"}
+    conf = Path(__file__).resolve().parents[1] / "conf" / "pruner"
+    assert {p.stem for p in conf.glob("*.yaml")} == set(methods)  # one YAML file per method
+    with pytest.raises(ConfigError, match="unknown pruner 'wandaa'"):
+        method_class("pruner", "wandaa")
+
+
+def test_capabilities_are_read_from_the_method():
+    methods = discover("pruner")
+    assert {n for n, m in methods.items() if m.needs_calibration} == {"wanda", "sparsegpt", "layer_drop"}
+    assert {n for n, m in methods.items() if not m.supports_nm} == {"layer_drop"}
+    assert {n for n, m in methods.items() if m.supports_lm_head} == {"magnitude", "random"}
+    with pytest.raises(ConfigError, match="does not take an N:M pattern"):
+        methods["layer_drop"]().validate(parse_sparsity("2:4"))
+    methods["wanda"]().validate(parse_sparsity("2:4"))
+
+
+@pytest.mark.parametrize("include,exclude,match", [("nomatch", None, "match no Linear"),
+                                                     (".*", ".*", "match no Linear"),
+                                                     ("(", None, "not a valid regular expression")])
+def test_a_pattern_that_selects_nothing_is_bad_input(include, exclude, match):
+    model = make_tiny("llama")
+    cfg = settings("magnitude", include=include, exclude=exclude)
+    with pytest.raises(ConfigError, match=match):
+        cfg.pruner.validate(cfg.spec)
+        cfg.pruner.check(model, cfg)
 
 
 def test_saved_pruned_model_reloads_with_from_pretrained(tmp_path, calib_ids):
@@ -241,10 +296,43 @@ def test_saved_pruned_model_reloads_with_from_pretrained(tmp_path, calib_ids):
             pass
 
     model = make_tiny("llama", num_hidden_layers=4)
-    get_pruner("layer_drop")(model, calib_ids, settings("layer_drop", "0.5", target="block"))
-    get_pruner("wanda")(model, calib_ids, settings("wanda", "0.5"))
+    prune(model, calib_ids, settings("layer_drop", "0.5", target="block"))
+    prune(model, calib_ids, settings("wanda", "0.5"))
     save_pruned_model(model, NoTokenizer(), tmp_path / "model")
     assert list((tmp_path / "model").glob("*.safetensors"))
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(model(calib_ids).logits, again(calib_ids).logits)
+
+
+# --------------------------------------------------------------------------- Gemma-2 anatomy
+
+def _gemma2_attn_update(block, inputs, kwargs):
+    """Gemma-2's attention update written out by hand: post_attention_layernorm(attn(input_layernorm(h)))."""
+    out = block.self_attn(hidden_states=block.input_layernorm(inputs), position_embeddings=kwargs["position_embeddings"],
+                          attention_mask=kwargs.get("attention_mask"))[0]
+    return block.post_attention_layernorm(out)
+
+
+def test_layer_drop_importance_includes_gemma2s_post_sublayer_norms(calib_ids):
+    model = make_tiny("gemma2", head_dim=16)
+    cfg = settings("layer_drop", "0.5", target="attn")
+    scores = cfg.pruner.importance(copy.deepcopy(model), calib_ids, cfg)
+    step = next(iter(calibrated_blocks(model, calib_ids, cfg)))
+    with torch.no_grad():
+        mid = step.inputs + _gemma2_attn_update(step.block, step.inputs, step.kwargs)
+    cos = torch.nn.functional.cosine_similarity(step.inputs.flatten(0, 1), mid.flatten(0, 1), dim=-1)
+    assert scores["layers.0.attn"] == pytest.approx(float((1 - cos).mean()), rel=1e-5, abs=1e-7)
+
+
+def test_a_dropped_gemma2_attention_adds_nothing(calib_ids):
+    model = make_tiny("gemma2", head_dim=16, num_hidden_layers=2)
+    cfg = settings("layer_drop", "0.5", target="attn", count=2)
+    prune(model, calib_ids, cfg)
+    step = next(iter(calibrated_blocks(model, calib_ids, cfg)))
+    block = step.block
+    with torch.no_grad():
+        assert torch.equal(_gemma2_attn_update(block, step.inputs, step.kwargs), torch.zeros_like(step.inputs))
+        out = run_block(block, step.inputs, step.kwargs, 8)
+        mlp = block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(step.inputs)))
+    torch.testing.assert_close(out, step.inputs + mlp, rtol=0, atol=0)

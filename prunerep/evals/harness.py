@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunerep.config import ConfigError
+from prunerep.errors import ConfigError
 from prunerep.evals import codeexec
 from prunerep.evals.compare import finite_or_none
 from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml

@@ -19,7 +19,7 @@ import re
 import socket
 from pathlib import Path
 
-from prunerep.config import ConfigError
+from prunerep.errors import ConfigError
 from prunerep.evals.harness import is_offline_task, requested_tasks
 from prunerep.evals.taskdefs import OFFLINE_TASKS
 

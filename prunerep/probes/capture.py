@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from prunerep.models import decoder_layers, final_norm, output_head
+from prunerep.models import decoder_layers, final_norm, output_head, residual_update
 
 SUBLAYERS = ("block", "attn", "mlp")
 Key = tuple[int, str]
@@ -66,26 +66,11 @@ def resolve_layers(spec: Any, n_layers: int, include_last: bool = True) -> list[
     return sorted(out)
 
 
-def _child(module: nn.Module, names: Sequence[str], what: str) -> nn.Module:
-    for name in names:
-        child = getattr(module, name, None)
-        if isinstance(child, nn.Module):
-            return child
-    raise TypeError(f"cannot find the {what} sublayer of {type(module).__name__} (looked for {list(names)})")
-
-
 def sublayer_module(block: nn.Module, sublayer: str) -> nn.Module:
     """The module whose output is the sublayer's update to the residual stream."""
-    sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
-    if sublayer == "attn":
-        if sandwich:
-            return block.post_attention_layernorm
-        return _child(block, ("self_attn", "attention", "attn", "self_attention"), "attention")
-    if sublayer == "mlp":
-        if sandwich:
-            return block.post_feedforward_layernorm
-        return _child(block, ("mlp", "feed_forward", "ffn"), "MLP")
-    raise ValueError(f"unknown sublayer {sublayer!r}; choose from {SUBLAYERS}")
+    if sublayer not in SUBLAYERS[1:]:
+        raise ValueError(f"unknown sublayer {sublayer!r}; choose from {SUBLAYERS}")
+    return residual_update(block, sublayer)
 
 
 def _first(output: Any) -> Tensor:

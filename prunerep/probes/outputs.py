@@ -1,13 +1,7 @@
 """Write the probe table, its headline summary and three plots (all atomically).
 
-Files in the run directory:
+What each file holds is the results contract, :mod:`prunerep.results`. The plots:
 
-* ``probes.parquet`` — the tidy table of :func:`prunerep.probes.compare_to_reference`;
-* ``probes_summary.json`` — flat ``{"<context>/<space>/<metric>[@T=<t>]": value}`` at the
-  final layer (sublayer ``block``), averaged over steps/positions within a prompt, then
-  over prompts; NaN stays NaN. Also ``final_layer``, ``n_prompts``, ``n_rows``,
-  ``nonfinite_values`` and ``error_accumulation/kl@T=<t>`` = free-running KL /
-  teacher-forced KL (the same prompts and steps);
 * ``probes_similarity.png`` — 1 − cos vs layer, one line per space (prompt context);
 * ``probes_kl.png`` — exact KL and 1 − cos(p) vs layer next to their Δz estimates;
 * ``probes_steps.png`` — final-layer KL vs decoding step, teacher-forced vs free-running.
@@ -15,7 +9,6 @@ Files in the run directory:
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,39 +16,11 @@ import pandas as pd
 
 from prunerep.io import atomic_write_json, atomic_write_with
 from prunerep.probes.reference import warn_nonfinite
+from prunerep.results import (CONTEXTS as CONTEXT_ORDER, HEADLINE, PROBE_PLOTS, PROBES_FILE, PROBES_SUMMARY_FILE,
+                              mean_or_nan as _mean, per_prompt_mean, reference_temperature, summary_key,
+                              temperature_label as _t)
 
 log = logging.getLogger(__name__)
-
-HEADLINE = {
-    "embedding": ("cos", "one_minus_cos", "rel_l2", "orth_par_ratio"),
-    "logit": ("cos", "one_minus_cos", "rel_l2", "var_uniform"),
-    "probability": ("kl", "kl_est", "one_minus_cos", "cos_est", "reverse_kl", "js", "top1_agree", "top5_overlap",
-                    "top10_overlap"),
-    "options": ("kl", "top1_agree", "margin_dense", "margin_pruned"),
-    "tokens": ("token_agree", "first_divergence", "diverged"),
-}
-CONTEXT_ORDER = ("prompt", "teacher_forced", "free_running")
-
-
-def _t(t: float) -> str:
-    return "" if t != t else f"@T={t:g}"
-
-
-def _mean(s: pd.Series) -> float:
-    return float(s.mean(skipna=False)) if len(s) else math.nan
-
-
-def per_prompt_mean(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean over steps/positions within each prompt, then over prompts (NaN propagates).
-    Rows with step -1 in per-step contexts (per-trajectory values) are kept apart by ``by``."""
-    keys = [*by, "prompt_id"]
-    inner = df.groupby(keys, dropna=False, sort=False)["value"].agg(_mean).reset_index()
-    return inner.groupby(by, dropna=False, sort=False)["value"].agg(_mean).reset_index()
-
-
-def _reference_temperature(df: pd.DataFrame) -> float:
-    temps = sorted(t for t in df["temperature"].dropna().unique())
-    return min(temps, key=lambda t: abs(math.log(t))) if temps else math.nan
 
 
 def summarize(df: pd.DataFrame) -> dict:
@@ -73,7 +38,7 @@ def summarize(df: pd.DataFrame) -> dict:
                              for c, s, m, t in zip(means.context, means.space, means.metric, means.temperature)])
     for c, s, m, t, v in means.sort_values("_k")[["context", "space", "metric", "temperature", "value"]].itertuples(
             index=False):
-        summary[f"{c}/{s}/{m}{_t(t)}"] = v
+        summary[summary_key(c, s, m, t)] = v
     # error accumulation: same prompts, same steps, KL at the final layer
     kl = head[(head["space"] == "probability") & (head["metric"] == "kl")]
     for t in sorted(kl["temperature"].dropna().unique()):
@@ -172,19 +137,20 @@ def write_probe_outputs(df: pd.DataFrame, run_dir: str | Path) -> dict:
         return {}
     run_dir = Path(run_dir)
     warn_nonfinite(df)
-    atomic_write_with(run_dir / "probes.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write_with(run_dir / PROBES_FILE, lambda tmp: df.to_parquet(tmp, index=False))
     summary = summarize(df)
-    atomic_write_json(run_dir / "probes_summary.json", summary)
-    t_ref = _reference_temperature(df)
+    atomic_write_json(run_dir / PROBES_SUMMARY_FILE, summary)
+    t_ref = reference_temperature(df["temperature"].dropna().unique())
+    similarity_png, kl_png, steps_png = (run_dir / name for name in PROBE_PLOTS)
     context = next((c for c in CONTEXT_ORDER if (df["context"] == c).any() and c != "free_running"), None)
     try:
         if context is not None:
             curves = _layer_curves(df, context)
-            plot_similarity(curves, t_ref, context, run_dir / "probes_similarity.png")
+            plot_similarity(curves, t_ref, context, similarity_png)
             if (curves["space"] == "probability").any():
-                plot_kl(curves, context, run_dir / "probes_kl.png")
+                plot_kl(curves, context, kl_png)
         if df["context"].isin(["teacher_forced", "free_running"]).any():
-            plot_steps(df, t_ref, run_dir / "probes_steps.png")
+            plot_steps(df, t_ref, steps_png)
     except Exception as e:  # a plot must never cost the numbers
         log.warning("probe plots failed: %s: %s", type(e).__name__, e)
     return summary

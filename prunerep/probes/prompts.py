@@ -103,20 +103,20 @@ def _option_ids(tokenizer, options: list[str], where: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def load_prompts(probe_cfg, tokenizer) -> list[Prompt]:
-    """The probe prompts, tokenised; deterministic given ``probe_cfg.seed``."""
-    n = int(probe_cfg.n_prompts)
+def load_prompts(plan, tokenizer) -> list[Prompt]:
+    """The probe prompts, tokenised; deterministic given ``plan.seed``."""
+    n = int(plan.n_prompts)
     if n <= 0:
         return []
-    src = str(probe_cfg.prompts)
+    src = str(plan.prompts)
     if src == "offline":
-        items = _offline_items(n, int(probe_cfg.seed))
+        items = _offline_items(n, int(plan.seed))
     else:
         path = Path(src).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"probe.prompts={src!r}: use 'offline' or a readable .jsonl file")
         items = _jsonl_items(path, n)
-    max_len = int(probe_cfg.max_prompt_tokens)
+    max_len = int(plan.max_prompt_tokens)
     prompts = []
     for i, item in enumerate(items):
         ids = tokenizer(item["prompt"])["input_ids"]

@@ -2,9 +2,10 @@
 
 Only ONE model is ever in memory. The pipeline calls, in order::
 
-    ref = dense_reference(model, tokenizer, probe_cfg, cache_dir, model_key=key)   # dense model
+    plan = build_plan(probe_cfg)                                              # once, before loading
+    ref = dense_reference(model, tokenizer, plan, cache_dir, model_key=key)   # dense model
     ... prune the same model in place ...
-    df = compare_to_reference(model, tokenizer, probe_cfg, ref)                    # pruned model
+    df = compare_to_reference(model, tokenizer, plan, ref)                    # pruned model
     summary = write_probe_outputs(df, run_dir)
 
 The dense side is cached on disk as hidden states only, under
@@ -17,21 +18,11 @@ the states. A sweep over sparsities therefore runs the dense model once.
 
 Logits and probabilities of BOTH sides are recomputed on the fly through the model's own
 final norm and LM head (the logit lens), streamed layer by layer and in chunks of
-``probe_cfg.token_chunk`` tokens, so no ``[layers × tokens × vocab]`` tensor ever exists:
+``plan.token_chunk`` tokens, so no ``[layers × tokens × vocab]`` tensor ever exists:
 the extra memory is O(token_chunk × vocab). The lens applies to the residual stream
 (sublayer ``block``); ``attn``/``mlp`` updates are compared in the embedding space only.
 
-Table layout (one row per value; see :data:`COLUMNS`):
-
-* ``context``: prompt | teacher_forced | free_running; ``prompt_id``, ``prompt_kind`` (mc | gen)
-* ``layer`` (0 = embeddings … L = last block, before the final norm), ``sublayer``
-* ``step``: prompt context: ``-1`` = mean over all prompt positions (the option subspace
-  rows sit at the answer position ``P−1``); teacher_forced / free_running: the decoding
-  step t (0 = first generated token); ``-1`` for per-trajectory values
-* ``space``: embedding (h) | logit (z) | probability (p) | options (p on the MC option
-  tokens, renormalised) | tokens (free-running token agreement)
-* ``metric``, ``temperature`` (NaN when the metric does not depend on it), ``value``
-  (float64; NaN/inf are kept and reported by a warning, never dropped).
+The table's layout is the results contract: :mod:`prunerep.results` (``PROBE_COLUMNS``).
 """
 from __future__ import annotations
 
@@ -43,7 +34,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,41 +48,45 @@ from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_
 from prunerep.probes.contexts import (CONTEXTS, greedy_decode, prompt_states, stop_token_ids,
                                       teacher_forced_states)
 from prunerep.probes.prompts import Prompt, load_prompts
+from prunerep.results import PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-SPACES = ("embedding", "logit", "probability")
-COLUMNS = ("context", "prompt_id", "prompt_kind", "layer", "sublayer", "step", "space", "metric",
-           "temperature", "value")
 NAN = math.nan
 
 
-# --------------------------------------------------------------------------- settings
+# --------------------------------------------------------------------------- the plan
 
 @dataclass(frozen=True)
-class Plan:
-    """What a probe config asks for, validated."""
+class ProbePlan:
+    """What the probes will do, validated once (:func:`build_plan`) and passed to every stage."""
 
-    spaces: tuple[str, ...]
-    contexts: tuple[str, ...]
-    sublayers: tuple[str, ...]
-    temperatures: tuple[float, ...]
-    topk: tuple[int, ...]
-    token_chunk: int
-    max_new_tokens: int
+    spaces: tuple[str, ...] = ()
+    contexts: tuple[str, ...] = ()
+    sublayers: tuple[str, ...] = ("block",)
+    temperatures: tuple[float, ...] = (1.0,)
+    topk: tuple[int, ...] = (5, 10)
+    layers: Any = "all"  # "all" | tuple of indices | {"every": k}; resolved against the model
+    prompts: str = "offline"
+    n_prompts: int = 0
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 0
+    token_chunk: int = 256
     metric_threads: int | None = None
     compile: bool | None = None  # None: on CUDA only
+    seed: int = 0
 
     @property
     def empty(self) -> bool:
         return not self.spaces or not self.contexts
 
 
-def plan(probe_cfg) -> Plan:
-    """Validate a ProbeConfig; ``name: none`` or empty spaces/contexts is an empty plan."""
+def build_plan(probe_cfg) -> ProbePlan:
+    """Validate a probe config (``conf/probe``) into a plan; ``name: none`` or empty
+    spaces/contexts is an empty plan. Raises ValueError (one line)."""
     if str(probe_cfg.name) == "none":
-        return Plan((), (), (), (), (), 1, 0)
+        return ProbePlan()
 
     def check(values, allowed, what):
         values = tuple(str(v) for v in values)
@@ -111,32 +106,28 @@ def plan(probe_cfg) -> Plan:
         raise ValueError(f"probe.topk={list(topk)}: k must be >= 1")
     if int(probe_cfg.token_chunk) < 1 or int(probe_cfg.max_new_tokens) < 0:
         raise ValueError("probe.token_chunk must be >= 1 and probe.max_new_tokens >= 0")
-    threads = getattr(probe_cfg, "metric_threads", None)
+    threads = probe_cfg.metric_threads
     if threads is not None and int(threads) < 1:
         raise ValueError(f"probe.metric_threads={threads} must be >= 1 or null")
-    threads = None if threads is None else int(threads)
-    return Plan(spaces=spaces, contexts=check(probe_cfg.contexts, CONTEXTS, "contexts"),
-                sublayers=check(probe_cfg.sublayers or ["block"], SUBLAYERS, "sublayers"),
-                temperatures=temps, topk=topk, token_chunk=int(probe_cfg.token_chunk),
-                max_new_tokens=int(probe_cfg.max_new_tokens), metric_threads=threads,
-                compile=getattr(probe_cfg, "compile", None))
-
-
-def check_probe_config(probe_cfg) -> Plan:
-    """Everything about a probe config that can be checked before a model is loaded:
-    the plan, the shape of ``layers`` and the prompt source. Raises ValueError (one line)."""
-    p = plan(probe_cfg)
-    if p.empty:
-        return p
-    spec = probe_cfg.layers
-    if isinstance(spec, str) and spec != "all":
-        raise ValueError(f"probe.layers={spec!r}: use all, a list of indices or {{every: k}}")
-    if hasattr(spec, "get") and "every" in spec and int(spec["every"]) < 1:
-        raise ValueError(f"probe.layers.every={spec['every']} must be >= 1")
+    layers = probe_cfg.layers
+    if isinstance(layers, str) and layers != "all":
+        raise ValueError(f"probe.layers={layers!r}: use all, a list of indices or {{every: k}}")
+    if hasattr(layers, "get") and "every" in layers:
+        if int(layers["every"]) < 1:
+            raise ValueError(f"probe.layers.every={layers['every']} must be >= 1")
+        layers = {"every": int(layers["every"])}
+    elif not isinstance(layers, (str, int)) and layers is not None:
+        layers = tuple(int(i) for i in layers)
     src = str(probe_cfg.prompts)
-    if src != "offline" and not Path(src).expanduser().is_file():
+    contexts = check(probe_cfg.contexts, CONTEXTS, "contexts")
+    if spaces and contexts and src != "offline" and not Path(src).expanduser().is_file():
         raise ValueError(f"probe.prompts={src!r}: use 'offline' or a readable .jsonl file")
-    return p
+    return ProbePlan(spaces=spaces, contexts=contexts,
+                     sublayers=check(probe_cfg.sublayers or ["block"], SUBLAYERS, "sublayers"),
+                     temperatures=temps, topk=topk, layers=layers, prompts=src, n_prompts=int(probe_cfg.n_prompts),
+                     max_prompt_tokens=int(probe_cfg.max_prompt_tokens), max_new_tokens=int(probe_cfg.max_new_tokens),
+                     token_chunk=int(probe_cfg.token_chunk), metric_threads=None if threads is None else int(threads),
+                     compile=probe_cfg.compile, seed=int(probe_cfg.seed))
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -207,19 +198,18 @@ def _states_to_cpu(prefix: str, states: dict) -> dict[str, Tensor]:
             for (layer, sub), v in states.items()}
 
 
-def dense_reference(model: nn.Module, tokenizer, probe_cfg, cache_dir: str | os.PathLike,
+def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | os.PathLike,
                     model_key: str | None = None) -> DenseReference:
     """Run the dense model over the probe prompts once and cache its hidden states.
 
     ``model_key`` names the dense model (the pipeline passes one); without it the key is
     derived from ``model.config``. A weight sample is hashed in as well, so two models
     with the same config but different weights never share a cache."""
-    p = plan(probe_cfg)
     if p.empty:
         return DenseReference(key="", path=None)
-    prompts = load_prompts(probe_cfg, tokenizer)
+    prompts = load_prompts(p, tokenizer)
     n_layers = num_layers(model)
-    layers = resolve_layers(probe_cfg.layers, n_layers)
+    layers = resolve_layers(p.layers, n_layers)
     stop = stop_token_ids(model, tokenizer)
     dtype = str(next(model.parameters()).dtype)
     key = stable_hash(CACHE_VERSION, model_key or derived_model_key(model), weights_fingerprint(model),
@@ -358,6 +348,9 @@ def intra_op_threads(n: int | None, device: torch.device):
 
 # --------------------------------------------------------------------------- the table
 
+_LABELS = ("context", "prompt_id", "prompt_kind", "layer", "sublayer", "space", "metric", "temperature")
+
+
 class _Rows:
     """Columnar accumulator: each `add` appends one vector of values sharing its labels."""
 
@@ -386,28 +379,21 @@ class _Rows:
 
     def frame(self) -> pd.DataFrame:
         if not self.labels:
-            return empty_table()
+            return empty_probe_table()
         lengths = np.array([len(v) for v in self.values])
         cols = list(zip(*self.labels))
         data = {}
-        for name, col in zip(("context", "prompt_id", "prompt_kind", "layer", "sublayer", "space", "metric",
-                              "temperature"), cols):
+        for name, col in zip(_LABELS, cols):
             data[name] = np.repeat(np.asarray(col, dtype=object if isinstance(col[0], str) else None), lengths)
         data["step"] = np.concatenate(self.steps)
         data["value"] = np.concatenate(self.values)
         df = pd.DataFrame(data)
-        return df.astype({"prompt_id": "int32", "layer": "int16", "step": "int32", "temperature": "float64",
-                          "value": "float64"})[list(COLUMNS)]
-
-
-def empty_table() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-        COLUMNS, ("object", "int32", "object", "int16", "object", "int32", "object", "object", "float64", "float64"))})
+        return df.astype({c: t for c, t in PROBE_DTYPES.items() if t != "object"})[list(PROBE_COLUMNS)]
 
 
 # --------------------------------------------------------------------------- comparison
 
-def _check_compatible(ref: DenseReference, p: Plan, layers: list[int]) -> None:
+def _check_compatible(ref: DenseReference, p: ProbePlan, layers: list[int]) -> None:
     missing = {"contexts": [c for c in p.contexts if c not in ref.contexts],
                "sublayers": [s for s in p.sublayers if s not in ref.sublayers],
                "layers": [i for i in layers if i not in ref.layers]}
@@ -417,16 +403,15 @@ def _check_compatible(ref: DenseReference, p: Plan, layers: list[int]) -> None:
                          f"probe config as the comparison")
 
 
-def compare_to_reference(model: nn.Module, tokenizer, probe_cfg, ref: DenseReference) -> pd.DataFrame:
+def compare_to_reference(model: nn.Module, tokenizer, p: ProbePlan, ref: DenseReference) -> pd.DataFrame:
     """Compare the (pruned) ``model`` with the cached dense reference; returns the tidy table."""
-    p = plan(probe_cfg)
     if p.empty or ref.empty:
-        return empty_table()
+        return empty_probe_table()
     n_layers = num_layers(model)
     if n_layers != ref.n_layers:
         raise ValueError(f"the model has {n_layers} blocks, the dense reference {ref.n_layers} (layer "
                          f"dropping must keep the blocks, as identity sublayers)")
-    layers = resolve_layers(probe_cfg.layers, n_layers)
+    layers = resolve_layers(p.layers, n_layers)
     _check_compatible(ref, p, layers)
     if lens_fingerprint(model) != ref.lens_fingerprint:
         log.warning("the final norm / LM head changed since the dense reference (pruned LM head?): both "

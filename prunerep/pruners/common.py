@@ -1,4 +1,5 @@
-"""What every pruner shares: its settings, block-by-block calibration, masks, measurement.
+"""What every pruner shares: the base of the method classes, block-by-block calibration,
+masks, measurement.
 
 Calibration runs as in the Wanda and SparseGPT reference code: the inputs of block i+1
 are the outputs of the already-pruned block i, so peak memory is one block plus its
@@ -10,50 +11,99 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 
-from prunerep.config import ConfigError, SparsitySpec
+from prunerep.errors import ConfigError
 from prunerep.models import base_model, decoder_layers, output_head
+from prunerep.registry import Method
+from prunerep.sparsity import SparsitySpec
 
 
 @dataclass
 class PruneSettings:
-    """The `cfg` every ``prune(model, calib, cfg)`` receives."""
+    """What a run asks of its pruner, besides the method's own settings: the target, where
+    to compute and how many calibration samples go through a block at once."""
 
     spec: SparsitySpec
-    pruner: object  # the `pruner` config node (PrunerConfig)
+    pruner: "Pruner"
     device: torch.device
     offload: bool = False
     batch_size: int = 1 << 30  # calibration samples per block forward; default: all at once
     seed: int = 0
 
 
+@dataclass
+class Pruner(Method):
+    """Base of every pruning method (``conf/pruner/<name>.yaml`` + ``prunerep/pruners/<name>.py``).
+
+    Settings shared by all: ``include``/``exclude``, regexes on the Linear layers' names inside
+    a decoder block, choose what is pruned and what sparsity is measured on. Capabilities are
+    class flags, read by the pipeline and the checks; :meth:`validate` runs before the model
+    loads, :meth:`check` after it loads and before any heavy work."""
+
+    include: str = r".*"
+    exclude: Optional[str] = None
+
+    needs_calibration: ClassVar[bool] = False  # calibration samples are loaded for it
+    supports_nm: ClassVar[bool] = True  # takes an N:M pattern as its target
+    supports_lm_head: ClassVar[bool] = False  # has a prune_lm_head setting
+
+    def validate(self, spec: SparsitySpec) -> None:
+        """Checks that need no model. Raise ConfigError (one line)."""
+        if spec.is_nm and not self.supports_nm:
+            raise ConfigError(f"the {self.name} pruner does not take an N:M pattern (sparsity={spec})")
+        for key in ("include", "exclude"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ConfigError(f"pruner.{key}={pattern!r} is not a valid regular expression: {e}") from None
+
+    def check(self, model: nn.Module, settings: PruneSettings) -> None:
+        """Checks against the loaded model: the pattern must match Linear layers, and an N:M
+        pattern must divide their input features."""
+        targets = {f"layers.{i}.{name}": lin for i, block in enumerate(decoder_layers(model))
+                   for name, lin in prunable_linears(block, self).items()}
+        if not targets:
+            raise ConfigError(f"pruner.include={self.include!r} / pruner.exclude={self.exclude!r} match no Linear "
+                              f"layer of the model's decoder blocks")
+        if settings.spec.is_nm:
+            for name, lin in targets.items():
+                if lin.in_features % settings.spec.m:
+                    raise ConfigError(f"N:M sparsity {settings.spec}: {name} has {lin.in_features} "
+                                      f"input features, not a multiple of {settings.spec.m}")
+
+    def prune(self, model: nn.Module, calib: Optional[torch.Tensor], settings: PruneSettings) -> dict:
+        """Prune ``model`` in place; return what the method reports about itself."""
+        raise NotImplementedError
+
+
+@dataclass
+class CalibratedPruner(Pruner):
+    """A pruner that reads calibration activations block by block (Wanda, SparseGPT).
+
+    ``sequential``: inside a block, each Linear layer's statistics come from the block with
+    the layers before it already pruned (o_proj sees the pruned q/k/v, the MLP the pruned
+    attention) -- GPTQ/SparseGPT's ``--true-sequential``. ``false``: every layer's statistics
+    come from the dense block, as in Wanda's reference code (``lib/prune.py``: prune_wanda and
+    prune_sparsegpt). Independent of ``calib.batch_size``, which only bounds memory."""
+
+    sequential: bool = True
+    needs_calibration: ClassVar[bool] = True
+
+
 # --------------------------------------------------------------------------- targets
 
-def prunable_linears(block: nn.Module, pruner_cfg) -> dict[str, nn.Linear]:
+def prunable_linears(block: nn.Module, pruner: Pruner) -> dict[str, nn.Linear]:
     """The Linear layers of one decoder block that the pruner may touch, by name in the block."""
-    inc = re.compile(pruner_cfg.include)
-    exc = re.compile(pruner_cfg.exclude) if pruner_cfg.exclude else None
+    inc = re.compile(pruner.include)
+    exc = re.compile(pruner.exclude) if pruner.exclude else None
     return {name: mod for name, mod in block.named_modules()
             if isinstance(mod, nn.Linear) and inc.search(name) and not (exc and exc.search(name))}
-
-
-def check_prunable(model: nn.Module, cfg: PruneSettings) -> None:
-    """Fail before any work if the pattern cannot apply to the model's shapes."""
-    if cfg.pruner.prune_lm_head and cfg.pruner.name not in ("magnitude", "random"):
-        raise ConfigError(f"pruner.prune_lm_head=true is supported by magnitude and random, not {cfg.pruner.name}")
-    if cfg.pruner.prune_lm_head and model.config.get_text_config().tie_word_embeddings:
-        raise ConfigError("pruner.prune_lm_head=true on a model with tied embeddings would also prune "
-                          "the input embeddings; leave it false for this model")
-    if cfg.spec.is_nm:
-        for i, block in enumerate(decoder_layers(model)):
-            for name, lin in prunable_linears(block, cfg.pruner).items():
-                if lin.in_features % cfg.spec.m:
-                    raise ConfigError(f"N:M sparsity {cfg.spec}: layers.{i}.{name} has {lin.in_features} "
-                                      f"input features, not a multiple of {cfg.spec.m}")
 
 
 # --------------------------------------------------------------------------- masks
@@ -263,24 +313,57 @@ def calibrated_blocks(model: nn.Module, calib: torch.Tensor, cfg: PruneSettings,
 
 def prune_block(step: BlockStep, linears: dict[str, nn.Linear], cfg: PruneSettings,
                 accumulate: Callable[[str, torch.Tensor], None], prune_linear: Callable[[str, nn.Linear], None]) -> None:
-    """Gather statistics with `accumulate(name, x)` and prune with `prune_linear(name, linear)`.
+    """Gather statistics with `accumulate(name, x)` and prune with `prune_linear(name, linear)`,
+    in the order ``cfg.pruner.sequential`` asks for (see :class:`CalibratedPruner`).
 
-    If the calibration batch fits one forward (cfg.batch_size >= samples), one sequential
-    pass does both (see prune_on_first_call). Otherwise, as in the Wanda/SparseGPT reference
-    code: one pass over all micro-batches gathers the statistics of the dense block, then
-    every layer is pruned, then the pruned block is run again for the next block's inputs."""
-    if cfg.batch_size >= len(step.inputs):
+    Sequential: with the whole batch in one forward, one pass does both (see
+    prune_on_first_call); with micro-batches, one pass over all of them per group of layers
+    that read the same input (q/k/v, o, gate/up, down), pruning each group before the next
+    group's statistics are gathered. Not sequential: one pass over the dense block gathers
+    every layer's statistics, then all are pruned, then the pruned block is run again for the
+    next block's inputs."""
+    batch = cfg.batch_size
+    if not cfg.pruner.sequential:
+        with input_hooks(linears, accumulate):
+            run_block(step.block, step.inputs, step.kwargs, batch)
+        for name, lin in linears.items():
+            prune_linear(name, lin)
+        return
+    if batch >= len(step.inputs):
         def once(name, lin, x):
             accumulate(name, x)
             prune_linear(name, lin)
 
         with prune_on_first_call(linears, once):
             step.outputs = run_block(step.block, step.inputs, step.kwargs, len(step.inputs))
-    else:
-        with input_hooks(linears, accumulate):
-            run_block(step.block, step.inputs, step.kwargs, cfg.batch_size)
-        for name, lin in linears.items():
-            prune_linear(name, lin)
+        return
+    for group in input_groups(step, linears):
+        with input_hooks({n: linears[n] for n in group}, accumulate):
+            run_block(step.block, step.inputs, step.kwargs, batch)
+        for name in group:
+            prune_linear(name, linears[name])
+
+
+@torch.no_grad()
+def input_groups(step: BlockStep, linears: dict[str, nn.Linear]) -> list[list[str]]:
+    """The block's Linear layers in the order they run, grouped by shared input tensor
+    (q/k/v read one tensor, gate/up another), found by running one sample through the block."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [mod.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, a[0])))
+               for name, mod in linears.items()]
+    with removing(handles):
+        run_block(step.block, step.inputs[:1], step.kwargs, 1)
+    groups: list[list[str]] = []
+    last = None
+    for name, x in calls:
+        if name in {n for g in groups for n in g}:
+            continue
+        if last is not None and x is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = x
+    return groups
 
 
 # --------------------------------------------------------------------------- measurement
@@ -323,6 +406,7 @@ def mean_cos_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((1 - cos).mean())
 
 
-__all__ = ["PruneSettings", "prunable_linears", "check_prunable", "mask_for", "per_row_mask", "nm_mask",
-           "lowest_k_mask", "apply_mask", "capture_block_inputs", "run_block", "input_hooks",
-           "calibrated_blocks", "prune_block", "prune_on_first_call", "BlockStep", "measure_sparsity", "mean_cos_distance", "n_pruned"]
+__all__ = ["PruneSettings", "Pruner", "CalibratedPruner", "prunable_linears", "mask_for", "per_row_mask", "nm_mask",
+           "lowest_k_mask", "apply_mask", "capture_block_inputs", "run_block", "input_hooks", "input_groups",
+           "calibrated_blocks", "prune_block", "prune_on_first_call", "BlockStep", "measure_sparsity",
+           "mean_cos_distance", "n_pruned"]

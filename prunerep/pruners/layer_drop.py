@@ -6,102 +6,95 @@ exactly nothing, and the model saves and reloads with `from_pretrained` unchange
 
 Importance is measured on the dense model (one pass, block by block) and the k least
 important candidates are dropped at once. k = round(sparsity · candidates), or
-`pruner.count` when given. Sublayer outputs are taken as the Llama/Qwen2/Mistral-style
-residual update (h_mid = h + attn(h), h_out = h_mid + mlp(h_mid))."""
+`pruner.count` when given. The sublayers' updates to the residual stream come from
+:func:`prunerep.models.residual_update` (so Gemma-2's post-sublayer norms are included)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
 import torch
-from torch import nn
 
-from prunerep.config import ConfigError
-from prunerep.models import decoder_layers
-from prunerep.pruners.common import calibrated_blocks, mean_cos_distance, run_block
+from prunerep.errors import ConfigError
+from prunerep.models import SUBLAYER_KINDS, decoder_layers, output_projection, residual_update, sublayer
+from prunerep.pruners.common import Pruner, calibrated_blocks, mean_cos_distance, removing, run_block
 
-
-def _out_proj(sub: nn.Module) -> nn.Linear:
-    for name in ("o_proj", "down_proj", "out_proj", "dense", "c_proj", "fc2", "dense_4h_to_h"):
-        lin = getattr(sub, name, None)
-        if isinstance(lin, nn.Linear):
-            return lin
-    raise TypeError(f"cannot find the output projection of {type(sub).__name__}")
-
-
-def sublayers(block: nn.Module) -> dict[str, nn.Module]:
-    attn = getattr(block, "self_attn", None) or getattr(block, "attention", None) or getattr(block, "attn", None)
-    mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
-    if attn is None or mlp is None:
-        raise TypeError(f"{type(block).__name__}: no self_attn/mlp sublayers found")
-    return {"attn": attn, "mlp": mlp}
+TARGETS = ("attn", "mlp", "block", "both")
 
 
 @torch.no_grad()
-def make_identity(sub: nn.Module) -> None:
-    """The sublayer adds zero to the residual stream from now on."""
-    lin = _out_proj(sub)
+def make_identity(block: torch.nn.Module, kind: str) -> None:
+    """The block's `kind` sublayer adds zero to the residual stream from now on."""
+    lin = output_projection(sublayer(block, kind))
     lin.weight.zero_()
     if lin.bias is not None:
         lin.bias.zero_()
 
 
-def n_to_drop(n_candidates: int, cfg) -> int:
-    if cfg.pruner.count is not None:
-        k = int(cfg.pruner.count)
-        if k > n_candidates:
-            raise ConfigError(f"pruner.count={k} but the model has only {n_candidates} "
-                              f"{cfg.pruner.target} candidates")
-        return k
-    return int(round(cfg.spec.ratio * n_candidates))
+@dataclass
+class LayerDrop(Pruner):
+    name: str = "layer_drop"
+    target: str = "attn"  # attn | mlp | block | both (attn and mlp sublayers ranked together)
+    count: Optional[int] = None  # how many to drop; null: round(sparsity x candidates)
 
+    needs_calibration: ClassVar[bool] = True
+    supports_nm: ClassVar[bool] = False
 
-def check(model, cfg) -> None:
-    """Raise before any work when `count` exceeds what the model has (see check_pruner)."""
-    n_candidates = len(decoder_layers(model)) * (2 if cfg.pruner.target == "both" else 1)
-    n_to_drop(n_candidates, cfg)
+    def validate(self, spec) -> None:
+        super().validate(spec)
+        if self.target not in TARGETS:
+            raise ConfigError(f"pruner.target={self.target!r}; choose {', '.join(TARGETS)}")
+        if self.count is not None and self.count < 0:
+            raise ConfigError(f"pruner.count={self.count} must be >= 0")
 
+    def n_candidates(self, model) -> int:
+        return len(decoder_layers(model)) * (2 if self.target == "both" else 1)
 
-@torch.no_grad()
-def importance(model, calib, cfg) -> dict[str, float]:
-    """1 − cos(input, output) for every candidate ("layers.3.attn", "layers.3.mlp", "layers.3")."""
-    scores: dict[str, float] = {}
-    for step in calibrated_blocks(model, calib, cfg, desc="layer_drop importance"):
-        i, block, inputs, kwargs = step.index, step.block, step.inputs, step.kwargs
-        subs = sublayers(block)
-        upd: dict[str, list] = {"attn": [], "mlp": []}
-        hooks = [subs[k].register_forward_hook(
-            lambda m, a, out, k=k: upd[k].append(out[0] if isinstance(out, tuple) else out)) for k in upd]
-        try:
-            outputs = run_block(block, inputs, kwargs, cfg.batch_size)
-        finally:
-            for h in hooks:
-                h.remove()
-        step.outputs = outputs  # nothing is pruned while measuring: the dense outputs go on
-        attn_upd, mlp_upd = torch.cat(upd["attn"]), torch.cat(upd["mlp"])
-        mid = inputs + attn_upd
-        scores[f"layers.{i}.attn"] = mean_cos_distance(inputs, mid)
-        scores[f"layers.{i}.mlp"] = mean_cos_distance(mid, mid + mlp_upd)
-        scores[f"layers.{i}"] = mean_cos_distance(inputs, outputs)
-    return scores
+    def n_to_drop(self, n_candidates: int, spec) -> int:
+        if self.count is not None:
+            if self.count > n_candidates:
+                raise ConfigError(f"pruner.count={self.count} but the model has only {n_candidates} "
+                                  f"{self.target} candidates")
+            return int(self.count)
+        return int(round(spec.ratio * n_candidates))
 
+    def check(self, model, settings) -> None:
+        super().check(model, settings)
+        self.n_to_drop(self.n_candidates(model), settings.spec)
 
-def prune(model, calib, cfg) -> dict:
-    target = cfg.pruner.target
-    scores = importance(model, calib, cfg)
-    if target == "block":
-        candidates = {k: v for k, v in scores.items() if k.count(".") == 1}
-    elif target == "both":
-        candidates = {k: v for k, v in scores.items() if k.endswith((".attn", ".mlp"))}
-    else:
-        candidates = {k: v for k, v in scores.items() if k.endswith("." + target)}
-    k = n_to_drop(len(candidates), cfg)
-    dropped = sorted(candidates, key=candidates.get)[:k]
-    layers = decoder_layers(model)
-    for name in dropped:
-        parts = name.split(".")
-        block = layers[int(parts[1])]
-        for sub_name, sub in sublayers(block).items():
-            if len(parts) == 2 or parts[2] == sub_name:
-                make_identity(sub)
-    return {"method": "layer_drop", "calibration": True, "target": target, "n_candidates": len(candidates),
-            "n_dropped": len(dropped), "dropped": sorted(dropped, key=lambda s: [int(p) if p.isdigit() else p
-                                                                               for p in s.split(".")]),
-            "importance": scores}
+    @torch.no_grad()
+    def importance(self, model, calib, settings) -> dict[str, float]:
+        """1 − cos(input, output) for every candidate ("layers.3.attn", "layers.3.mlp", "layers.3")."""
+        scores: dict[str, float] = {}
+        for step in calibrated_blocks(model, calib, settings, desc="layer_drop importance"):
+            i, block, inputs = step.index, step.block, step.inputs
+            upd: dict[str, list] = {k: [] for k in SUBLAYER_KINDS}
+            hooks = [residual_update(block, k).register_forward_hook(
+                lambda m, a, out, k=k: upd[k].append(out[0] if isinstance(out, tuple) else out))
+                for k in SUBLAYER_KINDS]
+            with removing(hooks):
+                outputs = run_block(block, inputs, step.kwargs, settings.batch_size)
+            step.outputs = outputs  # nothing is pruned while measuring: the dense outputs go on
+            mid = inputs + torch.cat(upd["attn"])
+            scores[f"layers.{i}.attn"] = mean_cos_distance(inputs, mid)
+            scores[f"layers.{i}.mlp"] = mean_cos_distance(mid, mid + torch.cat(upd["mlp"]))
+            scores[f"layers.{i}"] = mean_cos_distance(inputs, outputs)
+        return scores
+
+    def prune(self, model, calib, settings) -> dict:
+        scores = self.importance(model, calib, settings)
+        if self.target == "block":
+            candidates = {k: v for k, v in scores.items() if k.count(".") == 1}
+        elif self.target == "both":
+            candidates = {k: v for k, v in scores.items() if k.endswith((".attn", ".mlp"))}
+        else:
+            candidates = {k: v for k, v in scores.items() if k.endswith("." + self.target)}
+        dropped = sorted(candidates, key=candidates.get)[:self.n_to_drop(len(candidates), settings.spec)]
+        layers = decoder_layers(model)
+        for name in dropped:
+            parts = name.split(".")
+            for kind in (SUBLAYER_KINDS if len(parts) == 2 else (parts[2],)):
+                make_identity(layers[int(parts[1])], kind)
+        order = sorted(dropped, key=lambda s: [int(p) if p.isdigit() else p for p in s.split(".")])
+        return {"method": "layer_drop", "calibration": True, "target": self.target, "n_candidates": len(candidates),
+                "n_dropped": len(dropped), "dropped": order, "importance": scores}

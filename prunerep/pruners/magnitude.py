@@ -2,24 +2,39 @@
 as the baseline in the Wanda repository); N:M picks the smallest |W| in each group."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from prunerep.errors import ConfigError
 from prunerep.models import decoder_layers, output_head
-from prunerep.pruners.common import apply_mask, mask_for, prunable_linears
+from prunerep.pruners.common import Pruner, apply_mask, mask_for, prunable_linears
 
 
-@torch.no_grad()
-def prune_by_score(model, cfg, score_fn) -> dict:
-    """Prune every prunable Linear by `score_fn(weight) -> score` (lowest scores go).
-    Needs no calibration data, so it touches one weight matrix at a time, in place."""
-    for block in decoder_layers(model):
-        for lin in prunable_linears(block, cfg.pruner).values():
-            apply_mask(lin, mask_for(score_fn(lin.weight.to(cfg.device)), cfg.spec, per_row=False))
-    if cfg.pruner.prune_lm_head:
-        head = output_head(model)
-        apply_mask(head, mask_for(score_fn(head.weight.to(cfg.device)), cfg.spec, per_row=False))
-    return {"method": cfg.pruner.name, "calibration": False}
+@dataclass
+class Magnitude(Pruner):
+    name: str = "magnitude"
+    prune_lm_head: bool = False  # also prune the LM head (untied models only)
+    supports_lm_head: ClassVar[bool] = True
 
+    def check(self, model, settings) -> None:
+        super().check(model, settings)
+        if self.prune_lm_head and model.config.get_text_config().tie_word_embeddings:
+            raise ConfigError("pruner.prune_lm_head=true on a model with tied embeddings would also prune "
+                              "the input embeddings; leave it false for this model")
 
-def prune(model, calib, cfg) -> dict:
-    return prune_by_score(model, cfg, lambda w: w.abs().float())
+    def score(self, weight: torch.Tensor) -> torch.Tensor:
+        """Lowest scores are pruned."""
+        return weight.abs().float()
+
+    @torch.no_grad()
+    def prune(self, model, calib, settings) -> dict:
+        """Needs no calibration data, so it touches one weight matrix at a time, in place."""
+        for block in decoder_layers(model):
+            for lin in prunable_linears(block, self).values():
+                apply_mask(lin, mask_for(self.score(lin.weight.to(settings.device)), settings.spec, per_row=False))
+        if self.prune_lm_head:
+            head = output_head(model)
+            apply_mask(head, mask_for(self.score(head.weight.to(settings.device)), settings.spec, per_row=False))
+        return {"method": self.name, "calibration": False}

@@ -1,6 +1,14 @@
 """The dense baseline: nothing is pruned (the pipeline still probes and evaluates)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def prune(model, calib, cfg) -> dict:
-    return {"method": "none"}
+from prunerep.pruners.common import Pruner
+
+
+@dataclass
+class NoPruning(Pruner):
+    name: str = "none"
+
+    def prune(self, model, calib, settings) -> dict:
+        return {"method": "none"}

@@ -1,18 +1,25 @@
 """A baseline: zero a uniformly random subset of each layer's weights (seeded)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from prunerep.pruners.magnitude import prune_by_score
+from prunerep.pruners.magnitude import Magnitude
 
 
-def prune(model, calib, cfg) -> dict:
-    seed = cfg.pruner.seed if cfg.pruner.seed is not None else cfg.seed
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+@dataclass
+class Random(Magnitude):
+    name: str = "random"
+    seed: Optional[int] = None  # null: the run's seed
 
-    def score(w):
-        return torch.rand(w.shape, generator=gen).to(w.device)
+    def prune(self, model, calib, settings) -> dict:
+        seed = int(self.seed if self.seed is not None else settings.seed)
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+        report = super().prune(model, calib, settings)
+        report["seed"] = seed
+        return report
 
-    report = prune_by_score(model, cfg, score)
-    report["seed"] = int(seed)
-    return report
+    def score(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.rand(weight.shape, generator=self._gen).to(weight.device)

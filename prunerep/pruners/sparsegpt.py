@@ -4,9 +4,13 @@ from the inverse Hessian H = 2XXᵀ of the layer's calibration inputs. Masks are
 adaptively per block of `blocksize` columns (by w² / [H⁻¹]_jj²), or per group of M for N:M."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from prunerep.pruners.common import apply_mask, calibrated_blocks, n_pruned, prunable_linears, prune_block
+from prunerep.errors import ConfigError
+from prunerep.pruners.common import (CalibratedPruner, apply_mask, calibrated_blocks, n_pruned, prunable_linears,
+                                     prune_block)
 
 
 @torch.no_grad()
@@ -56,28 +60,38 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, spec, bl
     return W
 
 
-@torch.no_grad()
-def prune(model, calib, cfg) -> dict:
-    for step in calibrated_blocks(model, calib, cfg, desc="sparsegpt"):
-        linears = prunable_linears(step.block, cfg.pruner)
-        hess = {n: torch.zeros(l.in_features, l.in_features, device=l.weight.device, dtype=torch.float32)
-                for n, l in linears.items()}
-        seen = {n: 0 for n in linears}
+@dataclass
+class SparseGPT(CalibratedPruner):
+    name: str = "sparsegpt"
+    blocksize: int = 128  # columns updated together (lazy batch updates)
+    percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
 
-        def accumulate(name, x):  # running mean of 2·x xᵀ over tokens
-            x = x.float()
-            t = x.shape[0]
-            hess[name] *= seen[name] / (seen[name] + t)
-            seen[name] += t
-            x = x * (2.0 / seen[name]) ** 0.5
-            hess[name] += x.T @ x
+    def validate(self, spec) -> None:
+        super().validate(spec)
+        if self.blocksize < 1 or not self.percdamp >= 0:
+            raise ConfigError(f"pruner.blocksize={self.blocksize} must be >= 1 and pruner.percdamp={self.percdamp} >= 0")
 
-        def prune_linear(name, lin):
-            new = sparsegpt_prune_weight(lin.weight, hess.pop(name), cfg.spec, cfg.pruner.blocksize,
-                                         cfg.pruner.percdamp)
-            lin.weight.data.copy_(new.to(lin.weight.dtype))
-            apply_mask(lin, new == 0)  # exact zeros survive the cast back to the model's dtype
+    @torch.no_grad()
+    def prune(self, model, calib, settings) -> dict:
+        for step in calibrated_blocks(model, calib, settings, desc="sparsegpt"):
+            linears = prunable_linears(step.block, self)
+            hess = {n: torch.zeros(l.in_features, l.in_features, device=l.weight.device, dtype=torch.float32)
+                    for n, l in linears.items()}
+            seen = {n: 0 for n in linears}
 
-        prune_block(step, linears, cfg, accumulate, prune_linear)
-    return {"method": "sparsegpt", "calibration": True, "calib_shape": list(calib.shape),
-            "blocksize": cfg.pruner.blocksize, "percdamp": cfg.pruner.percdamp}
+            def accumulate(name, x):  # running mean of 2·x xᵀ over tokens
+                x = x.float()
+                t = x.shape[0]
+                hess[name] *= seen[name] / (seen[name] + t)
+                seen[name] += t
+                x = x * (2.0 / seen[name]) ** 0.5
+                hess[name] += x.T @ x
+
+            def prune_linear(name, lin):
+                new = sparsegpt_prune_weight(lin.weight, hess.pop(name), settings.spec, self.blocksize, self.percdamp)
+                lin.weight.data.copy_(new.to(lin.weight.dtype))
+                apply_mask(lin, new == 0)  # exact zeros survive the cast back to the model's dtype
+
+            prune_block(step, linears, settings, accumulate, prune_linear)
+        return {"method": "sparsegpt", "calibration": True, "calib_shape": list(calib.shape),
+                "blocksize": self.blocksize, "percdamp": self.percdamp}

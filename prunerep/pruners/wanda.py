@@ -3,9 +3,12 @@ norm of its input feature over the calibration tokens, and prune the lowest scor
 each output row (or within each group of M inputs for N:M). No weight update."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from prunerep.pruners.common import apply_mask, calibrated_blocks, mask_for, prunable_linears, prune_block
+from prunerep.pruners.common import (CalibratedPruner, apply_mask, calibrated_blocks, mask_for, prunable_linears,
+                                     prune_block)
 
 
 def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -13,18 +16,22 @@ def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tens
     return weight.abs().float() * input_sq_norm.float().sqrt()[None, :]
 
 
-@torch.no_grad()
-def prune(model, calib, cfg) -> dict:
-    for step in calibrated_blocks(model, calib, cfg, desc="wanda"):
-        linears = prunable_linears(step.block, cfg.pruner)
-        sq = {name: torch.zeros(lin.in_features, device=lin.weight.device, dtype=torch.float32)
-              for name, lin in linears.items()}
+@dataclass
+class Wanda(CalibratedPruner):
+    name: str = "wanda"
 
-        def accumulate(name, x):
-            sq[name] += x.float().pow(2).sum(0)
+    @torch.no_grad()
+    def prune(self, model, calib, settings) -> dict:
+        for step in calibrated_blocks(model, calib, settings, desc="wanda"):
+            linears = prunable_linears(step.block, self)
+            sq = {name: torch.zeros(lin.in_features, device=lin.weight.device, dtype=torch.float32)
+                  for name, lin in linears.items()}
 
-        def prune_linear(name, lin):
-            apply_mask(lin, mask_for(wanda_score(lin.weight, sq[name]), cfg.spec, per_row=True))
+            def accumulate(name, x):
+                sq[name] += x.float().pow(2).sum(0)
 
-        prune_block(step, linears, cfg, accumulate, prune_linear)
-    return {"method": "wanda", "calibration": True, "calib_shape": list(calib.shape)}
+            def prune_linear(name, lin):
+                apply_mask(lin, mask_for(wanda_score(lin.weight, sq[name]), settings.spec, per_row=True))
+
+            prune_block(step, linears, settings, accumulate, prune_linear)
+        return {"method": "wanda", "calibration": True, "calib_shape": list(calib.shape)}

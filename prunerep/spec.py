@@ -1,0 +1,132 @@
+"""Everything one run needs, validated and built once from the composed config, before the
+model loads: the typed method, the sparsity target, the probe plan, the run's identity. The
+pipeline passes these objects to its stages; no stage reads the raw config."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from prunerep.config import CalibConfig, ModelConfig, TaskConfig, WandbConfig
+from prunerep.errors import ConfigError
+from prunerep.io import stable_hash
+from prunerep.probes.reference import ProbePlan, build_plan
+from prunerep.pruners.common import PruneSettings, Pruner
+from prunerep.registry import build_method
+from prunerep.sparsity import SparsitySpec, parse_sparsity, sparsity_label
+from prunerep.index import config_hash, slurm_job_id
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Who a run is, as summary.json, the index and the tracker record it."""
+
+    config_hash: str
+    model: str
+    pruner: str
+    sparsity: Any  # as given: 0.5, "2:4"
+    run_dir: Path
+    slurm_job_id: Optional[str]
+    name: str  # <model>/<pruner>/<sparsity>, or wandb.name
+    group: Optional[str]  # wandb.group, else the name of the multirun's sweep directory
+
+    def summary_fields(self) -> dict:
+        return {"config_hash": self.config_hash, "model": self.model, "pruner": self.pruner,
+                "sparsity": self.sparsity, "run_dir": str(self.run_dir), "slurm_job_id": self.slurm_job_id}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    identity: RunIdentity
+    config: dict  # the resolved config, for config.yaml and the tracker
+    model: ModelConfig
+    model_key: str  # identity of the dense model, for the dense-side caches
+    sparsity: SparsitySpec
+    pruner: Pruner
+    prune: PruneSettings
+    calib: CalibConfig
+    probe: ProbePlan
+    task: TaskConfig
+    wandb: WandbConfig
+    cache_dir: Path
+    save_model: bool
+    skip_completed: bool
+
+
+def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> RunIdentity:
+    """The run's identity; needs nothing validated (a bad point is recorded under it too)."""
+    w = cfg.wandb
+    name = w.name or f"{cfg.model.name}/{cfg.pruner.name}/{sparsity_label(cfg.sparsity)}"
+    group = w.group or (Path(sweep_dir).name if sweep_dir is not None else None)
+    return RunIdentity(config_hash=config_hash(cfg), model=cfg.model.name, pruner=cfg.pruner.name,
+                       sparsity=cfg.sparsity, run_dir=Path(run_dir), slurm_job_id=slurm_job_id(),
+                       name=str(name), group=None if group is None else str(group))
+
+
+def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> RunSpec:
+    """Validate the composed config into a RunSpec. Raises ConfigError (one line) on bad input."""
+    from prunerep import evals
+    from prunerep.models import resolve_device, resolve_dtype
+
+    spec = parse_sparsity(cfg.sparsity)
+    pruner = build_method("pruner", cfg.pruner)
+    pruner.validate(spec)
+    model: ModelConfig = OmegaConf.to_object(cfg.model)
+    calib: CalibConfig = OmegaConf.to_object(cfg.calib)
+    wandb: WandbConfig = OmegaConf.to_object(cfg.wandb)
+    task: TaskConfig = OmegaConf.to_object(cfg.task)
+    check_model(model)
+    check_calib(calib)
+    if wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"wandb.mode={wandb.mode!r}; choose offline, online or disabled")
+    evals.validate_tasks(task)
+    try:
+        plan = build_plan(cfg.probe)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    device = resolve_device(model.device)
+    settings = PruneSettings(spec=spec, pruner=pruner, device=device, offload=bool(cfg.offload),
+                             batch_size=calib.batch_size or calib.nsamples, seed=int(cfg.seed))
+    return RunSpec(identity=identity(cfg, run_dir, sweep_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                   model=model, model_key=model_key(model, device, resolve_dtype(model.dtype, device)),
+                   sparsity=spec, pruner=pruner, prune=settings, calib=calib, probe=plan, task=task, wandb=wandb,
+                   cache_dir=Path(os.path.expanduser(cfg.cache_dir)), save_model=bool(cfg.save_model),
+                   skip_completed=bool(cfg.skip_completed))
+
+
+def model_key(model: ModelConfig, device, dtype) -> str:
+    """Identity of the dense model for the dense-reference caches (probes, evals)."""
+    m = OmegaConf.to_container(OmegaConf.structured(model), resolve=True)
+    m.pop("device", None)
+    m["dtype"] = str(dtype)
+    m["device_type"] = device.type
+    return f"{model.name}-{stable_hash(m)}"
+
+
+def check_model(m: ModelConfig) -> None:
+    if m.source not in ("hub", "gguf", "package", "random"):
+        raise ConfigError(f"model.source={m.source!r}; choose hub, gguf, package or random")
+    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}; choose auto, float32, bfloat16 or float16")
+    if m.source == "gguf" and not (m.path and Path(m.path).exists()):
+        raise ConfigError(f"model.path={m.path!r}: no such .gguf file")
+    if m.source == "hub" and m.path and _looks_local(m.path) and not Path(m.path).exists():
+        raise ConfigError(f"model.path={m.path!r}: no such local directory")
+
+
+def check_calib(c: CalibConfig) -> None:
+    if c.nsamples < 1 or c.seqlen < 2:
+        raise ConfigError("calib.nsamples must be >= 1 and calib.seqlen >= 2")
+    if c.source not in ("pydoc", "c4", "file"):
+        raise ConfigError(f"calib.source={c.source!r}; choose pydoc, c4 or file")
+    if c.source == "file" and not (c.path and Path(c.path).is_file()):
+        raise ConfigError(f"calib.path={c.path!r} is not a readable file")
+    if c.batch_size is not None and c.batch_size < 1:
+        raise ConfigError(f"calib.batch_size={c.batch_size} must be >= 1 or null")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or Path(path).exists()
