@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,24 +30,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from prunerep import probes  # noqa: E402
-from prunerep.config import ModelConfig, ProbeConfig  # noqa: E402
 from prunerep.io import atomic_write_json  # noqa: E402
 from prunerep.models import load_model, model_device  # noqa: E402
+from prunerep.registry import compose  # noqa: E402
 
 CACHE = os.environ.get("PRUNEREP_CACHE", os.path.expanduser("~/.cache/prunerep"))
 
 
 def model_cfg(name: str, arch: dict | None = None, **over):
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
-    for k, v in over.items():
-        cfg[k] = v
-    if arch:
-        cfg.arch = OmegaConf.merge(cfg.arch, arch)
-    return cfg
+    overrides = [f"model={name}", *(f"model.{k}={v}" for k, v in over.items()),
+                 *(f"model.arch.{k}={v}" for k, v in (arch or {}).items())]
+    return OmegaConf.to_object(compose(*overrides).model)
 
 
-def probe_cfg(**over):
-    return OmegaConf.merge(OmegaConf.structured(ProbeConfig), over)
+def probe_plan(**over) -> probes.ProbePlan:
+    """The plan of ``probe=all`` with these settings changed."""
+    return probes.build_plan(OmegaConf.merge(compose("probe=all").probe, over))
 
 
 def sync(device):
@@ -92,17 +91,18 @@ def lens_row_count(df) -> int:
     return int(n)
 
 
-def time_probe(name: str, mcfg, pcfg) -> dict:
+def time_probe(name: str, mcfg, plan) -> dict:
     """probe / floor with the eager metric passes and with torch.compile (compiled beforehand)."""
     model, tok = load_model(mcfg, CACHE)
     device = model_device(model)
     t_probe = {}
     with tempfile.TemporaryDirectory() as d:
-        ref = probes.dense_reference(model, tok, pcfg, d)
+        ref = probes.dense_reference(model, tok, plan, d)
         perturb_(model)
         for mode in ("eager", "compiled"):
-            cfg = probe_cfg(**{**pcfg, "compile": mode == "compiled"})
-            probes.compare_to_reference(model, tok, probe_cfg(**{**cfg, "n_prompts": 1}), ref)  # warm-up / compile
+            cfg = dataclasses.replace(plan, compile=mode == "compiled")
+            warm = dataclasses.replace(cfg, n_prompts=1)
+            probes.compare_to_reference(model, tok, warm, probes.dense_reference(model, tok, warm, d))  # warm-up
             sync(device)
             t0 = time.perf_counter()
             df = probes.compare_to_reference(model, tok, cfg, ref)
@@ -111,7 +111,7 @@ def time_probe(name: str, mcfg, pcfg) -> dict:
     prompt_tokens = sum(len(p.ids) for p in ref.prompts)
     n_lens_layers = df[(df["context"] == "prompt") & (df["space"] == "logit")]["layer"].nunique()
     rows = lens_row_count(df) + n_lens_layers * prompt_tokens
-    t_floor = floor_seconds(model, 2 * rows, int(pcfg.token_chunk))
+    t_floor = floor_seconds(model, 2 * rows, plan.token_chunk)
     out = {"model": name, "device": str(device), "hidden": model.config.hidden_size,
            "vocab": model.config.vocab_size, "layers_probed": int(n_lens_layers), "lens_rows_per_side": rows,
            "floor_s": t_floor, "table_rows": len(df)}
@@ -126,8 +126,8 @@ import json, os, sys, threading, time, torch
 sys.path.insert(0, {repo!r})
 from omegaconf import OmegaConf
 from prunerep import probes
-from prunerep.config import ModelConfig, ProbeConfig
 from prunerep.models import load_model
+from prunerep.registry import compose
 mode, T, chunk, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(1)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -143,15 +143,14 @@ class Peak(threading.Thread):  # samples the resident set every 0.5 ms
         while not self.stop:
             self.peak = max(self.peak, rss()); time.sleep(0.0005)
 
-mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load({repo!r} + "/conf/model/tiny.yaml"))
-mcfg.arch = OmegaConf.merge(mcfg.arch, dict(num_hidden_layers=2))
+mcfg = OmegaConf.to_object(compose("model=tiny", "model.arch.num_hidden_layers=2").model)
 model, tok = load_model(mcfg, cache)
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(0, tok.vocab_size, (T,), generator=g)
 with open(cache + "/p.jsonl", "w") as f:
     f.write(json.dumps({{"prompt": tok.decode(ids)}}) + "\n")
-pc = OmegaConf.merge(OmegaConf.structured(ProbeConfig), dict(n_prompts=1, contexts=["prompt"],
-     prompts=cache + "/p.jsonl", max_prompt_tokens=T, token_chunk=chunk, metric_threads=1))
+pc = probes.build_plan(OmegaConf.merge(compose("probe=all").probe, dict(n_prompts=1, contexts=["prompt"],
+     prompts=cache + "/p.jsonl", max_prompt_tokens=T, token_chunk=chunk, metric_threads=1)))
 ref = probes.dense_reference(model, tok, pc, cache)
 x = torch.tensor([ref.prompts[0].ids])
 before = rss(); mon = Peak(); mon.start()
@@ -198,15 +197,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "probes.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    pcfg = probe_cfg(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens)
+    plan = probe_plan(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens)
     results = {"torch_threads": torch.get_num_threads(), "speed": []}
-    results["speed"].append(time_probe("smollm2", model_cfg("smollm2"), pcfg))
+    results["speed"].append(time_probe("smollm2", model_cfg("smollm2"), plan))
     if not args.skip_7b_head:
         # Qwen2.5-7B's hidden size and vocabulary (the LM head, where the probe's cost is), 2 blocks
         mcfg = model_cfg("qwen2.5-shape", arch=dict(num_hidden_layers=2, intermediate_size=1024), dtype="float32"
                          if not torch.cuda.is_available() else "bfloat16")
         results["speed"].append(time_probe("qwen2.5-7b-head (2 blocks)", mcfg,
-                                           probe_cfg(n_prompts=2, max_new_tokens=8)))
+                                           probe_plan(n_prompts=2, max_new_tokens=8)))
     results["memory"] = memory_curve([int(x) for x in args.lengths.split(",")], chunk=256)
 
     print("\nprobe bench: probe=all, pruned side (compare_to_reference) vs its LM-head floor")

@@ -22,18 +22,15 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from prunerep.config import ModelConfig, PrunerConfig, parse_sparsity  # noqa: E402
 from prunerep.io import atomic_write_json  # noqa: E402
 from prunerep.models import load_model, resolve_device  # noqa: E402
-from prunerep.pruners import get_pruner  # noqa: E402
 from prunerep.pruners.common import PruneSettings, calibrated_blocks, run_block  # noqa: E402
+from prunerep.registry import build_method, compose  # noqa: E402
+from prunerep.sparsity import parse_sparsity  # noqa: E402
 
 
 def model_cfg(name: str, **over):
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
-    for k, v in over.items():
-        cfg[k] = v
-    return cfg
+    return OmegaConf.to_object(compose(f"model={name}", *(f"model.{k}={v}" for k, v in over.items())).model)
 
 
 def sync(device):
@@ -79,8 +76,12 @@ def main() -> None:
     calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
 
     def settings(name):
-        pc = OmegaConf.merge(OmegaConf.structured(PrunerConfig), {"name": name})
-        return PruneSettings(spec=parse_sparsity(args.sparsity), pruner=pc, device=device, batch_size=args.nsamples)
+        return PruneSettings(spec=parse_sparsity(args.sparsity), pruner=build_method("pruner", compose(
+            f"pruner={name}").pruner), device=device, batch_size=args.nsamples)
+
+    def prune(name):
+        cfg = settings(name)
+        return cfg.pruner.prune(model, calib, cfg)
 
     dense_state = {k: v.clone() for k, v in model.state_dict().items()} if device.type == "cpu" else None
     snapshot = copy.deepcopy(model.state_dict()) if dense_state is None else dense_state
@@ -93,11 +94,11 @@ def main() -> None:
     # file, and the first write to each page (any pruner's) is a copy-on-write fault, not the method
     restore()
     t_fwd, _ = timed(lambda: calibration_forward(model, calib, settings("wanda")), device)
-    t_wanda, _ = timed(lambda: get_pruner("wanda")(model, calib, settings("wanda")), device)
+    t_wanda, _ = timed(lambda: prune("wanda"), device)
     restore()
-    t_sgpt, _ = timed(lambda: get_pruner("sparsegpt")(model, calib, settings("sparsegpt")), device)
+    t_sgpt, _ = timed(lambda: prune("sparsegpt"), device)
     restore()
-    t_mag, _ = timed(lambda: get_pruner("magnitude")(model, calib, settings("magnitude")), device)
+    t_mag, _ = timed(lambda: prune("magnitude"), device)
     results.update(calib_forward_s=t_fwd, wanda_s=t_wanda, sparsegpt_s=t_sgpt, magnitude_s=t_mag,
                    wanda_over_forward=t_wanda / t_fwd, sparsegpt_over_wanda=t_sgpt / t_wanda)
     if device.type == "cuda":

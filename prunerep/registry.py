@@ -15,12 +15,14 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
 from prunerep.errors import ConfigError
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: config group -> the package whose modules hold its methods
 GROUPS = {"pruner": "prunerep.pruners"}
 
@@ -96,3 +98,13 @@ def register_configs() -> None:
     for group in GROUPS:
         for name, cls in discover(group).items():
             cs.store(group=group, name=f"{name}_schema", node=cls)
+
+
+def compose(*overrides: str):
+    """The config the command line would compose from these overrides (for tests, benchmarks and
+    notebooks: no YAML merged by hand)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))

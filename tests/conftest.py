@@ -57,11 +57,9 @@ def embedded(cache_dir):
     from omegaconf import OmegaConf
 
     from prunerep.models import load_model
+    from prunerep.registry import compose
 
-    mcfg = OmegaConf.load(REPO / "conf" / "model" / "smollm2.yaml")
-    mcfg = OmegaConf.merge(OmegaConf.structured(__import__("prunerep.config").config.ModelConfig), mcfg)
-    mcfg.device = "cpu"
-    return load_model(mcfg, cache_dir)
+    return load_model(OmegaConf.to_object(compose("model=smollm2", "model.device=cpu").model), cache_dir)
 
 
 @contextlib.contextmanager

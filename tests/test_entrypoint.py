@@ -218,9 +218,11 @@ def test_default_entrypoint_on_the_embedded_model(tmp_path):
     import numpy as np
     import pandas as pd
 
+    from test_results_schema import PROBE_COLUMNS, SUMMARY_KEYS
+
+    assert set(summary) == SUMMARY_KEYS
     df = pd.read_parquet(run_dir / "probes.parquet")
-    assert set(df.columns) >= {"context", "prompt_id", "layer", "sublayer", "step", "space", "metric",
-                               "temperature", "value"}
+    assert list(df.columns) == PROBE_COLUMNS
     assert set(df["context"]) == {"prompt", "teacher_forced", "free_running"}
     assert set(df["space"]) >= {"embedding", "logit", "probability", "options"}
     assert np.isfinite(df["value"]).all()
