@@ -124,6 +124,17 @@ def check_run_dir(argv: list[str]) -> None:
 _STARTED_AT = time.time()  # a coarse file-time resolution errs on the side of keeping a file
 
 
+#: points of a multirun that failed in this process (the local launcher runs them all here;
+#: a SLURM sweep reads them from each job's return value, see prunerep/launcher.py)
+FAILED_POINTS: list[dict] = []
+
+
+def _failed_point(run_dir: Path, error: BaseException) -> dict:
+    point = {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": str(run_dir)}
+    FAILED_POINTS.append(point)
+    return point
+
+
 class _JobStarted:
     """Set once Hydra has composed the config and handed it to the job (errors after that are
     the job's, not composition's)."""
@@ -157,16 +168,16 @@ def _main() -> None:
             if multirun:  # recorded in the point's summary.json; the sweep goes on
                 record_bad_input(cfg, run_dir, e)
                 logging.getLogger("prunerep").error("point failed: %s", e)
-                return None
+                return _failed_point(run_dir, e)
             remove_what_this_invocation_wrote(run_dir, _STARTED_AT)
             fail(str(e))
-        except Exception:
+        except Exception as e:
             if multirun:
                 logging.getLogger("prunerep").exception("point failed (recorded in %s/summary.json)", run_dir)
-                return None
+                return _failed_point(run_dir, e)
             raise
         print(f"prunerep: {summary['status']}: results in {run_dir}", flush=True)
-        return None
+        return {"status": summary["status"], "run_dir": str(run_dir)}
 
     main()
 
@@ -203,14 +214,25 @@ def entrypoint() -> None:
     check_override_keys(argv, chosen_options(argv))
     check_run_dir(argv)
     _run_hydra_cli()
+    if FAILED_POINTS:  # a local multirun ends like a SLURM one: non-zero, naming every failed point
+        print(f"prunerep: {len(FAILED_POINTS)} point(s) failed (recorded in their summary.json; re-run the same "
+              f"command to redo them):", file=sys.stderr)
+        for p in FAILED_POINTS:
+            print(f"  {p['run_dir']}: {p['error']}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _run_hydra_cli() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from prunerep.launcher import JobsFailed
+
     try:
         _main()
+    except JobsFailed as e:  # a SLURM sweep: every job ended, some points failed; the message names them
+        print(f"prunerep: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except (HydraException, OmegaConfBaseException) as e:
         if _JobStarted.value:
             raise

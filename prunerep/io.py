@@ -24,10 +24,32 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def file_mode() -> int:
+    """0666 less the process's umask: the permissions of any file the user creates (so that a
+    collaborator on a shared cluster reads the results; mkstemp alone makes them 0600). Read
+    from /proc (thread-safe) where it can be, else by setting and restoring the umask."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
-    A killed process leaves either the old file or the new one, never half of one."""
+    A killed process (or a crashed machine) leaves either the old file or the new one, never
+    half of one. The file gets the user's usual permissions (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,6 +57,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -59,6 +82,7 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         writer(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -100,7 +100,13 @@ def resilient_launch(self, job_overrides, initial_job_idx):
     results, failed = [], []
     for job, (overrides, _, idx, _, _) in zip(jobs, job_params):
         try:
-            results.append(job.results()[0])
+            ret = job.results()[0]
+            results.append(ret)
+            point = ret.return_value if ret.status == JobStatus.COMPLETED else None
+            if isinstance(point, dict) and point.get("status") == "failed":  # the job ran; its point failed
+                log.error("point #%d (%s) failed: %s", idx, " ".join(filter_overrides(overrides)), point["error"])
+                failed.append((idx, job, point["error"], point.get("run_dir")))
+                ret.status = JobStatus.FAILED
             continue
         except Exception as e:  # UncompletedJobError (killed) or an exception the job raised
             state = job.state
@@ -126,8 +132,8 @@ def resilient_launch(self, job_overrides, initial_job_idx):
                                      working_dir=str(run_dir or "")))
     if failed:
         lines = [f"  #{idx} {job.job_id}: {err} -> {rd}" for idx, job, err, rd in failed]
-        exc = JobsFailed(f"{len(failed)} of {len(jobs)} job(s) ended without a result (recorded as failed in "
-                         "their summary.json; re-run the same command to redo them):\n" + "\n".join(lines))
+        exc = JobsFailed(f"{len(failed)} of {len(jobs)} point(s) failed (recorded as failed in their summary.json; "
+                         "re-run the same command to redo them):\n" + "\n".join(lines))
         for r in results:
             if r.status == JobStatus.FAILED:
                 r._return_value = exc

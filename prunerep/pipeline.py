@@ -69,9 +69,9 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
     is written; the caller reports it."""
     rs = run_spec.build(cfg, run_dir, sweep_dir)
     ident = rs.identity
-    if rs.skip_completed and (done := find_completed(cfg)) is not None:
+    if rs.skip_completed and (done := find_completed(cfg, rs.index_root)) is not None:
         log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
-        return reuse_completed(done, run_dir)
+        return reuse_completed(done, run_dir, rs.index_root)
 
     timings = Timings()
     summary = dict(ident.summary_fields(), status="running")
@@ -108,6 +108,7 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
         atomic_write_json(run_dir / PRUNING_FILE, pruning)
         tracker.log_pruning(pruning)
         log.info("pruned: target %s, achieved %.4f", rs.sparsity, pruning["achieved_sparsity"])
+        check_target(rs, pruning["achieved_sparsity"])
 
         if rs.save_model:
             with timings.stage("save_model"):
@@ -131,7 +132,11 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
                        timings_s=dict(timings), peak_memory_mb=peak_memory_mb(),
                        probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"))
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
-        mark_completed(cfg, run_dir)
+        try:  # bookkeeping: a failure here never changes the run's result
+            mark_completed(cfg, run_dir, rs.index_root)
+        except Exception as e:
+            log.warning("could not record the run in the completed-points index (%s: %s); a re-run of this "
+                        "config will compute it again", type(e).__name__, e)
         tracker.log_summary(summary)
         tracker.finish(0)
         return summary
@@ -140,6 +145,22 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
         _record_failure(run_dir, summary, e, timings)
         tracker.finish(1)
         raise
+
+
+#: how far (in points of sparsity) the achieved sparsity may be from the target
+TARGET_TOLERANCE_PP = 0.5
+
+
+class TargetMissed(RuntimeError):
+    """The pruner did not do what was asked: the numbers would be about another sparsity."""
+
+
+def check_target(rs: run_spec.RunSpec, achieved: float) -> None:
+    """Fail the run when a method that promises its target (``meets_target``) misses it."""
+    miss_pp = 100 * abs(achieved - rs.sparsity.ratio)
+    if rs.pruner.meets_target and miss_pp > TARGET_TOLERANCE_PP:
+        raise TargetMissed(f"achieved sparsity {achieved:.4f} is {miss_pp:.2f} points from the target "
+                           f"{rs.sparsity} (more than {TARGET_TOLERANCE_PP}); see pruning.json")
 
 
 def record_bad_input(cfg: DictConfig, run_dir: Path, error: BaseException) -> None:

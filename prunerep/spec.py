@@ -52,6 +52,7 @@ class RunSpec:
     task: TaskConfig
     wandb: WandbConfig
     cache_dir: Path
+    index_root: Path  # the completed-points index lives in <index_root>/index
     save_model: bool
     skip_completed: bool
 
@@ -93,8 +94,20 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
     return RunSpec(identity=identity(cfg, run_dir, sweep_dir), config=OmegaConf.to_container(cfg, resolve=True),
                    model=model, model_key=model_key(model, device, resolve_dtype(model.dtype, device)),
                    sparsity=spec, pruner=pruner, prune=settings, calib=calib, probe=plan, task=task, wandb=wandb,
-                   cache_dir=Path(os.path.expanduser(cfg.cache_dir)), save_model=bool(cfg.save_model),
+                   cache_dir=Path(os.path.expanduser(cfg.cache_dir)), index_root=index_root(run_dir, sweep_dir),
+                   save_model=bool(cfg.save_model),
                    skip_completed=bool(cfg.skip_completed))
+
+
+def index_root(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:
+    """Where the completed-points index lives: beside the results, whatever the working directory.
+    ``$PRUNEREP_OUTPUTS`` when set; else the directory holding the sweep directories (a multirun:
+    ``outputs/multirun``, so re-running a sweep into a new dated directory reuses what an earlier
+    one completed) or the run directories (a single run: ``outputs/runs``)."""
+    env = os.environ.get("PRUNEREP_OUTPUTS")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(sweep_dir if sweep_dir is not None else run_dir).expanduser().resolve().parent
 
 
 def model_key(model: ModelConfig, device, dtype) -> str:

@@ -150,6 +150,7 @@ class Tracker:
                 run.finish(exit_code=1)
             except Exception:
                 pass
+        tear_down_wandb()
 
     def _log(self, data: dict) -> None:
         """Every log call gets its own explicit step (required for offline runs in wandb >= 0.31)."""
@@ -295,6 +296,35 @@ class Tracker:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def tear_down_wandb(timeout_s: float = 10.0) -> None:
+    """After a wandb failure, leave nothing of wandb behind in this process: its import hook
+    (which otherwise runs, and can raise, on every later import) and its service connection.
+    The service shutdown waits at most ``timeout_s`` (a dead service must not hang the run)."""
+    import sys
+    import threading
+
+    try:
+        from wandb.sdk.lib import import_hooks
+
+        import_hooks.unregister_all_post_import_hooks()
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, import_hooks.ImportHookFinder)]
+        import_hooks._post_import_hooks_init = False
+    except Exception:  # pragma: no cover - wandb's internals moved: nothing more to undo
+        pass
+
+    def teardown():
+        try:
+            import wandb
+
+            wandb.teardown(exit_code=1)
+        except BaseException:
+            pass
+
+    t = threading.Thread(target=teardown, daemon=True, name="wandb-teardown")
+    t.start()
+    t.join(timeout_s)
+
 
 def _one_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()

@@ -184,7 +184,8 @@ def test_a_bad_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     res = run_cli("-m", "model=tiny", "task=none", "probe=none", "pruner=magnitude", "sparsity=0.5,1.5",
                   "wandb.mode=disabled", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${sparsity}",
                   "skip_completed=false", timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 1, res.stderr[-3000:]  # the sweep ran to its end, then says what failed
+    assert f"1 point(s) failed" in res.stderr and f"{tmp_path / '1.5'}: ConfigError" in res.stderr
     good = json.loads((tmp_path / "0.5" / "summary.json").read_text())
     bad = json.loads((tmp_path / "1.5" / "summary.json").read_text())
     assert good["status"] == "complete" and abs(good["achieved_sparsity"] - 0.5) < 1e-3

@@ -145,6 +145,16 @@ def run_sweep(tmp_path: Path, sweep: Path, *args: str, timeout: int = 600) -> su
                           timeout=timeout)
 
 
+def test_a_slurm_sweep_with_a_bad_point_fails_and_names_it(tmp_path):
+    """A local and a SLURM sweep end alike: every point runs, then a non-zero exit naming the failed one."""
+    sweep = tmp_path / "multirun"
+    p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.5,1.5")
+    assert p.returncode == 1, (p.stdout[-2000:], p.stderr[-4000:])
+    assert "1 of 2 point(s) failed" in p.stderr and "outside [0, 1)" in p.stderr, p.stderr[-4000:]
+    by_sparsity = {float(v["sparsity"]): v["status"] for v in summaries(sweep).values()}
+    assert by_sparsity == {0.5: "complete", 1.5: "failed"}
+
+
 def test_slurm_sweep_end_to_end(tmp_path):
     sweep = tmp_path / "multirun"
     t0 = time.time()

@@ -201,7 +201,7 @@ def test_a_failing_point_does_not_stop_the_sweep(tmp_path):
     redoes only the failed point (which fails again) while the complete one is reused in place."""
     sweep = tmp_path / "multirun"
     p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.3,1.5")
-    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.returncode == 1 and "1 point(s) failed" in p.stderr, p.stderr[-4000:]
     s = {str(v["sparsity"]): (name, v) for name, v in summaries(sweep).items()}
     assert set(s) == {"0.3", "1.5"}, p.stderr[-3000:]
     (done_name, done), (failed_name, failed) = s["0.3"], s["1.5"]
@@ -212,7 +212,7 @@ def test_a_failing_point_does_not_stop_the_sweep(tmp_path):
     mtime = (sweep / done_name / "summary.json").stat().st_mtime_ns
     atomic_write_json(sweep / failed_name / "summary.json", dict(failed, error="left by the first run"))
     p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.3,1.5")
-    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.returncode == 1, p.stderr[-4000:]
     log = p.stdout + p.stderr
     assert f"already complete (config {done['config_hash']})" in log, log[-3000:]
     assert f"already complete (config {failed['config_hash']})" not in log
@@ -221,3 +221,19 @@ def test_a_failing_point_does_not_stop_the_sweep(tmp_path):
     again = read_json(sweep / failed_name / "summary.json")  # redone: the first run's summary is replaced
     assert again["status"] == "failed" and "sparsity" in again["error"]
     assert set(summaries(sweep)) == {done_name, failed_name}
+
+
+def test_results_are_readable_by_collaborators_and_synced(tmp_path):
+    """Atomic writes used to leave results 0600 (mkstemp): now the umask decides, as for any file."""
+    import stat
+
+    from prunerep.io import atomic_write_json, atomic_write_with
+
+    old = os.umask(0o022)
+    try:
+        a = atomic_write_json(tmp_path / "a.json", {"x": 1})
+        b = atomic_write_with(tmp_path / "b.bin", lambda p: p.write_bytes(b"\0" * 10))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(a.stat().st_mode) == 0o644
+    assert stat.S_IMODE(b.stat().st_mode) == 0o644

@@ -229,6 +229,10 @@ def test_wandb_crash_mid_run_warns_once_then_noop(tmp_path, caplog):
         tr.log_summary({"status": "complete"})
         tr.finish(0)
     assert len(calls) == 1  # the tracker went quiet after the first failure
+    from wandb.sdk.lib import import_hooks
+
+    assert not any(isinstance(f, import_hooks.ImportHookFinder) for f in sys.meta_path)  # torn down
+    import json as _  # noqa: F401  imports work as before
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "wandb service died" in warnings[0].getMessage()
 

@@ -50,6 +50,7 @@ class Pruner(Method):
     needs_calibration: ClassVar[bool] = False  # calibration samples are loaded for it
     supports_nm: ClassVar[bool] = True  # takes an N:M pattern as its target
     supports_lm_head: ClassVar[bool] = False  # has a prune_lm_head setting
+    meets_target: ClassVar[bool] = True  # achieved sparsity == target (the run fails otherwise)
 
     def validate(self, spec: SparsitySpec) -> None:
         """Checks that need no model. Raise ConfigError (one line)."""

@@ -39,6 +39,7 @@ class LayerDrop(Pruner):
 
     needs_calibration: ClassVar[bool] = True
     supports_nm: ClassVar[bool] = False
+    meets_target: ClassVar[bool] = False  # sparsity is the fraction of sublayers dropped, not of weights
 
     def validate(self, spec) -> None:
         super().validate(spec)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from prunerep.pruners.common import Pruner
 
@@ -9,6 +10,7 @@ from prunerep.pruners.common import Pruner
 @dataclass
 class NoPruning(Pruner):
     name: str = "none"
+    meets_target: ClassVar[bool] = False  # sparsity is ignored: nothing is pruned
 
     def prune(self, model, calib, settings) -> dict:
         return {"method": "none"}
