@@ -45,6 +45,11 @@ def calibration_windows(token_ids: list[int], nsamples: int, seqlen: int, seed: 
 
 
 def calibration_batch(ccfg, tokenizer) -> torch.Tensor:
+    from prunerep.errors import ConfigError
+
     text = calibration_text(ccfg)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return calibration_windows(ids, ccfg.nsamples, ccfg.seqlen, ccfg.seed)
+    try:
+        return calibration_windows(ids, ccfg.nsamples, ccfg.seqlen, ccfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"calib.source={ccfg.source}: {e}") from None

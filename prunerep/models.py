@@ -153,6 +153,53 @@ def _dequantized_cache_dir(gguf: Path, cache_dir: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(str(cache_dir))) / "models" / f"{gguf.stem}-{key}"
 
 
+def check_gguf(path: Path) -> None:
+    """A file that is not GGUF, or is cut short, fails here with one line (not minutes later)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConfigError(f"{str(path)!r} is not a GGUF file (no GGUF magic number)")
+
+
+def _gguf_shape(path: Path) -> dict:
+    """Depth and context length from a GGUF header; a truncated file raises ConfigError."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        return {"num_hidden_layers": int(fields[f"{arch}.block_count"].parts[-1][0]),
+                "max_position_embeddings": int(fields[f"{arch}.context_length"].parts[-1][0])}
+    except Exception as e:
+        raise ConfigError(f"{str(path)!r} is not a readable GGUF file (truncated or corrupt: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def peek_shape(mcfg, cache_dir) -> dict | None:
+    """``{"num_hidden_layers", "max_position_embeddings"}`` of the model a config names, read
+    without its weights (config.json, the GGUF header, ``model.arch``); None where that cannot
+    be known before loading (a hub id not in the local cache). Checks a GGUF file on the way."""
+    import json
+
+    def from_json(path: Path) -> dict:
+        c = json.loads(path.read_text())
+        c = c.get("text_config", c)
+        return {"num_hidden_layers": c.get("num_hidden_layers"),
+                "max_position_embeddings": c.get("max_position_embeddings")}
+
+    if mcfg.source == "random":
+        return {"num_hidden_layers": mcfg.arch.get("num_hidden_layers"),
+                "max_position_embeddings": mcfg.arch.get("max_position_embeddings")}
+    if mcfg.source in ("package", "gguf"):
+        gguf = _resolve_gguf(mcfg)
+        check_gguf(gguf)
+        cached = _dequantized_cache_dir(gguf, cache_dir) / "config.json"
+        return from_json(cached) if cached.is_file() else _gguf_shape(gguf)
+    path = Path(os.path.expanduser(mcfg.path or ""))
+    if (path / "config.json").is_file():
+        return from_json(path / "config.json")
+    return None
+
+
 def dequantize_gguf_to_cache(gguf: Path, cache_dir, dtype: torch.dtype = torch.float32) -> Path:
     """Dequantise a GGUF once (~20 s for SmolLM2) and save it as safetensors + tokenizer.
 

@@ -47,6 +47,13 @@ class Timings(dict):
             log.info("stage %s done in %.1fs", name, self[name])
 
 
+def describe_model(model, mcfg) -> dict:
+    """What was actually loaded (recorded in summary.json): never the wrong model's numbers."""
+    where = mcfg.path or (f"{mcfg.package}/{mcfg.gguf_file}" if mcfg.source == "package" else None)
+    return {"name": mcfg.name, "class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "source": mcfg.source, "path": where, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+
+
 def peak_memory_mb() -> dict:
     peak = {"cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
@@ -78,10 +85,16 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
-    try:  # the checks that need the model; bad input here leaves nothing written
+    try:  # the checks that need the model or its tokenizer; bad input here leaves nothing written
         with timings.stage("load"):
             model, tokenizer = load_model(rs.model, rs.cache_dir, offload=rs.prune.offload)
+        summary["loaded_model"] = describe_model(model, rs.model)
+        log.info("model: %s", summary["loaded_model"])
         rs.pruner.check(model, rs.prune)
+        calib = None
+        if rs.pruner.needs_calibration:
+            with timings.stage("calibration_data"):
+                calib = calibration_batch(rs.calib, tokenizer)
     except (ConfigError, ModelUnavailable):
         raise
     except BaseException as e:
@@ -92,11 +105,6 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     tracker = Tracker(ident, rs.config, rs.wandb)
     try:
-        calib = None
-        if rs.pruner.needs_calibration:
-            with timings.stage("calibration_data"):
-                calib = calibration_batch(rs.calib, tokenizer)
-
         with timings.stage("probe_dense"):
             reference = probes.dense_reference(model, tokenizer, rs.probe, rs.cache_dir, model_key=rs.model_key)
         with timings.stage("eval_dense"):

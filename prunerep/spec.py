@@ -3,6 +3,7 @@ model loads: the typed method, the sparsity target, the probe plan, the run's id
 pipeline passes these objects to its stages; no stage reads the raw config."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,14 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
     spec = parse_sparsity(cfg.sparsity)
     pruner = build_method("pruner", cfg.pruner)
     pruner.validate(spec)
-    model: ModelConfig = OmegaConf.to_object(cfg.model)
+    model: ModelConfig = resolve_source(OmegaConf.to_object(cfg.model))
     calib: CalibConfig = OmegaConf.to_object(cfg.calib)
     wandb: WandbConfig = OmegaConf.to_object(cfg.wandb)
     task: TaskConfig = OmegaConf.to_object(cfg.task)
     check_model(model)
     check_calib(calib)
+    cache_dir = Path(os.path.expanduser(cfg.cache_dir))
+    check_writable_dir(cache_dir, "cache_dir")
     if wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode={wandb.mode!r}; choose offline, online or disabled")
     evals.validate_tasks(task)
@@ -88,13 +91,14 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
         plan = build_plan(cfg.probe)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_against_the_model(model, cache_dir, plan, calib, pruner)
     device = resolve_device(model.device)
     settings = PruneSettings(spec=spec, pruner=pruner, device=device, offload=bool(cfg.offload),
                              batch_size=calib.batch_size or calib.nsamples, seed=int(cfg.seed))
     return RunSpec(identity=identity(cfg, run_dir, sweep_dir), config=OmegaConf.to_container(cfg, resolve=True),
                    model=model, model_key=model_key(model, device, resolve_dtype(model.dtype, device)),
                    sparsity=spec, pruner=pruner, prune=settings, calib=calib, probe=plan, task=task, wandb=wandb,
-                   cache_dir=Path(os.path.expanduser(cfg.cache_dir)), index_root=index_root(run_dir, sweep_dir),
+                   cache_dir=cache_dir, index_root=index_root(run_dir, sweep_dir),
                    save_model=bool(cfg.save_model),
                    skip_completed=bool(cfg.skip_completed))
 
@@ -119,6 +123,57 @@ def model_key(model: ModelConfig, device, dtype) -> str:
     return f"{model.name}-{stable_hash(m)}"
 
 
+def resolve_source(m: ModelConfig) -> ModelConfig:
+    """``model.path`` always means that model: its source is read from the path (a .gguf file, a
+    local directory, else a hub id), whatever source the chosen model group had. A model group
+    that named another model (the embedded package, a random init) gives way, name included."""
+    if not m.path:
+        return m
+    path = os.path.expanduser(m.path)
+    gguf = path.endswith(".gguf") or (Path(path).is_dir() and bool(m.gguf_file) and m.source == "gguf")
+    source = "gguf" if gguf else "hub"
+    if source == m.source:
+        return m
+    name = m.name if m.source in ("hub", "gguf") else (Path(path.rstrip("/")).stem or m.name)
+    return dataclasses.replace(m, source=source, name=name)
+
+
+def check_writable_dir(d: Path, what: str) -> None:
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{what}={str(d)!r} is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what}={str(d)!r} cannot be created: {e.strerror}") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}={str(d)!r} is not writable")
+
+
+def check_against_the_model(model: ModelConfig, cache_dir: Path, plan: ProbePlan, calib: CalibConfig,
+                            pruner: Pruner) -> None:
+    """What the model's shape decides, read from its config or GGUF header, not its weights:
+    probed layers in range, prompts and calibration windows within its context."""
+    from prunerep.models import peek_shape
+    from prunerep.probes.capture import resolve_layers
+
+    shape = peek_shape(model, cache_dir)
+    if not shape:
+        return
+    n_layers, context = shape.get("num_hidden_layers"), shape.get("max_position_embeddings")
+    if n_layers and not plan.empty:
+        try:
+            resolve_layers(plan.layers, int(n_layers))
+        except ValueError as e:
+            raise ConfigError(f"{e} (model {model.name!r} has {n_layers} blocks)") from None
+    if context:
+        if pruner.needs_calibration and calib.seqlen > context:
+            raise ConfigError(f"calib.seqlen={calib.seqlen} is longer than the model's context ({context} tokens)")
+        if not plan.empty and plan.max_prompt_tokens + plan.max_new_tokens > context:
+            raise ConfigError(f"probe.max_prompt_tokens + probe.max_new_tokens = "
+                              f"{plan.max_prompt_tokens + plan.max_new_tokens} is longer than the model's context "
+                              f"({context} tokens)")
+
+
 def check_model(m: ModelConfig) -> None:
     if m.source not in ("hub", "gguf", "package", "random"):
         raise ConfigError(f"model.source={m.source!r}; choose hub, gguf, package or random")
@@ -135,8 +190,19 @@ def check_calib(c: CalibConfig) -> None:
         raise ConfigError("calib.nsamples must be >= 1 and calib.seqlen >= 2")
     if c.source not in ("pydoc", "c4", "file"):
         raise ConfigError(f"calib.source={c.source!r}; choose pydoc, c4 or file")
-    if c.source == "file" and not (c.path and Path(c.path).is_file()):
-        raise ConfigError(f"calib.path={c.path!r} is not a readable file")
+    if c.source == "file":
+        if not (c.path and Path(c.path).is_file()):
+            raise ConfigError(f"calib.path={c.path!r} is not a readable file")
+        chars = len(Path(c.path).read_text(encoding="utf-8", errors="replace"))
+        if chars <= c.seqlen:  # a token spans at least one character
+            raise ConfigError(f"calib.path={c.path!r} has {chars} characters: too short for one window of "
+                              f"calib.seqlen={c.seqlen} tokens")
+    if c.source == "c4":
+        from prunerep.models import hub_reachable
+
+        if not hub_reachable():
+            raise ConfigError("calib.source=c4 reads allenai/c4 from the Hugging Face Hub, which cannot be reached "
+                              "here; use calib.source=pydoc (offline) or calib.source=file calib.path=...")
     if c.batch_size is not None and c.batch_size < 1:
         raise ConfigError(f"calib.batch_size={c.batch_size} must be >= 1 or null")
 

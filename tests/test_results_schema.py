@@ -7,7 +7,8 @@ from prunerep import results
 PROBE_COLUMNS = ["context", "prompt_id", "prompt_kind", "layer", "sublayer", "step", "space", "metric",
                  "temperature", "value"]
 SUMMARY_KEYS = {"config_hash", "model", "pruner", "sparsity", "run_dir", "slurm_job_id", "status", "error",
-                "achieved_sparsity", "timings_s", "peak_memory_mb", "probes", "mc_vs_gen_gap"}
+                "achieved_sparsity", "timings_s", "peak_memory_mb", "probes", "mc_vs_gen_gap",
+                "loaded_model"}  # loaded_model: added by the reliability issue (#11)
 FILES = ["config.yaml", "pruning.json", "probes.parquet", "probes_summary.json", "evals.json"]
 
 

@@ -71,6 +71,11 @@ def _offline_items(n: int, seed: int) -> list[dict]:
     return items
 
 
+def read_prompts_file(path: Path, n: int) -> list[dict]:
+    """The first ``n`` items of a prompts JSONL file; a malformed one raises ValueError (one line)."""
+    return _jsonl_items(path, n)
+
+
 def _jsonl_items(path: Path, n: int) -> list[dict]:
     items = []
     with open(path, encoding="utf-8") as f:
@@ -83,6 +88,14 @@ def _jsonl_items(path: Path, n: int) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
             if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
                 raise ValueError(f'{path}:{lineno}: expected {{"prompt": str, "options": [str, ...]}}')
+            if not d["prompt"].strip():
+                raise ValueError(f"{path}:{lineno}: the prompt is empty")
+            options = d.get("options")
+            if options is not None:
+                if not isinstance(options, list) or not all(isinstance(o, str) and o for o in options):
+                    raise ValueError(f"{path}:{lineno}: options must be a list of non-empty strings")
+                if len(options) < 2 or len(set(options)) != len(options):
+                    raise ValueError(f"{path}:{lineno}: options must be two or more distinct strings")
             items.append(d)
             if len(items) >= n:
                 break

@@ -47,7 +47,7 @@ from prunerep.probes import metrics as M
 from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_layers
 from prunerep.probes.contexts import (CONTEXTS, greedy_decode, prompt_states, stop_token_ids,
                                       teacher_forced_states)
-from prunerep.probes.prompts import Prompt, load_prompts
+from prunerep.probes.prompts import Prompt, load_prompts, read_prompts_file
 from prunerep.results import PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,11 @@ def build_plan(probe_cfg) -> ProbePlan:
         layers = tuple(int(i) for i in layers)
     src = str(probe_cfg.prompts)
     contexts = check(probe_cfg.contexts, CONTEXTS, "contexts")
-    if spaces and contexts and src != "offline" and not Path(src).expanduser().is_file():
-        raise ValueError(f"probe.prompts={src!r}: use 'offline' or a readable .jsonl file")
+    if spaces and contexts and src != "offline":
+        if not Path(src).expanduser().is_file():
+            raise ValueError(f"probe.prompts={src!r}: use 'offline' or a readable .jsonl file")
+        if not read_prompts_file(Path(src).expanduser(), int(probe_cfg.n_prompts)):
+            raise ValueError(f"probe.prompts={src!r} holds no prompt")
     return ProbePlan(spaces=spaces, contexts=contexts,
                      sublayers=check(probe_cfg.sublayers or ["block"], SUBLAYERS, "sublayers"),
                      temperatures=temps, topk=topk, layers=layers, prompts=src, n_prompts=int(probe_cfg.n_prompts),
