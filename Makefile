@@ -17,6 +17,7 @@ PYTEST_ARGS ?=
 .PHONY: setup run test bench report slurm-up slurm-down clean
 
 setup: $(STAMP)
+	bash scripts/sandbox-setup.sh
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
