@@ -155,6 +155,7 @@ def _main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def main(cfg: DictConfig) -> None:
+        from prunerep import logs
         from prunerep.pipeline import record_bad_input, run
 
         _JobStarted.value = True
@@ -162,6 +163,7 @@ def _main() -> None:
         run_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
         sweep_dir = Path(str(hc.sweep.dir)) if multirun else None
+        logs.configure(run_dir, verbose=bool(cfg.verbose))
         try:
             summary = run(cfg, run_dir, sweep_dir=sweep_dir)
         except (ConfigError, ModelUnavailable) as e:

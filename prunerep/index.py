@@ -31,7 +31,7 @@ from prunerep.io import atomic_write_json, read_json, stable_hash
 log = logging.getLogger("prunerep.index")
 
 #: top-level keys (or dotted paths) that never change a point's results
-VOLATILE_KEYS = ("hydra", "launcher", "cache_dir", "skip_completed", "wandb")
+VOLATILE_KEYS = ("hydra", "launcher", "cache_dir", "skip_completed", "wandb", "verbose")
 #: files of the results contract, copied when a completed point is reused
 RESULT_FILES = ("config.yaml", "pruning.json", "probes.parquet", "probes_summary.json", "evals.json")
 #: what a reused run directory never takes from its source (per-run logs, tracking, scratch)

@@ -26,10 +26,11 @@ from prunerep import evals, probes, spec as run_spec
 from prunerep.calibration import calibration_batch
 from prunerep.errors import ConfigError, ModelUnavailable
 from prunerep.io import atomic_write_json, atomic_write_text
+from prunerep.index import find_completed, mark_completed, reuse_completed
 from prunerep.models import load_model
 from prunerep.pruners.common import measure_sparsity
 from prunerep.results import CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
-from prunerep.index import find_completed, mark_completed, reuse_completed
+from prunerep.story import format_story, story
 from prunerep.tracking import Tracker
 
 log = logging.getLogger("prunerep")
@@ -134,11 +135,14 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
             atomic_write_json(run_dir / EVALS_FILE, eval_report)
             print(evals.format_evals_table(eval_report), flush=True)
         tracker.log_evals(eval_report)
+        run_story = story(probe_summary, eval_report)
+        if text := format_story(run_story, label=f"{ident.pruner} {ident.sparsity}"):
+            print(text, flush=True)
 
         timings["total"] = round(time.perf_counter() - t_start, 3)
         summary.update(status="complete", error=None, achieved_sparsity=pruning["achieved_sparsity"],
                        timings_s=dict(timings), peak_memory_mb=peak_memory_mb(),
-                       probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"))
+                       probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"), story=run_story)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
         try:  # bookkeeping: a failure here never changes the run's result
             mark_completed(cfg, run_dir, rs.index_root)

@@ -49,7 +49,7 @@ PROBE_PLOTS = ("probes_similarity.png", "probes_kl.png", "probes_steps.png")
 #: summary.json of a completed run has exactly these keys (a failed one: status, error,
 #: traceback, timings_s, peak_memory_mb and the identity)
 SUMMARY_KEYS = ("config_hash", "model", "pruner", "sparsity", "run_dir", "slurm_job_id", "status", "loaded_model",
-                "error", "achieved_sparsity", "timings_s", "peak_memory_mb", "probes", "mc_vs_gen_gap")
+                "error", "achieved_sparsity", "timings_s", "peak_memory_mb", "probes", "mc_vs_gen_gap", "story")
 IDENTITY_KEYS = ("config_hash", "model", "pruner", "sparsity", "run_dir", "slurm_job_id")
 
 # --------------------------------------------------------------------------- the probe table

@@ -8,7 +8,8 @@ PROBE_COLUMNS = ["context", "prompt_id", "prompt_kind", "layer", "sublayer", "st
                  "temperature", "value"]
 SUMMARY_KEYS = {"config_hash", "model", "pruner", "sparsity", "run_dir", "slurm_job_id", "status", "error",
                 "achieved_sparsity", "timings_s", "peak_memory_mb", "probes", "mc_vs_gen_gap",
-                "loaded_model"}  # loaded_model: added by the reliability issue (#11)
+                "loaded_model",  # added by the reliability issue (#11): what was actually loaded
+                "story"}  # added by the first-hour issue (#12): the console summary's numbers
 FILES = ["config.yaml", "pruning.json", "probes.parquet", "probes_summary.json", "evals.json"]
 
 

@@ -8,13 +8,15 @@ serve the dense model's answers to the pruned one.
 Which task is what (:func:`plan_tasks`):
 
 * a name of :data:`~prunerep.evals.taskdefs.OFFLINE_TASKS` is prunerep's offline task, built
-  from local data into ``<workdir>/tasks`` -- except ``humaneval`` with ``task.offline=false``,
-  which then means lm-eval's own (hub) ``humaneval``;
+  from local data into ``<workdir>/tasks`` (with ``task=paper`` too: its ``humaneval`` is the
+  offline one, whose code runs in prunerep's sandbox, :mod:`~prunerep.evals.codeexec`);
 * any other name is an lm-eval task, group or tag from its registry (needs
   ``task.offline=false``: hub datasets).
 
 Tasks that run model-written code (``unsafe_code`` in their config) are skipped unless
-``task.allow_code_execution=true``; they are recorded as ``{"skipped": true, "reason": ...}``.
+``task.allow_code_execution=true`` and the sandbox works on this machine; lm-eval's own code
+tasks (which run code through ``evaluate``'s code_eval, outside any sandbox) are always skipped.
+Skipped tasks are recorded as ``{"skipped": true, "reason": ...}``.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from prunerep.errors import ConfigError
 from prunerep.evals import codeexec
 from prunerep.evals.compare import finite_or_none
 from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml
+from prunerep.logs import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class TaskPlan:
 
 def is_offline_task(name: str, task_cfg) -> bool:
     """True when ``name`` resolves to prunerep's offline task (see module docstring)."""
-    return name in OFFLINE_TASKS and not (name == "humaneval" and not task_cfg.offline)
+    return name in OFFLINE_TASKS
 
 
 def requested_tasks(task_cfg) -> list[str]:
@@ -72,8 +75,16 @@ def plan_tasks(task_cfg, task_manager=None) -> list[TaskPlan]:
             unsafe = task_manager is not None and _hub_unsafe(task_manager, name)
             source = "hub"
         reason = None
-        if unsafe and not task_cfg.allow_code_execution:
+        if unsafe and source == "hub":  # never loaded: importing its utils already sets up code_eval
+            reason = (f"{name} runs model-written code through lm-eval's code_eval, outside prunerep's sandbox; "
+                      f"use the offline humaneval (task.tasks=[humaneval] task.allow_code_execution=true)")
+        elif unsafe and not task_cfg.allow_code_execution:
             reason = f"{name} runs model-written code; {codeexec.REFUSAL}"
+        elif unsafe:
+            try:
+                codeexec.isolation()
+            except codeexec.CodeExecutionRefused as e:
+                reason = f"{name}: {e}"
         plans.append(TaskPlan(name, source, reason))
     return plans
 
@@ -129,15 +140,17 @@ def hub_offline(active: bool = True):
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def _quiet_lm_eval():
-    """lm-eval at WARNING for the call (``simple_evaluate`` sets its logger's level globally)."""
-    lg = logging.getLogger("lm_eval")
-    level = lg.level
+def _verbosity_kwargs(simple_evaluate) -> dict:
+    """No ``verbosity`` for lm-eval releases where it defaults to None: passing one is deprecated
+    there (an INFO line) and makes lm-eval reconfigure its logger (own handler and format, no
+    propagation). Older releases, whose default is "INFO", get "WARNING"."""
+    import inspect
+
     try:
-        yield
-    finally:
-        lg.setLevel(level)
+        param = inspect.signature(simple_evaluate).parameters.get("verbosity")
+    except (TypeError, ValueError):
+        return {}
+    return {} if param is None or param.default is None else {"verbosity": "WARNING"}
 
 
 def _hflm(model, tokenizer, batch_size: int):
@@ -166,12 +179,12 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str 
     for p in plans:
         if p.source == "offline":
             write_task_yaml(p.name, task_cfg, workdir)
-    tm = task_manager or make_task_manager(workdir, include_defaults=hub)
-    if task_cfg.allow_code_execution:
-        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # lm-eval's hub humaneval asks for it
     t0 = time.perf_counter()
-    with hub_offline(task_cfg.offline or not hub), codeexec.execution_allowed(task_cfg.allow_code_execution), \
-            _quiet_lm_eval():
+    # quiet_third_party: lm-eval's and datasets' INFO lines and small progress bars stay off the
+    # console, and whatever lm-eval does to the logging configuration is undone afterwards
+    with quiet_third_party(), hub_offline(task_cfg.offline or not hub), \
+            codeexec.execution_allowed(task_cfg.allow_code_execution):
+        tm = task_manager or make_task_manager(workdir, include_defaults=hub)
         objs, keys = [], {}
         for p in plans:  # build the tasks here (datasets load now) to set hub generation lengths
             loaded = tm.load([p.name])
@@ -192,7 +205,7 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str 
             bootstrap_iters=1000, confirm_run_unsafe_code=bool(task_cfg.allow_code_execution),
             random_seed=int(task_cfg.seed), numpy_random_seed=int(task_cfg.seed),
             torch_random_seed=int(task_cfg.seed), fewshot_random_seed=int(task_cfg.seed),
-            verbosity="WARNING")
+            **_verbosity_kwargs(simple_evaluate))
     return res, keys, time.perf_counter() - t0
 
 
@@ -216,7 +229,8 @@ def _leaves(res: dict, name: str) -> list[str]:
 
 
 def _type_of(output_type: str) -> str:
-    return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE}.get(output_type, output_type)
+    return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE,
+            "loglikelihood_rolling": "perplexity"}.get(output_type, output_type)
 
 
 def _pick_metric(result: dict, preferred: str | None = None) -> tuple[str, str] | None:
@@ -260,6 +274,10 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
         entry["chance"] = sum(1.0 / max(1, len(s["filtered_resps"])) for _, s in samples) / len(samples)
     if ttype == GENERATIVE:
         entry["generations"] = _generations(samples, metric, filt, tokenizer, several=len(leaves) > 1)
+    if ttype == "perplexity":  # lower is better; token perplexity from the per-document log-likelihoods
+        from prunerep.evals.perplexity import rolling_entry
+
+        rolling_entry(entry, result, [s for _, s in samples], tokenizer)
     return entry
 
 

@@ -18,6 +18,8 @@ makes a dense-vs-dense comparison exactly zero.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -33,6 +35,23 @@ CONTEXTS = ("prompt", "teacher_forced", "free_running")
 def _forward(model: nn.Module, ids: Tensor, **kw):
     # logits_to_keep=1: the probes recompute logits through the lens where they need them
     return model(input_ids=ids.to(model_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_cls: type) -> str:
+    """The name under which ``model_cls.forward`` takes (and its output returns) the KV cache:
+    ``cache`` in current transformers (where ``past_key_values`` is deprecated and warns),
+    ``past_key_values`` in releases before the rename."""
+    try:
+        params = inspect.signature(model_cls.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _kv_cache(model: nn.Module, out):
+    """The KV cache an output carries, read under the model's own name for it (no warning)."""
+    return getattr(out, _cache_kwarg(type(model)))
 
 
 def _states_forward(model: nn.Module, ids: Tensor) -> None:
@@ -88,7 +107,7 @@ def greedy_decode(model: nn.Module, prompt_ids: Tensor, n_steps: int, stop_ids: 
             tokens.append(tok)
             if step + 1 == n_steps or int(tok) in stop:
                 break
-            out = _forward(model, tok.view(1), past_key_values=out.past_key_values, use_cache=True)
+            out = _forward(model, tok.view(1), use_cache=True, **{_cache_kwarg(type(model)): _kv_cache(model, out)})
     d = model.config.hidden_size
     if not tokens:
         return Trajectory(torch.empty(0, dtype=torch.long), torch.empty(0, d))
