@@ -5,7 +5,7 @@ Every YAML file in ``conf/`` is merged onto these dataclasses, so a misspelt key
 node is typed by the chosen method's own dataclass (``prunerep/pruners/<name>.py``, stored
 in Hydra's ConfigStore by :func:`prunerep.registry.register_configs`), so a setting the
 chosen method does not have fails too. What a type cannot express (sparsity range, paths
-that must exist) is checked by :func:`prunerep.registry.validate` before the model loads.
+that must exist) is checked by :func:`prunerep.spec.build` before the model loads.
 """
 from __future__ import annotations
 
@@ -65,17 +65,6 @@ class TaskConfig:
     n_arith: int = 100
     # kinds of generated arithmetic problems (prunerep.evals.offline.ARITH_KINDS)
     arith_kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul"])
-    # perplexity tasks (pydoc_ppl offline, wikitext on the Hub; prunerep.evals.perplexity):
-    # lm_eval = lm-eval's loglikelihood_rolling per document (token and word perplexity);
-    # reference = Wanda's / SparseGPT's eval_ppl: the text concatenated, non-overlapping windows
-    # of ppl_seqlen tokens (the tail dropped), exp(mean NLL) -- the protocol of published tables
-    ppl_protocol: str = "lm_eval"
-    ppl_seqlen: Optional[int] = None  # reference window; null: the model's max_position_embeddings
-    ppl_chars: Optional[int] = None  # pydoc_ppl: characters of held-out text used (null: all, ~20k)
-    # retrieval tasks (code_retrieval offline, beir_scifact on the Hub; prunerep.evals.retrieval)
-    retrieval_pooling: str = "last"  # last (last token, instructed queries, E5-Mistral) | mean
-    retrieval_n: int = 64  # code_retrieval: passages in the corpus (task.limit caps the queries)
-    retrieval_max_tokens: int = 256  # longer texts keep their first tokens
     extra: dict[str, Any] = field(default_factory=dict)
 
 
