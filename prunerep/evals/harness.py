@@ -229,8 +229,7 @@ def _leaves(res: dict, name: str) -> list[str]:
 
 
 def _type_of(output_type: str) -> str:
-    return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE,
-            "loglikelihood_rolling": "perplexity"}.get(output_type, output_type)
+    return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE}.get(output_type, output_type)
 
 
 def _pick_metric(result: dict, preferred: str | None = None) -> tuple[str, str] | None:
@@ -274,10 +273,6 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
         entry["chance"] = sum(1.0 / max(1, len(s["filtered_resps"])) for _, s in samples) / len(samples)
     if ttype == GENERATIVE:
         entry["generations"] = _generations(samples, metric, filt, tokenizer, several=len(leaves) > 1)
-    if ttype == "perplexity":  # lower is better; token perplexity from the per-document log-likelihoods
-        from prunerep.evals.perplexity import rolling_entry
-
-        rolling_entry(entry, result, [s for _, s in samples], tokenizer)
     return entry
 
 
