@@ -129,7 +129,6 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     assert not run_dir.exists()  # nothing half-written
 
 
-@pytest.mark.parametrize("bad", ["sparsity=1.5", "model=tiny pruner.include=nomatch task=none probe=none"])
 def _bad_files(d):
     """Bad inputs that needed a file: name -> (overrides, the line's needle)."""
     (d / "not.gguf").write_bytes(b"PK\x03\x04 a zip, not a GGUF")
@@ -195,6 +194,7 @@ def test_model_path_always_means_that_model(tmp_path):
     assert "Qwen2ForCausalLM" in res.stdout + res.stderr  # printed too
 
 
+@pytest.mark.parametrize("bad", ["sparsity=1.5", "model=tiny pruner.include=nomatch task=none probe=none"])
 def test_bad_input_never_removes_what_prunerep_did_not_write(tmp_path, bad):
     """Regression: `hydra.run.dir=<existing dir> sparsity=1.5` used to delete that directory."""
     mine = tmp_path / "mine"
