@@ -12,14 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunerep.errors import ConfigError
+from prunerep.errors import ConfigError, ModelUnavailable
 from prunerep.io import stable_hash
 
 log = logging.getLogger(__name__)
-
-
-class ModelUnavailable(RuntimeError):
-    """The weights cannot be had here (offline, gated, missing): one line for the user."""
 
 
 # --------------------------------------------------------------------------- devices
