@@ -131,12 +131,11 @@ def _read_entry(path: Path) -> dict:
         return {}
 
 
-def find_completed(cfg: Any, outputs_root: str | os.PathLike | None = None) -> Optional[Path]:
-    """Run directory of a completed point with this config hash, or None.
+def find_completed(chash: str, outputs_root: str | os.PathLike | None = None) -> Optional[Path]:
+    """Run directory of a completed point with this config hash (:func:`config_hash`), or None.
 
     Entries whose directory was deleted, or whose summary.json is missing or not complete, are
     ignored (and a later :func:`mark_completed` drops them)."""
-    chash = config_hash(cfg)
     entry = _read_entry(index_path(chash, outputs_root))
     for d in entry.get("runs", []):
         if is_complete(d, chash):
@@ -144,13 +143,12 @@ def find_completed(cfg: Any, outputs_root: str | os.PathLike | None = None) -> O
     return None
 
 
-def mark_completed(cfg: Any, run_dir: str | os.PathLike, outputs_root: str | os.PathLike | None = None) -> Path:
-    """Record `run_dir` (whose summary.json says complete) as the place this config's results live.
+def mark_completed(chash: str, run_dir: str | os.PathLike, outputs_root: str | os.PathLike | None = None,
+                   meta: Optional[dict] = None) -> Path:
+    """Record `run_dir` (whose summary.json says complete) as the place the results of the config
+    with hash `chash` live; `meta` (model, pruner, sparsity) is kept in the entry for people.
     Call it right after summary.json is written. Returns the index file."""
-    chash = config_hash(cfg)
-    return _add_to_index(chash, Path(run_dir), outputs_root,
-                         meta={"model": _get(cfg, "model.name"), "pruner": _get(cfg, "pruner.name"),
-                               "sparsity": _get(cfg, "sparsity")})
+    return _add_to_index(chash, Path(run_dir), outputs_root, meta=meta)
 
 
 def _add_to_index(chash: str, run_dir: Path, root, meta: Optional[dict] = None) -> Path:

@@ -77,7 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
     is written; the caller reports it."""
     rs = run_spec.build(cfg, run_dir, sweep_dir)
     ident = rs.identity
-    if rs.skip_completed and (done := find_completed(cfg, rs.index_root)) is not None:
+    if rs.skip_completed and (done := find_completed(ident.config_hash, rs.index_root)) is not None:
         log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
         return reuse_completed(done, run_dir, rs.index_root)
 
@@ -145,7 +145,8 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
                        probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"), story=run_story)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
         try:  # bookkeeping: a failure here never changes the run's result
-            mark_completed(cfg, run_dir, rs.index_root)
+            mark_completed(ident.config_hash, run_dir, rs.index_root,
+                           meta={"model": ident.model, "pruner": ident.pruner, "sparsity": ident.sparsity})
         except Exception as e:
             log.warning("could not record the run in the completed-points index (%s: %s); a re-run of this "
                         "config will compute it again", type(e).__name__, e)

@@ -82,7 +82,7 @@ def build_method(group: str, node: Any):
     values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ConfigError(f"{group}.{unknown[0]}: the {cls.__dict__.get('name', values['name'])} {group} has no "
+        raise ConfigError(f"{group}.{unknown[0]}: the {values['name']} {group} has no "
                           f"setting {unknown[0]!r} (its settings: {', '.join(cls.settings()) or 'none'})")
     return cls(**values)
 

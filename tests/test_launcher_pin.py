@@ -44,7 +44,7 @@ def test_installed_plugin_version_is_the_pinned_one():
 def _mark_many(root: str, run_dirs: list[str], start) -> None:
     start.wait()
     for d in run_dirs:
-        mark_completed(CFG, d, root)
+        mark_completed(config_hash(CFG), d, root)
 
 
 def test_index_updates_from_concurrent_processes_are_all_kept(tmp_path):
@@ -89,7 +89,7 @@ def test_a_held_lock_times_out_into_an_unlocked_update(tmp_path, monkeypatch, ca
     try:
         monkeypatch.setattr(index, "LOCK_TIMEOUT_S", 0.2)
         with caplog.at_level(logging.WARNING, logger="prunerep.index"):
-            assert mark_completed(CFG, run_dir, root) == entry
+            assert mark_completed(config_hash(CFG), run_dir, root) == entry
     finally:
         holder.kill()
         holder.communicate()
@@ -109,6 +109,6 @@ def test_a_lock_file_left_by_a_killed_holder_blocks_nobody(tmp_path, monkeypatch
     assert lock_file.exists()
     monkeypatch.setattr(index, "LOCK_TIMEOUT_S", 5.0)  # a blocked acquire would fall back and warn
     with caplog.at_level(logging.WARNING, logger="prunerep.index"):
-        mark_completed(CFG, run_dir, root)
+        mark_completed(config_hash(CFG), run_dir, root)
     assert _unlocked_warnings(caplog) == []
     assert read_json(entry)["runs"] == [str(run_dir.resolve())]

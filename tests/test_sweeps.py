@@ -58,12 +58,12 @@ def test_index_find_mark_reuse(tmp_path):
     root = tmp_path / "outputs"
     cfg = cfg_of()
     a = tmp_path / "sweep1" / "p0"
-    assert find_completed(cfg, root) is None
+    assert find_completed(config_hash(cfg), root) is None
     _complete(a, cfg)
-    idx = mark_completed(cfg, a, root)
+    idx = mark_completed(config_hash(cfg), a, root)
     assert idx == index_path(config_hash(cfg), root) and idx.is_file()
-    assert find_completed(cfg, root) == a.resolve()
-    assert find_completed(cfg_of(sparsity=0.7), root) is None
+    assert find_completed(config_hash(cfg), root) == a.resolve()
+    assert find_completed(config_hash(cfg_of(sparsity=0.7)), root) is None
 
     b = tmp_path / "sweep2" / "p0"
     b.mkdir(parents=True)
@@ -79,7 +79,7 @@ def test_index_find_mark_reuse(tmp_path):
     import shutil
 
     shutil.rmtree(a)
-    assert find_completed(cfg, root) == b.resolve()
+    assert find_completed(config_hash(cfg), root) == b.resolve()
     c = tmp_path / "sweep3" / "p0"
     assert reuse_completed(b, c, root)["reused_from"] == str(a.resolve())  # the origin is kept
 
@@ -89,14 +89,14 @@ def test_stale_and_failed_entries_are_ignored(tmp_path):
     cfg = cfg_of()
     a = tmp_path / "s" / "p"
     _complete(a, cfg)
-    mark_completed(cfg, a, root)
+    mark_completed(config_hash(cfg), a, root)
     atomic_write_json(a / "summary.json", {"status": "failed", "error": "OOM", "config_hash": config_hash(cfg)})
-    assert find_completed(cfg, root) is None
+    assert find_completed(config_hash(cfg), root) is None
     (a / "summary.json").unlink()
-    assert find_completed(cfg, root) is None and not is_complete(a)
+    assert find_completed(config_hash(cfg), root) is None and not is_complete(a)
     # a summary of another config in the listed dir does not count either
     _complete(a, cfg_of(seed=3))
-    assert find_completed(cfg, root) is None
+    assert find_completed(config_hash(cfg), root) is None
 
 
 def test_reuse_in_place_copies_nothing(tmp_path):
