@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one after another, each printing its ratios.
 
-    python benchmarks/run.py                  # pruning + probes on this machine
+    python benchmarks/run.py                  # pruning + probes + the dense-cache lock on this machine
     python benchmarks/run.py --quick          # smaller calibration set, no Qwen2.5-7B-shaped head
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     runs = [[HERE / "bench_pruning.py"] + (["--nsamples", "8"] if args.quick else []),
-            [HERE / "bench_probes.py"] + (["--skip-7b-head", "--lengths", "256,2048"] if args.quick else [])]
+            [HERE / "bench_probes.py"] + (["--skip-7b-head", "--lengths", "256,2048"] if args.quick else []),
+            [HERE / "bench_caches.py"]]
     failed = 0
     for cmd in runs:
         print(f"\n=== {cmd[0].name} ===", flush=True)

@@ -32,8 +32,6 @@ log = logging.getLogger("prunerep.index")
 
 #: top-level keys (or dotted paths) that never change a point's results
 VOLATILE_KEYS = ("hydra", "launcher", "cache_dir", "skip_completed", "wandb", "verbose")
-#: files of the results contract, copied when a completed point is reused
-RESULT_FILES = ("config.yaml", "pruning.json", "probes.parquet", "probes_summary.json", "evals.json")
 #: what a reused run directory never takes from its source (per-run logs, tracking, scratch)
 NOT_COPIED = {"summary.json", ".hydra", "wandb", "eval_work", ".submitit"}
 #: seconds an index update waits for the entry's lock before it goes on unlocked
@@ -89,13 +87,16 @@ def index_path(chash: str, root: str | os.PathLike | None = None) -> Path:
     return outputs_root(root) / "index" / f"{chash}.json"
 
 
-def is_complete(run_dir: str | os.PathLike, chash: Optional[str] = None) -> bool:
-    """summary.json exists, says complete, and (when given) carries this config hash."""
+def is_complete(run_dir: str | os.PathLike, chash: Optional[str] = None, model_key: Optional[str] = None) -> bool:
+    """summary.json exists, says complete, and (when given) carries this config hash and was run on
+    the dense model files ``model_key`` names (new weights under the same path: not complete)."""
     try:
         summary = read_json(Path(run_dir) / "summary.json")
     except (OSError, ValueError):
         return False
     if not isinstance(summary, dict) or summary.get("status") != "complete":
+        return False
+    if model_key is not None and summary.get("model_key") != model_key:
         return False
     return chash is None or summary.get("config_hash") in (None, chash)
 
@@ -131,14 +132,17 @@ def _read_entry(path: Path) -> dict:
         return {}
 
 
-def find_completed(chash: str, outputs_root: str | os.PathLike | None = None) -> Optional[Path]:
+def find_completed(chash: str, outputs_root: str | os.PathLike | None = None,
+                   model_key: Optional[str] = None) -> Optional[Path]:
     """Run directory of a completed point with this config hash (:func:`config_hash`), or None.
+    With ``model_key`` (:func:`prunerep.spec.model_key`), only a point run on those same model
+    files counts: replacing the weights under the same ``model.path`` runs the point again.
 
     Entries whose directory was deleted, or whose summary.json is missing or not complete, are
     ignored (and a later :func:`mark_completed` drops them)."""
     entry = _read_entry(index_path(chash, outputs_root))
     for d in entry.get("runs", []):
-        if is_complete(d, chash):
+        if is_complete(d, chash, model_key):
             return Path(d)
     return None
 
@@ -225,6 +229,6 @@ def slurm_job_id() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID")
 
 
-__all__ = ["VOLATILE_KEYS", "RESULT_FILES", "NOT_COPIED", "LOCK_TIMEOUT_S", "hashable_config", "config_hash",
+__all__ = ["VOLATILE_KEYS", "NOT_COPIED", "LOCK_TIMEOUT_S", "hashable_config", "config_hash",
            "outputs_root", "index_path", "is_complete", "find_completed", "mark_completed", "reuse_completed",
            "slurm_job_id"]

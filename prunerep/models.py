@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prunerep.errors import ConfigError, ModelUnavailable
-from prunerep.io import stable_hash
+from prunerep.io import ABSENT, cache_lock, stable_hash, verify_dir_checksums, write_dir_checksums
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,123 @@ def _resolve_gguf(mcfg) -> Path:
     return path
 
 
+#: bump when the layout of a dequantised model directory changes: older ones are then ignored
+DEQUANT_VERSION = 2  # 2: checksums.json, keyed by the GGUF's content identity
+
+
 def _dequantized_cache_dir(gguf: Path, cache_dir: str | os.PathLike) -> Path:
-    st = gguf.stat()
-    key = stable_hash(gguf.name, st.st_size, int(st.st_mtime))
+    key = stable_hash(DEQUANT_VERSION, gguf.name, file_identity(gguf))
     return Path(os.path.expanduser(str(cache_dir))) / "models" / f"{gguf.stem}-{key}"
+
+
+# --------------------------------------------------------------------------- identity of the weights
+
+#: a file's identity reads its first HEAD_BYTES and SAMPLES strided blocks of SAMPLE_BYTES
+HEAD_BYTES = 1 << 20
+SAMPLES = 64
+SAMPLE_BYTES = 4096
+#: files of a model directory that are not the model
+_NOT_MODEL_FILES = (".md", ".lock")
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """Cheap identity of one weights file, whatever its size: size, mtime, and a sha256 of its
+    first MB, of its whole safetensors header (tensor names, shapes, offsets) and of
+    :data:`SAMPLES` blocks strided over the rest. About 1.3 MB read per file."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        head = f.read(HEAD_BYTES)
+        h.update(head)
+        if path.suffix == ".safetensors" and len(head) >= 8:
+            n = int.from_bytes(head[:8], "little")
+            if len(head) < 8 + n <= min(st.st_size, 1 << 30):
+                h.update(f.read(8 + n - len(head)))
+        rest = st.st_size - HEAD_BYTES
+        if rest > 0:
+            for i in range(SAMPLES):
+                f.seek(HEAD_BYTES + max(0, rest - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_sample": h.hexdigest()[:24]}
+
+
+def dir_identity(path: str | os.PathLike) -> dict:
+    """:func:`file_identity` of every file of a model directory (top level: weights, config,
+    tokenizer, remote code), hidden files and READMEs aside."""
+    d = Path(path)
+    return {p.name: file_identity(p) for p in sorted(d.iterdir())
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_NOT_MODEL_FILES)}
+
+
+def _hub_identity(repo: str, revision: str | None) -> dict:
+    """The commit a hub id resolves to in the local Hugging Face cache (what ``from_pretrained``
+    loads first) and its files; when it is not cached, the commit the Hub would serve."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if isinstance(found, str):
+        snapshot = Path(found).parent
+        return {"hub": repo, "commit": snapshot.name, "files": dir_identity(snapshot)}
+    if hub_reachable():
+        from huggingface_hub import HfApi
+
+        return {"hub": repo, "commit": HfApi().model_info(repo, revision=revision, timeout=10).sha}
+    raise ModelUnavailable(f"{repo!r} is neither in the local Hugging Face cache nor reachable")
+
+
+def _source_identity(spec: str, revision: str | None = None) -> dict:
+    """Identity of what a weights/tokenizer source names: ``package:<pkg>/<file>``, a .gguf file,
+    a local directory or a hub id."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if spec.startswith("package:"):
+        pkg, _, fname = spec[len("package:"):].partition("/")
+        try:
+            dist = version(pkg)
+        except PackageNotFoundError:
+            dist = None
+        return {"package": pkg, "version": dist, "file": file_identity(package_file(pkg, fname))}
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        return {"file": file_identity(path)}
+    if path.is_dir():
+        return {"dir": dir_identity(path)}
+    return _hub_identity(spec, revision)
+
+
+def files_identity(mcfg) -> str:
+    """Identity of the dense model as its resolved files are now (not as its config names them),
+    for the keys of the dense caches: a local directory's files (size, mtime, a sampled content
+    hash: :func:`file_identity`); a GGUF file's; a hub id's resolved commit (local HF cache, else
+    the Hub) and files; the embedded package's version and GGUF; a random model's ``arch``. Plus
+    the tokenizer's when it comes from elsewhere. Reads about 1.3 MB per file, whatever its size.
+
+    Replacing the weights under the same ``model.path`` therefore changes it. When the identity
+    cannot be established (a hub id neither cached nor reachable) it is unique to this call, so
+    nothing is shared (loading such a model fails anyway)."""
+    try:
+        if mcfg.source == "random":
+            ident = {"random": dict(mcfg.arch)}
+        elif mcfg.source == "package":
+            ident = _source_identity(f"package:{mcfg.package}/{mcfg.gguf_file}")
+        elif mcfg.source == "gguf":
+            ident = {"file": file_identity(_resolve_gguf(mcfg))}
+        else:
+            if not mcfg.path:
+                raise ConfigError(f"model {mcfg.name!r} has no model.path")
+            ident = _source_identity(mcfg.path, mcfg.revision)
+        if mcfg.tokenizer:
+            ident["tokenizer"] = _source_identity(mcfg.tokenizer)
+    except Exception as e:  # never in the way of a run: its caches are just not shared
+        import secrets
+
+        log.warning("cannot establish the identity of model %r's files (%s: %s): its dense reference is "
+                    "computed afresh and not shared", mcfg.name, type(e).__name__, e)
+        return f"unresolved-{secrets.token_hex(8)}"
+    return stable_hash(ident)
 
 
 def check_gguf(path: Path) -> None:
@@ -163,28 +276,43 @@ def _gguf_shape(path: Path) -> dict:
     try:
         fields = gguf.GGUFReader(str(path)).fields
         arch = bytes(fields["general.architecture"].parts[-1]).decode()
-        return {"num_hidden_layers": int(fields[f"{arch}.block_count"].parts[-1][0]),
-                "max_position_embeddings": int(fields[f"{arch}.context_length"].parts[-1][0])}
+        shape = {"num_hidden_layers": int(fields[f"{arch}.block_count"].parts[-1][0]),
+                 "max_position_embeddings": int(fields[f"{arch}.context_length"].parts[-1][0])}
+        for key, field in _GGUF_WIDTHS.items():  # Linear widths, for quant.group_size (optional)
+            try:
+                shape[key] = int(fields[f"{arch}.{field}"].parts[-1][0])
+            except Exception:  # absent, or not one number (per-layer values): checked after loading
+                pass
+        return shape
     except Exception as e:
         raise ConfigError(f"{str(path)!r} is not a readable GGUF file (truncated or corrupt: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+#: widths of the decoder's Linear layers a config may name (None where it does not), read with the
+#: depth so that quant.group_size is checked before the model loads; GGUF header field of each
+WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "head_dim")
+_GGUF_WIDTHS = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+                "num_attention_heads": "attention.head_count", "head_dim": "attention.key_length"}
+
+
 def peek_shape(mcfg, cache_dir) -> dict | None:
     """``{"num_hidden_layers", "max_position_embeddings"}`` of the model a config names, read
-    without its weights (config.json, the GGUF header, ``model.arch``); None where that cannot
-    be known before loading (a hub id not in the local cache). Checks a GGUF file on the way."""
+    without its weights (config.json, the GGUF header, ``model.arch``), plus the widths of
+    :data:`WIDTH_KEYS` where known; None where that cannot be known before loading (a hub id
+    not in the local cache). Checks a GGUF file on the way."""
     import json
 
     def from_json(path: Path) -> dict:
         c = json.loads(path.read_text())
         c = c.get("text_config", c)
         return {"num_hidden_layers": c.get("num_hidden_layers"),
-                "max_position_embeddings": c.get("max_position_embeddings")}
+                "max_position_embeddings": c.get("max_position_embeddings"), **{k: c.get(k) for k in WIDTH_KEYS}}
 
     if mcfg.source == "random":
         return {"num_hidden_layers": mcfg.arch.get("num_hidden_layers"),
-                "max_position_embeddings": mcfg.arch.get("max_position_embeddings")}
+                "max_position_embeddings": mcfg.arch.get("max_position_embeddings"),
+                **{k: mcfg.arch.get(k) for k in WIDTH_KEYS}}
     if mcfg.source in ("package", "gguf"):
         gguf = _resolve_gguf(mcfg)
         check_gguf(gguf)
@@ -200,28 +328,50 @@ def dequantize_gguf_to_cache(gguf: Path, cache_dir, dtype: torch.dtype = torch.f
     """Dequantise a GGUF once (~20 s for SmolLM2) and save it as safetensors + tokenizer.
 
     The directory appears atomically (built aside, then renamed), so a killed run never
-    leaves a cache that looks complete."""
+    leaves a cache that looks complete. Its ``checksums.json`` records the sha256 of every
+    file; a directory that does not match (a truncated or overwritten file) is never used:
+    it is named in a warning and rebuilt. Processes needing it at once take its lock
+    (``<dir>.lock``): one dequantises, the others wait."""
+    target = _dequantized_cache_dir(gguf, cache_dir)
+    if verify_dir_checksums(target) is None:
+        return target
+    with cache_lock(target, what=f"dequantised {gguf.name}"):
+        problem = verify_dir_checksums(target)
+        if problem is None:
+            return target
+        if problem != ABSENT:
+            log.warning("dequantised model cache %s is not intact (%s): not used, rebuilding it", target, problem)
+            bad = target.with_name(f".{target.name}.bad.{os.getpid()}")
+            shutil.rmtree(bad, ignore_errors=True)
+            os.replace(target, bad)
+            shutil.rmtree(bad, ignore_errors=True)
+        log.info("dequantising %s into %s (once)", gguf.name, target)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _dequantize_into(gguf, tmp, dtype)
+            write_dir_checksums(tmp)
+            os.replace(tmp, target)
+        except OSError:
+            if verify_dir_checksums(target) is not None:  # not "another process finished first"
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _dequantize_into(gguf: Path, out: Path, dtype: torch.dtype) -> None:
+    """Load a GGUF through transformers (dequantising it) and save it as safetensors in `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _dequantized_cache_dir(gguf, cache_dir)
-    if (target / "config.json").is_file():
-        return target
-    log.info("dequantising %s into %s (once)", gguf.name, target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     # the weights are plain floats now: drop the GGUF quantiser so transformers will save them
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
 
 
 def load_tokenizer(spec: str, cache_dir, **hub_kw):
