@@ -18,7 +18,9 @@ import typing
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("model", "pruner", "task", "probe", "launcher")
+#: the config groups are the folders of conf/ (model, pruner, quant, task, probe, launcher); those
+#: whose options are typed methods (pruner, quant) are prunerep.registry.GROUPS
+GROUPS = tuple(sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))))
 EXIT_BAD_INPUT = 2
 
 
@@ -69,7 +71,8 @@ def _fields(cls) -> dict[str, typing.Any]:
 
 
 def check_override_keys(argv: list[str], chosen: dict[str, list[str]]) -> None:
-    """``pruner=wanda pruner.blocksize=7`` -> one line naming the key and the method."""
+    """``pruner=wanda pruner.blocksize=7`` (or ``quant=rtn quant.blocksize=7``) -> one line naming the
+    key and the method: a key under a method group is checked against each chosen method's settings."""
     from prunerep.config import Config
     from prunerep.errors import ConfigError
     from prunerep.registry import GROUPS as METHOD_GROUPS, method_class

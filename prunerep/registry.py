@@ -1,5 +1,5 @@
-"""The registries are the config groups. A method (a pruner today; a quantizer, a sparsity
-profile next) is a typed dataclass in its own module: its fields are its settings, its class
+"""The registries are the config groups. A method (a pruner, a quantizer) is a typed dataclass
+in its own module: its fields are its settings, its class
 flags its capabilities, its methods its checks and its algorithm. The methods of a group are
 the dataclasses found in that group's package, so dropping a module in is all it takes to
 add one (plus its YAML file in ``conf/<group>/``); nothing keeps a second list.
@@ -23,8 +23,8 @@ from omegaconf import MISSING
 from prunerep.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-#: config group -> the package whose modules hold its methods
-GROUPS = {"pruner": "prunerep.pruners"}
+#: config group -> the package whose modules hold its methods (its ``BASE`` is their base class)
+GROUPS = {"pruner": "prunerep.pruners", "quant": "prunerep.quant"}
 
 
 @dataclass
@@ -75,7 +75,7 @@ def method_class(group: str, name: str) -> type:
 
 
 def build_method(group: str, node: Any):
-    """The typed method object of a composed config node (``cfg.pruner``)."""
+    """The typed method object of a composed config node (``cfg.pruner``, ``cfg.quant``)."""
     from omegaconf import OmegaConf
 
     cls = method_class(group, str(node.name))

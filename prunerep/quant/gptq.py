@@ -1,0 +1,115 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler & Alistarh, 2022): quantize a layer column by column and,
+after each column, spread its rounding error over the columns not yet quantized with the
+Optimal Brain Surgeon update from the inverse Hessian H = 2XXᵀ of the layer's calibration
+inputs -- SparseGPT's machinery with rounding in place of the mask, and the same code: the
+Hessian accumulation (:class:`~prunerep.pruners.common.RunningHessians`), its damped inverse
+(:func:`~prunerep.pruners.common.inverse_hessian_cholesky`) and the block-sequential calibration
+(:func:`~prunerep.pruners.common.calibrated_blocks`, :func:`~prunerep.pruners.common.prune_block`)
+are the pruners'.
+
+Groups: without ``act_order`` a group's scale and zero point are set when the loop reaches its
+first column, from the weights as the earlier columns' errors left them (the reference's
+dynamic groups). With ``act_order`` the columns go in order of decreasing H_jj and each group's
+grid is set from the weights before the loop (static groups, so a group is still ``group_size``
+consecutive input weights and needs no index in storage).
+
+After a pruner: weights that are zero stay zero (they are not stored), and the error of holding
+them at zero is compensated like a rounding error (SparseGPT's joint sparsification and
+quantization)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunerep.errors import ConfigError
+from prunerep.pruners.common import (RunningHessians, calibrated_blocks, inverse_hessian_cholesky, prunable_linears,
+                                     prune_block)
+from prunerep.quant.common import (CalibratedQuantizer, block_settings, grid_params, group_size_of, grouped,
+                                   relative_error, to_grid, write_back)
+
+
+@torch.no_grad()
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
+                         blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False) -> torch.Tensor:
+    """The quantized weight [out, in] (float32, on the grid of :mod:`prunerep.quant.common`) for
+    H [in, in]; entries of ``weight`` that are exactly zero stay zero."""
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    g = group_size_of(group_size, cols)
+    if cols % g:
+        raise ValueError(f"group size {g} does not divide {cols} input features")
+    H = hessian.float()
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    Hinv, dead = inverse_hessian_cholesky(H, percdamp)
+    if perm is not None:
+        W[:, perm[dead]] = 0
+        # static groups: every group's grid from the weights before the loop, in the original order
+        s_all, z_all = grid_params(grouped(W, g), bits, sym)  # [rows, cols/g, 1]
+        W = W[:, perm]
+        group_of = perm // g
+    else:
+        W[:, dead] = 0
+    pruned = W == 0  # the pruner's zeros (and the dead inputs): held at zero
+    scale = zero = None
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            j = i1 + i
+            w = W1[:, i]
+            if perm is not None:
+                scale, zero = s_all[:, group_of[j]], z_all[:, group_of[j]]
+            elif j % g == 0:  # a group starts: its grid from the weights as they are now
+                cur = W1[:, i:i + g] if i + g <= count else torch.cat([W1[:, i:], W[:, i2:j + g]], dim=1)
+                scale, zero = grid_params(cur.masked_fill(pruned[:, j:j + g], 0), bits, sym)
+            q = to_grid(w[:, None], scale, zero, bits)[:, 0].masked_fill(pruned[:, j], 0)
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        W = W[:, torch.argsort(perm)]
+    return W
+
+
+@dataclass
+class GPTQ(CalibratedQuantizer):
+    name: str = "gptq"
+    blocksize: int = 128  # columns updated together (lazy batch updates)
+    percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
+    act_order: bool = False  # columns in order of decreasing H_jj (static groups)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.blocksize < 1 or not self.percdamp >= 0:
+            raise ConfigError(f"quant.blocksize={self.blocksize} must be >= 1 and quant.percdamp={self.percdamp} >= 0")
+
+    @torch.no_grad()
+    def quantize(self, model, calib, settings) -> dict:
+        cfg = block_settings(settings, self)
+        errors = {}
+        for step in calibrated_blocks(model, calib, cfg, desc="gptq"):
+            linears = prunable_linears(step.block, self)
+            hess = RunningHessians(linears)
+
+            def quantize_linear(name, lin):
+                w = lin.weight
+                new = gptq_quantize_weight(w, hess.pop(name), self.bits, self.group_size, self.sym, self.blocksize,
+                                           self.percdamp, self.act_order)
+                errors[f"layers.{step.index}.{name}"] = relative_error(w, new)
+                write_back(lin, new, w == 0)
+
+            prune_block(step, linears, cfg, hess, quantize_linear)
+        return self.report(errors, calibration=True, calib_shape=list(calib.shape), blocksize=self.blocksize,
+                           percdamp=self.percdamp, act_order=self.act_order, sequential=self.sequential)

@@ -1,0 +1,29 @@
+"""Round-to-nearest (RTN): every weight to the nearest point of its group's grid, with no data
+and no error feedback -- the baseline GPTQ and AWQ are measured against (see
+:mod:`prunerep.quant.common` for the grid)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunerep.models import decoder_layers
+from prunerep.pruners.common import prunable_linears
+from prunerep.quant.common import GroupQuantizer, relative_error, rtn_quantize, write_back
+
+
+@dataclass
+class RTN(GroupQuantizer):
+    name: str = "rtn"
+
+    @torch.no_grad()
+    def quantize(self, model, calib, settings) -> dict:
+        """Data-free: one weight matrix at a time, in place (on the compute device)."""
+        errors = {}
+        for i, block in enumerate(decoder_layers(model)):
+            for name, lin in prunable_linears(block, self).items():
+                w = lin.weight.to(settings.device)
+                new = rtn_quantize(w, self.bits, self.group_size, self.sym)
+                errors[f"layers.{i}.{name}"] = relative_error(w, new)
+                write_back(lin, new, w == 0)
+        return self.report(errors, calibration=False)
