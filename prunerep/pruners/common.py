@@ -64,6 +64,10 @@ class Pruner(Method):
                 except re.error as e:
                     raise ConfigError(f"pruner.{key}={pattern!r} is not a valid regular expression: {e}") from None
 
+    def check_depth(self, n_layers: int) -> None:
+        """Checks against the model's number of decoder blocks, read before the model loads
+        (:func:`prunerep.spec.check_against_the_model`). Raise ConfigError (one line)."""
+
     def check(self, model: nn.Module, settings: PruneSettings) -> None:
         """Checks against the loaded model: the pattern must match Linear layers, and an N:M
         pattern must divide their input features."""
@@ -367,6 +371,44 @@ def input_groups(step: BlockStep, linears: dict[str, nn.Linear]) -> list[list[st
     return groups
 
 
+# --------------------------------------------------------------------------- second-order statistics
+# Shared by SparseGPT (prunerep/pruners/sparsegpt.py) and GPTQ (prunerep/quant/gptq.py): the same
+# Hessian of the layer-wise reconstruction error, the same damped inverse.
+
+class RunningHessians:
+    """H = (2/n)·Σ x xᵀ over the n calibration tokens seen so far, one per Linear layer (float32),
+    kept as a running mean (the reference code's ``add_batch``). Pass it as the ``accumulate`` of
+    :func:`prune_block`; :meth:`pop` hands a layer's H over and frees it."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.hess = {n: torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device, dtype=torch.float32)
+                     for n, lin in linears.items()}
+        self.seen = {n: 0 for n in linears}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        x = x.float()
+        t = x.shape[0]
+        self.hess[name] *= self.seen[name] / (self.seen[name] + t)
+        self.seen[name] += t
+        x = x * (2.0 / self.seen[name]) ** 0.5
+        self.hess[name] += x.T @ x
+
+    def pop(self, name: str) -> torch.Tensor:
+        return self.hess.pop(name)
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)`` for H [in, in]: U is the upper Cholesky factor of (H + λI)⁻¹, λ = percdamp ×
+    the mean of diag(H), after every input that never fired (``dead``: H_jj = 0; the caller zeroes
+    those weight columns) got H_jj = 1 -- SparseGPT's and GPTQ's preparation, verbatim."""
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(H.shape[0], device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+
+
 # --------------------------------------------------------------------------- measurement
 
 @torch.no_grad()
@@ -410,4 +452,4 @@ def mean_cos_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 __all__ = ["PruneSettings", "Pruner", "CalibratedPruner", "prunable_linears", "mask_for", "per_row_mask", "nm_mask",
            "lowest_k_mask", "apply_mask", "capture_block_inputs", "run_block", "input_hooks", "input_groups",
            "calibrated_blocks", "prune_block", "prune_on_first_call", "BlockStep", "measure_sparsity",
-           "mean_cos_distance", "n_pruned"]
+           "mean_cos_distance", "n_pruned", "RunningHessians", "inverse_hessian_cholesky"]

@@ -9,11 +9,12 @@ import torch
 
 from prunerep.errors import ConfigError
 from prunerep.models import decoder_layers, output_head
-from prunerep.pruners.common import Pruner, apply_mask, mask_for, prunable_linears
+from prunerep.pruners._profile import ProfiledPruner
+from prunerep.pruners.common import apply_mask, mask_for, prunable_linears
 
 
 @dataclass
-class Magnitude(Pruner):
+class Magnitude(ProfiledPruner):
     name: str = "magnitude"
     prune_lm_head: bool = False  # also prune the LM head (untied models only)
     supports_lm_head: ClassVar[bool] = True
@@ -30,11 +31,14 @@ class Magnitude(Pruner):
 
     @torch.no_grad()
     def prune(self, model, calib, settings) -> dict:
-        """Needs no calibration data, so it touches one weight matrix at a time, in place."""
-        for block in decoder_layers(model):
+        """Needs no calibration data (but for profile=owl's outlier ratios), so it touches one
+        weight matrix at a time, in place."""
+        plan = self.layer_targets(model, calib, settings)
+        for i, block in enumerate(decoder_layers(model)):
+            spec = self.block_spec(plan, i, settings.spec)
             for lin in prunable_linears(block, self).values():
-                apply_mask(lin, mask_for(self.score(lin.weight.to(settings.device)), settings.spec, per_row=False))
-        if self.prune_lm_head:
+                apply_mask(lin, mask_for(self.score(lin.weight.to(settings.device)), spec, per_row=False))
+        if self.prune_lm_head:  # the head is no block: it takes the run's target
             head = output_head(model)
             apply_mask(head, mask_for(self.score(head.weight.to(settings.device)), settings.spec, per_row=False))
-        return {"method": self.name, "calibration": False}
+        return {"method": self.name, "calibration": plan is not None, "profile": self.profile_report(plan, model)}

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from prunerep.errors import ConfigError
-from prunerep.pruners.common import (CalibratedPruner, apply_mask, calibrated_blocks, n_pruned, prunable_linears,
-                                     prune_block)
+from prunerep.pruners._profile import ProfiledPruner
+from prunerep.pruners.common import (CalibratedPruner, RunningHessians, apply_mask, calibrated_blocks,
+                                     inverse_hessian_cholesky, n_pruned, prunable_linears, prune_block)
 
 
 @torch.no_grad()
@@ -18,14 +19,9 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, spec, bl
                            percdamp: float = 0.01) -> torch.Tensor:
     """Return the pruned and reconstructed weight [out, in] (float32) for H [in, in]."""
     W = weight.detach().float().clone()
-    H = hessian.float().clone()
     rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    Hinv, dead = inverse_hessian_cholesky(hessian, percdamp)  # shared with GPTQ (prunerep/quant/gptq.py)
     W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    H += damp * torch.eye(cols, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -61,7 +57,7 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, spec, bl
 
 
 @dataclass
-class SparseGPT(CalibratedPruner):
+class SparseGPT(ProfiledPruner, CalibratedPruner):
     name: str = "sparsegpt"
     blocksize: int = 128  # columns updated together (lazy batch updates)
     percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
@@ -73,25 +69,17 @@ class SparseGPT(CalibratedPruner):
 
     @torch.no_grad()
     def prune(self, model, calib, settings) -> dict:
+        plan = self.layer_targets(model, calib, settings)
         for step in calibrated_blocks(model, calib, settings, desc="sparsegpt"):
+            spec = self.block_spec(plan, step.index, settings.spec)
             linears = prunable_linears(step.block, self)
-            hess = {n: torch.zeros(l.in_features, l.in_features, device=l.weight.device, dtype=torch.float32)
-                    for n, l in linears.items()}
-            seen = {n: 0 for n in linears}
-
-            def accumulate(name, x):  # running mean of 2·x xᵀ over tokens
-                x = x.float()
-                t = x.shape[0]
-                hess[name] *= seen[name] / (seen[name] + t)
-                seen[name] += t
-                x = x * (2.0 / seen[name]) ** 0.5
-                hess[name] += x.T @ x
+            hess = RunningHessians(linears)  # running mean of 2·x xᵀ over tokens (shared with GPTQ)
 
             def prune_linear(name, lin):
-                new = sparsegpt_prune_weight(lin.weight, hess.pop(name), settings.spec, self.blocksize, self.percdamp)
+                new = sparsegpt_prune_weight(lin.weight, hess.pop(name), spec, self.blocksize, self.percdamp)
                 lin.weight.data.copy_(new.to(lin.weight.dtype))
                 apply_mask(lin, new == 0)  # exact zeros survive the cast back to the model's dtype
 
-            prune_block(step, linears, settings, accumulate, prune_linear)
+            prune_block(step, linears, settings, hess, prune_linear)
         return {"method": "sparsegpt", "calibration": True, "calib_shape": list(calib.shape),
-                "blocksize": self.blocksize, "percdamp": self.percdamp}
+                "blocksize": self.blocksize, "percdamp": self.percdamp, "profile": self.profile_report(plan, model)}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunerep.pruners._profile import ProfiledPruner
 from prunerep.pruners.common import (CalibratedPruner, apply_mask, calibrated_blocks, mask_for, prunable_linears,
                                      prune_block)
 
@@ -17,12 +18,14 @@ def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tens
 
 
 @dataclass
-class Wanda(CalibratedPruner):
+class Wanda(ProfiledPruner, CalibratedPruner):
     name: str = "wanda"
 
     @torch.no_grad()
     def prune(self, model, calib, settings) -> dict:
+        plan = self.layer_targets(model, calib, settings)
         for step in calibrated_blocks(model, calib, settings, desc="wanda"):
+            spec = self.block_spec(plan, step.index, settings.spec)
             linears = prunable_linears(step.block, self)
             sq = {name: torch.zeros(lin.in_features, device=lin.weight.device, dtype=torch.float32)
                   for name, lin in linears.items()}
@@ -31,7 +34,8 @@ class Wanda(CalibratedPruner):
                 sq[name] += x.float().pow(2).sum(0)
 
             def prune_linear(name, lin):
-                apply_mask(lin, mask_for(wanda_score(lin.weight, sq[name]), settings.spec, per_row=True))
+                apply_mask(lin, mask_for(wanda_score(lin.weight, sq[name]), spec, per_row=True))
 
             prune_block(step, linears, settings, accumulate, prune_linear)
-        return {"method": "wanda", "calibration": True, "calib_shape": list(calib.shape)}
+        return {"method": "wanda", "calibration": True, "calib_shape": list(calib.shape),
+                "profile": self.profile_report(plan, model)}
