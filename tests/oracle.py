@@ -48,6 +48,13 @@ def geometry(x_dense: Tensor, x_pruned: Tensor) -> dict[str, Tensor]:
             "par_rel": par_rel, "orth_rel": orth_rel, "orth_par_ratio": _ratio(orth_rel, par_rel)}
 
 
+def centred(z: Tensor) -> Tensor:
+    """z − mean_V(z): the logits with their mean over the vocabulary removed (softmax(z) is
+    unchanged by any constant added to a row, and so is everything computed from this)."""
+    z = f64(z)
+    return z - z.mean(dim=-1, keepdim=True)
+
+
 def _sum_where_p(p: Tensor, terms: Tensor) -> Tensor:
     """Σ terms over the tokens with p > 0 (0 · log 0 = 0)."""
     return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
@@ -135,6 +142,7 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures=(1.0,), topk=(
     dz = zp - zd
     nan = math.nan
     out = {("logit", k, nan): v for k, v in geometry(zd, zp).items()}
+    out.update({("logit", k + "_centred", nan): v for k, v in geometry(centred(zd), centred(zp)).items()})
     out[("logit", "var_uniform", nan)] = uniform_var(dz)
     out[("probability", "top1_agree", nan)] = top1_agree(zd, zp)
     for k in sorted({min(int(k), zd.shape[-1]) for k in topk} - {1}):

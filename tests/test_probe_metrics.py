@@ -261,7 +261,7 @@ def test_identical_inputs_give_exact_zeros_in_float32(compiled):
     zd = _rand(5, 1000, seed=21, scale=4.0, dtype=torch.float32)
     out = M.vocab_metrics(zd, zd.clone(), (0.5, 1.0, 2.0), compiled=compiled)
     for (space, metric, t), v in out.items():
-        if metric == "cos" or "agree" in metric or "overlap" in metric:
+        if metric in ("cos", "cos_centred") or "agree" in metric or "overlap" in metric:
             assert torch.equal(v, torch.ones_like(v)), (space, metric, t)
         elif not metric.startswith("entropy"):
             assert torch.equal(v, torch.zeros_like(v)), (space, metric, t)

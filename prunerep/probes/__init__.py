@@ -10,8 +10,9 @@ Pipeline API (one model in memory; the dense side is cached on disk)::
 
 Modules: :mod:`.metrics` (pure tensor math), :mod:`.capture` (hooks, logit lens),
 :mod:`.contexts` (prompt / teacher-forced / free-running), :mod:`.prompts`,
-:mod:`.reference` (plan, cache, comparison), :mod:`.outputs` (files). The table's schema
-is :mod:`prunerep.results`.
+:mod:`.reference` (plan, cache, comparison), :mod:`.outputs` (files), :mod:`.transitions`
+(sublayer transitions and local damage, ``probe.transitions``), :mod:`.top_tokens` (the dense
+top tokens with both models' probabilities). The table's schema is :mod:`prunerep.results`.
 """
 from prunerep.probes.capture import capture, lens_logits, resolve_layers
 from prunerep.probes.outputs import summarize, write_probe_outputs

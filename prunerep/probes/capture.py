@@ -1,8 +1,12 @@
 """Read hidden states out of an unmodified Hugging Face decoder with forward hooks.
 
-Layer index convention (the same as ``output_hidden_states``): layer 0 is the embedding
-output (the input of block 0), layer i ≥ 1 is the output of block i − 1, layer L (the
-number of blocks) is the last block's output *before* the final norm.
+Layer index convention: layer 0 is the embedding output (the input of block 0), layer
+i ≥ 1 is the output of block i − 1, layer L (the number of blocks) is the last block's output
+*before* the final norm. The indices are those of transformers' ``output_hidden_states``, and
+so are the tensors at layers 0 … L − 1, but NOT at L: there transformers returns the state
+*after* the final norm, ``final_norm(h_L)``, while :func:`capture` records the raw residual
+stream h_L (what the logit lens :func:`lens_logits` reads). ``probe.h=normed`` compares the
+normed state at L instead (:func:`prunerep.probes.reference.compare_states`).
 
 Sublayers at layer i ≥ 1 (block i − 1):
 

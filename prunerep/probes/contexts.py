@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -64,24 +65,72 @@ def _states_forward(model: nn.Module, ids: Tensor) -> None:
         _forward(model, ids, use_cache=False)
 
 
+_REUSE: list = []  # the active memos of :func:`reuse_last_states`: (model, {(kind, ids): {key: state}})
+
+
+@contextmanager
+def reuse_last_states(model: nn.Module):
+    """Inside: :func:`prompt_states` and :func:`teacher_forced_states` of ``model`` keep the last
+    layer's residual-stream states of each sequence they run, and a later call that asks for
+    nothing else is answered from them without a forward (the probe comparison's top-token table
+    asks again for what the comparison has computed). Only for the duration of the block, in
+    which ``model`` must not change: the states are the same tensors a forward would give."""
+    memo: dict = {}
+    _REUSE.append((model, memo))
+    try:
+        yield memo
+    finally:
+        _REUSE.remove((model, memo))
+
+
+def _memo(model: nn.Module) -> dict | None:
+    return next((m for owner, m in reversed(_REUSE) if owner is model), None)
+
+
+def _recall(model: nn.Module, key, layers: Sequence[int], sublayers: Sequence[str]) -> dict[Key, Tensor] | None:
+    memo = _memo(model)
+    kept = memo.get(key) if memo is not None else None
+    want = [(layer, sub) for layer in layers for sub in sublayers if layer > 0 or sub == "block"]
+    if kept is None or not want or any(k not in kept for k in want):
+        return None
+    return {k: kept[k] for k in want}
+
+
+def _remember(model: nn.Module, key, states: dict[Key, Tensor]) -> None:
+    memo = _memo(model)
+    last = (num_layers(model), "block")
+    if memo is not None and last in states:
+        memo[key] = {last: states[last]}
+
+
 @torch.inference_mode()
 def prompt_states(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers: Sequence[str]
                   ) -> dict[Key, Tensor]:
     """Hidden states ``[T, d]`` at every prompt position, for each (layer, sublayer)."""
-    with capture(model, layers, sublayers) as acts:
-        _states_forward(model, ids)
-    return {k: v[0] for k, v in acts.items()}
+    key = ("prompt", tuple(int(t) for t in ids.tolist()))
+    states = _recall(model, key, layers, sublayers)
+    if states is None:
+        with capture(model, layers, sublayers) as acts:
+            _states_forward(model, ids)
+        states = {k: v[0] for k, v in acts.items()}
+        _remember(model, key, states)
+    return states
 
 
 @torch.inference_mode()
 def teacher_forced_states(model: nn.Module, prompt_ids: Tensor, gen_ids: Tensor, layers: Sequence[int],
                           sublayers: Sequence[str]) -> dict[Key, Tensor]:
     """Hidden states ``[n, d]`` at the n positions predicting ``gen_ids`` (n = len(gen_ids))."""
-    n, p = len(gen_ids), len(prompt_ids)
-    seq = torch.cat([prompt_ids.cpu(), gen_ids.cpu()[: n - 1]])
-    with capture(model, layers, sublayers) as acts:
-        _states_forward(model, seq)
-    return {k: v[0, p - 1: p - 1 + n] for k, v in acts.items()}
+    key = ("teacher_forced", tuple(int(t) for t in prompt_ids.tolist()), tuple(int(t) for t in gen_ids.tolist()))
+    states = _recall(model, key, layers, sublayers)
+    if states is None:
+        n, p = len(gen_ids), len(prompt_ids)
+        seq = torch.cat([prompt_ids.cpu(), gen_ids.cpu()[: n - 1]])
+        with capture(model, layers, sublayers) as acts:
+            _states_forward(model, seq)
+        states = {k: v[0, p - 1: p - 1 + n] for k, v in acts.items()}
+        _remember(model, key, states)
+    return states
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """How far a pruned model's representations are from the dense model's: pure tensor math.
 
 Every function takes tensors and returns tensors; nothing here touches a model, a file or
-a global. The conventions, shared by all functions:
+the model's state (the only globals are a worker-thread pool and a compile cache). The
+conventions, shared by all functions:
 
 * **Rows are tokens, the last dimension is features** (hidden size, or vocabulary for
   logits and probabilities). Each metric reduces the last dimension: inputs of shape
@@ -13,11 +14,19 @@ a global. The conventions, shared by all functions:
   estimates at tiny perturbations).
 * **Zero vectors** never produce NaN by themselves: ``cos(0, 0) = 1`` (identical),
   ``cos(0, x≠0) = 0``; a ratio ``a / ‖x_dense‖`` with ``‖x_dense‖ = 0`` is ``0`` when
-  ``a = 0`` and ``+inf`` otherwise.
+  ``a = 0`` and ``+inf`` otherwise. For the centred logit metrics the zero vector is a
+  constant row (all logits equal).
 * **Non-finite inputs propagate.** A NaN/inf anywhere in a row gives a non-finite value
   for that row (never silently a number; the geometry metrics give NaN).
-* **Probabilities** are ``p = softmax(z / T)`` computed with ``log_softmax``. A ``-inf``
-  logit (a masked token, p = 0) is allowed: its terms count as ``0 · log 0 = 0``.
+* **Probabilities** are ``p = softmax(z / T)``. A ``-inf`` logit (a masked token, p = 0) is
+  allowed: its terms count as ``0 · log 0 = 0``.
+
+Raw and centred logits. The softmax ignores a constant added to every logit of a row, so
+the logit geometry is reported twice: on the raw ``z`` (``cos``, ``rel_l2``, ...: what the
+logit lens outputs) and on the centred ``z − mean_V(z)`` (``cos_centred``,
+``rel_l2_centred``, ...: invariant to such a shift, which is the version the paper's
+argument, "z barely moves, p is amplified", needs). ``var_uniform`` = Var_u(Δz) is
+shift-invariant already (it is ``‖Δz_centred‖² / V``).
 
 KL direction: ``kl`` is ``KL(p_dense ‖ p_pruned) = Σ p_dense (log p_dense − log p_pruned)``,
 the expectation under the dense model. The paper's released code and its README disagree
@@ -39,21 +48,30 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["geometry", "option_metrics", "vocab_metrics", "GEOMETRY_METRICS"]
+__all__ = ["geometry", "option_metrics", "vocab_metrics", "GEOMETRY_METRICS", "CENTRED"]
 
 GEOMETRY_METRICS = ("cos", "one_minus_cos", "rel_l2", "par_rel", "orth_rel", "orth_par_ratio")
+#: suffix of the logit-space geometry of the centred logits z − mean_V(z)
+CENTRED = "_centred"
 
-# rows of [rows, V] processed together: ~2 MB of float32 keeps the ~40 passes of
-# vocab_metrics in cache, which on CPUs is 1.5-3x faster than whole chunks. Every block has
-# the same (even) number of rows, zero-padded: a multi-threaded reduction splits a row
-# differently when a call has 1 or 3 rows, so fixed shapes make each row's result
-# independent of how the rows were batched (bit-identical for any token_chunk on CPU).
-ROW_BLOCK_ELEMENTS = 1 << 19
+# rows of [rows, V] processed together (~1 MB of float32 per buffer, so a worker's ~10
+# buffers stay in the CPU's caches). Every block has the same (even) number of rows,
+# zero-padded: fixed shapes make each row's result independent of how the rows were batched
+# (bit-identical for any token_chunk on CPU).
+ROW_BLOCK_ELEMENTS = 1 << 18
+# top-k over a vocabulary: the maxima of groups of TOPK_GROUP logits first, then the top-k
+# of the k best groups' members (one cheap pass instead of a selection over V)
+TOPK_GROUP = 64
+# per-row scalar arithmetic (the last, O(rows) stage) runs on slabs of this many rows, padded:
+# the same SIMD path for every row whatever the batch size
+FINISH_ROWS = 256
 
 
 # --------------------------------------------------------------------------- helpers
@@ -71,6 +89,10 @@ def _dot(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mul(a, b, out=out).sum(dim=-1)
 
 
+def _norm(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
 def _wdot(w: Tensor, x: Tensor, masked: bool, out: Tensor | None = None) -> Tensor:
     """Row-wise Σ w·x where, if ``masked``, the terms with w = 0 count 0 (also when x is ±inf
     or NaN there: 0 · log 0 = 0 for a masked token); a NaN weight stays NaN."""
@@ -82,7 +104,7 @@ def _wdot(w: Tensor, x: Tensor, masked: bool, out: Tensor | None = None) -> Tens
 
 def _weighted_var(w: Tensor, y: Tensor, y2: Tensor, out: Tensor | None = None) -> Tensor:
     """Var_w(y) = E_w[y²] − E_w[y]² per row from y and y², w normalised by its sum (Σp is 1
-    only to rounding). One pass: y is shifted so that its mean is small (see :func:`_vocab_block`)."""
+    only to rounding). One pass: y is shifted so that its mean is small (see :func:`_general_block`)."""
     total = w.sum(dim=-1)
     return _dot(w, y2, out) / total - (_dot(w, y, out) / total).square()
 
@@ -125,7 +147,7 @@ def geometry(x_dense: Tensor, x_pruned: Tensor) -> dict[str, Tensor]:
 
 def _is_zero(x: Tensor) -> Tensor:
     """Rows that are the zero vector (per the norm, as for x_dense in :func:`_geometry`)."""
-    return torch.linalg.vector_norm(x, dim=-1) == 0
+    return _norm(x) == 0
 
 
 def _geometry(xd: Tensor, delta: Tensor, pruned_zero: Tensor | None, prod: Tensor | None = None
@@ -133,18 +155,24 @@ def _geometry(xd: Tensor, delta: Tensor, pruned_zero: Tensor | None, prod: Tenso
     """:func:`geometry` from x_dense, Δ and which x_pruned rows are 0 (None: none can be, as
     for probabilities); overwrites ``delta`` (with o) to save a buffer (and ``prod``, a
     scratch buffer for the products, if given)."""
-    nd = torch.linalg.vector_norm(xd, dim=-1)
+    nd = _norm(xd)
     a = _ratio(_dot(delta, xd, prod), nd.square())  # x_dense = 0 -> a = 0 (then o = Δ)
-    norm_delta = torch.linalg.vector_norm(delta, dim=-1)
+    norm_delta = _norm(delta)
     orth = delta.addcmul_(a.unsqueeze(-1), xd, value=-1.0)
+    return _split(nd, norm_delta, a, _norm(orth), nd == 0, pruned_zero)
+
+
+def _split(nd: Tensor, norm_delta: Tensor, a: Tensor, norm_orth: Tensor, dense_zero: Tensor,
+           pruned_zero: Tensor | None) -> dict[str, Tensor]:
+    """The geometry metrics from ‖x_dense‖, ‖Δ‖, the parallel coefficient a, ‖o‖ and which
+    rows are zero vectors on either side (see :func:`geometry`)."""
     par = a.abs()
-    orth_rel = _ratio(torch.linalg.vector_norm(orth, dim=-1), nd)
+    orth_rel = _ratio(norm_orth, nd)
     s = 1.0 + a
     r = torch.hypot(s, orth_rel)
     omc = torch.where(s >= 0, orth_rel.square() / (r * (r + s)), (r - s) / r)
     # zero vectors: cos(0, 0) = 1, cos(0, x) = cos(x, 0) = 0
     # x_pruned = 0 is tested directly: a = −1 and o = 0 hold there only to rounding
-    dense_zero = nd == 0
     pruned_zero = torch.zeros_like(dense_zero) if pruned_zero is None else pruned_zero
     omc = torch.where(dense_zero & pruned_zero, torch.zeros_like(omc), omc)
     omc = torch.where(dense_zero ^ pruned_zero, torch.ones_like(omc), omc)
@@ -182,11 +210,14 @@ def option_metrics(z_dense: Tensor, z_pruned: Tensor, option_ids: Sequence[int],
 
 def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[float] = (1.0,),
                   topk: Iterable[int] = (5, 10), logit: bool = True, probability: bool = True,
-                  compiled: bool = False) -> dict[tuple[str, str, float], Tensor]:
+                  compiled: bool = False, threads: int | None = None) -> dict[tuple[str, str, float], Tensor]:
     """Every logit- and probability-space metric of a chunk of logits, keyed
     ``(space, metric, T)`` with ``T = nan`` for temperature-free metrics.
 
-    * ``logit``: the geometry of z (:func:`geometry`) and ``var_uniform`` = Var_u(Δz);
+    * ``logit``: the geometry of z (:func:`geometry`), the same geometry of the centred
+      logits z − mean_V(z) (``cos_centred``, ``one_minus_cos_centred``, ``rel_l2_centred``,
+      ``par_rel_centred``, ``orth_rel_centred``, ``orth_par_ratio_centred``) and
+      ``var_uniform`` = Var_u(Δz);
     * ``probability``, temperature-free: ``top1_agree``, ``top{k}_overlap`` (|top-k dense ∩
       top-k pruned| / k, order ignored; k capped at the vocabulary);
     * ``probability`` at each T: the geometry of p, ``kl``, ``reverse_kl``, ``js`` (Jensen–
@@ -194,54 +225,339 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
       ``var_r`` = Var_r(Δz) (r ∝ p²), ``kl_est`` = var_p/(2T²), ``cos_est`` = var_r/(2T²)
       (estimates 1 − cos(p)) and ``unif_est`` = Var_u(Δz)/(2T²).
 
-    Each row's values depend on that row only, bit for bit, whatever the batch size. Rows
-    go through :func:`_vocab_block` in blocks of ~2 MB that stay in cache. Run eagerly, it
-    writes every vocabulary-sized intermediate into a few scratch buffers allocated once
-    per call (fresh multi-MB allocations cost more than the arithmetic on a CPU).
-    ``compiled=True`` runs the same function through ``torch.compile`` instead, without
-    the buffers (its elementwise passes fused into a few loops over the vocabulary;
-    compiled once per process, then cached on disk by PyTorch); where the compiler fails,
-    the eager run takes over (warned once).
+    Only what ``logit`` / ``probability`` ask for is computed. Each row's values depend on
+    that row only, bit for bit, whatever the batch size.
+
+    How: rows with finite logits (all of them, in practice) go through :func:`_block_sums`
+    in blocks of ~1 MB that stay in cache, one read of each vocabulary-sized buffer per sum;
+    everything per row (the metrics from those sums) is then computed at once for the chunk.
+    The top-k of each side is found once, for every k. On a CPU the blocks are shared by
+    ``threads`` worker threads (default: torch's thread count), each running its tensor ops
+    on ONE thread: many small multi-threaded passes wait on each other at every op, which on
+    a loaded machine costs more than the arithmetic. Rows holding a NaN/inf (masked tokens)
+    take :func:`_general_block`, which counts ``0 · log 0 = 0``. ``compiled=True`` runs the
+    blocks of finite rows through ``torch.compile`` instead, in this thread (compiled once per
+    process, then cached on disk by PyTorch); where the compiler fails, the eager run takes
+    over (warned once).
     """
     zd, zp = _pair(z_dense, z_pruned)
     lead, v = zd.shape[:-1], zd.shape[-1]
     zd, zp = zd.reshape(-1, v), zp.reshape(-1, v)
     n = zd.shape[0]
+    if not (logit or probability):
+        return {}
     temps = tuple(float(t) for t in temperatures)
     ks = tuple(sorted({min(int(k), v) for k in topk} | {1}))  # 1 (top-1) first
+    if n == 0:  # the keys, with no rows
+        return {k: val[:0].reshape(lead) for k, val in vocab_metrics(
+            zd.new_zeros(1, v), zp.new_zeros(1, v), temps, ks, logit, probability, compiled, 1).items()}
     block = max(2, ROW_BLOCK_ELEMENTS // max(v, 1) // 2 * 2)
-    scratch = None  # the eager run's buffers, allocated once when first needed
-    parts = []
-    for i in range(0, max(n, 1), block):
-        bd, bp = zd[i:i + block], zp[i:i + block]
-        rows = bd.shape[0]
-        if rows < block:  # pad: every call reduces [block, V], so no row depends on its neighbours
-            bd = torch.cat([bd, bd.new_zeros(block - rows, v)])
-            bp = torch.cat([bp, bp.new_zeros(block - rows, v)])
-        args = (bd, bp, temps, ks, logit, probability, _finite(bd, bp))
-        part = _run_compiled(args) if compiled else None
-        if part is None:
-            if scratch is None:
-                scratch = tuple(torch.empty((_N_SCRATCH, block, v), dtype=zd.dtype, device=zd.device))
-            part = _vocab_block(*args, scratch)
-        parts.append({k: val[:rows] for k, val in part.items()})
-    return {k: torch.cat([part[k] for part in parts]).reshape(lead) for k in parts[0]}
+    cpu = zd.device.type == "cpu" and not compiled
 
+    def blocks(fast: bool, rows: Tensor | None, count: int) -> list[dict]:
+        """The rows (all when ``rows`` is None) in padded blocks, through the fast or general path."""
+        def run(start, scratch):
+            stop = min(start + block, count)
+            bd = zd[start:stop] if rows is None else zd.index_select(0, rows[start:stop])
+            bp = zp[start:stop] if rows is None else zp.index_select(0, rows[start:stop])
+            if stop - start < block:  # pad: every call reduces [block, V], so no row depends on its neighbours
+                bd = torch.cat([bd, bd.new_zeros(block - (stop - start), v)])
+                bp = torch.cat([bp, bp.new_zeros(block - (stop - start), v)])
+            args = (bd, bp, temps, ks, logit, probability)
+            fn = _block_sums if fast else _general_block
+            part = _run_compiled(fn, args) if (compiled and fast) else None  # rows with NaN/inf: rare, eager
+            if part is None:
+                part = fn(*args, scratch.get(fast, block, v, zd))
+            return {k: val[:stop - start] for k, val in part.items()}
+
+        parts = _map(run, list(range(0, count, block)), threads, cpu)
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    with _OneThreadOps(cpu):
+        out = _vocab_rows(zd, zp, n, blocks, temps, ks, v, logit, probability)
+    return {k: val.reshape(lead) for k, val in out.items()}
+
+
+def _vocab_rows(zd: Tensor, zp: Tensor, n: int, blocks, temps, ks, v: int, logit: bool, probability: bool) -> dict:
+    """:func:`vocab_metrics` of ``[n, V]`` rows: finite rows on the fast path, the others (and
+    the fast path's overflows) on the general one."""
+    finite = torch.isfinite(zd.sum(dim=-1)) & torch.isfinite(zp.sum(dim=-1))
+    fast_rows = None if bool(finite.all()) else finite.nonzero().squeeze(-1)
+    n_fast = n if fast_rows is None else len(fast_rows)
+    out = _finish(blocks(True, fast_rows, n_fast), temps, ks, v, logit, probability) if n_fast else {}
+    retry = out.pop("retry", None)
+    general = (~finite).nonzero().squeeze(-1)
+    if retry is not None and bool(retry.any()):  # exp overflowed on the fast path: computed again
+        general = torch.cat([general, retry.nonzero().squeeze(-1) if fast_rows is None else fast_rows[retry]])
+    if len(general):
+        general = general.sort().values
+        slow = blocks(False, general, len(general))
+        if fast_rows is not None or not out:  # scatter the fast rows into full-length outputs
+            full = {k: val.new_full((n,), math.nan) for k, val in slow.items()}
+            for k, val in out.items():
+                full[k][fast_rows if fast_rows is not None else slice(None)] = val
+            out = full
+        for k, val in slow.items():
+            out[k][general] = val
+    return out
+
+
+class _Scratch:
+    """One worker's buffers, allocated on first use: ``get(fast, rows, V, like)``."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, fast: bool, rows: int, v: int, like: Tensor) -> dict | tuple:
+        key = (fast, rows, v, like.dtype, like.device)
+        if key not in self.bufs:
+            names = _FAST_BUFFERS if fast else range(_N_SCRATCH)
+            bufs = torch.empty((len(names), rows, v), dtype=like.dtype, device=like.device)
+            self.bufs[key] = dict(zip(names, bufs)) if fast else tuple(bufs)
+        return self.bufs[key]
+
+
+_POOL: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _map(fn, jobs: list, threads: int | None, cpu: bool) -> list:
+    """``[fn(job, scratch) for job in jobs]``: on a CPU, on ``threads`` worker threads (None:
+    torch's intra-op thread count when the call began) that each run their ops on one thread;
+    elsewhere (CUDA), or for one thread, in the calling thread."""
+    workers = max(1, min(int(threads or _THREADS.get("caller") or 1), len(jobs))) if cpu else 1
+    if workers == 1:
+        scratch = _Scratch()
+        return [fn(job, scratch) for job in jobs]
+    local = threading.local()
+    generation = object()  # fresh buffers per call: no memory is held between calls
+
+    def task(job):
+        if getattr(local, "generation", None) is not generation:
+            local.scratch, local.generation = _Scratch(), generation
+            torch.set_num_threads(1)
+        return fn(job, local.scratch)
+
+    with _POOL_LOCK:
+        pool = _POOL.get(workers)
+        if pool is None:
+            pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="prunerep-metrics")
+    return list(pool.map(task, jobs))
+
+
+_THREADS: dict = {}
+
+
+class _OneThreadOps:
+    """On a CPU: tensor ops on one thread inside (each of many small multi-threaded ops waits
+    for all threads at its end; on a busy machine one of them is often descheduled, which
+    costs a scheduler time slice, ~10 ms, per op); torch's setting is restored on exit."""
+
+    def __init__(self, cpu: bool):
+        self.cpu = cpu
+
+    def __enter__(self):
+        if self.cpu:
+            self.old = _THREADS["caller"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.cpu:
+            torch.set_num_threads(self.old)  # also MKL's (process-wide) setting, which workers change
+            _THREADS.pop("caller", None)
+        return False
+
+
+# --------------------------------------------------------------------------- fast path: per-row sums
+
+_FAST_BUFFERS = ("dz", "y", "yd", "yq", "o", "p", "q", "u", "d")
+
+
+def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(indices of a top-k of each row, sorted by value; the row's argmax, its first maximum).
+
+    For a large vocabulary: the maxima of groups of :data:`TOPK_GROUP` logits, the top-k
+    groups, then the top-k of those groups' members (every element of a top-k set lies in a
+    top-k group): one cheap pass over the row instead of a selection."""
+    b, v = z.shape
+    g = TOPK_GROUP
+    groups = v // g
+    if groups < 4 * k:
+        cand = None
+        vals = z
+    else:
+        gmax = z[:, :groups * g].unflatten(-1, (groups, g)).amax(dim=-1)
+        gidx = gmax.topk(k, dim=-1).indices
+        cand = (gidx.unsqueeze(-1) * g + torch.arange(g, device=z.device)).flatten(1)
+        if groups * g < v:
+            cand = torch.cat([cand, torch.arange(groups * g, v, device=z.device).expand(b, -1)], dim=1)
+        vals = z.gather(1, cand)
+    top = vals.topk(k, dim=-1)
+    pos = torch.arange(vals.shape[-1], device=z.device).expand(b, -1) if cand is None else cand
+    first = torch.where(vals == top.values[:, :1], pos, v).amin(dim=-1)  # argmax: the first maximum
+    idx = top.indices if cand is None else cand.gather(1, top.indices)
+    return idx, first
+
+
+def _block_sums(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tuple[int, ...], logit: bool,
+                probability: bool, scratch: dict | None = None) -> dict[str, Tensor]:
+    """The per-row sums :func:`_finish` turns into metrics, for one block ``[rows, V]`` of
+    finite logits. Eager with ``scratch`` (:data:`_FAST_BUFFERS`, each shaped like zd), or
+    through ``torch.compile`` without (every ``out=None``: plain tensor expressions).
+
+    One read of each vocabulary-sized buffer per sum, and every sum well conditioned:
+
+    * Δz is shifted to its value at the dense top token, y = Δz − Δz[argmax z_dense] (p
+      concentrates there, which keeps the one-pass weighted variances E_w[y²] − E_w[y]²
+      accurate); the geometries' orthogonal parts are formed explicitly (accurate when Δ is
+      nearly parallel to x);
+    * p = e_d / S_d with e_d = exp((z_d − max z_d)/T) (no overflow), S_d summed with torch's
+      cascaded sum (a softmax kernel's sum is an order of magnitude less accurate); the same for q;
+    * with g = y/T, log q − log p = g − M where M = log E_p[e^g] = log1p(E_p[expm1 g]):
+      KL = M − E_p[g] and KL(q‖p) = E_q[g] − M take the differences of quantities that are
+      each accurate to rounding relative to their (first-order) size, so a small KL keeps
+      its digits (a log-probability difference loses them); q/p − 1 = (expm1 g − E)/(1 + E),
+      E = E_p[expm1 g], gives Δ = q − p and JS's log(m/p) the same way. Where expm1 g
+      overflows (a pruned logit ~88·T above the dense top token's) the row is flagged
+      (``retry``) and computed again by :func:`_general_block`."""
+    b = scratch.get if scratch is not None else (lambda _name: None)
+    v = zd.shape[-1]
+    out: dict[str, Tensor] = {}
+    idx_d, first_d = _top(zd, ks[-1] if probability else 1)
+    top = first_d.unsqueeze(-1)
+    dz = torch.sub(zp, zd, out=b("dz"))
+    y = torch.sub(dz, dz.gather(1, top), out=b("y"))
+    sy = y.sum(dim=-1)
+    out.update(sy=sy, syy=_dot(y, y, b("o")))
+    if logit:
+        m_d = zd.gather(1, top).squeeze(-1)
+        out.update(zd_min=zd.amin(dim=-1), zd_max=m_d, zp_min=zp.amin(dim=-1), zp_max=zp.amax(dim=-1))
+        # raw: Δz = a·z_dense + o
+        sxx = _dot(zd, zd, b("o"))
+        a = _ratio(_dot(zd, dz, b("o")), sxx)
+        no = _norm(torch.addcmul(dz, a.unsqueeze(-1), zd, value=-1.0, out=b("o")))
+        # centred: Δz_c = a_c·z_c + o_c, from the moments of z_dense and y (y_c = Δz_c)
+        sx, sxy = zd.sum(dim=-1), _dot(zd, y, b("o"))
+        const_d = out["zd_min"] == m_d
+        var_x = (sxx - sx * sx / v).clamp(min=0)
+        a_c = torch.where(const_d, torch.zeros_like(sx), _ratio(sxy - sx * sy / v, var_x))
+        o_c = torch.addcmul(y, a_c.unsqueeze(-1), zd, value=-1.0, out=b("o"))
+        o_c = o_c.sub_(((sy - a_c * sx) / v).unsqueeze(-1))  # the means: o_c = y_c − a_c·z_c
+        out.update(sxx=sxx, ndz=_norm(dz), a=a, no=no, sx=sx, a_c=a_c, no_c=_norm(o_c))
+    if probability:
+        idx_p, first_p = _top(zp, ks[-1])
+        out.update(idx_d=idx_d, idx_p=idx_p, first_d=first_d, first_p=first_p)
+        yd = torch.sub(zd, zd.gather(1, top), out=b("yd"))  # <= 0, 0 at the dense top token
+        yq = torch.sub(zp, zp.gather(1, first_p.unsqueeze(-1)), out=b("yq"))
+        retry = torch.zeros_like(sy, dtype=torch.bool)
+        for i, t in enumerate(temperatures):
+            s = 1.0 / t
+            p = torch.exp(yd, out=b("p")) if t == 1.0 else torch.mul(yd, s, out=b("p")).exp_()
+            q = torch.exp(yq, out=b("q")) if t == 1.0 else torch.mul(yq, s, out=b("q")).exp_()
+            sd, sq = p.sum(dim=-1), q.sum(dim=-1)
+            p, q = p.mul_((1.0 / sd).unsqueeze(-1)), q.mul_((1.0 / sq).unsqueeze(-1))
+            g = y if t == 1.0 else torch.mul(y, s, out=b("d"))
+            u = torch.expm1(g, out=b("u"))
+            spu = _dot(p, u, b("o"))
+            w = torch.mul(p, y, out=b("o"))  # p·y: Σw = Σ p y, Σ w y = Σ p y², Σ p w = Σ p² y, Σ w w = Σ p² y²
+            sums = {"sd": sd, "sq": sq, "hp": _dot(p, yd, b("d")), "hq": _dot(q, yq, b("d")),
+                    "sqy": _dot(q, y, b("d")), "spu": spu, "sw": w.sum(dim=-1), "swy": _dot(w, y, b("d")),
+                    "spw": _dot(p, w, b("d")), "sww": _dot(w, w, b("o")), "spp": _dot(p, p, b("d"))}
+            # q/p − 1 = expm1(g − M) = (u − E) / (1 + E), E = E_p[u]: Δ = q − p and log(m/p) =
+            # log1p(½ (q/p − 1)) from it, accurate where q ≈ p (unlike q − p from two roundings)
+            inv = (1.0 / (1.0 + spu)).unsqueeze(-1)
+            ratio = torch.addcmul(-spu.unsqueeze(-1) * inv, inv, u, out=b("u"))
+            d = torch.mul(p, ratio, out=b("d"))
+            lm = torch.mul(ratio, 0.5, out=b("o")).log1p_()
+            sums.update(spl=_dot(p, lm, b("u")), sql=_dot(q, lm, b("u")))
+            # the geometry of p: Δ = a·p + o
+            ap = _ratio(_dot(p, d, b("u")), sums["spp"])
+            sums.update(nd=_norm(d), ap=ap, nop=_norm(d.addcmul_(p, ap.unsqueeze(-1), value=-1.0)))
+            retry = retry | ~torch.isfinite(spu)
+            out.update({f"{k}@{i}": val for k, val in sums.items()})
+        out["retry"] = retry
+    return out
+
+
+def _finish(s: dict[str, Tensor], temperatures: tuple[float, ...], ks: tuple[int, ...], v: int, logit: bool,
+            probability: bool) -> dict[tuple[str, str, float], Tensor]:
+    """The metrics of :func:`vocab_metrics` from the sums of :func:`_block_sums`, on slabs of
+    :data:`FINISH_ROWS` rows (zero-padded: every row takes the same SIMD path)."""
+    n = next(iter(s.values())).shape[0]
+    parts = []
+    for i in range(0, n, FINISH_ROWS):
+        slab = {}
+        for k, val in s.items():
+            val = val[i:i + FINISH_ROWS]
+            if val.shape[0] < FINISH_ROWS:
+                val = torch.cat([val, val.new_zeros((FINISH_ROWS - val.shape[0], *val.shape[1:]))])
+            slab[k] = val
+        res = _finish_slab(slab, temperatures, ks, v, logit, probability)
+        parts.append({k: val[:min(FINISH_ROWS, n - i)] for k, val in res.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _finish_slab(s: dict[str, Tensor], temperatures: tuple[float, ...], ks: tuple[int, ...], v: int, logit: bool,
+                 probability: bool) -> dict[tuple[str, str, float], Tensor]:
+    nan = math.nan
+    out: dict[tuple[str, str, float], Tensor] = {}
+    var_u = ((s["syy"] - s["sy"] * s["sy"] / v) / v).clamp(min=0)  # Var_u(Δz) = ‖Δz_c‖² / V
+    if logit:
+        nx = s["sxx"].sqrt()
+        pruned_zero = (s["zp_max"] == 0) & (s["zp_min"] == 0)
+        for m, val in _split(nx, s["ndz"], s["a"], s["no"], nx == 0, pruned_zero).items():
+            out[("logit", m, nan)] = val
+        const_d, const_p = s["zd_min"] == s["zd_max"], s["zp_min"] == s["zp_max"]
+        nx_c = torch.where(const_d, torch.zeros_like(nx), (s["sxx"] - s["sx"] * s["sx"] / v).clamp(min=0).sqrt())
+        for m, val in _split(nx_c, (var_u * v).sqrt(), s["a_c"], s["no_c"], const_d, const_p).items():
+            out[("logit", m + CENTRED, nan)] = val
+        out[("logit", "var_uniform", nan)] = var_u
+    if not probability:
+        return out
+    idx_d, idx_p = s["idx_d"], s["idx_p"]
+    dtype = var_u.dtype
+    out[("probability", "top1_agree", nan)] = (s["first_d"] == s["first_p"]).to(dtype)
+    for k in ks[1:]:
+        hits = (idx_d[:, :k].unsqueeze(-1) == idx_p[:, :k].unsqueeze(-2)).any(dim=-1).sum(dim=-1)
+        out[("probability", f"top{k}_overlap", nan)] = hits.to(dtype) / k
+    no_zero = torch.zeros_like(var_u, dtype=torch.bool)
+    for i, t in enumerate(temperatures):
+        g = {k.rsplit("@", 1)[0]: val for k, val in s.items() if k.endswith(f"@{i}")}
+        s_inv = 1.0 / t
+        sd, sq = g["sd"], g["sq"]
+        res = _split(g["spp"].sqrt(), g["nd"], g["ap"], g["nop"], no_zero, None)
+        # H(p) = log S_d − E_p[(z_d − max z_d)/T]
+        res["entropy_dense"] = torch.log(sd) - s_inv * g["hp"]
+        res["entropy_pruned"] = torch.log(sq) - s_inv * g["hq"]
+        big_m = torch.log1p(g["spu"])  # M = log E_p[e^g]
+        kl = big_m - s_inv * g["sw"]
+        rkl = s_inv * g["sqy"] - big_m
+        res["kl"], res["reverse_kl"] = kl + 0.0, rkl + 0.0  # + 0.0: exactly +0 rather than -0 for p == q
+        # JS = ½ Σ p log(p/m) + ½ Σ q log(q/m) = ½ KL(q‖p) − ½ Σ (p + q) log(m/p)
+        res["js"] = 0.5 * rkl - 0.5 * (g["spl"] + g["sql"]) + 0.0
+        var_p = g["swy"] - g["sw"].square()
+        var_r = g["sww"] / g["spp"] - (g["spw"] / g["spp"]).square()
+        two_t2 = 2.0 * t * t
+        res.update(var_p=var_p, var_r=var_r, kl_est=var_p / two_t2, cos_est=var_r / two_t2, unif_est=var_u / two_t2)
+        for m, val in res.items():
+            out[("probability", m, t)] = val
+    out["retry"] = s["retry"]
+    return out
+
+
+# --------------------------------------------------------------------------- rows with NaN/inf
 
 _N_SCRATCH = 8
 
 
-def _vocab_block(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tuple[int, ...],
-                 logit: bool, probability: bool, finite: bool, scratch: Sequence[Tensor] | None = None
-                 ) -> dict[tuple[str, str, float], Tensor]:
-    """:func:`vocab_metrics` of one block of rows: run eagerly with ``scratch`` (_N_SCRATCH
-    buffers shaped like zd), or through ``torch.compile`` without (every ``out=None``: plain
-    tensor expressions, which the compiler fuses).
-
-    p and log p come from one exp; the variances take one pass, E_w[y²] − E_w[y]², on
-    y = Δz − Δz[argmax z_dense] (shifted to the dense top token, where p concentrates,
-    which keeps the subtraction well conditioned). ``finite``: no NaN/inf in the logits;
-    otherwise masked tokens (−inf logits, p = 0) count 0 in every p-weighted sum."""
+def _general_block(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tuple[int, ...],
+                   logit: bool, probability: bool, scratch: Sequence[Tensor] | None = None
+                   ) -> dict[tuple[str, str, float], Tensor]:
+    """:func:`vocab_metrics` of one block of rows that may hold NaN/inf (masked tokens): run
+    eagerly with ``scratch`` (_N_SCRATCH buffers shaped like zd), or through ``torch.compile``
+    without. Masked tokens (−inf logits, p = 0) count 0 in every p-weighted sum; p and log p
+    come from one exp; the variances take one pass on y = Δz − Δz[argmax z_dense]."""
     y, y2, logp, p, logq, q, tmp, prod = scratch if scratch is not None else (None,) * _N_SCRATCH
     out: dict[tuple[str, str, float], Tensor] = {}
     nan = math.nan
@@ -257,6 +573,10 @@ def _vocab_block(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tu
     dz = torch.sub(zp, zd, out=tmp)
     y = torch.sub(dz, dz.gather(-1, idx_d[:, :1]), out=y)  # Δz shifted by its value at the dense top token
     if logit:
+        zc = torch.sub(zd, zd.mean(dim=-1, keepdim=True), out=prod)
+        dzc = torch.sub(dz, dz.mean(dim=-1, keepdim=True), out=y2)
+        for m, val in _geometry(zc, dzc, _is_zero(zp - zp.mean(dim=-1, keepdim=True)), None).items():
+            out[("logit", m + CENTRED, nan)] = val
         for m, val in _geometry(zd, dz, _is_zero(zp), prod).items():  # overwrites dz
             out[("logit", m, nan)] = val
     y2 = torch.mul(y, y, out=y2)
@@ -265,7 +585,7 @@ def _vocab_block(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tu
         out[("logit", "var_uniform", nan)] = var_u
     if not probability:
         return out
-    masked = not finite
+    masked = True
     for t in temperatures:
         logp, p = _log_softmax(zd, t, logp, p)
         logq, q = _log_softmax(zp, t, logq, q)
@@ -277,15 +597,11 @@ def _vocab_block(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tu
         res["reverse_kl"] = _wdot(q, delta, masked, prod)
         # JS = ½ Σ p log(p/m) + ½ Σ q log(q/m) with log(p/m) = g(δ), log(q/m) = g(−δ) and
         # g(δ) = log(2 / (1 + e^δ)) = −max(δ, 0) − L, L = log1p(expm1(−|δ|) / 2): exactly 0
-        # at δ = 0 and overflow-free. For finite δ, g(−δ) = g(δ) + δ: ½ Σ (p + q) g(δ) + ½ KL(q‖p).
+        # at δ = 0 and overflow-free
         half_mix = torch.abs(delta, out=logp).neg_().expm1_().mul_(0.5).log1p_()  # L (log p is done)
-        if masked:
-            res["js"] = -0.5 * (_wdot(p, torch.clamp(delta, min=0, out=tmp).add_(half_mix), True, prod)
-                                + _wdot(q, torch.clamp(delta, max=0, out=tmp).neg_().add_(half_mix), True, prod)
-                                ) + 0.0
-        else:
-            neg_g = delta.clamp_(min=0).add_(half_mix)  # −g(δ)
-            res["js"] = 0.5 * (res["reverse_kl"] - _dot(torch.add(p, q, out=tmp), neg_g, prod)) + 0.0
+        res["js"] = -0.5 * (_wdot(p, torch.clamp(delta, min=0, out=tmp).add_(half_mix), True, prod)
+                            + _wdot(q, torch.clamp(delta, max=0, out=tmp).neg_().add_(half_mix), True, prod)
+                            ) + 0.0
         res["var_p"] = _weighted_var(p, y, y2, prod)
         res["var_r"] = _weighted_var(p.square_(), y, y2, prod)  # r ∝ p²
         two_t2 = 2.0 * t * t
@@ -311,15 +627,15 @@ def _log_softmax(z: Tensor, t: float, logp: Tensor | None, p: Tensor | None) -> 
 _COMPILED: dict[str, object] = {}
 
 
-def _run_compiled(args: tuple):
-    """``torch.compile(_vocab_block)(*args)`` (built once per process), or None where the
+def _run_compiled(fn, args: tuple):
+    """``torch.compile(fn)(*args)`` (built once per process and function), or None where the
     compiler failed (warned about once, then never tried again in this process)."""
     if _COMPILED.get("failed"):
         return None
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_vocab_block, dynamic=False)
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
     try:
-        return _COMPILED["fn"](*args)
+        return _COMPILED[fn.__name__](*args)
     except Exception as e:  # no C++ compiler / Triton, an unsupported op...: eager is always right
         logging.getLogger(__name__).warning(
             "probe.compile: torch.compile failed (%s: %s); using eager metrics",

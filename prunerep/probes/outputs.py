@@ -2,9 +2,16 @@
 
 What each file holds is the results contract, :mod:`prunerep.results`. The plots:
 
-* ``probes_similarity.png`` — 1 − cos vs layer, one line per space (prompt context);
+* ``probes_similarity.png`` — 1 − cos vs layer, one line per space (prompt context), the logit
+  space raw and centred;
 * ``probes_kl.png`` — exact KL and 1 − cos(p) vs layer next to their Δz estimates;
-* ``probes_steps.png`` — final-layer KL vs decoding step, teacher-forced vs free-running.
+* ``probes_estimates.png`` — each estimate against its exact value, one point per table row
+  (prompt: a prompt's mean at one layer; decoding contexts: one step), with the y = x line;
+* ``probes_answer.png`` — at the MC answer positions, per layer: top-1 agreement and KL on the
+  option subspace next to the full vocabulary at the same rows (and top-1 over every position);
+* ``probes_steps.png`` — final-layer KL vs decoding step, teacher-forced vs free-running;
+* ``probes_transitions.png`` (``probe.transitions``) and ``probes_top_tokens.png`` with
+  ``top_tokens.parquet``: :mod:`.transitions`, :mod:`.top_tokens`.
 """
 from __future__ import annotations
 
@@ -16,9 +23,12 @@ import pandas as pd
 
 from prunerep.io import atomic_write_json, atomic_write_with
 from prunerep.probes.reference import warn_nonfinite
-from prunerep.results import (CONTEXTS as CONTEXT_ORDER, HEADLINE, PROBE_PLOTS, PROBES_FILE, PROBES_SUMMARY_FILE,
+from prunerep.probes.top_tokens import detach as detach_top_tokens, plot_top_tokens
+from prunerep.probes.transitions import plot_transitions
+from prunerep.results import (CONTEXTS as CONTEXT_ORDER, ESTIMATE_RATIOS_KEY, HEADLINE, PROBE_PLOTS, PROBES_FILE,
+                              PROBES_SUMMARY_FILE, RATIO_METRICS, RATIO_PERCENTILES,
                               mean_or_nan as _mean, per_prompt_mean, reference_temperature, summary_key,
-                              temperature_label as _t)
+                              temperature_label as _t, TOP_TOKENS_FILE, TOP_TOKENS_PLOT, TRANSITIONS_PLOT)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +40,8 @@ def summarize(df: pd.DataFrame) -> dict:
     head = df[(df["layer"] == final) & (df["sublayer"] == "block")]
     head = head[[m in HEADLINE.get(s, ()) for s, m in zip(head["space"], head["metric"])]]
     summary: dict = {"final_layer": final, "n_prompts": int(df["prompt_id"].nunique()), "n_rows": len(df),
-                     "nonfinite_values": int((~np.isfinite(df["value"].to_numpy())).sum())}
+                     "nonfinite_values": int((~np.isfinite(df["value"].to_numpy())).sum()),
+                     "h": str(df.attrs.get("probe_h", "residual"))}
     means = per_prompt_mean(head, ["context", "space", "metric", "temperature"])
     order = {c: i for i, c in enumerate(CONTEXT_ORDER)}
     rank = {(s, m): (i, j) for i, (s, ms) in enumerate(HEADLINE.items()) for j, m in enumerate(ms)}
@@ -46,7 +57,37 @@ def summarize(df: pd.DataFrame) -> dict:
                   for c in ("teacher_forced", "free_running")}
         if all(np.isfinite(v) for v in by_ctx.values()) and by_ctx["teacher_forced"] > 0:
             summary[f"error_accumulation/kl{_t(t)}"] = by_ctx["free_running"] / by_ctx["teacher_forced"]
+    ratios = estimate_ratio_percentiles(df)
+    for key, entry in ratios.items():  # the final layer's, flat
+        if entry["layer"] and entry["layer"][-1] == final:
+            base, _, at = key.partition("@")
+            for q in RATIO_PERCENTILES:
+                summary[f"{base}_p{q}{'@' + at if at else ''}"] = entry[f"p{q}"][-1]
+    if ratios:
+        summary[ESTIMATE_RATIOS_KEY] = ratios
     return summary
+
+
+def estimate_ratio_percentiles(df: pd.DataFrame) -> dict:
+    """Where the second-order estimates hold: per context, ratio (:data:`RATIO_METRICS`) and
+    temperature, per layer, the 10th/50th/90th percentiles (numpy's default, linear) of the
+    per-row ratios over every row of every prompt (prompt positions, decoding steps), and their
+    number. ``{"<context>/probability/<ratio>@T=<t>": {"layer": [...], "p10": [...], ...}}``"""
+    sel = df[(df["space"] == "probability") & df["metric"].isin(RATIO_METRICS) & (df["sublayer"] == "block")]
+    out: dict = {}
+    order = {c: i for i, c in enumerate(CONTEXT_ORDER)}
+    groups = sorted(sel.groupby(["context", "metric", "temperature"], sort=False),
+                    key=lambda kv: (order.get(kv[0][0], 9), RATIO_METRICS.index(kv[0][1]), kv[0][2]))
+    for (c, m, t), g in groups:
+        entry: dict = {"layer": [], **{f"p{q}": [] for q in RATIO_PERCENTILES}, "n": []}
+        for layer, gl in g.groupby("layer", sort=True):
+            values = gl["value"].to_numpy()
+            entry["layer"].append(int(layer))
+            for q, v in zip(RATIO_PERCENTILES, np.percentile(values, RATIO_PERCENTILES)):
+                entry[f"p{q}"].append(float(v))
+            entry["n"].append(int(len(values)))
+        out[summary_key(c, "probability", m, t)] = entry
+    return out
 
 
 # --------------------------------------------------------------------------- plots
@@ -76,12 +117,15 @@ def _layer_curves(df: pd.DataFrame, context: str) -> pd.DataFrame:
 def plot_similarity(curves: pd.DataFrame, t_ref: float, context: str, path: Path) -> None:
     fig, (ax,) = _figure()
     shown = []
-    for space in ("embedding", "logit", "probability"):
-        c = curves[(curves["space"] == space) & (curves["metric"] == "one_minus_cos")]
+    for space, metric, style, label in (("embedding", "one_minus_cos", "-", "embedding"),
+                                        ("logit", "one_minus_cos", "-", "logit (raw)"),
+                                        ("logit", "one_minus_cos_centred", "--", "logit (centred)"),
+                                        ("probability", "one_minus_cos", "-", f"probability{_t(t_ref)}")):
+        c = curves[(curves["space"] == space) & (curves["metric"] == metric)]
         if space == "probability":
             c = c[c["temperature"] == t_ref]
         if len(c):
-            ax.plot(c["layer"], c["value"], marker=".", label=f"{space}{_t(t_ref) if space == 'probability' else ''}")
+            ax.plot(c["layer"], c["value"], style, marker=".", label=label)
             shown += list(c["value"])
     _set_scale(ax, shown)
     ax.set(xlabel="layer (0 = embeddings)", ylabel="1 − cos(dense, pruned)", title=f"dissimilarity per space ({context})")
@@ -121,12 +165,91 @@ def plot_steps(df: pd.DataFrame, t_ref: float, path: Path) -> None:
     _set_scale(axes[0], shown)
     axes[0].set(xlabel="decoding step", ylabel=f"KL{_t(t_ref)} at the final layer",
                 title="error accumulation in decoding")
-    axes[0].legend()
+    if shown:
+        axes[0].legend()
     agree = sel[(sel["space"] == "tokens") & (sel["metric"] == "token_agree")].groupby("step")["value"].agg(_mean)
     axes[1].plot(agree.index, agree.values, marker=".", color="C1")
     axes[1].set(xlabel="decoding step", ylabel="token agreement (free-running)", ylim=(-0.05, 1.05),
                 title="same token as the dense model")
     _save(fig, path)
+
+
+def estimate_pairs(df: pd.DataFrame, exact: str, estimate: str, t_ref: float) -> pd.DataFrame:
+    """(exact, estimate, layer) per table row that has both at ``t_ref`` (sublayer block): in the
+    prompt context a prompt's mean over its positions at one layer, in the decoding contexts one step."""
+    sel = df[(df["space"] == "probability") & df["metric"].isin([exact, estimate]) & (df["sublayer"] == "block")
+             & (df["temperature"] == t_ref)]
+    keys = ["context", "prompt_id", "layer", "step"]
+    wide = sel.pivot_table(index=keys, columns="metric", values="value", aggfunc="first")
+    if exact not in wide or estimate not in wide:
+        return pd.DataFrame(columns=["exact", "estimate", "layer"])
+    wide = wide.dropna(subset=[exact, estimate]).reset_index()
+    return pd.DataFrame({"exact": wide[exact], "estimate": wide[estimate], "layer": wide["layer"]})
+
+
+def plot_estimates(df: pd.DataFrame, t_ref: float, path: Path) -> bool:
+    """Each second-order estimate against its exact value (log-log, coloured by layer) with
+    y = x: points on the line are rows where the estimate holds."""
+    panels = (("kl", "kl_est", "KL(dense ‖ pruned)", "Var_p(Δz)/(2T²)"),
+              ("one_minus_cos", "cos_est", "1 − cos(p)", "Var_r(Δz)/(2T²)"))
+    pairs = [estimate_pairs(df, exact, est, t_ref) for exact, est, _, _ in panels]
+    if all(p.empty for p in pairs):
+        return False
+    fig, axes = _figure(2)
+    layers = df["layer"].max()
+    for ax, (exact, est, xlabel, ylabel), pts in zip(axes, panels, pairs):
+        pts = pts[(pts["exact"] > 0) & (pts["estimate"] > 0) & np.isfinite(pts["exact"]) & np.isfinite(pts["estimate"])]
+        if len(pts):
+            sc = ax.scatter(pts["exact"], pts["estimate"], c=pts["layer"], cmap="viridis", vmin=0,
+                            vmax=max(1, int(layers)), s=6, alpha=0.6)
+            lo = float(min(pts["exact"].min(), pts["estimate"].min()))
+            hi = float(max(pts["exact"].max(), pts["estimate"].max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            fig.colorbar(sc, ax=ax, label="layer")
+            ax.legend(fontsize=7)
+        ax.set(xlabel=f"exact {xlabel}{_t(t_ref)}", ylabel=f"estimate {ylabel}",
+               title=f"{xlabel}: estimate vs exact ({len(pts)} rows)")
+    _save(fig, path)
+    return True
+
+
+def answer_curves(df: pd.DataFrame, t_ref: float) -> pd.DataFrame:
+    """Per layer, mean over the MC prompts: top-1 agreement and KL (at ``t_ref``) on the option
+    subspace (``options``) and on the full vocabulary at the same answer rows (``answer``), and the
+    full-vocabulary top-1 agreement over every prompt position (``all_positions``) of the same prompts."""
+    mc = df[(df["context"] == "prompt") & (df["prompt_kind"] == "mc") & (df["sublayer"] == "block")]
+    prompts = mc.loc[mc["space"] == "options", "prompt_id"].unique()
+    mc = mc[mc["prompt_id"].isin(prompts)]
+    at_t = mc["temperature"].isna() | (mc["temperature"] == t_ref)
+    sel = mc[at_t & (((mc["space"].isin(["options", "answer"])) & mc["metric"].isin(["top1_agree", "kl"]))
+                     | ((mc["space"] == "probability") & (mc["metric"] == "top1_agree") & (mc["step"] == -1)))]
+    curves = per_prompt_mean(sel, ["space", "metric", "layer"]).sort_values("layer")
+    return curves.assign(space=curves["space"].replace({"probability": "all_positions"}))
+
+
+def plot_answer(df: pd.DataFrame, t_ref: float, path: Path) -> bool:
+    """``probes_answer.png``: the option subspace vs the full vocabulary at the same answer rows."""
+    curves = answer_curves(df, t_ref)
+    if curves.empty or not (curves["space"] == "options").any():
+        return False
+    fig, axes = _figure(2)
+    style = {"options": ("C0", "-", "option subspace"), "answer": ("C1", "-", "full vocabulary, same rows"),
+             "all_positions": ("C1", ":", "full vocabulary, every position")}
+    for ax, metric, ylabel in ((axes[0], "top1_agree", "top-1 agreement"), (axes[1], "kl", f"KL{_t(t_ref)}")):
+        shown = []
+        for space, (color, ls, label) in style.items():
+            c = curves[(curves["space"] == space) & (curves["metric"] == metric)]
+            if len(c):
+                ax.plot(c["layer"], c["value"], ls, color=color, marker=".", label=label)
+                shown += list(c["value"])
+        if metric == "kl":
+            _set_scale(ax, shown)
+        ax.set(xlabel="layer", ylabel=ylabel, title=f"MC answer position: {ylabel}")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
 
 
 def write_probe_outputs(df: pd.DataFrame, run_dir: str | Path) -> dict:
@@ -136,12 +259,15 @@ def write_probe_outputs(df: pd.DataFrame, run_dir: str | Path) -> dict:
     if df is None or df.empty:
         return {}
     run_dir = Path(run_dir)
+    top = detach_top_tokens(df)  # the top-token table rides in df.attrs (prunerep/probes/top_tokens.py)
     warn_nonfinite(df)
     atomic_write_with(run_dir / PROBES_FILE, lambda tmp: df.to_parquet(tmp, index=False))
+    if top is not None:
+        atomic_write_with(run_dir / TOP_TOKENS_FILE, lambda tmp: top.to_parquet(tmp, index=False))
     summary = summarize(df)
     atomic_write_json(run_dir / PROBES_SUMMARY_FILE, summary)
     t_ref = reference_temperature(df["temperature"].dropna().unique())
-    similarity_png, kl_png, steps_png = (run_dir / name for name in PROBE_PLOTS)
+    similarity_png, kl_png, steps_png, estimates_png, answer_png = (run_dir / name for name in PROBE_PLOTS)
     context = next((c for c in CONTEXT_ORDER if (df["context"] == c).any() and c != "free_running"), None)
     try:
         if context is not None:
@@ -153,4 +279,14 @@ def write_probe_outputs(df: pd.DataFrame, run_dir: str | Path) -> dict:
             plot_steps(df, t_ref, steps_png)
     except Exception as e:  # a plot must never cost the numbers
         log.warning("probe plots failed: %s: %s", type(e).__name__, e)
+    for plot, name in ((plot_estimates, estimates_png), (plot_answer, answer_png)):
+        try:
+            plot(df, t_ref, name)
+        except Exception as e:
+            log.warning("probe plot %s failed: %s: %s", name.name, type(e).__name__, e)
+    for plot, data, name in ((plot_transitions, df, TRANSITIONS_PLOT), (plot_top_tokens, top, TOP_TOKENS_PLOT)):
+        try:
+            plot(data, run_dir / name)
+        except Exception as e:
+            log.warning("probe plot %s failed: %s: %s", name, type(e).__name__, e)
     return summary

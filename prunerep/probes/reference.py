@@ -14,7 +14,11 @@ last: a directory without a manifest is incomplete and is recomputed). ``<key>``
 the model identity (``model_key`` or the model's config), a sample of its weights, the
 prompt token ids, the probed layers/sublayers/contexts and the decoding settings — not
 the spaces, temperatures, top-k or chunk size, which only change what is computed from
-the states. A sweep over sparsities therefore runs the dense model once.
+the states. A sweep over sparsities therefore runs the dense model once, also when its
+points start at once (SLURM arrays): the first takes the entry's lock
+(``probes/<key>.lock``) and computes it, the others wait for it. The manifest records the
+sha256 of every prompt file (and is checksummed itself); an entry that does not match is
+never used: it is named in a warning and recomputed.
 
 Logits and probabilities of BOTH sides are recomputed on the fly through the model's own
 final norm and LM head (the logit lens), streamed layer by layer and in chunks of
@@ -41,19 +45,26 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from prunerep.io import atomic_write_json, atomic_write_with, stable_hash
+from prunerep.io import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
+                         sha256_file, stable_hash, write_checked_json)
 from prunerep.models import final_norm, model_device, output_head
 from prunerep.probes import metrics as M
 from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_layers
-from prunerep.probes.contexts import (CONTEXTS, greedy_decode, prompt_states, stop_token_ids,
+from prunerep.probes.contexts import (CONTEXTS, greedy_decode, prompt_states, reuse_last_states, stop_token_ids,
                                       teacher_forced_states)
 from prunerep.probes.prompts import Prompt, load_prompts, read_prompts_file
-from prunerep.results import PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
+from prunerep.results import ANSWER_METRICS, PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: checksummed entries (sha256 of every file in the manifest)
 NAN = math.nan
+#: probe.h: which state the last layer's embedding-space rows compare: the residual stream
+#: before the final norm (what the hooks capture and the lens reads) or after it (what
+#: transformers' ``output_hidden_states[-1]`` returns)
+H_STATES = ("residual", "normed")
+#: the second-order estimates and the exact values they estimate (per-row ratios est / exact)
+ESTIMATE_RATIOS = {"kl_est_ratio": ("kl_est", "kl"), "cos_est_ratio": ("cos_est", "one_minus_cos")}
 
 
 # --------------------------------------------------------------------------- the plan
@@ -76,6 +87,10 @@ class ProbePlan:
     metric_threads: int | None = None
     compile: bool | None = None  # None: on CUDA only
     seed: int = 0
+    h: str = "residual"  # the last layer's embedding-space rows: residual (before the final norm) | normed
+    transitions: bool = False  # sublayer transitions and local damage (prunerep/probes/transitions.py)
+    lens: str = "final_norm"  # the transition rows' lens: final_norm | raw (LM head without the final norm)
+    top_tokens: int = 30  # top_tokens.parquet: the dense top-k at the answer / first-step position (0: off)
 
     @property
     def empty(self) -> bool:
@@ -118,6 +133,9 @@ def build_plan(probe_cfg) -> ProbePlan:
         layers = {"every": int(layers["every"])}
     elif not isinstance(layers, (str, int)) and layers is not None:
         layers = tuple(int(i) for i in layers)
+    h = str(getattr(probe_cfg, "h", "residual"))
+    if h not in H_STATES:
+        raise ValueError(f"probe.h={h!r}: choose from {list(H_STATES)}")
     src = str(probe_cfg.prompts)
     contexts = check(probe_cfg.contexts, CONTEXTS, "contexts")
     if spaces and contexts and src != "offline":
@@ -130,7 +148,14 @@ def build_plan(probe_cfg) -> ProbePlan:
                      temperatures=temps, topk=topk, layers=layers, prompts=src, n_prompts=int(probe_cfg.n_prompts),
                      max_prompt_tokens=int(probe_cfg.max_prompt_tokens), max_new_tokens=int(probe_cfg.max_new_tokens),
                      token_chunk=int(probe_cfg.token_chunk), metric_threads=None if threads is None else int(threads),
-                     compile=probe_cfg.compile, seed=int(probe_cfg.seed))
+                     compile=probe_cfg.compile, seed=int(probe_cfg.seed), h=h,
+                     **_transitions().plan_settings(probe_cfg))
+
+
+def _transitions():
+    from prunerep.probes import transitions  # imports this module: imported when first needed
+
+    return transitions
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -205,9 +230,15 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
                     model_key: str | None = None) -> DenseReference:
     """Run the dense model over the probe prompts once and cache its hidden states.
 
-    ``model_key`` names the dense model (the pipeline passes one); without it the key is
-    derived from ``model.config``. A weight sample is hashed in as well, so two models
-    with the same config but different weights never share a cache."""
+    ``model_key`` names the dense model (the pipeline passes one, built from its resolved files:
+    :func:`prunerep.models.files_identity`); without it the key is derived from ``model.config``.
+    A weight sample is hashed in as well, so two models with the same config but different
+    weights never share a cache.
+
+    The entry is checksummed: ``manifest.json`` (written last) holds the sha256 of every prompt
+    file and its own. A tampered, truncated or half-overwritten entry is never used: it is
+    named in a warning and computed again. Processes needing the same entry at once (a SLURM
+    array) take its lock, ``probes/<key>.lock``: one computes, the others wait and read it."""
     if p.empty:
         return DenseReference(key="", path=None)
     prompts = load_prompts(p, tokenizer)
@@ -217,24 +248,72 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
     dtype = str(next(model.parameters()).dtype)
     key = stable_hash(CACHE_VERSION, model_key or derived_model_key(model), weights_fingerprint(model),
                       [pr.to_json() for pr in prompts], layers, list(p.sublayers), list(p.contexts),
-                      p.max_new_tokens, stop, dtype)
+                      p.max_new_tokens, stop, dtype, *_transitions().cache_key_parts(p))
     path = Path(os.path.expanduser(str(cache_dir))) / "probes" / key
     ref = DenseReference(key=key, path=path, prompts=prompts, layers=layers, sublayers=list(p.sublayers),
                          contexts=list(p.contexts), n_layers=n_layers, lens_fingerprint=lens_fingerprint(model))
-    manifest = path / "manifest.json"
-    if manifest.is_file() and all(ref.file(pr.id).is_file() for pr in prompts):
+    if verify_reference(ref) is None:
         log.info("probe dense reference %s: loaded from cache", key)
         ref.from_cache = True
         return ref
+    with cache_lock(path, what=f"probe dense reference {key}"):
+        problem = verify_reference(ref)  # another process may have computed it while this one waited
+        if problem is None:
+            log.info("probe dense reference %s: loaded from cache (computed by another process)", key)
+            ref.from_cache = True
+            return ref
+        if problem != ABSENT:
+            log.warning("probe dense reference cache %s is not intact (%s): not used, recomputing it", path, problem)
+        (path / "manifest.json").unlink(missing_ok=True)  # from now on readers see an incomplete entry
+        _compute_reference(model, ref, p, stop, model_key)
+    log.info("probe dense reference %s: %d prompts cached in %s", key, len(prompts), path)
+    return ref
 
-    from safetensors.torch import save_file
+
+MANIFEST = "manifest.json"
+
+
+def verify_reference(ref: DenseReference) -> str | None:
+    """None when the cached entry of ``ref`` is complete and every file matches the sha256 its
+    manifest records; :data:`~prunerep.io.ABSENT` when there is no manifest (never computed,
+    or being computed); else what is wrong, naming the file."""
+    try:
+        manifest = read_checked_json(ref.path / MANIFEST)
+    except FileNotFoundError:
+        return ABSENT
+    except (OSError, CacheInvalid) as e:
+        return f"{MANIFEST}: {e}"
+    if not isinstance(manifest, dict) or manifest.get("key") != ref.key or manifest.get("version") != CACHE_VERSION:
+        return f"{MANIFEST} describes another entry"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"{MANIFEST} records no checksums"
+    for prompt in ref.prompts:
+        f = ref.file(prompt.id)
+        want = files.get(f.name)
+        if want is None:
+            return f"{f.name} is not in {MANIFEST}"
+        try:
+            if sha256_file(f) != want:
+                return f"{f.name} does not match its sha256"
+        except FileNotFoundError:
+            return f"{f.name} is missing"
+        except OSError as e:
+            return f"{f.name} is unreadable ({e})"
+    return None
+
+
+def _compute_reference(model: nn.Module, ref: DenseReference, p: ProbePlan, stop, model_key: str | None) -> None:
+    """Run the dense model over ``ref.prompts``; write one file per prompt, then the manifest."""
+    from safetensors.torch import save
 
     generative = {"teacher_forced", "free_running"} & set(p.contexts)
-    for prompt in _tqdm(prompts, desc="probe: dense reference", unit="prompt"):
+    checksums = {}
+    for prompt in _tqdm(ref.prompts, desc="probe: dense reference", unit="prompt"):
         ids = torch.tensor(prompt.ids, dtype=torch.long)
         tensors = {"prompt_ids": ids}
         if "prompt" in p.contexts:
-            tensors.update(_states_to_cpu("prompt", prompt_states(model, ids, layers, p.sublayers)))
+            tensors.update(_states_to_cpu("prompt", prompt_states(model, ids, ref.layers, p.sublayers)))
         if prompt.kind == "gen" and generative and p.max_new_tokens > 0:
             traj = greedy_decode(model, ids, p.max_new_tokens, stop)
             tensors["gen_ids"] = traj.tokens
@@ -242,71 +321,109 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
                 tensors["free_running/h_last"] = traj.h_last.contiguous()
             if "teacher_forced" in p.contexts:
                 tensors.update(_states_to_cpu("teacher_forced", teacher_forced_states(
-                    model, ids, traj.tokens, layers, p.sublayers)))
-        atomic_write_with(ref.file(prompt.id), lambda tmp, t=tensors: save_file(t, str(tmp)))
-    atomic_write_json(manifest, {"key": key, "version": CACHE_VERSION, "model_key": model_key,
-                                 "layers": layers, "sublayers": list(p.sublayers), "contexts": list(p.contexts),
-                                 "n_layers": n_layers, "max_new_tokens": p.max_new_tokens, "stop_ids": stop,
-                                 "prompts": [pr.to_json() for pr in prompts]})
-    log.info("probe dense reference %s: %d prompts cached in %s", key, len(prompts), path)
-    return ref
+                    model, ids, traj.tokens, ref.layers, p.sublayers)))
+        if p.transitions:  # the sublayers' dense inputs and updates (prunerep/probes/transitions.py)
+            tensors.update(_transitions().dense_states(model, ids, tensors.get("gen_ids"), ref.layers, p.contexts))
+        f = ref.file(prompt.id)
+        checksums[f.name] = atomic_write_checked_bytes(f, save(tensors))
+        del tensors
+    write_checked_json(ref.path / MANIFEST, {
+        "key": ref.key, "version": CACHE_VERSION, "model_key": model_key, "files": checksums, "layers": ref.layers,
+        "sublayers": list(p.sublayers), "contexts": list(p.contexts), "n_layers": ref.n_layers,
+        "max_new_tokens": p.max_new_tokens, "stop_ids": stop, "prompts": [pr.to_json() for pr in ref.prompts]})
 
 
 # --------------------------------------------------------------------------- per-chunk metrics
 
 def compare_states(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, *, lens: bool, spaces: Sequence[str],
                    temperatures: Sequence[float], topk: Sequence[int], token_chunk: int,
-                   metric_threads: int | None = None, compile: bool | None = None
-                   ) -> dict[tuple[str, str, float], Tensor]:
+                   metric_threads: int | None = None, compile: bool | None = None, normed: bool = False,
+                   on_logits=None) -> dict[tuple[str, str, float], Tensor]:
     """Per-row metrics of two ``[n, d]`` state matrices, keyed ``(space, metric, T)``.
 
     ``lens``: also compare z = lens(h) and p = softmax(z/T) (residual-stream states only).
-    Rows are processed ``token_chunk`` at a time; results are float64 on the CPU and each
-    row's value does not depend on the chunk size (see :func:`lens_rows`). ``compile``: fuse
-    the vocabulary metrics with torch.compile (None: on CUDA only)."""
+    ``normed``: the embedding-space rows compare the final norm's outputs instead of h (the
+    last layer with ``probe.h=normed``). Rows are processed ``token_chunk`` at a time; results
+    are float64 on the CPU and each row's value does not depend on the chunk size (see
+    :func:`lens_rows`). ``compile``: fuse the vocabulary metrics with torch.compile (None: on
+    CUDA only). ``on_logits(start, z_dense, z_pruned)`` is called with each chunk's logits
+    (rows ``start ...`` of h), for metrics of some of the rows (the option subspace)."""
     device = model_device(model)
     compiled = device.type == "cuda" if compile is None else bool(compile)
     out: dict[tuple[str, str, float], list[Tensor]] = defaultdict(list)
     want_z = lens and ("logit" in spaces or "probability" in spaces)
+    norm = final_norm(model) if normed else None
     for start in range(0, h_dense.shape[0], token_chunk):
         hd = h_dense[start:start + token_chunk].to(device)
         hp = h_pruned[start:start + token_chunk].to(device)
         if "embedding" in spaces:
-            for m, v in M.geometry(hd, hp).items():
-                out[("embedding", m, NAN)].append(v)
+            with torch.inference_mode(), intra_op_threads(1, device):  # small ops: one thread (see metrics)
+                ed, ep = (hd, hp) if norm is None else (norm(hd), norm(hp))
+                for m, v in M.geometry(ed, ep).items():
+                    out[("embedding", m, NAN)].append(v)
         if not want_z:
             continue
         zd, zp = lens_pair(model, hd, hp)
-        with intra_op_threads(metric_threads, device):
-            for k, v in M.vocab_metrics(zd, zp, temperatures, topk, logit="logit" in spaces,
-                                        probability="probability" in spaces, compiled=compiled).items():
-                out[k].append(v)
+        if on_logits is not None:
+            on_logits(start, zd, zp)
+        for k, v in M.vocab_metrics(zd, zp, temperatures, topk, logit="logit" in spaces,
+                                    probability="probability" in spaces, compiled=compiled,
+                                    threads=metric_threads).items():
+            out[k].append(v)
         del zd, zp
     return {k: torch.cat(v).to("cpu", torch.float64) for k, v in out.items()}
 
 
-def compare_layers(model: nn.Module, cached: dict[str, Tensor], context: str, states: dict, kw: dict
-                   ) -> dict[tuple[int, str], dict[tuple[str, str, float], Tensor]]:
+def compare_layers(model: nn.Module, cached: dict[str, Tensor], context: str, states: dict, kw: dict,
+                   normed_layer: int | None = None, option_ids: Sequence[int] = (),
+                   options: dict | None = None) -> dict[tuple[int, str], dict[tuple[str, str, float], Tensor]]:
     """:func:`compare_states` for every captured ``(layer, sublayer)`` of one context.
 
     The residual-stream states (``block``) of all layers go through the lens together, so
     the LM-head matmuls run on full ``token_chunk``-row chunks however short the prompt
     (a few large matmuls are what makes the probe cost close to its floor); the results
-    are split back per layer. ``states`` and the matching ``cached`` entries are consumed."""
+    are split back per layer. The embedding-space rows are compared per layer, those of
+    ``normed_layer`` after the final norm. ``states`` and the matching ``cached`` entries are
+    consumed.
+
+    ``option_ids`` (a multiple-choice prompt, probability space probed): the option subspace
+    is compared at each layer's last row (the answer position), from the same logits as the
+    full-vocabulary metrics of that row; ``options[layer]`` gets ``{(metric, T): value}``."""
     out = {}
+    spaces = kw["spaces"]
     block = [key for key in states if key[1] == "block"]
-    if block:
+    vocab_spaces = [s for s in spaces if s != "embedding"]
+    if block and vocab_spaces:
         lengths = [states[key].shape[0] for key in block]
-        hp = torch.cat([states.pop(key) for key in block])
-        hd = torch.cat([cached.pop(f"{context}/{layer}/{sub}") for layer, sub in block])
-        per_row = compare_states(model, hd, hp, lens=True, **kw)
-        del hp, hd
+        hp = torch.cat([states[key] for key in block])
+        hd = torch.cat([cached[f"{context}/{layer}/{sub}"] for layer, sub in block])
         offsets = np.cumsum([0] + lengths)
+        answer = {int(offsets[j + 1] - 1): key[0] for j, key in enumerate(block) if lengths[j]}
+        on_logits = None
+        if option_ids and options is not None and "probability" in spaces:
+            def on_logits(start, zd, zp):
+                for row, layer in answer.items():
+                    if start <= row < start + zd.shape[0]:
+                        i = row - start
+                        got = {(m, NAN): v for m, v in M.option_metrics(zd[i:i + 1], zp[i:i + 1], option_ids).items()
+                               if m == "top1_agree"}
+                        for t in kw["temperatures"]:
+                            got.update({(m, t): v for m, v in M.option_metrics(zd[i:i + 1], zp[i:i + 1], option_ids,
+                                                                                t).items() if m != "top1_agree"})
+                        options[layer] = {k: float(v[0]) for k, v in got.items()}
+        per_row = compare_states(model, hd, hp, lens=True, **dict(kw, spaces=vocab_spaces), on_logits=on_logits)
+        del hp, hd
         for j, key in enumerate(block):
             out[key] = {k: v[offsets[j]:offsets[j + 1]] for k, v in per_row.items()}
     for key in list(states):
         layer, sub = key
-        out[key] = compare_states(model, cached.pop(f"{context}/{layer}/{sub}"), states.pop(key), lens=False, **kw)
+        hd, hp = cached.pop(f"{context}/{layer}/{sub}"), states.pop(key)
+        if "embedding" in spaces:
+            emb = compare_states(model, hd, hp, lens=False, **dict(kw, spaces=["embedding"]),
+                                 normed=(sub == "block" and layer == normed_layer))
+            out[key] = {**emb, **out.get(key, {})}
+        else:
+            out.setdefault(key, {})
     return out
 
 
@@ -380,6 +497,34 @@ class _Rows:
             else:
                 self.add(context, prompt, layer, sublayer, space, metric, t, steps, v)
 
+    def add_estimate_ratios(self, context: str, prompt: Prompt, layer: int,
+                            per_row: dict[tuple[str, str, float], Tensor], steps) -> None:
+        """Per row (prompt position or decoding step: ``steps``), the second-order estimate over
+        the exact value it estimates, :data:`ESTIMATE_RATIOS`, at every temperature; rows where
+        the exact value is 0 (p_pruned == p_dense: the ratio is undefined) are left out."""
+        steps = np.asarray(steps)
+        for name, (est, exact) in ESTIMATE_RATIOS.items():
+            for (space, metric, t), v in per_row.items():
+                if space != "probability" or metric != exact or (space, est, t) not in per_row:
+                    continue
+                x, e = v.numpy(), per_row[(space, est, t)].numpy()
+                keep = x != 0
+                if keep.any():
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        self.add(context, prompt, layer, "block", "probability", name, t, steps[keep],
+                                 e[keep] / x[keep])
+
+    def add_answer(self, prompt: Prompt, layer: int, position: int, options: dict,
+                   per_row: dict[tuple[str, str, float], Tensor]) -> None:
+        """A multiple-choice prompt's answer position at one layer: the option subspace
+        (``options``: ``{(metric, T): value}``) and, from the same row, the full vocabulary
+        (space ``answer``: :data:`~prunerep.results.ANSWER_METRICS`)."""
+        for (metric, t), v in options.items():
+            self.add("prompt", prompt, layer, "block", "options", metric, t, position, v)
+        for (space, metric, t), v in per_row.items():
+            if space == "probability" and metric in ANSWER_METRICS:
+                self.add("prompt", prompt, layer, "block", "answer", metric, t, position, float(v[position]))
+
     def frame(self) -> pd.DataFrame:
         if not self.labels:
             return empty_probe_table()
@@ -410,6 +555,11 @@ def compare_to_reference(model: nn.Module, tokenizer, p: ProbePlan, ref: DenseRe
     """Compare the (pruned) ``model`` with the cached dense reference; returns the tidy table."""
     if p.empty or ref.empty:
         return empty_probe_table()
+    with reuse_last_states(model):  # the top-token table reads the last layer's states again
+        return _compare(model, tokenizer, p, ref)
+
+
+def _compare(model: nn.Module, tokenizer, p: ProbePlan, ref: DenseReference) -> pd.DataFrame:
     n_layers = num_layers(model)
     if n_layers != ref.n_layers:
         raise ValueError(f"the model has {n_layers} blocks, the dense reference {ref.n_layers} (layer "
@@ -422,48 +572,55 @@ def compare_to_reference(model: nn.Module, tokenizer, p: ProbePlan, ref: DenseRe
                     "include the head's own damage")
     kw = dict(spaces=p.spaces, temperatures=p.temperatures, topk=p.topk, token_chunk=p.token_chunk,
               metric_threads=p.metric_threads, compile=p.compile)
-    want_options = "probability" in p.spaces
-    device = model_device(model)
+    want_options = "probability" in p.spaces and "block" in p.sublayers
+    normed = n_layers if p.h == "normed" else None
     rows = _Rows()
     for prompt in _tqdm(ref.prompts, desc="probe: compare", unit="prompt"):
         cached = ref.load(prompt.id)
         ids = cached["prompt_ids"]
         if "prompt" in p.contexts:
             states = prompt_states(model, ids, layers, p.sublayers)
-            if prompt.kind == "mc" and want_options and "block" in p.sublayers:
-                last = len(ids) - 1
-                zd, zp = lens_pair(model, torch.stack([cached[f"prompt/{i}/block"][-1] for i in layers]).to(device),
-                                   torch.stack([states[(i, "block")][-1] for i in layers]).to(device))
-                for t in p.temperatures:
-                    for m, v in M.option_metrics(zd, zp, prompt.option_ids, t).items():
-                        if m != "top1_agree":
-                            for i, layer in enumerate(layers):
-                                rows.add("prompt", prompt, layer, "block", "options", m, t, last, v[i].item())
-                top1 = M.option_metrics(zd, zp, prompt.option_ids)["top1_agree"]
-                for i, layer in enumerate(layers):
-                    rows.add("prompt", prompt, layer, "block", "options", "top1_agree", NAN, last, top1[i].item())
-            for (layer, sub), per_row in compare_layers(model, cached, "prompt", states, kw).items():
+            mc = prompt.kind == "mc" and want_options and bool(prompt.option_ids)
+            options: dict = {}
+            per_layer = compare_layers(model, cached, "prompt", states, kw, normed_layer=normed,
+                                       option_ids=prompt.option_ids if mc else (), options=options)
+            last = len(ids) - 1
+            positions = np.arange(len(ids))
+            for (layer, sub), per_row in per_layer.items():
                 rows.add_metrics("prompt", prompt, layer, sub, per_row)
+                if sub == "block":
+                    rows.add_estimate_ratios("prompt", prompt, layer, per_row, positions)
+                if mc and sub == "block" and layer in options:
+                    rows.add_answer(prompt, layer, last, options[layer], per_row)
         gen = cached.get("gen_ids")
         if gen is None or len(gen) == 0:
             continue
         steps = np.arange(len(gen))
         if "teacher_forced" in p.contexts:
             states = teacher_forced_states(model, ids, gen, layers, p.sublayers)
-            for (layer, sub), per_row in compare_layers(model, cached, "teacher_forced", states, kw).items():
+            for (layer, sub), per_row in compare_layers(model, cached, "teacher_forced", states, kw,
+                                                        normed_layer=normed).items():
                 rows.add_metrics("teacher_forced", prompt, layer, sub, per_row, steps=steps)
+                if sub == "block":
+                    rows.add_estimate_ratios("teacher_forced", prompt, layer, per_row, steps)
         if "free_running" in p.contexts:
             traj = greedy_decode(model, ids, len(gen))  # exactly as many steps as the dense model
             n = min(len(gen), len(traj.tokens))
-            rows.add_metrics("free_running", prompt, n_layers, "block",
-                             compare_states(model, cached["free_running/h_last"][:n], traj.h_last[:n],
-                                            lens=True, **kw), steps=steps[:n])
+            per_row = compare_states(model, cached["free_running/h_last"][:n], traj.h_last[:n], lens=True, **kw,
+                                     normed=normed is not None)
+            rows.add_metrics("free_running", prompt, n_layers, "block", per_row, steps=steps[:n])
+            rows.add_estimate_ratios("free_running", prompt, n_layers, per_row, steps[:n])
             agree = (traj.tokens[:n] == gen[:n]).numpy()
             first = int(np.argmin(agree)) if not agree.all() else n
             rows.add("free_running", prompt, n_layers, "block", "tokens", "token_agree", NAN, steps[:n], agree)
             rows.add("free_running", prompt, n_layers, "block", "tokens", "first_divergence", NAN, -1, first)
             rows.add("free_running", prompt, n_layers, "block", "tokens", "diverged", NAN, -1, float(first < n))
     df = rows.frame()
+    if p.transitions:  # the transition rows (prunerep/probes/transitions.py)
+        df = pd.concat([df, _transitions().transition_table(model, p, ref)], ignore_index=True)
+    from prunerep.probes import top_tokens  # the top-token table rides in df.attrs to write_probe_outputs
+    df = top_tokens.attach(df, top_tokens.top_tokens_table(model, tokenizer, p, ref))
+    df.attrs["probe_h"] = p.h  # which h the last layer's embedding rows are (probes_summary.json "h")
     warn_nonfinite(df)
     return df
 

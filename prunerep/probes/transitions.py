@@ -1,0 +1,395 @@
+"""Sublayer transitions: how much each attention and MLP sublayer moves the representation, in
+h, z and p, and how much pruning perturbs each sublayer on its own (He et al. 2026, the layerwise
+transition analysis of its Figures 2 and 5; ``probe.transitions=true``).
+
+For block ``b`` (table ``layer`` = b + 1, the layer convention of :mod:`.capture`), with x its
+input on the residual stream, ``mid = x + Attn(x)`` and ``out = mid + MLP(mid)``:
+
+* **transition** (one model): the sublayer's input against its output, ``x`` vs ``mid``
+  (attention) and ``mid`` vs ``out`` (MLP); on the dense model (``<sub>_transition_dense``) and
+  on the pruned one (``<sub>_transition_pruned``, each on its own residual stream);
+* **local damage** (dense vs pruned on the same input): ``x + Attn_dense(x)`` vs
+  ``x + Attn_pruned(x)`` and ``mid + MLP_dense(mid)`` vs ``mid + MLP_pruned(mid)``, with x and mid
+  the DENSE model's (``<sub>_local``): each sublayer's own perturbation, without the drift
+  accumulated upstream. The pruned model runs one forward in which hooks replace each probed
+  block's input by the dense one and its attention update by the dense update (so its MLP reads
+  the dense ``mid``), and record what the pruned sublayers return. The hooks are removed on exit;
+  no module or weight is changed (activation patching, as TransformerLens does it).
+
+The rows go into the probe table (:data:`prunerep.results.TRANSITION_SUBLAYERS` in the
+``sublayer`` column), with every metric of :func:`~prunerep.probes.metrics.geometry` (embedding)
+and :func:`~prunerep.probes.metrics.vocab_metrics` (logit, probability) for the spaces probed. The
+base of each comparison plays the "dense" role of the metric conventions (Δ = other − base, KL
+(p_base ‖ p_other), ``entropy_dense`` = the base's): for a transition the sublayer's input, so
+``kl`` = KL(p_in ‖ p_out) and ``reverse_kl`` = KL(p_out ‖ p_in) (the paper's code reports the
+latter); for local damage the dense sublayer's output. Contexts: ``prompt`` (mean over the prompt
+positions, step −1) and ``teacher_forced`` (per decoding step along the dense continuation).
+
+The lens is ``probe.lens``: ``final_norm`` (default; the model's final norm, then the LM head, as
+everywhere else in the probes) or ``raw`` (the LM head on h without the final norm, which is what
+the paper's released code applies, ``lm_head(residual)``). Memory stays bounded: one block and
+``token_chunk / 16`` rows of each of the eight states go through the LM head at once.
+
+The dense side is cached with the dense reference (``transitions/<context>/<layer>/{in,attn,mlp}``:
+the block's input and the two updates over the whole sequence, which the patched forward needs);
+the cache key changes only when transitions are on.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from prunerep.models import decoder_layers, final_norm, model_device, output_head, residual_update
+from prunerep.probes import metrics as M
+from prunerep.probes.capture import capture
+from prunerep.probes.contexts import _states_forward
+from prunerep.results import TRANSITION_SUBLAYERS
+
+LENSES = ("final_norm", "raw")
+#: the contexts with transition rows
+CONTEXTS = ("prompt", "teacher_forced")
+#: (sublayer value, base state, other state) of each comparison; states of :func:`_block_states`
+PAIRS = (("attn_transition_dense", "in_d", "mid_d"), ("mlp_transition_dense", "mid_d", "out_d"),
+         ("attn_transition_pruned", "in_p", "mid_p"), ("mlp_transition_pruned", "mid_p", "out_p"),
+         ("attn_local", "mid_d", "loc_attn"), ("mlp_local", "out_d", "loc_mlp"))
+STATES = ("in_d", "mid_d", "out_d", "in_p", "mid_p", "out_p", "loc_attn", "loc_mlp")
+PREFIX = "transitions"
+LENS_ROW_MULTIPLE = 8
+#: rows of each state per chunk = token_chunk / CHUNK_DIVISOR (8 states through the lens, 6 pairs of
+#: logits copied side by side: ~1.25 x token_chunk x vocabulary held at once)
+CHUNK_DIVISOR = 16
+assert {name for name, _, _ in PAIRS} == set(TRANSITION_SUBLAYERS)
+
+
+# --------------------------------------------------------------------------- settings
+
+def plan_settings(probe_cfg) -> dict:
+    """``transitions``, ``lens`` and ``top_tokens`` of a probe config, checked (ValueError, one line)."""
+    lens = str(getattr(probe_cfg, "lens", "final_norm"))
+    if lens not in LENSES:
+        raise ValueError(f"probe.lens={lens!r}: choose from {list(LENSES)}")
+    top = int(getattr(probe_cfg, "top_tokens", 30))
+    if top < 0:
+        raise ValueError(f"probe.top_tokens={top} must be >= 0 (0: off)")
+    return {"transitions": bool(getattr(probe_cfg, "transitions", False)), "lens": lens, "top_tokens": top}
+
+
+def cache_key_parts(plan) -> tuple:
+    """What the transitions add to the dense reference's key (nothing when they are off, so the
+    other entries keep their keys)."""
+    return (PREFIX, 1) if getattr(plan, "transitions", False) else ()
+
+
+def blocks_of(layers: Sequence[int]) -> list[int]:
+    """The table layers with transition rows: every probed layer i >= 1 (block i − 1)."""
+    return [i for i in layers if i >= 1]
+
+
+def _key(context: str, layer: int, part: str) -> str:
+    return f"{PREFIX}/{context}/{layer}/{part}"
+
+
+# --------------------------------------------------------------------------- the lens
+
+def lens(model: nn.Module, h: Tensor, raw: bool = False) -> Tensor:
+    """z = LM head(final norm(h)), or LM head(h) with ``raw``; a model's final-logit soft-cap
+    (Gemma2) applies either way."""
+    z = output_head(model)(h if raw else final_norm(model)(h))
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    return z
+
+
+def lens_many(model: nn.Module, states: Sequence[Tensor], raw: bool = False) -> list[Tensor]:
+    """:func:`lens` of several ``[n, d]`` matrices in one LM-head matmul (the head is read once);
+    each is zero-padded to a multiple of 8 rows first, as :func:`.reference.lens_rows` does, so a
+    row's logits do not depend on what it was batched with."""
+    parts, spans, at = [], [], 0
+    for s in states:
+        pad = -s.shape[0] % LENS_ROW_MULTIPLE
+        parts += [s, s.new_zeros(pad, s.shape[-1])] if pad else [s]
+        spans.append((at, at + s.shape[0]))
+        at += s.shape[0] + pad
+    z = lens(model, torch.cat(parts), raw)
+    return [z[a:b] for a, b in spans]
+
+
+# --------------------------------------------------------------------------- forwards
+
+def _sequence(ids: Tensor, gen: Tensor | None, context: str) -> tuple[Tensor, slice] | None:
+    """The token sequence a context runs and the rows it compares (None: nothing to compare)."""
+    if context == "prompt":
+        return ids, slice(0, len(ids))
+    if gen is None or len(gen) == 0:
+        return None
+    p, n = len(ids), len(gen)
+    return torch.cat([ids.cpu(), gen.cpu()[: n - 1]]), slice(p - 1, p - 1 + n)
+
+
+@torch.inference_mode()
+def sublayer_states(model: nn.Module, seq: Tensor, layers: Sequence[int]) -> dict[int, dict[str, Tensor]]:
+    """One forward over ``seq``: per table layer i (block i − 1) its input ``in`` and the attention
+    and MLP updates ``attn``, ``mlp``, each ``[len(seq), d]``, on the model's device."""
+    wanted = blocks_of(layers)
+    with capture(model, sorted({i - 1 for i in wanted} | set(wanted)), ["block", "attn", "mlp"]) as acts:
+        _states_forward(model, seq)
+    return {i: {"in": acts[(i - 1, "block")][0], "attn": acts[(i, "attn")][0], "mlp": acts[(i, "mlp")][0]}
+            for i in wanted}
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_first(output, value: Tensor):
+    """``output`` with its first tensor replaced (a module may return a tuple)."""
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    if isinstance(output, list):
+        return [value, *output[1:]]
+    return value
+
+
+@contextmanager
+def patched(model: nn.Module, dense: dict[int, dict[str, Tensor]]) -> Iterator[dict[int, dict[str, Tensor]]]:
+    """Hooks for the local-damage forward: for each table layer i in ``dense`` (block i − 1), the
+    block's input becomes ``dense[i]["in"]`` and its attention update ``dense[i]["attn"]`` (both
+    ``[seq, d]``); yields ``{i: {"attn": ..., "mlp": ...}}``, filled by the next forward with the
+    updates the model's own sublayers return on those dense inputs. The hooks only replace values
+    in flight; they are removed on exit."""
+    blocks = decoder_layers(model)
+    device = model_device(model)
+    got: dict[int, dict[str, Tensor]] = defaultdict(dict)
+    handles = []
+
+    def as_batch(x: Tensor, like: Tensor) -> Tensor:
+        return x.to(device=like.device, dtype=like.dtype).reshape(like.shape)
+
+    def block_input(x: Tensor):
+        def hook(_module, args, kwargs):
+            if args:
+                return (as_batch(x, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": as_batch(x, kwargs["hidden_states"])}
+        return hook
+
+    def attn_update(i: int, a: Tensor):
+        def hook(_module, _inputs, output):
+            out = _first(output)
+            got[i]["attn"] = out.detach()[0]
+            return _with_first(output, as_batch(a, out))
+        return hook
+
+    def mlp_update(i: int):
+        def hook(_module, _inputs, output):
+            got[i]["mlp"] = _first(output).detach()[0]
+        return hook
+
+    try:
+        for i, states in dense.items():
+            block = blocks[i - 1]
+            x = states["in"].to(device)
+            handles.append(block.register_forward_pre_hook(block_input(x), with_kwargs=True))
+            handles.append(residual_update(block, "attn").register_forward_hook(attn_update(i, states["attn"].to(device))))
+            handles.append(residual_update(block, "mlp").register_forward_hook(mlp_update(i)))
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def local_updates(model: nn.Module, seq: Tensor, dense: dict[int, dict[str, Tensor]]) -> dict[int, dict[str, Tensor]]:
+    """The attention and MLP updates of ``model``'s sublayers fed the dense inputs (:func:`patched`)."""
+    with patched(model, dense) as got:
+        _states_forward(model, seq)
+    return dict(got)
+
+
+# --------------------------------------------------------------------------- dense side (cached)
+
+def dense_states(model: nn.Module, ids: Tensor, gen: Tensor | None, layers: Sequence[int],
+                 contexts: Sequence[str]) -> dict[str, Tensor]:
+    """The dense tensors the transitions need, for the dense reference's file of one prompt:
+    ``transitions/<context>/<i>/{in,attn,mlp}`` over the whole sequence of each context."""
+    out = {}
+    for context in CONTEXTS:
+        run = _sequence(ids, gen, context) if context in contexts else None
+        if run is None:
+            continue
+        for i, parts in sublayer_states(model, run[0], layers).items():
+            for part, v in parts.items():
+                out[_key(context, i, part)] = v.detach().to("cpu").contiguous().clone()
+    return out
+
+
+# --------------------------------------------------------------------------- the comparison
+
+def _block_states(dense: dict[str, Tensor], pruned: dict[str, Tensor], local: dict[str, Tensor]
+                  ) -> dict[str, Tensor]:
+    """The eight residual-stream states of one block (rows already selected, one device)."""
+    mid_d = dense["in"] + dense["attn"]
+    mid_p = pruned["in"] + pruned["attn"]
+    return {"in_d": dense["in"], "mid_d": mid_d, "out_d": mid_d + dense["mlp"],
+            "in_p": pruned["in"], "mid_p": mid_p, "out_p": mid_p + pruned["mlp"],
+            "loc_attn": dense["in"] + local["attn"], "loc_mlp": mid_d + local["mlp"]}
+
+
+def block_metrics(model: nn.Module, states: dict[str, Tensor], *, spaces: Sequence[str],
+                  temperatures: Sequence[float], topk: Sequence[int], token_chunk: int, raw: bool = False,
+                  metric_threads: int | None = None, compile: bool | None = None
+                  ) -> dict[str, dict[tuple[str, str, float], Tensor]]:
+    """Per comparison of :data:`PAIRS`, the per-row metrics ``{(space, metric, T): [n]}`` (float64,
+    CPU) of one block's :data:`STATES` (``[n, d]`` each).
+
+    Rows go :data:`CHUNK_DIVISOR` times fewer than ``token_chunk`` at a time: the eight states of a
+    chunk through the lens in one matmul, then the six pairs through ONE
+    :func:`~prunerep.probes.metrics.vocab_metrics` call (base rows against other rows), so the
+    logits held at once are about 1.25 × ``token_chunk`` × vocabulary, as for the other probes."""
+    from prunerep.probes.reference import intra_op_threads
+
+    device = model_device(model)
+    compiled = device.type == "cuda" if compile is None else bool(compile)
+    want_z = "logit" in spaces or "probability" in spaces
+    out: dict[str, dict[tuple[str, str, float], list[Tensor]]] = {name: defaultdict(list) for name, _, _ in PAIRS}
+    n = states["in_d"].shape[0]
+    rows = max(LENS_ROW_MULTIPLE, token_chunk // CHUNK_DIVISOR // LENS_ROW_MULTIPLE * LENS_ROW_MULTIPLE)
+    for start in range(0, n, rows):
+        chunk = {k: v[start:start + rows] for k, v in states.items()}
+        m = next(iter(chunk.values())).shape[0]
+        if "embedding" in spaces:
+            for name, base, other in PAIRS:
+                for k, v in M.geometry(chunk[base], chunk[other]).items():
+                    out[name][("embedding", k, math.nan)].append(v)
+        if not want_z:
+            continue
+        z = dict(zip(STATES, lens_many(model, [chunk[s] for s in STATES], raw)))
+        z_base = torch.cat([z[base] for _, base, _ in PAIRS])
+        z_other = torch.cat([z[other] for _, _, other in PAIRS])
+        del z
+        with intra_op_threads(metric_threads, device):
+            per_row = M.vocab_metrics(z_base, z_other, temperatures, topk, logit="logit" in spaces,
+                                      probability="probability" in spaces, compiled=compiled)
+        del z_base, z_other
+        for j, (name, _, _) in enumerate(PAIRS):
+            for k, v in per_row.items():
+                out[name][k].append(v[j * m:(j + 1) * m])
+    return {name: {k: torch.cat(v).to("cpu", torch.float64) for k, v in per.items()} for name, per in out.items()}
+
+
+@torch.inference_mode()
+def compare_prompt(model: nn.Module, plan, prompt, cached: dict[str, Tensor], layers: Sequence[int], rows) -> None:
+    """The transition rows of one prompt, added to ``rows`` (a :class:`.reference._Rows`)."""
+    ids = cached["prompt_ids"]
+    gen = cached.get("gen_ids")
+    kw = dict(spaces=plan.spaces, temperatures=plan.temperatures, topk=plan.topk, token_chunk=plan.token_chunk,
+              raw=plan.lens == "raw", metric_threads=plan.metric_threads, compile=plan.compile)
+    device = model_device(model)
+    for context in CONTEXTS:
+        run = _sequence(ids, gen, context) if context in plan.contexts else None
+        if run is None:
+            continue
+        seq, sel = run
+        wanted = blocks_of(layers)
+        missing = [i for i in wanted if _key(context, i, "in") not in cached]
+        if missing:
+            raise ValueError(f"the dense reference was built without transitions (context {context}, layers "
+                             f"{missing}); build it with the same probe config as the comparison")
+        dense = {i: {part: cached[_key(context, i, part)] for part in ("in", "attn", "mlp")} for i in wanted}
+        pruned = sublayer_states(model, seq, layers)
+        local = local_updates(model, seq, dense)
+        steps = None if context == "prompt" else np.arange(sel.stop - sel.start)
+
+        def pick(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v[sel].to(device) for k, v in parts.items()}
+
+        for i in wanted:
+            states = _block_states(pick(dense[i]), pick(pruned.pop(i)), pick(local.pop(i)))
+            for name, per_row in block_metrics(model, states, **kw).items():
+                rows.add_metrics(context, prompt, i, name, per_row, steps=steps)
+            del states
+
+
+def transition_table(model: nn.Module, plan, ref) -> pd.DataFrame:
+    """The transition rows of every prompt (the probe table's layout); empty when off."""
+    from prunerep.probes.reference import _Rows, _tqdm
+    from prunerep.results import empty_probe_table
+
+    if not getattr(plan, "transitions", False) or not (set(plan.contexts) & set(CONTEXTS)):
+        return empty_probe_table()
+    rows = _Rows()
+    layers = list(ref.layers)
+    for prompt in _tqdm(ref.prompts, desc="probe: transitions", unit="prompt"):
+        compare_prompt(model, plan, prompt, ref.load(prompt.id), layers, rows)
+    return rows.frame()
+
+
+# --------------------------------------------------------------------------- the plot
+
+#: (space, metric, label) per row of the figure
+PLOT_ROWS = (("embedding", "one_minus_cos", "h: 1 − cos"), ("logit", "one_minus_cos", "z: 1 − cos"),
+             ("probability", "one_minus_cos", "p: 1 − cos"), ("probability", "kl", "p: KL"))
+PLOT_COLUMNS = (("transition_dense", "transition, dense model"), ("transition_pruned", "transition, pruned model"),
+                ("local", "local damage (dense input)"))
+
+
+def transition_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """The transition rows at the reference temperature, mean over positions/steps then prompts, per
+    context, sublayer, space, metric and layer; with ``kind`` (attn | mlp) and ``comparison``."""
+    from prunerep.results import at_reference_temperature, per_prompt_mean
+
+    sel = df[df["sublayer"].isin(TRANSITION_SUBLAYERS)]
+    if sel.empty:
+        return pd.DataFrame(columns=["context", "sublayer", "space", "metric", "layer", "value", "kind", "comparison"])
+    sel = at_reference_temperature(sel)
+    c = per_prompt_mean(sel, ["context", "sublayer", "space", "metric", "layer"])
+    kind_cmp = c["sublayer"].str.split("_", n=1)
+    return c.assign(kind=kind_cmp.str[0], comparison=kind_cmp.str[1]).sort_values("layer")
+
+
+def plot_transitions(df: pd.DataFrame, path) -> bool:
+    """``probes_transitions.png``: per space (rows) and comparison (columns), attention vs MLP
+    against the layer; prompt context solid, teacher-forced dashed. False when there is nothing."""
+    from matplotlib.figure import Figure
+
+    from prunerep.io import atomic_write_with
+
+    curves = transition_curves(df)
+    if curves.empty:
+        return False
+    rows = [r for r in PLOT_ROWS if ((curves["space"] == r[0]) & (curves["metric"] == r[1])).any()]
+    if not rows:
+        return False
+    height = 3.2 * len(rows) + 0.9
+    fig = Figure(figsize=(4.6 * len(PLOT_COLUMNS), height))
+    axes = fig.subplots(len(rows), len(PLOT_COLUMNS), squeeze=False)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / height, top=1 - 0.9 / height, hspace=0.35,
+                        wspace=0.25)  # (a constrained layout takes seconds)
+    styles = {"prompt": "-", "teacher_forced": "--"}
+    colors = {"attn": "C0", "mlp": "C1"}
+    for r, (space, metric, label) in enumerate(rows):
+        for c, (comparison, title) in enumerate(PLOT_COLUMNS):
+            ax = axes[r][c]
+            g = curves[(curves["space"] == space) & (curves["metric"] == metric) & (curves["comparison"] == comparison)]
+            shown = []
+            for (ctx, kind), gc in g.groupby(["context", "kind"], sort=True):
+                ax.plot(gc["layer"], gc["value"], styles.get(ctx, ":"), color=colors.get(kind), marker=".",
+                        markersize=3, label=f"{kind} ({ctx.replace('_', '-')})")
+                shown += list(gc["value"])
+            v = np.asarray([x for x in shown if np.isfinite(x)])
+            if len(v) and (v > 0).all():
+                ax.set_yscale("log")
+            ax.set(xlabel="layer (block + 1)", ylabel=label, title=title if r == 0 else None)
+            ax.grid(alpha=0.3)
+            if shown and r == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("sublayer transitions: input vs output of each attention / MLP sublayer", y=1 - 0.2 / height)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return True
