@@ -1,7 +1,9 @@
 """Calibration token windows for pruners that look at activations.
 
 Offline default: English prose that ships with CPython (`pydoc_data.topics`, the text of
-the language reference's help topics). Online: C4's validation shard through `datasets`
+the language reference's help topics) -- minus the topics of :data:`PYDOC_EVAL_TOPICS`, which
+are held out as the offline perplexity text (``pydoc_ppl``, :mod:`prunerep.evals.perplexity`)
+so that no calibration window is ever evaluated on. Online: C4's validation shard through `datasets`
 (as in the Wanda and SparseGPT papers). Or any UTF-8 text file. Windows of `seqlen`
 tokens are drawn at seeded random offsets from the tokenised corpus."""
 from __future__ import annotations
@@ -11,10 +13,26 @@ import random
 import torch
 
 
-def pydoc_text() -> str:
+#: pydoc topics held out of calibration: the offline perplexity text. Prose topics that share
+#: no 8-word span with any other topic (tests/test_evals_families.py checks it against every
+#: calibration window).
+PYDOC_EVAL_TOPICS = ("conversions", "global", "import", "lambda", "numbers", "objects", "slicings", "truth",
+                     "yield")
+
+
+def pydoc_topics(split: str = "calibration") -> dict[str, str]:
+    """``{topic: text}`` in sorted order: the calibration topics, or the held-out ``"eval"`` ones."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    if split not in ("calibration", "eval"):
+        raise ValueError(f"split must be 'calibration' or 'eval', not {split!r}")
+    held = set(PYDOC_EVAL_TOPICS)
+    return {k: topics[k] for k in sorted(topics) if (k in held) == (split == "eval")}
+
+
+def pydoc_text() -> str:
+    """The calibration text: every pydoc topic except the held-out :data:`PYDOC_EVAL_TOPICS`."""
+    return "\n\n".join(pydoc_topics("calibration").values())
 
 
 def c4_text(max_docs: int = 2000) -> str:

@@ -2,8 +2,9 @@
 
 One dense evaluation (module fixture) serves several tests. Stated margins for the dense
 model on LIMIT documents (4-shot, greedy, seed 1234):
-  * arith_mc  accuracy >= chance + 0.20 (chance = 0.25)
-  * arith_gen exact match >= 0.15 (at least 3 of 20 right)
+  * arith_cloze accuracy >= chance + 0.20 (chance = 0.25; measured 0.71 on all 100 problems)
+  * arith_gen   exact match >= 0.15 (at least 3 of 20 right; measured 0.41 on 100)
+  * mmlu_dev    the model answers " A" to every question: its option-bias flag is up
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ LIMIT = 20
 PRUNED_LIMIT = 8
 MC_MARGIN = 0.20
 GEN_MIN = 0.15
-OFFLINE = ["mmlu_dev", "arith_mc", "arith_gen"]
+OFFLINE = ["mmlu_dev", "arith_cloze", "arith_gen"]
 
 
 def _cfg(**over) -> TaskConfig:
@@ -56,10 +57,13 @@ def test_dense_scores_are_finite_and_above_chance(dense_run):
         r = d[name]
         assert math.isfinite(r["score"]) and 0.0 <= r["score"] <= 1.0
         assert r["n"] == LIMIT and r["stderr"] is not None and math.isfinite(r["stderr"])
-    assert d["mmlu_dev"]["type"] == d["arith_mc"]["type"] == "multiple_choice"
+    assert d["mmlu_dev"]["type"] == d["arith_cloze"]["type"] == "multiple_choice"
     assert d["arith_gen"]["type"] == "generative" and d["arith_gen"]["metric"] == "exact_match"
-    assert d["arith_mc"]["chance"] == 0.25
-    assert d["arith_mc"]["score"] >= d["arith_mc"]["chance"] + MC_MARGIN, d["arith_mc"]
+    assert d["arith_cloze"]["chance"] == 0.25
+    assert d["arith_cloze"]["score"] >= d["arith_cloze"]["chance"] + MC_MARGIN, d["arith_cloze"]
+    assert d["arith_cloze"]["pairs_with"] == "arith_gen"
+    picks = d["mmlu_dev"]["option_picks"]  # issue #13: SmolLM2-135M answers A, whatever the question
+    assert picks["top"] == "A" and picks["counts"][0] == LIMIT and picks["biased"], picks
     assert d["arith_gen"]["score"] >= GEN_MIN, d["arith_gen"]
     gens = d["arith_gen"]["generations"]
     assert [g["doc_id"] for g in gens] == list(range(LIMIT))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prunerep.errors import ConfigError
-from prunerep.evals import codeexec
+from prunerep.evals import bias, codeexec
 from prunerep.evals.compare import finite_or_none
 from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml
 from prunerep.logs import quiet_third_party
@@ -229,7 +229,8 @@ def _leaves(res: dict, name: str) -> list[str]:
 
 
 def _type_of(output_type: str) -> str:
-    return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE}.get(output_type, output_type)
+    return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE,
+            "loglikelihood_rolling": "perplexity"}.get(output_type, output_type)
 
 
 def _pick_metric(result: dict, preferred: str | None = None) -> tuple[str, str] | None:
@@ -271,8 +272,22 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
     }
     if ttype == MULTIPLE_CHOICE and samples:
         entry["chance"] = sum(1.0 / max(1, len(s["filtered_resps"])) for _, s in samples) / len(samples)
+        picks = bias.option_picks(samples, metric)
+        if picks is not None:
+            entry["option_picks"] = picks
+        if len(leaves) > 1 and all(bias.is_rotation(leaf, name) for leaf in leaves):  # task.mc_debias=permute
+            deb = bias.debiased_score(samples, metric)
+            entry.update(score=deb["score"], stderr=deb["stderr"], n=deb["n"])
+            entry["debias"] = {"mode": "permute", **{k: deb[k] for k in ("n_permutations", "per_rotation",
+                                                                         "score_unpermuted")}}
+    if name in OFFLINE_TASKS and OFFLINE_TASKS[name].pairs_with:
+        entry["pairs_with"] = OFFLINE_TASKS[name].pairs_with
     if ttype == GENERATIVE:
         entry["generations"] = _generations(samples, metric, filt, tokenizer, several=len(leaves) > 1)
+    if ttype == "perplexity":  # lower is better; token perplexity from the per-document log-likelihoods
+        from prunerep.evals.perplexity import rolling_entry
+
+        rolling_entry(entry, result, [s for _, s in samples], tokenizer)
     return entry
 
 

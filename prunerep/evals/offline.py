@@ -193,6 +193,51 @@ def arithmetic_problems(n: int, seed: int = 0, kinds=DEFAULT_ARITH_KINDS) -> lis
     return out
 
 
+# --------------------------------------------------------------------------- next word
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def next_word_problems(docs: list[str], n: int, seed: int = 0, context_words: int = 40,
+                       min_chars: int = 4) -> list[dict]:
+    """``n`` next-word problems from English text ``docs``:
+    ``[{id, context, answer, choices (4 words), answer_idx}]``.
+
+    The answer is a word of at least ``min_chars`` letters that follows a space; the context is the
+    text of the ``context_words`` words before it (cut at a word start, inside one document). The
+    three distractors are other words of the text with the same length within one letter, none of
+    them in the context; the choices are in a seeded order. Targets are drawn in text order, at
+    least 12 words apart, so the problems are spread over the text. Deterministic per arguments,
+    prefix-stable."""
+    r = random.Random(f"prunerep-next-word-{seed}")
+    pool = sorted({m.group(0).lower() for d in docs for m in _WORD.finditer(d) if len(m.group(0)) >= min_chars})
+    by_len: dict[int, list[str]] = {}
+    for w in pool:
+        by_len.setdefault(len(w), []).append(w)
+    out: list[dict] = []
+    for d in docs:
+        words = list(_WORD.finditer(d))
+        last = -10**9
+        for i in range(context_words, len(words)):
+            m = words[i]
+            w = m.group(0)
+            if len(out) == n:
+                return out
+            if i - last < 12 or len(w) < min_chars or not w.islower() or d[m.start() - 1] != " ":
+                continue
+            context = d[words[i - context_words].start():m.start() - 1]
+            seen = {x.lower() for x in _WORD.findall(context)} | {w}
+            cands = [c for k in (len(w) - 1, len(w), len(w) + 1) for c in by_len.get(k, []) if c not in seen]
+            if len(cands) < 3:
+                continue
+            options = [w] + r.sample(cands, 3)
+            r.shuffle(options)
+            out.append({"id": len(out), "context": context, "answer": w, "choices": options,
+                        "answer_idx": options.index(w)})
+            last = i
+    return out
+
+
 # --------------------------------------------------------------------------- HumanEval
 
 def humaneval_path() -> Path:
