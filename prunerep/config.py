@@ -2,10 +2,11 @@
 
 Every YAML file in ``conf/`` is merged onto these dataclasses, so a misspelt key
 (``model.pth=...``) fails at composition time, before any model is loaded. The ``pruner``
-node is typed by the chosen method's own dataclass (``prunerep/pruners/<name>.py``, stored
-in Hydra's ConfigStore by :func:`prunerep.registry.register_configs`), so a setting the
-chosen method does not have fails too. What a type cannot express (sparsity range, paths
-that must exist) is checked by :func:`prunerep.spec.build` before the model loads.
+and ``quant`` nodes are typed by the chosen method's own dataclass (``prunerep/pruners/<name>.py``,
+``prunerep/quant/<name>.py``, stored in Hydra's ConfigStore by
+:func:`prunerep.registry.register_configs`), so a setting the chosen method does not have fails
+too. What a type cannot express (sparsity range, paths that must exist) is checked by
+:func:`prunerep.spec.build` before the model loads.
 """
 from __future__ import annotations
 
@@ -65,6 +66,21 @@ class TaskConfig:
     n_arith: int = 100
     # kinds of generated arithmetic problems (prunerep.evals.offline.ARITH_KINDS)
     arith_kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul"])
+    # perplexity tasks (pydoc_ppl offline, wikitext on the Hub; prunerep.evals.perplexity):
+    # lm_eval = lm-eval's loglikelihood_rolling per document (token and word perplexity);
+    # reference = Wanda's / SparseGPT's eval_ppl: the text concatenated, non-overlapping windows
+    # of ppl_seqlen tokens (the tail dropped), exp(mean NLL) -- the protocol of published tables
+    ppl_protocol: str = "lm_eval"
+    ppl_seqlen: Optional[int] = None  # reference window; null: the model's max_position_embeddings
+    ppl_chars: Optional[int] = None  # pydoc_ppl: characters of held-out text used (null: all, ~20k)
+    # retrieval tasks (code_retrieval offline, beir_scifact on the Hub; prunerep.evals.retrieval)
+    retrieval_pooling: str = "last"  # last (last token, instructed queries, E5-Mistral) | mean
+    retrieval_n: int = 24  # code_retrieval: passages in the corpus (task.limit caps the queries)
+    retrieval_max_tokens: int = 256  # longer texts keep their first tokens
+    # multiple choice with the options listed under letters (mmlu_dev): none = as given;
+    # permute = the mean accuracy over the cyclic rotations of the options (the contents rotate
+    # under fixed letters), which a model that always picks one letter scores at chance exactly
+    mc_debias: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,13 +100,25 @@ class ProbeConfig:
     max_prompt_tokens: int = 256  # longer prompts keep their last tokens
     max_new_tokens: int = 32  # greedy continuation (teacher_forced / free_running)
     token_chunk: int = 256  # rows through the LM head at once: bounds memory to ~token_chunk x vocab
-    # CPU threads for the vocabulary-sized metric passes; null = torch's setting. Set 1 on a
-    # shared, oversubscribed CPU, where many small threaded passes stall.
+    # worker threads for the vocabulary-sized metric passes, each running its passes on one CPU
+    # thread; null = torch's thread count. 1 on a CPU that other jobs keep busy
     metric_threads: Optional[int] = None
     # fuse the vocabulary-sized metric passes with torch.compile (compiled once per process);
     # null: on CUDA only, where ~50 eager passes over [tokens x vocab] would dwarf the LM head
     compile: Optional[bool] = None
     seed: int = 0
+    # the last layer's embedding-space (h) rows: residual = the residual stream before the final
+    # norm (what the logit lens reads); normed = after the final norm (what transformers'
+    # output_hidden_states[-1] is). Every other layer is the residual stream either way
+    h: str = "residual"
+    # sublayer transitions (prunerep/probes/transitions.py): per block, attention and MLP, x vs x + F(x)
+    # on the dense and on the pruned model, and the local damage x + F_dense(x) vs x + F_pruned(x) with x
+    # the dense input, in h, z and p (prompt and teacher-forced contexts); costs ~5x the other probes
+    transitions: bool = False
+    # the logit lens of the transition rows: final_norm (the model's final norm, then the LM head) |
+    # raw (the LM head on h without the final norm, as the paper's released code does)
+    lens: str = "final_norm"
+    top_tokens: int = 30  # top_tokens.parquet: the dense top-k tokens at each answer / first-step position (0: off)
 
 
 @dataclass
@@ -110,6 +138,7 @@ class WandbConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pruner: Any = MISSING  # typed by the chosen method's dataclass (prunerep/pruners/<name>.py)
+    quant: Any = MISSING  # typed by the chosen quantizer's dataclass (prunerep/quant/<name>.py)
     task: TaskConfig = field(default_factory=TaskConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # a ratio in [0, 1) ("0.5", "0.37") or an N:M pattern ("2:4", "4:8");

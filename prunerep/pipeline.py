@@ -1,6 +1,6 @@
 """The whole experiment, top to bottom: validate -> load -> calibrate -> dense reference ->
-prune -> probe the three spaces -> evaluate -> record. Every stage is a small module taking
-typed objects that :func:`prunerep.spec.build` makes once from the config; this file only
+prune -> quantize -> probe the three spaces -> evaluate -> record. Every stage is a small module
+taking typed objects that :func:`prunerep.spec.build` makes once from the config; this file only
 orders the stages, times them and writes the results contract (:mod:`prunerep.results`)
 into the run directory.
 
@@ -29,7 +29,8 @@ from prunerep.io import atomic_write_json, atomic_write_text
 from prunerep.index import find_completed, mark_completed, reuse_completed
 from prunerep.models import load_model
 from prunerep.pruners.common import measure_sparsity
-from prunerep.results import CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
+from prunerep.quant.accounting import model_compression
+from prunerep.results import COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
 from prunerep.story import format_story, story
 from prunerep.tracking import Tracker
 
@@ -77,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
     is written; the caller reports it."""
     rs = run_spec.build(cfg, run_dir, sweep_dir)
     ident = rs.identity
-    if rs.skip_completed and (done := find_completed(ident.config_hash, rs.index_root)) is not None:
+    if rs.skip_completed and (done := find_completed(ident.config_hash, rs.index_root, ident.model_key)) is not None:
         log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
         return reuse_completed(done, run_dir, rs.index_root)
 
@@ -92,8 +93,9 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
         summary["loaded_model"] = describe_model(model, rs.model)
         log.info("model: %s", summary["loaded_model"])
         rs.pruner.check(model, rs.prune)
+        rs.quant.check(model)
         calib = None
-        if rs.pruner.needs_calibration:
+        if rs.pruner.needs_calibration or rs.quant.needs_calibration:
             with timings.stage("calibration_data"):
                 calib = calibration_batch(rs.calib, tokenizer)
     except (ConfigError, ModelUnavailable):
@@ -119,6 +121,16 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
         log.info("pruned: target %s, achieved %.4f", rs.sparsity, pruning["achieved_sparsity"])
         check_target(rs, pruning["achieved_sparsity"])
 
+        quant_report = None
+        if rs.quant.quantizes:  # after the pruner, on the pruned model
+            with timings.stage("quantize"):
+                quant_report = rs.quant.quantize(model, calib, rs.prune)
+        compression = model_compression(model, pruner=rs.pruner, spec=rs.sparsity, pruning=pruning, quant=rs.quant,
+                                         quant_report=quant_report)
+        atomic_write_json(run_dir / COMPRESSION_FILE, compression)
+        log.info("effective bits per weight of the decoder Linear weights: %.4f (dense %d)",
+                 compression["effective_bits"], compression["dense_bits"])
+
         if rs.save_model:
             with timings.stage("save_model"):
                 save_pruned_model(model, tokenizer, run_dir / "model")
@@ -136,17 +148,20 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
             print(evals.format_evals_table(eval_report), flush=True)
         tracker.log_evals(eval_report)
         run_story = story(probe_summary, eval_report)
-        if text := format_story(run_story, label=f"{ident.pruner} {ident.sparsity}"):
+        label = f"{ident.pruner} {ident.sparsity}" + (f" + {ident.quant}" if ident.quant != "none" else "")
+        if text := format_story(run_story, label=label):
             print(text, flush=True)
 
         timings["total"] = round(time.perf_counter() - t_start, 3)
         summary.update(status="complete", error=None, achieved_sparsity=pruning["achieved_sparsity"],
+                       effective_bits=compression["effective_bits"],
                        timings_s=dict(timings), peak_memory_mb=peak_memory_mb(),
                        probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"), story=run_story)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
         try:  # bookkeeping: a failure here never changes the run's result
             mark_completed(ident.config_hash, run_dir, rs.index_root,
-                           meta={"model": ident.model, "pruner": ident.pruner, "sparsity": ident.sparsity})
+                           meta={"model": ident.model, "pruner": ident.pruner, "sparsity": ident.sparsity,
+                                 "quant": ident.quant})
         except Exception as e:
             log.warning("could not record the run in the completed-points index (%s: %s); a re-run of this "
                         "config will compute it again", type(e).__name__, e)

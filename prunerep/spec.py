@@ -1,5 +1,5 @@
 """Everything one run needs, validated and built once from the composed config, before the
-model loads: the typed method, the sparsity target, the probe plan, the run's identity. The
+model loads: the typed methods (pruner, quantizer), the sparsity target, the probe plan, the run's identity. The
 pipeline passes these objects to its stages; no stage reads the raw config."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from prunerep.errors import ConfigError
 from prunerep.io import stable_hash
 from prunerep.probes.reference import ProbePlan, build_plan
 from prunerep.pruners.common import PruneSettings, Pruner
+from prunerep.quant.common import Quantizer
 from prunerep.registry import build_method
 from prunerep.sparsity import SparsitySpec, parse_sparsity, sparsity_label
 from prunerep.index import config_hash, slurm_job_id
@@ -31,12 +32,15 @@ class RunIdentity:
     sparsity: Any  # as given: 0.5, "2:4"
     run_dir: Path
     slurm_job_id: Optional[str]
-    name: str  # <model>/<pruner>/<sparsity>, or wandb.name
+    name: str  # <model>/<pruner>/<sparsity>[/<quant>], or wandb.name
     group: Optional[str]  # wandb.group, else the name of the multirun's sweep directory
+    model_key: Optional[str] = None  # the dense model's files as they are now (None: not established)
+    quant: str = "none"  # the quantizer applied after the pruner
 
     def summary_fields(self) -> dict:
-        return {"config_hash": self.config_hash, "model": self.model, "pruner": self.pruner,
-                "sparsity": self.sparsity, "run_dir": str(self.run_dir), "slurm_job_id": self.slurm_job_id}
+        return {"config_hash": self.config_hash, "model_key": self.model_key, "model": self.model,
+                "pruner": self.pruner, "sparsity": self.sparsity, "quant": self.quant, "run_dir": str(self.run_dir),
+                "slurm_job_id": self.slurm_job_id}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class RunSpec:
     model_key: str  # identity of the dense model, for the dense-side caches
     sparsity: SparsitySpec
     pruner: Pruner
+    quant: Quantizer  # applied after the pruner (NoQuant: nothing)
     prune: PruneSettings
     calib: CalibConfig
     probe: ProbePlan
@@ -58,14 +63,25 @@ class RunSpec:
     skip_completed: bool
 
 
-def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> RunIdentity:
+def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None,
+             model_key: Optional[str] = None) -> RunIdentity:
     """The run's identity; needs nothing validated (a bad point is recorded under it too)."""
     w = cfg.wandb
-    name = w.name or f"{cfg.model.name}/{cfg.pruner.name}/{sparsity_label(cfg.sparsity)}"
+    quant = quant_label(cfg)
+    name = w.name or "/".join([str(cfg.model.name), str(cfg.pruner.name), sparsity_label(cfg.sparsity)]
+                              + ([quant] if quant != "none" else []))
     group = w.group or (Path(sweep_dir).name if sweep_dir is not None else None)
     return RunIdentity(config_hash=config_hash(cfg), model=cfg.model.name, pruner=cfg.pruner.name,
                        sparsity=cfg.sparsity, run_dir=Path(run_dir), slurm_job_id=slurm_job_id(),
-                       name=str(name), group=None if group is None else str(group))
+                       name=str(name), group=None if group is None else str(group), model_key=model_key,
+                       quant=str(OmegaConf.select(cfg, "quant.name", default="none")))
+
+
+def quant_label(cfg: DictConfig) -> str:
+    """``none``, or the quantizer and its format: ``gptq-w4g64`` (:func:`prunerep.results.quant_label`)."""
+    from prunerep.results import quant_label as label
+
+    return label(*(OmegaConf.select(cfg, f"quant.{k}", default=None) for k in ("name", "bits", "group_size", "sym")))
 
 
 def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> RunSpec:
@@ -76,6 +92,8 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
     spec = parse_sparsity(cfg.sparsity)
     pruner = build_method("pruner", cfg.pruner)
     pruner.validate(spec)
+    quant = build_method("quant", cfg.quant)
+    quant.validate()
     model: ModelConfig = resolve_source(OmegaConf.to_object(cfg.model))
     calib: CalibConfig = OmegaConf.to_object(cfg.calib)
     wandb: WandbConfig = OmegaConf.to_object(cfg.wandb)
@@ -91,13 +109,15 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
         plan = build_plan(cfg.probe)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_against_the_model(model, cache_dir, plan, calib, pruner)
+    check_against_the_model(model, cache_dir, plan, calib, pruner, quant)
     device = resolve_device(model.device)
     settings = PruneSettings(spec=spec, pruner=pruner, device=device, offload=bool(cfg.offload),
                              batch_size=calib.batch_size or calib.nsamples, seed=int(cfg.seed))
-    return RunSpec(identity=identity(cfg, run_dir, sweep_dir), config=OmegaConf.to_container(cfg, resolve=True),
-                   model=model, model_key=model_key(model, device, resolve_dtype(model.dtype, device)),
-                   sparsity=spec, pruner=pruner, prune=settings, calib=calib, probe=plan, task=task, wandb=wandb,
+    key = model_key(model, device, resolve_dtype(model.dtype, device))
+    return RunSpec(identity=identity(cfg, run_dir, sweep_dir, model_key=key),
+                   config=OmegaConf.to_container(cfg, resolve=True), model=model, model_key=key,
+                   sparsity=spec, pruner=pruner, quant=quant, prune=settings, calib=calib, probe=plan, task=task,
+                   wandb=wandb,
                    cache_dir=cache_dir, index_root=index_root(run_dir, sweep_dir),
                    save_model=bool(cfg.save_model),
                    skip_completed=bool(cfg.skip_completed))
@@ -115,11 +135,17 @@ def index_root(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:
 
 
 def model_key(model: ModelConfig, device, dtype) -> str:
-    """Identity of the dense model for the dense-reference caches (probes, evals)."""
+    """Identity of the dense model for the dense-reference caches (probes, evals): its config
+    and what its files are now (:func:`prunerep.models.files_identity`: the resolved hub
+    commit, or the size, mtime and a sampled content hash of the local/GGUF files), so new
+    weights under the same ``model.path`` get new caches."""
+    from prunerep.models import files_identity
+
     m = OmegaConf.to_container(OmegaConf.structured(model), resolve=True)
     m.pop("device", None)
     m["dtype"] = str(dtype)
     m["device_type"] = device.type
+    m["files"] = files_identity(model)
     return f"{model.name}-{stable_hash(m)}"
 
 
@@ -150,9 +176,11 @@ def check_writable_dir(d: Path, what: str) -> None:
 
 
 def check_against_the_model(model: ModelConfig, cache_dir: Path, plan: ProbePlan, calib: CalibConfig,
-                            pruner: Pruner) -> None:
+                            pruner: Pruner, quant: Optional[Quantizer] = None) -> None:
     """What the model's shape decides, read from its config or GGUF header, not its weights:
-    probed layers in range, prompts and calibration windows within its context."""
+    probed layers in range, the pruner's own depth checks (:meth:`Pruner.check_depth`), the
+    quantizer's group size against the Linear widths (:meth:`Quantizer.check_widths`), prompts
+    and calibration windows within its context."""
     from prunerep.models import peek_shape
     from prunerep.probes.capture import resolve_layers
 
@@ -165,13 +193,33 @@ def check_against_the_model(model: ModelConfig, cache_dir: Path, plan: ProbePlan
             resolve_layers(plan.layers, int(n_layers))
         except ValueError as e:
             raise ConfigError(f"{e} (model {model.name!r} has {n_layers} blocks)") from None
+    if n_layers:
+        pruner.check_depth(int(n_layers))  # e.g. layer_drop's pruner.layers / pruner.window in range
+    if quant is not None:
+        quant.check_widths(linear_widths(shape))
+    needs_calibration = pruner.needs_calibration or (quant is not None and quant.needs_calibration)
     if context:
-        if pruner.needs_calibration and calib.seqlen > context:
+        if needs_calibration and calib.seqlen > context:
             raise ConfigError(f"calib.seqlen={calib.seqlen} is longer than the model's context ({context} tokens)")
         if not plan.empty and plan.max_prompt_tokens + plan.max_new_tokens > context:
             raise ConfigError(f"probe.max_prompt_tokens + probe.max_new_tokens = "
                               f"{plan.max_prompt_tokens + plan.max_new_tokens} is longer than the model's context "
                               f"({context} tokens)")
+
+
+def linear_widths(shape: dict) -> dict[str, int]:
+    """The input widths of a decoder block's Linear layers that a model config names: the hidden
+    size (q/k/v, gate/up), the intermediate size (down) and heads x head_dim (o)."""
+    widths = {}
+    hidden, inter = shape.get("hidden_size"), shape.get("intermediate_size")
+    heads, head_dim = shape.get("num_attention_heads"), shape.get("head_dim")
+    if isinstance(hidden, int):
+        widths["hidden_size"] = hidden
+    if isinstance(inter, int):
+        widths["intermediate_size"] = inter
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        widths["num_attention_heads x head_dim"] = heads * head_dim
+    return widths
 
 
 def check_model(m: ModelConfig) -> None:

@@ -13,18 +13,25 @@ Keys (all at the final layer, at the reference temperature: 1, else the closest 
 
 * ``probes/final_layer``, ``probes/temperature``, ``probes/context`` (where h, z, p are read:
   the prompt context, else teacher_forced, else free_running)
-* ``h/one_minus_cos``, ``z/one_minus_cos``, ``p/one_minus_cos``, ``p/kl`` and ``p/kl_est``
-  (its estimate Var_p(Δz)/2T²)
+* ``h/one_minus_cos``, ``z/one_minus_cos`` (raw logits) and ``z/one_minus_cos_centred`` (logits
+  minus their mean over the vocabulary: what the softmax sees), ``p/one_minus_cos``, ``p/kl`` and
+  ``p/kl_est`` (its estimate Var_p(Δz)/2T²); ``p/kl_est_ratio_p10``, ``_p50``, ``_p90``: the
+  percentiles of the per-row ratio kl_est / KL (where the estimate holds)
 * ``kl/teacher_forced``, ``kl/free_running``, ``kl/accumulation`` (free-running / teacher-forced)
 * ``tokens/first_divergence`` (mean over prompts; a prompt that never diverges counts its
   length), ``tokens/agreement`` (free-running token agreement), ``tokens/diverged`` (fraction
   of prompts that diverged)
-* ``options/top1_agree`` (top-1 on the MC options, at the answer position) and
-  ``vocab/top1_agree`` (top-1 over the full vocabulary, mean over prompt positions)
+* at the MC answer positions, like for like: ``options/top1_agree`` and ``options/kl`` (the option
+  subspace) and ``answer/top1_agree`` and ``answer/kl`` (the full vocabulary, the same rows); and
+  ``vocab/top1_agree_all_positions`` (full vocabulary, mean over every prompt position of every
+  prompt: not the same rows)
 * ``family/<type>/dense``, ``family/<type>/pruned`` (mean scores over the family's tasks that
-  have both), ``family/<type>/retained`` (1 − the family's mean relative drop, over tasks with
-  a non-zero dense score), for type multiple_choice, generative (then any other)
-* ``evals/mc_vs_gen_gap``
+  have both), ``family/<type>/retained`` (mean of the tasks' ``retained``: pruned / dense,
+  perplexity dense / pruned) and ``family/<type>/retained_above_chance`` (mean over the tasks
+  not excluded at chance), for retrieval, multiple_choice, generative, perplexity (then any other)
+* ``evals/mc_vs_gen_gap``, ``evals/gap_above_chance`` (+ ``_stderr``): see prunerep.evals.compare
+* ``bias/<task>/option``, ``bias/<task>/dense``, ``bias/<task>/pruned``: a multiple-choice task
+  where a side picks one option at least 80% of the time (the option, each side's share)
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from typing import Any, Optional
 from prunerep.results import reference_temperature
 
 CONTEXT_PREFERENCE = ("prompt", "teacher_forced", "free_running")
-FAMILY_ORDER = ("multiple_choice", "generative")
+FAMILY_ORDER = ("retrieval", "multiple_choice", "generative", "perplexity")
 
 
 def _num(x: Any) -> Optional[float]:
@@ -87,9 +94,12 @@ def story(probes_summary: Optional[dict], evals: Optional[dict]) -> dict:
         out["probes/context"] = context
         _put(out, "h/one_minus_cos", probes.get(f"{context}/embedding/one_minus_cos"))
         _put(out, "z/one_minus_cos", probes.get(f"{context}/logit/one_minus_cos"))
+        _put(out, "z/one_minus_cos_centred", probes.get(f"{context}/logit/one_minus_cos_centred"))
         _put(out, "p/one_minus_cos", probes.get(f"{context}/probability/one_minus_cos{at}"))
         _put(out, "p/kl", probes.get(f"{context}/probability/kl{at}"))
         _put(out, "p/kl_est", probes.get(f"{context}/probability/kl_est{at}"))
+        for q in (10, 50, 90):
+            _put(out, f"p/kl_est_ratio_p{q}", probes.get(f"{context}/probability/kl_est_ratio_p{q}{at}"))
 
     _put(out, "kl/teacher_forced", probes.get(f"teacher_forced/probability/kl{at}"))
     _put(out, "kl/free_running", probes.get(f"free_running/probability/kl{at}"))
@@ -100,10 +110,14 @@ def story(probes_summary: Optional[dict], evals: Optional[dict]) -> dict:
     _put(out, "tokens/diverged", probes.get("free_running/tokens/diverged"))
 
     _put(out, "options/top1_agree", probes.get("prompt/options/top1_agree"))
-    if "options/top1_agree" in out:  # the full-vocabulary number to hold it against
-        _put(out, "vocab/top1_agree", probes.get("prompt/probability/top1_agree"))
+    if "options/top1_agree" in out:  # the full-vocabulary numbers to hold it against
+        _put(out, "answer/top1_agree", probes.get("prompt/answer/top1_agree"))
+        _put(out, "options/kl", probes.get(f"prompt/options/kl{at}"))
+        _put(out, "answer/kl", probes.get(f"prompt/answer/kl{at}"))
+        _put(out, "vocab/top1_agree_all_positions", probes.get("prompt/probability/top1_agree"))
 
     out.update(_families(evals or {}))
+    out.update(_option_bias(evals or {}))
     return out
 
 
@@ -115,12 +129,15 @@ def _families(evals: dict) -> dict:
         d, p = _num(row.get("dense")), _num(row.get("pruned"))
         if d is None or p is None:
             continue
-        f = fams.setdefault(str(row["type"]), {"dense": [], "pruned": [], "ratio": []})
+        f = fams.setdefault(str(row["type"]), {"dense": [], "pruned": [], "ratio": [], "above": []})
         f["dense"].append(d)
         f["pruned"].append(p)
-        rel = _num(row.get("rel_change"))
-        if rel is not None:
-            f["ratio"].append(1.0 + rel)
+        # retained as evals.json states it (perplexity: dense / pruned); older files: 1 + rel_change
+        ratio = _num(row.get("retained")) if "retained" in row else _num(row.get("rel_change"))
+        if ratio is not None:
+            f["ratio"].append(ratio if "retained" in row else 1.0 + ratio)
+        if _num(row.get("retained_above_chance")) is not None:
+            f["above"].append(_num(row["retained_above_chance"]))
     out: dict[str, float] = {}
     order = [k for k in FAMILY_ORDER if k in fams] + sorted(k for k in fams if k not in FAMILY_ORDER)
     for kind in order:
@@ -129,9 +146,31 @@ def _families(evals: dict) -> dict:
         out[f"family/{kind}/pruned"] = sum(f["pruned"]) / len(f["pruned"])
         if f["ratio"]:
             out[f"family/{kind}/retained"] = sum(f["ratio"]) / len(f["ratio"])
+        if f["above"]:
+            out[f"family/{kind}/retained_above_chance"] = sum(f["above"]) / len(f["above"])
     gap = _num(evals.get("mc_vs_gen_gap"))
     if gap is not None:
         out["evals/mc_vs_gen_gap"] = gap
+    above = evals.get("gap_above_chance") or {}
+    if _num(above.get("value")) is not None:
+        out["evals/gap_above_chance"] = _num(above["value"])
+        _put(out, "evals/gap_above_chance_stderr", above.get("stderr"))
+    return out
+
+
+def _option_bias(evals: dict) -> dict:
+    """``bias/<task>/option`` (the option picked), ``bias/<task>/dense`` and ``/pruned`` (how often),
+    for each multiple-choice task where a side picks one option >= the threshold of the time
+    (evals.json ``option_picks``, :mod:`prunerep.evals.bias`)."""
+    out: dict[str, Any] = {}
+    for name, row in (evals.get("tasks") or {}).items():
+        picks = row.get("option_picks") if isinstance(row, dict) else None
+        if not isinstance(picks, dict) or not picks.get("biased"):
+            continue
+        out[f"bias/{name}/option"] = str(picks[picks["biased"][0]]["top"])
+        for side in ("dense", "pruned"):
+            if isinstance(picks.get(side), dict):
+                _put(out, f"bias/{name}/{side}", picks[side].get("top_frac"))
     return out
 
 
@@ -176,12 +215,20 @@ def format_story(s: dict, label: Optional[str] = None) -> str:
 
     chain = [f"{name} {sig(s[key])}" for name, key in (("h", "h/one_minus_cos"), ("z", "z/one_minus_cos"),
                                                       ("p", "p/one_minus_cos")) if has(key)]
+    if has("z/one_minus_cos_centred") and has("z/one_minus_cos"):
+        i = 1 if has("h/one_minus_cos") else 0
+        chain[i] += f" (centred {sig(s['z/one_minus_cos_centred'])})"
     line = f"1-cos  {' -> '.join(chain)}" if chain else ""
     if has("p/kl"):
         line += f"{'   ' if line else ''}KL {sig(s['p/kl'])}"
         if has("p/kl_est"):
             line += f" (estimate Var_p(dz)/2T^2 {sig(s['p/kl_est'])})"
     if line:
+        lines.append(f"  {line}")
+    if has("p/kl_est_ratio_p50"):
+        line = f"estimate / exact KL per row: median {sig(s['p/kl_est_ratio_p50'])}"
+        if has("p/kl_est_ratio_p10") and has("p/kl_est_ratio_p90"):
+            line += f" (10-90%: {sig(s['p/kl_est_ratio_p10'])} to {sig(s['p/kl_est_ratio_p90'])})"
         lines.append(f"  {line}")
 
     if has("kl/teacher_forced") or has("kl/free_running"):
@@ -207,9 +254,13 @@ def format_story(s: dict, label: Optional[str] = None) -> str:
         lines.append(f"  free-running tokens: {', '.join(parts)}")
 
     if has("options/top1_agree"):
-        line = f"multiple choice: top-1 agreement on the options {sig(s['options/top1_agree'])}"
-        if has("vocab/top1_agree"):
-            line += f" vs full vocabulary {sig(s['vocab/top1_agree'])}"
+        line = f"multiple choice, answer position: top-1 agreement options {sig(s['options/top1_agree'])}"
+        if has("answer/top1_agree"):
+            line += f" vs full vocabulary {sig(s['answer/top1_agree'])}"
+        if has("vocab/top1_agree_all_positions"):
+            line += f" (every position {sig(s['vocab/top1_agree_all_positions'])})"
+        if has("options/kl") and has("answer/kl"):
+            line += f"; KL options {sig(s['options/kl'])} vs full vocabulary {sig(s['answer/kl'])}"
         lines.append(f"  {line}")
 
     fams = list(dict.fromkeys(k.split("/")[1] for k in s if k.startswith("family/")))
@@ -217,11 +268,24 @@ def format_story(s: dict, label: Optional[str] = None) -> str:
         parts = []
         for kind in fams:
             part = f"{kind} {sig(s[f'family/{kind}/dense'])} -> {sig(s[f'family/{kind}/pruned'])}"
-            if has(f"family/{kind}/retained"):
-                part += f" ({sig(s[f'family/{kind}/retained'])} retained)"
+            kept = [f"{sig(s[k])} {what}" for k, what in ((f"family/{kind}/retained", "retained"),
+                    (f"family/{kind}/retained_above_chance", "above chance")) if has(k)]
+            if kept:
+                part += f" ({', '.join(kept)})"
             parts.append(part)
-        line = f"scores dense -> pruned: {'; '.join(parts)}"
+        lines.append(f"  scores dense -> pruned: {'; '.join(parts)}")
+        gaps = []
         if has("evals/mc_vs_gen_gap"):
-            line += f"; mc_vs_gen_gap {s['evals/mc_vs_gen_gap']:+.1%}"
-        lines.append(f"  {line}")
+            gaps.append(f"mc_vs_gen_gap {s['evals/mc_vs_gen_gap']:+.1%}")
+        if has("evals/gap_above_chance"):
+            g = f"gap above chance {s['evals/gap_above_chance']:+.2f}"
+            if has("evals/gap_above_chance_stderr"):
+                g += f" ± {s['evals/gap_above_chance_stderr']:.2f}"
+            gaps.append(g + " (>0: generation kept less)")
+        if gaps:
+            lines.append(f"  {'; '.join(gaps)}")
+    for task in dict.fromkeys(k.split("/")[1] for k in s if k.startswith("bias/")):
+        fracs = [f"{s[f'bias/{task}/{side}']:.0%} {side}" for side in ("dense", "pruned") if has(f"bias/{task}/{side}")]
+        lines.append(f"  option bias: {task} picks {s[f'bias/{task}/option']} ({', '.join(fracs)}): "
+                     f"its dense-pruned agreement is bias, not knowledge")
     return "\n".join(lines) if len(lines) > 1 else ""

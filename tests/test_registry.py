@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import REPO
-from test_entrypoint import run_cli
+from cli import run_cli
 
 
 def readme_blocks() -> dict[str, str]:

@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 
 from prunerep.io import atomic_write_json, read_json
-from prunerep.report import format_thresholds, sparsity_key, thresholds
+from prunerep.report import eval_scores, format_thresholds, sparsity_key, thresholds
 
 REPO = Path(__file__).resolve().parents[1]
-PNGS = ("similarity_vs_sparsity.png", "kl_vs_sparsity.png", "mc_vs_gen_vs_sparsity.png", "divergence_vs_step.png")
+PNGS = ("similarity_vs_sparsity.png", "kl_vs_sparsity.png", "mc_vs_gen_vs_sparsity.png", "retained_vs_sparsity.png",
+        "divergence_vs_step.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -109,12 +110,14 @@ def test_thresholds_on_a_hand_made_scores_table():
             "generative": {"unstructured": None, "nm": "2:4", "tested": [
                 {"sparsity": "0.1", "worst_drop_pp": 1.5}, {"sparsity": "0.3", "worst_drop_pp": 0.0},
                 {"sparsity": "2:4", "worst_drop_pp": -2.0}]},
+            "retrieval": none,
         },
         "wanda": {
             "mc": {"unstructured": "0.5", "nm": None, "tested": [
                 {"sparsity": "1:4", "worst_drop_pp": 3.0}, {"sparsity": "0.5", "worst_drop_pp": 0.0},
                 {"sparsity": "2:4", "worst_drop_pp": 0.0}]},
             "generative": none,
+            "retrieval": none,
         },
     }}
     # a wider tolerance walks further: magnitude MC past 0.5 to 0.7, and N:M to 4:8
@@ -127,11 +130,12 @@ def test_thresholds_on_a_hand_made_scores_table():
 def test_format_thresholds_table():
     assert format_thresholds(thresholds(HAND_SCORES)) == "\n".join([
         "highest sparsity with every task within 1 pp of dense:",
-        "model          pruner       MC               generation      ",
-        "tiny           magnitude    0.3 (N:M 2:4)    none (N:M 2:4)  ",
-        "tiny           wanda        0.5 (N:M none)   -               ",
+        "model          pruner       retrieval        MC               generation      ",
+        "tiny           magnitude    -                0.3 (N:M 2:4)    none (N:M 2:4)  ",
+        "tiny           wanda        -                0.5 (N:M none)   -               ",
     ])
-    assert format_thresholds({}) == "no eval scores in this sweep (task=none?): no MC / generation thresholds"
+    assert format_thresholds({}) == \
+        "no eval scores in this sweep (task=none?): no retrieval / MC / generation thresholds"
 
 
 def test_report_on_known_run_dirs(tmp_path, capsys):
@@ -233,13 +237,15 @@ SMALL = ["model=tiny", "probe.n_prompts=2", "probe.max_new_tokens=4", "probe.max
 
 
 def test_report_on_a_real_sweep(tmp_path):
+    from cli import run_cli
+    from prunerep.registry import compose
+
     sweep = tmp_path / "multirun"
-    env = dict(os.environ, PRUNEREP_OUTPUTS=str(tmp_path / "outputs"), HYDRA_FULL_ERROR="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "prunerep", "-m", *SMALL, "task=offline", "task.limit=4",
-           "pruner=magnitude,wanda", "sparsity=0.3,2:4", f"hydra.sweep.dir={sweep}"]
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    p = run_cli("-m", *SMALL, "task=offline", "task.limit=4", "pruner=magnitude,wanda", "sparsity=0.3,2:4",
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=1800,
+                env={"PRUNEREP_OUTPUTS": str(tmp_path / "outputs"), "HYDRA_FULL_ERROR": "1"})
     assert p.returncode == 0, p.stderr[-4000:]
+    offline_tasks = set(compose("task=offline").task.tasks)
     runs_dirs = sorted(sweep.glob("*/summary.json"))
     assert len(runs_dirs) == 4
 
@@ -275,7 +281,7 @@ def test_report_on_a_real_sweep(tmp_path):
         assert probes[sel]["value"].iloc[0] == pytest.approx(v0)
         ev = read_json(run / "evals.json")
         e = t[(t["source"] == "eval") & (t["metric"] == "pruned")]
-        assert set(ev["tasks"]) == {"mmlu_dev", "arith_mc", "arith_gen"}
+        assert set(ev["tasks"]) == offline_tasks
         for task, v in ev["tasks"].items():
             assert e[e["task"] == task]["value"].iloc[0] == pytest.approx(v["pruned"])
 
@@ -285,7 +291,7 @@ def test_report_on_a_real_sweep(tmp_path):
     model = read_json(runs_dirs[0])["model"]
     assert set(th["thresholds"]) == {model}
     for pruner in ("magnitude", "wanda"):
-        for kind, ttype in (("mc", "multiple_choice"), ("generative", "generative")):
+        for kind, ttype in (("mc", "multiple_choice"), ("generative", "generative"), ("retrieval", "retrieval")):
             worst = {}
             for d in runs_dirs:
                 s = read_json(d)
@@ -300,3 +306,23 @@ def test_report_on_a_real_sweep(tmp_path):
             assert entry["unstructured"] == ("0.3" if worst["0.3"] <= 1.0 + 1e-9 else None)
             assert entry["nm"] == ("2:4" if worst["2:4"] <= 1.0 + 1e-9 else None)
     assert (out / "thresholds.txt").read_text() == format_thresholds(th["thresholds"]) + "\n"
+
+
+def test_families_retained_and_retrieval_threshold():
+    """Perplexity is lower-is-better: retained = dense / pruned, kept in its own units; retrieval
+    nDCG (a fraction) goes to points and gets its own 1-pp threshold; the retained figure is drawn."""
+    rows = []
+    for sp, ppl, ndcg in (("0.3", 22.0, 0.545), ("0.5", 40.0, 0.50)):
+        for task, tt, d, p in (("pydoc_ppl", "perplexity", 20.0, ppl), ("code_retrieval", "retrieval", 0.55, ndcg)):
+            for metric, v in (("dense", d), ("pruned", p)):
+                rows.append({"source": "eval", "run": f"wanda/{sp}", "model": "tiny", "pruner": "wanda",
+                             "sparsity": sp, "task": task, "task_type": tt, "metric": metric, "value": v})
+    scores = eval_scores(pd.DataFrame(rows))
+    ppl = scores[scores["task"] == "pydoc_ppl"].set_index("sparsity")
+    assert ppl.loc["0.5", "retained"] == pytest.approx(0.5) and ppl.loc["0.5", "pruned"] == 40.0
+    ret = scores[scores["task"] == "code_retrieval"].set_index("sparsity")
+    assert ret.loc["0.3", "dense"] == pytest.approx(55.0) and ret.loc["0.5", "retained"] == pytest.approx(0.5 / 0.55)
+    th = thresholds(scores)["tiny"]["wanda"]
+    assert th["retrieval"]["unstructured"] == "0.3"  # 0.5 pp drop at 0.3, 5 pp at 0.5
+    assert [t["worst_drop_pp"] for t in th["retrieval"]["tested"]] == [pytest.approx(0.5), pytest.approx(5.0)]
+    assert "perplexity" not in th and th["mc"]["tested"] == []

@@ -11,12 +11,15 @@ from prunerep.story import format_story, sig, story
 PROBES = {
     "final_layer": 30, "n_prompts": 8, "n_rows": 1000, "nonfinite_values": 0,
     "prompt/embedding/cos": 0.893, "prompt/embedding/one_minus_cos": 0.10712,
-    "prompt/logit/one_minus_cos": 0.15549,
+    "prompt/logit/one_minus_cos": 0.15549, "prompt/logit/one_minus_cos_centred": 0.08123,
     "prompt/probability/kl@T=0.5": 2.5, "prompt/probability/kl@T=1": 0.6412,
     "prompt/probability/kl_est@T=1": 0.5381, "prompt/probability/kl_est@T=0.5": 2.1,
     "prompt/probability/one_minus_cos@T=1": 0.4204, "prompt/probability/one_minus_cos@T=0.5": 0.6,
     "prompt/probability/top1_agree": 0.75,
-    "prompt/options/kl@T=1": 0.01, "prompt/options/top1_agree": 1.0,
+    "prompt/probability/kl_est_ratio_p10@T=1": 0.612, "prompt/probability/kl_est_ratio_p50@T=1": 0.8391,
+    "prompt/probability/kl_est_ratio_p90@T=1": 1.104, "prompt/probability/kl_est_ratio_p50@T=0.5": 0.5,
+    "prompt/options/kl@T=1": 0.01, "prompt/options/kl@T=0.5": 0.02, "prompt/options/top1_agree": 1.0,
+    "prompt/answer/top1_agree": 0.5, "prompt/answer/kl@T=1": 0.4321, "prompt/answer/kl@T=0.5": 1.5,
     "teacher_forced/embedding/one_minus_cos": 0.2,
     "teacher_forced/probability/kl@T=1": 0.99, "teacher_forced/probability/kl@T=0.5": 3.0,
     "free_running/probability/kl@T=1": 4.2471, "free_running/probability/kl@T=0.5": 9.0,
@@ -44,10 +47,11 @@ def test_story_values_and_order():
     s = story(PROBES, EVALS)
     assert list(s) == [
         "probes/final_layer", "probes/temperature", "probes/context",
-        "h/one_minus_cos", "z/one_minus_cos", "p/one_minus_cos", "p/kl", "p/kl_est",
+        "h/one_minus_cos", "z/one_minus_cos", "z/one_minus_cos_centred", "p/one_minus_cos", "p/kl", "p/kl_est",
+        "p/kl_est_ratio_p10", "p/kl_est_ratio_p50", "p/kl_est_ratio_p90",
         "kl/teacher_forced", "kl/free_running", "kl/accumulation",
         "tokens/first_divergence", "tokens/agreement", "tokens/diverged",
-        "options/top1_agree", "vocab/top1_agree",
+        "options/top1_agree", "answer/top1_agree", "options/kl", "answer/kl", "vocab/top1_agree_all_positions",
         "family/multiple_choice/dense", "family/multiple_choice/pruned", "family/multiple_choice/retained",
         "family/generative/dense", "family/generative/pruned", "family/generative/retained",
         "evals/mc_vs_gen_gap"]
@@ -58,7 +62,11 @@ def test_story_values_and_order():
     assert (s["p/kl"], s["p/kl_est"]) == (0.6412, 0.5381)
     assert (s["kl/teacher_forced"], s["kl/free_running"], s["kl/accumulation"]) == (0.99, 4.2471, 4.29)
     assert (s["tokens/first_divergence"], s["tokens/agreement"], s["tokens/diverged"]) == (3.25, 0.4125, 0.875)
-    assert (s["options/top1_agree"], s["vocab/top1_agree"]) == (1.0, 0.75)
+    assert s["z/one_minus_cos_centred"] == 0.08123
+    assert (s["p/kl_est_ratio_p10"], s["p/kl_est_ratio_p50"], s["p/kl_est_ratio_p90"]) == (0.612, 0.8391, 1.104)
+    # like for like at the answer positions (option subspace vs full vocabulary), and every position apart
+    assert (s["options/top1_agree"], s["answer/top1_agree"], s["vocab/top1_agree_all_positions"]) == (1.0, 0.5, 0.75)
+    assert (s["options/kl"], s["answer/kl"]) == (0.01, 0.4321)
     assert s["family/multiple_choice/dense"] == pytest.approx(0.65)
     assert s["family/multiple_choice/pruned"] == pytest.approx(0.625)
     assert s["family/multiple_choice/retained"] == pytest.approx(0.95)  # 1 - mean relative drop
@@ -89,7 +97,8 @@ def test_missing_pieces_are_omitted():
     s = story(partial, None)
     assert s["probes/context"] == "teacher_forced"
     assert s["h/one_minus_cos"] == 0.2 and s["p/kl"] == 0.99 and s["kl/teacher_forced"] == 0.99
-    assert not any(k.startswith(("tokens/", "options/", "vocab/", "z/")) or k == "kl/free_running" for k in s)
+    assert not any(k.startswith(("tokens/", "options/", "answer/", "vocab/", "z/")) or k == "kl/free_running"
+                   for k in s)
 
 
 def test_format_story_lines():
@@ -97,14 +106,40 @@ def test_format_story_lines():
     lines = text.splitlines()
     assert lines == [
         "representation hierarchy (final layer 30, T=1, wanda 0.5):",
-        "  1-cos  h 0.107 -> z 0.155 -> p 0.420   KL 0.641 (estimate Var_p(dz)/2T^2 0.538)",
+        "  1-cos  h 0.107 -> z 0.155 (centred 0.0812) -> p 0.420   KL 0.641 (estimate Var_p(dz)/2T^2 0.538)",
+        "  estimate / exact KL per row: median 0.839 (10-90%: 0.612 to 1.10)",
         "  decoding: KL teacher-forced 0.990 -> free-running 4.25 (x4.29 accumulated)",
         "  free-running tokens: first divergence at step 3.25 (88% of prompts diverged), token agreement 0.412",
-        "  multiple choice: top-1 agreement on the options 1.00 vs full vocabulary 0.750",
+        "  multiple choice, answer position: top-1 agreement options 1.00 vs full vocabulary 0.500 "
+        "(every position 0.750); KL options 0.0100 vs full vocabulary 0.432",
         "  scores dense -> pruned: multiple_choice 0.650 -> 0.625 (0.950 retained); "
-        "generative 0.200 -> 0.0500 (0.250 retained); mc_vs_gen_gap +70.0%",
+        "generative 0.200 -> 0.0500 (0.250 retained)",
+        "  mc_vs_gen_gap +70.0%",
     ]
     assert 5 <= len(lines) <= 8
+
+
+def test_families_read_retention_as_evals_json_states_it():
+    """Perplexity is lower-is-better: its retained is dense / pruned as evals.json gives it (not 1 +
+    rel_change); retained above chance and the gap above chance (with its stderr) come through."""
+    evals = {"tasks": {
+        "pydoc_ppl": {"type": "perplexity", "dense": 20.0, "pruned": 25.0, "rel_change": -0.25,
+                      "retained": 0.8, "retained_above_chance": 0.9},
+        "arith_mc": {"type": "multiple_choice", "dense": 0.75, "pruned": 0.5, "rel_change": -1 / 3,
+                     "retained": 2 / 3, "retained_above_chance": 0.5},
+        "code_retrieval": {"type": "retrieval", "dense": 0.5, "pruned": 0.45, "rel_change": -0.1,
+                           "retained": 0.9, "retained_above_chance": None}},
+        "mc_vs_gen_gap": None, "gap_above_chance": {"value": 0.25, "stderr": 0.125}}
+    s = story({}, evals)
+    assert [k for k in s if k.endswith("/dense")] == ["family/retrieval/dense", "family/multiple_choice/dense",
+                                                      "family/perplexity/dense"]
+    assert s["family/perplexity/retained"] == 0.8 and s["family/perplexity/retained_above_chance"] == 0.9
+    assert s["family/multiple_choice/retained"] == pytest.approx(2 / 3)
+    assert "family/retrieval/retained_above_chance" not in s  # excluded at chance
+    assert (s["evals/gap_above_chance"], s["evals/gap_above_chance_stderr"]) == (0.25, 0.125)
+    text = format_story(s)
+    assert "perplexity 20.0 -> 25.0 (0.800 retained, 0.900 above chance)" in text
+    assert "gap above chance +0.25 ± 0.12 (>0: generation kept less)" in text
 
 
 def test_format_story_without_probes_or_divergence():
@@ -135,12 +170,19 @@ def test_story_of_a_real_run_layout():
             kl = 0.8 if ctx == "free_running" else 0.4
             for space, metric, t, v in (("embedding", "one_minus_cos", np.nan, 0.1),
                                         ("logit", "one_minus_cos", np.nan, 0.2),
+                                        ("logit", "one_minus_cos_centred", np.nan, 0.15),
                                         ("probability", "one_minus_cos", 1.0, 0.3), ("probability", "kl", 1.0, kl),
                                         ("probability", "kl_est", 1.0, 0.35),
                                         ("probability", "top1_agree", np.nan, 0.7)):
                 rows.append((ctx, pid, "mc", 2, "block", step, space, metric, t, v))
         if ctx == "prompt":
-            rows += [("prompt", 0, "mc", 2, "block", 5, "options", "top1_agree", np.nan, 1.0)]
+            rows += [("prompt", 0, "mc", 2, "block", 5, "options", "top1_agree", np.nan, 1.0),
+                     ("prompt", 0, "mc", 2, "block", 5, "answer", "top1_agree", np.nan, 0.0),
+                     ("prompt", 0, "mc", 2, "block", 5, "options", "kl", 1.0, 0.01),
+                     ("prompt", 0, "mc", 2, "block", 5, "answer", "kl", 1.0, 0.25)]
+            # per-position estimate ratios: percentiles over every row of every prompt
+            rows += [("prompt", pid, "mc", 2, "block", pos, "probability", "kl_est_ratio", 1.0, 0.5 + 0.1 * (pos + pid))
+                     for pid in (0, 1) for pos in range(5)]
     for pid in (0, 1):
         rows += [("free_running", pid, "gen", 2, "block", 0, "tokens", "token_agree", np.nan, 0.5),
                  ("free_running", pid, "gen", 2, "block", -1, "tokens", "first_divergence", np.nan, 1.0 + pid),
@@ -152,4 +194,9 @@ def test_story_of_a_real_run_layout():
     assert (s["p/kl"], s["p/kl_est"]) == pytest.approx((0.4, 0.35))
     assert (s["kl/teacher_forced"], s["kl/free_running"], s["kl/accumulation"]) == pytest.approx((0.4, 0.8, 2.0))
     assert (s["tokens/first_divergence"], s["tokens/agreement"], s["tokens/diverged"]) == pytest.approx((1.5, 0.5, 1))
-    assert (s["options/top1_agree"], s["vocab/top1_agree"]) == pytest.approx((1.0, 0.7))
+    assert (s["options/top1_agree"], s["answer/top1_agree"], s["vocab/top1_agree_all_positions"]) == \
+        pytest.approx((1.0, 0.0, 0.7))
+    assert (s["options/kl"], s["answer/kl"], s["z/one_minus_cos_centred"]) == pytest.approx((0.01, 0.25, 0.15))
+    # 0.5 .. 0.9 and 0.6 .. 1.0: the 10th, 50th, 90th percentiles of those ten values
+    assert (s["p/kl_est_ratio_p10"], s["p/kl_est_ratio_p50"], s["p/kl_est_ratio_p90"]) == \
+        pytest.approx(tuple(np.percentile([0.5, 0.6, 0.7, 0.8, 0.9, 0.6, 0.7, 0.8, 0.9, 1.0], [10, 50, 90])))

@@ -11,13 +11,24 @@ from prunerep.results import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTE
                               pick_metric)
 from prunerep.sparsity import sparsity_key
 
-#: spaces drawn against sparsity (h, z, p and p on the MC options) and against decoding step (h, z, p);
-#: the "tokens" space (free-running token agreement) stays in the table
-SPARSITY_SPACES = ("embedding", "logit", "probability", "options")
+#: spaces drawn against sparsity (h, z, p, p on the MC options and the full-vocabulary p at the same
+#: answer rows) and against decoding step (h, z, p); the "tokens" space (free-running token agreement)
+#: stays in the table
+SPARSITY_SPACES = ("embedding", "logit", "probability", "options", "answer")
+#: a space's variant drawn as its own line: the centred logits (z − mean_V z), as "logit_centred"
+SPACE_VARIANTS = {"logit": ("_centred", "logit_centred")}
+#: the second-order estimates drawn against their exact values (exact, estimate)
+ESTIMATES = (("kl", "kl_est"), ("one_minus_cos", "cos_est"))
 STEP_SPACES = ("embedding", "logit", "probability")
-MC, GEN = "multiple_choice", "generative"
+MC, GEN, RET, PPL = "multiple_choice", "generative", "retrieval", "perplexity"
+#: the task families, in the paper's order of what pruning keeps (perplexity: lower is better)
+FAMILIES = (RET, MC, GEN, PPL)
+#: the families with a 1-pp threshold: scores that are fractions. Perplexity has no "point"
+#: (its retained, dense / pruned, is drawn instead)
+THRESHOLD_FAMILIES = (("retrieval", RET), ("mc", MC), ("generative", GEN))
 
 POINT_COLUMNS = ["run", "model", "pruner", "sparsity", "space", "metric", "value"]
+ESTIMATE_COLUMNS = ["run", "model", "pruner", "sparsity", "context", "layer", "exact_metric", "exact", "estimate"]
 SCORE_COLUMNS = ["run", "model", "pruner", "sparsity", "task", "task_type", "dense", "pruned"]
 CURVE_COLUMNS = ["run", "model", "pruner", "sparsity", "space", "metric", "context", "step", "value"]
 
@@ -36,22 +47,52 @@ def final_layer_points(table: pd.DataFrame, kind: str) -> pd.DataFrame:
     prefs = SIMILARITY_METRICS if kind == "similarity" else DIVERGENCE_METRICS
     p = table[(table["source"] == "probe") & table["value"].notna() & table["space"].isin(SPARSITY_SPACES)]
     out = []
-    for (run, space), g in p.groupby(["run", "space"], sort=False):
-        metric = pick_metric(g["metric"].unique(), prefs)
+    for (run, space), g_all in p.groupby(["run", "space"], sort=False):
+        metric = pick_metric(g_all["metric"].unique(), prefs)
         if metric is None:
             continue
-        g = g[g["metric"] == metric]
-        ctxs = [str(c) for c in g["context"].dropna().unique()]
-        if ctxs:
-            ctx = "prompt" if "prompt" in ctxs else sorted(ctxs)[0]
-            g = g[g["context"] == ctx]
-        g = _residual_at_reference_temperature(g)
-        if g["layer"].notna().any():
-            g = g[g["layer"] == g["layer"].max()]
-        first = g.iloc[0]
-        out.append({"run": run, "model": first["model"], "pruner": first["pruner"], "sparsity": first["sparsity"],
-                    "space": space, "metric": metric, "value": float(g["value"].mean())})
+        out.append(_final_point(g_all, run, space, metric))
+        suffix, name = SPACE_VARIANTS.get(space, (None, None))
+        if suffix and (g_all["metric"] == metric + suffix).any():
+            out.append(_final_point(g_all, run, name, metric + suffix))
     return pd.DataFrame(out, columns=POINT_COLUMNS)
+
+
+def _final_point(g: pd.DataFrame, run, space: str, metric: str) -> dict:
+    """One run's ``metric`` at the last layer: prompt context (else the first), reference temperature."""
+    g = g[g["metric"] == metric]
+    ctxs = [str(c) for c in g["context"].dropna().unique()]
+    if ctxs:
+        ctx = "prompt" if "prompt" in ctxs else sorted(ctxs)[0]
+        g = g[g["context"] == ctx]
+    g = _residual_at_reference_temperature(g)
+    if g["layer"].notna().any():
+        g = g[g["layer"] == g["layer"].max()]
+    first = g.iloc[0]
+    return {"run": run, "model": first["model"], "pruner": first["pruner"], "sparsity": first["sparsity"],
+            "space": space, "metric": metric, "value": float(g["value"].mean())}
+
+
+def estimate_points(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run and layer: each second-order estimate and its exact value (:data:`ESTIMATES`), prompt
+    context (else the first context), reference temperature, mean over prompts (and steps)."""
+    metrics = [m for pair in ESTIMATES for m in pair]
+    p = table[(table["source"] == "probe") & (table["space"] == "probability") & table["metric"].isin(metrics)
+              & table["value"].notna()]
+    out = []
+    for run, g in p.groupby("run", sort=False):
+        ctxs = [str(c) for c in g["context"].dropna().unique()]
+        ctx = "prompt" if "prompt" in ctxs else (sorted(ctxs)[0] if ctxs else None)
+        g = _residual_at_reference_temperature(g[g["context"] == ctx] if ctx else g)
+        first = g.iloc[0]
+        means = g.groupby(["layer", "metric"])["value"].mean()
+        for exact, est in ESTIMATES:
+            for layer in sorted({lay for lay, m in means.index if m == exact}):
+                if (layer, est) in means.index:
+                    out.append({"run": run, "model": first["model"], "pruner": first["pruner"],
+                                "sparsity": first["sparsity"], "context": ctx, "layer": layer, "exact_metric": exact,
+                                "exact": float(means[(layer, exact)]), "estimate": float(means[(layer, est)])})
+    return pd.DataFrame(out, columns=ESTIMATE_COLUMNS)
 
 
 def step_curves(table: pd.DataFrame) -> pd.DataFrame:
@@ -77,34 +118,41 @@ def step_curves(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def eval_scores(table: pd.DataFrame) -> pd.DataFrame:
-    """Per run and task: dense and pruned scores in percentage points."""
+    """Per run and task: dense and pruned scores (percentage points where the family's scores are
+    fractions; perplexity as is) and ``retained``: pruned / dense, for perplexity dense / pruned
+    (1 = unchanged, below 1 = worse, whatever the direction of the score)."""
     e = table[(table["source"] == "eval") & table["metric"].isin(["dense", "pruned"])
-              & table["task_type"].isin([MC, GEN])]
+              & table["task_type"].isin(FAMILIES)]
     if e.empty:
-        return pd.DataFrame(columns=SCORE_COLUMNS)
+        return pd.DataFrame(columns=SCORE_COLUMNS + ["retained"])
     w = e.pivot_table(index=["run", "model", "pruner", "sparsity", "task", "task_type"], columns="metric",
                       values="value", aggfunc="mean").reset_index()
     w.columns.name = None
-    # scores in [0, 1] (accuracy, exact match, pass@1) are fractions: report percentage points
-    scale = 100.0 if (w[["dense", "pruned"]].abs().max().max() <= 1.0) else 1.0
-    w["dense"] *= scale
-    w["pruned"] *= scale
+    w = w.dropna(subset=["dense", "pruned"])
+    lower_better = w["task_type"] == PPL
+    w["retained"] = (w["pruned"] / w["dense"]).where(~lower_better, w["dense"] / w["pruned"])
+    # scores in [0, 1] (accuracy, exact match, pass@1, nDCG) are fractions: report percentage points
+    for ttype, g in w[~lower_better].groupby("task_type"):
+        if g[["dense", "pruned"]].abs().max().max() <= 1.0:
+            w.loc[g.index, ["dense", "pruned"]] *= 100.0
     return w
 
 
 def thresholds(scores: pd.DataFrame, tol_pp: float = 1.0) -> dict:
-    """Per model/pruner and task type: the highest sparsity up to which every task of that type stays
-    within `tol_pp` percentage points of dense (a gain counts as within). Unstructured ratios and N:M
-    patterns are two families, each walked in increasing order; a family stops at its first miss.
+    """Per model/pruner and task family: the highest sparsity up to which every task of that family
+    stays within `tol_pp` percentage points of dense (a gain counts as within) -- the paper's
+    practical guidance, extended to retrieval (perplexity has no points: see :func:`eval_scores`'s
+    ``retained``). Unstructured ratios and N:M patterns are walked apart, each in increasing order;
+    each stops at its first miss.
 
-    ``{model: {pruner: {"mc" | "generative": {"unstructured": sp | None, "nm": sp | None,
+    ``{model: {pruner: {"retrieval" | "mc" | "generative": {"unstructured": sp | None, "nm": sp | None,
     "tested": [{"sparsity": sp, "worst_drop_pp": x}, ...]}}}}``"""
     out: dict = {}
     if scores.empty:
         return out
     for (model, pruner), g in scores.groupby(["model", "pruner"], sort=True):
         res = {}
-        for ttype, name in ((MC, "mc"), (GEN, "generative")):
+        for name, ttype in THRESHOLD_FAMILIES:
             gt = g[g["task_type"] == ttype]
             entry: dict[str, Any] = {"unstructured": None, "nm": None, "tested": []}
             if gt.empty:
@@ -132,9 +180,9 @@ def thresholds(scores: pd.DataFrame, tol_pp: float = 1.0) -> dict:
 def format_thresholds(th: dict, tol_pp: float = 1.0) -> str:
     """The thresholds as the table the CLI prints (one line per model and pruner)."""
     if not th:
-        return "no eval scores in this sweep (task=none?): no MC / generation thresholds"
+        return "no eval scores in this sweep (task=none?): no retrieval / MC / generation thresholds"
     lines = [f"highest sparsity with every task within {tol_pp:g} pp of dense:",
-             f"{'model':<14} {'pruner':<12} {'MC':<16} {'generation':<16}"]
+             f"{'model':<14} {'pruner':<12} {'retrieval':<16} {'MC':<16} {'generation':<16}"]
 
     def fmt(e):
         if not e or not e.get("tested"):
@@ -146,5 +194,6 @@ def format_thresholds(th: dict, tol_pp: float = 1.0) -> str:
 
     for model, pr in th.items():
         for pruner, res in pr.items():
-            lines.append(f"{model:<14} {pruner:<12} {fmt(res.get('mc')):<16} {fmt(res.get('generative')):<16}")
+            lines.append(f"{model:<14} {pruner:<12} {fmt(res.get('retrieval')):<16} {fmt(res.get('mc')):<16} "
+                         f"{fmt(res.get('generative')):<16}")
     return "\n".join(lines)

@@ -1,6 +1,12 @@
 """Find the run directories of a sweep and read them into two tables: the tidy table (one row per
 run x metric, :data:`RUN_COLUMNS` + :data:`ROW_COLUMNS`) and the runs table (one row per run).
-The files read and their schema are :mod:`prunerep.results`."""
+The files read and their schema are :mod:`prunerep.results`.
+
+A run's compression is its pruner and its quantizer (``quant``: the method, ``quant_bits``,
+``quant_group_size``, ``quant_sym``; ``none`` for runs from before quantization existed), named by
+``method`` (``wanda``, ``gptq-w4g64``, ``wanda+gptq-w4g64``: what the figures and thresholds keep
+apart) and ``family`` (``wanda``, ``gptq``, ``wanda+gptq``: a line of the equal-memory figure);
+``effective_bits`` / ``dense_bits`` come from summary.json / compression.json."""
 from __future__ import annotations
 
 import math
@@ -10,11 +16,13 @@ from typing import Any, Optional
 import pandas as pd
 
 from prunerep.io import read_json
-from prunerep.results import CONFIG_FILE, EVALS_FILE, PROBES_FILE, PRUNING_FILE, SUMMARY_FILE
+from prunerep.results import (COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PROBES_FILE, PRUNING_FILE, SUMMARY_FILE,
+                              compression_label, quant_label)
 from prunerep.sparsity import sparsity_key, sparsity_label
 
 RUN_COLUMNS = ["run", "run_dir", "model", "pruner", "sparsity", "sparsity_ratio", "sparsity_nm", "seed",
-               "status", "config_hash", "achieved_sparsity"]
+               "status", "config_hash", "achieved_sparsity", "quant", "quant_bits", "quant_group_size", "quant_sym",
+               "method", "family", "effective_bits", "dense_bits"]
 ROW_COLUMNS = ["source", "context", "space", "metric", "layer", "sublayer", "step", "temperature", "task",
                "task_type", "value"]
 #: the probe table's columns a probe row keeps (the mean over prompts is taken per combination),
@@ -72,14 +80,27 @@ def _run_identity(run_dir: Path, sweep_dir: Path) -> dict:
 
     sparsity = sparsity_label(pick("sparsity", "sparsity"))
     ratio, nm, _ = sparsity_key(sparsity)
+    comp = _read_json(run_dir / COMPRESSION_FILE) or {}
+    qentry = next((p for p in comp.get("perturbations") or [] if isinstance(p, dict)
+                   and p.get("kind") == "quantization"), {})
+    quant = str(pick("quant", "quant.name") or qentry.get("method") or "none")
+    qfmt = {k: (qentry.get(k) if qentry.get(k) is not None else pick(f"_{k}", f"quant.{k}"))
+            for k in ("bits", "group_size", "sym")} if quant != "none" else dict.fromkeys(("bits", "group_size", "sym"))
+    pruner = pick("pruner", "pruner.name")
+    effective = summary.get("effective_bits", comp.get("effective_bits"))
     status = summary.get("status") or ("missing" if not summary else "unknown")
     rel = run_dir.relative_to(sweep_dir).as_posix() if run_dir != sweep_dir else run_dir.name
     return {
         "run": rel, "run_dir": str(run_dir), "model": pick("model", "model.name"),
-        "pruner": pick("pruner", "pruner.name"), "sparsity": sparsity,
+        "pruner": pruner, "sparsity": sparsity,
         "sparsity_ratio": ratio if math.isfinite(ratio) else None, "sparsity_nm": bool(nm == 1),
         "seed": pick("seed", "seed"), "status": status, "config_hash": summary.get("config_hash"),
-        "achieved_sparsity": summary.get("achieved_sparsity"), "_summary": summary,
+        "achieved_sparsity": summary.get("achieved_sparsity"), "quant": quant, "quant_bits": qfmt["bits"],
+        "quant_group_size": qfmt["group_size"], "quant_sym": qfmt["sym"],
+        "method": compression_label(pruner, quant_label(quant, **qfmt)),
+        "family": compression_label(pruner, quant),
+        "effective_bits": effective if _is_number(effective) else None,
+        "dense_bits": comp.get("dense_bits") if _is_number(comp.get("dense_bits")) else None, "_summary": summary,
     }
 
 
@@ -167,7 +188,7 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs_df = pd.DataFrame(runs)
     runs_df = runs_df.iloc[sorted(range(len(runs_df)), key=lambda i: (
         str(runs_df.iloc[i]["model"]), str(runs_df.iloc[i]["pruner"]), sparsity_key(runs_df.iloc[i]["sparsity"]),
-        str(runs_df.iloc[i]["run"])))].reset_index(drop=True)
+        str(runs_df.iloc[i]["method"]), str(runs_df.iloc[i]["run"])))].reset_index(drop=True)
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=RUN_COLUMNS + ROW_COLUMNS)
     return _typed(table), runs_df
 
@@ -175,11 +196,21 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _typed(t: pd.DataFrame) -> pd.DataFrame:
     t = t.copy()
     for c in ("run", "run_dir", "model", "pruner", "sparsity", "status", "config_hash", "source", "context",
-              "space", "metric", "sublayer", "task", "task_type"):
+              "space", "metric", "sublayer", "task", "task_type", "quant", "method", "family"):
         t[c] = t[c].astype("string")
-    for c in ("sparsity_ratio", "achieved_sparsity", "temperature", "value"):
+    for c in ("sparsity_ratio", "achieved_sparsity", "temperature", "value", "effective_bits", "dense_bits"):
         t[c] = pd.to_numeric(t[c], errors="coerce").astype("float64")
-    for c in ("layer", "step", "seed"):
+    for c in ("layer", "step", "seed", "quant_bits", "quant_group_size"):
         t[c] = pd.to_numeric(t[c], errors="coerce").astype("Int64")
     t["sparsity_nm"] = t["sparsity_nm"].astype("boolean")
+    t["quant_sym"] = t["quant_sym"].astype("boolean")
     return t
+
+
+def by_method(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with each run's ``pruner`` read as its compression ``method`` (``wanda+gptq-w4g64``),
+    so the per-pruner figures and thresholds keep quantized runs apart (``quant=none,rtn``); an
+    unquantized run's method is its pruner, so those read as before."""
+    if "method" not in table:
+        return table
+    return table.assign(pruner=table["method"].fillna(table["pruner"]))

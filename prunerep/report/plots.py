@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from prunerep.io import atomic_write_with
-from prunerep.report.analysis import GEN, MC
+from prunerep.report.analysis import FAMILIES, GEN, MC
 from prunerep.results import SPACE_ORDER
 from prunerep.sparsity import sparsity_key
 
@@ -90,6 +90,7 @@ def plot_vs_sparsity(points: pd.DataFrame, kind: str, path: Path) -> Path:
 def plot_scores(scores: pd.DataFrame, path: Path) -> Path:
     """:func:`~prunerep.report.analysis.eval_scores` vs sparsity: one panel per pruner, the mean
     pruned score per task type, its dense baseline dashed."""
+    scores = scores[scores["task_type"].isin([MC, GEN])]
     pruners = sorted(scores["pruner"].dropna().unique()) if not scores.empty else []
     fig, axes = _panels(max(1, len(pruners)), "MC vs generative scores vs sparsity (dense dashed)")
     if not pruners:
@@ -113,6 +114,66 @@ def plot_scores(scores: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel("score (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_retained(scores: pd.DataFrame, path: Path) -> Path:
+    """Score retained (pruned / dense; perplexity dense / pruned) vs sparsity: one panel per task
+    family (retrieval, multiple choice, generative, perplexity), one line per pruner (mean over the
+    family's tasks), 1 = as dense."""
+    fams = [f for f in FAMILIES if not scores.empty and f in set(scores["task_type"])]
+    fig, axes = _panels(max(1, len(fams)), "score retained vs sparsity, per task family (1 = dense)")
+    if not fams:
+        _empty(axes[0], "no eval scores (task=none?)")
+        return _save(fig, path)
+    pos, labels = _x_positions(scores["sparsity"])
+    for ax, fam in zip(axes, fams):
+        g = scores[scores["task_type"] == fam]
+        for pruner, gp in g.groupby("pruner"):
+            m = gp.groupby("sparsity", as_index=False)["retained"].mean()
+            m = m.sort_values("sparsity", key=lambda c: c.map(sparsity_key))
+            ax.plot([pos[s] for s in m["sparsity"]], m["retained"], marker="o",
+                    label=f"{pruner} ({gp['task'].nunique()} task(s))")
+        ax.axhline(1.0, ls="--", color="gray", alpha=0.7)
+        ax.set_title(fam + (" (dense / pruned)" if fam == "perplexity" else ""))
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("retained")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_estimates(points: pd.DataFrame, path: Path) -> Path:
+    """:func:`~prunerep.report.analysis.estimate_points`: each second-order estimate against its exact
+    value (log-log), one point per run and layer, coloured by sparsity, one marker per pruner, with
+    y = x: where the points leave the line, the estimate stops holding."""
+    panels = (("kl", "KL(dense ‖ pruned)", "Var_p(Δz)/(2T²)"), ("one_minus_cos", "1 − cos(p)", "Var_r(Δz)/(2T²)"))
+    fig, axes = _panels(2, "second-order estimates vs exact values (every layer, every run)")
+    if points.empty:
+        for ax in axes:
+            _empty(ax, "no probability-space probe results")
+        return _save(fig, path)
+    plt = _plt()
+    sps = sorted(points["sparsity"].dropna().unique(), key=sparsity_key)
+    cmap = plt.get_cmap("viridis")
+    color = {s: cmap(i / max(1, len(sps) - 1)) for i, s in enumerate(sps)}
+    markers = dict(zip(sorted(points["pruner"].dropna().unique()), "osd^v<>ph*"))
+    for ax, (exact, xlabel, ylabel) in zip(axes, panels):
+        g = points[(points["exact_metric"] == exact) & (points["exact"] > 0) & (points["estimate"] > 0)]
+        if g.empty:
+            _empty(ax, "no positive values")
+            continue
+        for (pruner, sp), gs in g.groupby(["pruner", "sparsity"], sort=False):
+            ax.scatter(gs["exact"], gs["estimate"], s=14, color=color[sp], marker=markers.get(pruner, "o"),
+                       label=f"{pruner} {sp}", alpha=0.8)
+        lo, hi = float(min(g["exact"].min(), g["estimate"].min())), float(max(g["exact"].max(), g["estimate"].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel=f"exact {xlabel}", ylabel=f"estimate {ylabel}", title=xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
 
 
