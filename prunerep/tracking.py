@@ -109,6 +109,8 @@ class Tracker:
         import wandb
 
         self._wandb = wandb
+        if mode != "online":
+            _no_analytics_export()
         w, ident = self.settings, self.identity
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
         config = dict(self.config, run_dir=str(self.run_dir), config_hash=ident.config_hash,
@@ -324,6 +326,18 @@ def tear_down_wandb(timeout_s: float = 10.0) -> None:
     t = threading.Thread(target=teardown, daemon=True, name="wandb-teardown")
     t.start()
     t.join(timeout_s)
+
+
+def _no_analytics_export() -> None:
+    """An offline run must not touch the network. wandb >= 0.31 exports its own usage metrics
+    (OpenTelemetry) to its server from a background thread, and at exit, whatever the run's mode
+    (it checks the process-wide setup's mode, not the run's): on a compute node without internet
+    that is a DNS lookup and a timeout per export. Turn that exporter off for this process."""
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+    except Exception:  # pragma: no cover - wandb before 0.31 has no such exporter
+        return
+    opentelemetry_proxy.disable()
 
 
 def _one_line(e: BaseException) -> str:

@@ -160,6 +160,35 @@ def test_offline_run_holds_curves_config_and_scores(tmp_path):
     assert run["summary"]["exit_code"] == 0
 
 
+OFFLINE_RUN_IN_A_FRESH_PROCESS = r"""
+import atexit, socket, sys
+attempts = []
+def refuse(*a, **k):
+    attempts.append(repr(a[:1]))
+    raise OSError("network blocked by the test")
+socket.getaddrinfo = refuse
+socket.socket.connect = lambda self, address, _real=socket.socket.connect: (
+    _real(self, address) if self.family == socket.AF_UNIX else refuse(address))
+atexit.register(lambda: print("ATTEMPTS", attempts, flush=True))  # registered first, so it runs last
+sys.path.insert(0, sys.argv[2])
+from test_tracking import synthetic_probes, tracker
+tr = tracker(sys.argv[1])
+tr.log_probes(synthetic_probes(), {"probability": {"kl": 0.25}})  # run.log(): what wandb meters
+tr.log_summary({"status": "complete"})
+tr.finish(0)
+"""
+
+
+def test_an_offline_run_never_touches_the_network(tmp_path):
+    """Not while it runs, and not when the process exits (wandb >= 0.31 exports its own usage metrics
+    from a background thread and at exit, whatever the run's mode, unless prunerep turns that off)."""
+    out = subprocess.run([sys.executable, "-c", OFFLINE_RUN_IN_A_FRESH_PROCESS, str(tmp_path), str(REPO / "tests")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ATTEMPTS []" in out.stdout, out.stdout[-2000:]
+    assert len(read_runs(tmp_path / "wandb")) == 1
+
+
 def test_disabled_writes_nothing(tmp_path):
     tr = tracker(tmp_path, mode="disabled")
     assert not tr.enabled
