@@ -291,12 +291,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="probe + floor timings per mode (min and median printed)")
     ap.add_argument("--breakdown", action="store_true", help="also time each stage of one eager probe run")
     ap.add_argument("--lengths", default="256,1024,4096", help="prompt lengths of the memory curve ('' = none)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch's intra-op threads for everything, probe and floor alike (default: torch's)")
     ap.add_argument("--quick", action="store_true",
                     help="eager only, 2 repetitions, with the breakdown, no 7B head, no memory curve")
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "probes.json"))
     args = ap.parse_args()
     if args.quick:
         args.skip_7b_head, args.skip_compiled, args.repeat, args.breakdown, args.lengths = True, True, 2, True, ""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     modes = ("eager",) if args.skip_compiled else ("eager", "compiled")
     plan = probe_plan(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens)
@@ -315,7 +319,8 @@ def main() -> None:
     print("\nprobe bench: probe=all, pruned side (compare_to_reference) vs its LM-head floor")
     print("  floor = the LM-head matmuls of every lens row, both sides; it excludes the pruned forwards (and the")
     print("  free-running decode's own per-step LM head), the metrics, the options, the table and the top-token")
-    print(f"  table. probe / floor per repetition, min (median) of {args.repeat}; a busy machine only adds time")
+    print(f"  table. probe / floor per repetition, min (median) of {args.repeat}; a busy machine only adds time;")
+    print(f"  {torch.get_num_threads()} torch thread(s) for the probe and the floor alike")
     for r in results["speed"]:
         ratios = ", ".join(f"{m} {r[f'probe_{m}_over_floor']:.2f} ({r[f'probe_{m}_over_floor_median']:.2f})"
                            for m in modes)

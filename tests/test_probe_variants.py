@@ -219,3 +219,23 @@ def test_every_eos_id_of_the_generation_config_and_the_tokenizer_stops_decoding(
     ref = dense_reference(model, tok, cfg, tmp_path, model_key="tiny-eos")
     gen = ref.load(next(p.id for p in ref.prompts if p.text == PROMPTS[1]["prompt"]))["gen_ids"]
     assert gen.tolist() == free[:second + 1]
+
+
+# --------------------------------------------------------------------------- reuse within the comparison
+
+def test_top_token_table_reuses_the_comparisons_rows_bit_for_bit(models, tok, prompts_file, tmp_path):
+    """The comparison keeps the last layer's states and the logits at P − 1 for the top-token table
+    (no second forward, no second LM-head read): the table equals one computed from scratch."""
+    import pandas as pd
+
+    from prunerep.probes import top_tokens
+    from prunerep.probes.contexts import reuse_last_states
+
+    dense, pruned = models
+    cfg = plan(prompts_file, spaces=["probability"], contexts=["prompt", "teacher_forced"], top_tokens=5)
+    ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
+    df = compare_to_reference(pruned, tok, cfg, ref)
+    fresh = top_tokens.top_tokens_table(pruned, tok, cfg, ref)  # outside the comparison: new forwards
+    pd.testing.assert_frame_equal(df.attrs["top_tokens"], fresh)
+    with reuse_last_states(pruned) as memo:  # a memo answers only what it holds
+        assert top_tokens.top_tokens_table(pruned, tok, cfg, ref).equals(fresh) and memo

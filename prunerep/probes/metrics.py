@@ -66,8 +66,8 @@ CENTRED = "_centred"
 # zero-padded: fixed shapes make each row's result independent of how the rows were batched
 # (bit-identical for any token_chunk on CPU).
 ROW_BLOCK_ELEMENTS = 1 << 18
-# top-k over a vocabulary: the maxima of groups of TOPK_GROUP logits first, then the top-k
-# of the k best groups' members (one cheap pass instead of a selection over V)
+# top-k over a vocabulary: the maxima of groups of TOPK_GROUP logits first (index mod V // TOPK_GROUP),
+# then the top-k of the k best groups' members (one cheap pass instead of a selection over V)
 TOPK_GROUP = 64
 # per-row scalar arithmetic (the last, O(rows) stage) runs on slabs of this many rows, padded:
 # the same SIMD path for every row whatever the batch size
@@ -371,27 +371,28 @@ class _OneThreadOps:
 
 # --------------------------------------------------------------------------- fast path: per-row sums
 
-_FAST_BUFFERS = ("dz", "y", "yd", "yq", "o", "p", "q", "u", "d")
+_FAST_BUFFERS = ("dz", "y", "o", "p", "q", "u", "d")
 
 
 def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(indices of a top-k of each row, sorted by value; the row's argmax, its first maximum).
 
-    For a large vocabulary: the maxima of groups of :data:`TOPK_GROUP` logits, the top-k
-    groups, then the top-k of those groups' members (every element of a top-k set lies in a
-    top-k group): one cheap pass over the row instead of a selection."""
+    For a large vocabulary: the logits fall into G groups by index modulo G (G = V // TOPK_GROUP,
+    so each group has TOPK_GROUP members), the maxima of the groups come from one vectorised
+    pass (the element-wise max of TOPK_GROUP contiguous slices), then the top-k of the members of
+    the k best groups (every element of a top-k set lies in a top-k group)."""
     b, v = z.shape
-    g = TOPK_GROUP
-    groups = v // g
+    m = TOPK_GROUP
+    groups = v // m
     if groups < 4 * k:
         cand = None
         vals = z
     else:
-        gmax = z[:, :groups * g].unflatten(-1, (groups, g)).amax(dim=-1)
+        gmax = z[:, :groups * m].view(b, m, groups).amax(dim=1)
         gidx = gmax.topk(k, dim=-1).indices
-        cand = (gidx.unsqueeze(-1) * g + torch.arange(g, device=z.device)).flatten(1)
-        if groups * g < v:
-            cand = torch.cat([cand, torch.arange(groups * g, v, device=z.device).expand(b, -1)], dim=1)
+        cand = (gidx.unsqueeze(-1) + groups * torch.arange(m, device=z.device)).flatten(1)
+        if groups * m < v:
+            cand = torch.cat([cand, torch.arange(groups * m, v, device=z.device).expand(b, -1)], dim=1)
         vals = z.gather(1, cand)
     top = vals.topk(k, dim=-1)
     pos = torch.arange(vals.shape[-1], device=z.device).expand(b, -1) if cand is None else cand
@@ -412,8 +413,8 @@ def _block_sums(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tup
       concentrates there, which keeps the one-pass weighted variances E_w[y²] − E_w[y]²
       accurate); the geometries' orthogonal parts are formed explicitly (accurate when Δ is
       nearly parallel to x);
-    * p = e_d / S_d with e_d = exp((z_d − max z_d)/T) (no overflow), S_d summed with torch's
-      cascaded sum (a softmax kernel's sum is an order of magnitude less accurate); the same for q;
+    * p = softmax(z_d / T); its normalisation is only ~1e-5 accurate (a vectorised sum), so
+      every sum over p is divided by Σp (torch's cascaded sum) instead of assuming 1; the same for q;
     * with g = y/T, log q − log p = g − M where M = log E_p[e^g] = log1p(E_p[expm1 g]):
       KL = M − E_p[g] and KL(q‖p) = E_q[g] − M take the differences of quantities that are
       each accurate to rounding relative to their (first-order) size, so a small KL keeps
@@ -427,57 +428,74 @@ def _block_sums(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tup
     idx_d, first_d = _top(zd, ks[-1] if probability else 1)
     top = first_d.unsqueeze(-1)
     dz = torch.sub(zp, zd, out=b("dz"))
-    y = torch.sub(dz, dz.gather(1, top), out=b("y"))
+    dz_top = dz.gather(1, top)
+    y = torch.sub(dz, dz_top, out=b("y"))
     sy = y.sum(dim=-1)
     out.update(sy=sy, syy=_dot(y, y, b("o")))
+    m_d = zd.gather(1, top).squeeze(-1)
     if logit:
-        m_d = zd.gather(1, top).squeeze(-1)
-        out.update(zd_min=zd.amin(dim=-1), zd_max=m_d, zp_min=zp.amin(dim=-1), zp_max=zp.amax(dim=-1))
         # raw: Δz = a·z_dense + o
-        sxx = _dot(zd, zd, b("o"))
-        a = _ratio(_dot(zd, dz, b("o")), sxx)
+        sxx, sxdz, ndz = _dot(zd, zd, b("o")), _dot(zd, dz, b("o")), _norm(dz)
+        a = _ratio(sxdz, sxx)
         no = _norm(torch.addcmul(dz, a.unsqueeze(-1), zd, value=-1.0, out=b("o")))
         # centred: Δz_c = a_c·z_c + o_c, from the moments of z_dense and y (y_c = Δz_c)
         sx, sxy = zd.sum(dim=-1), _dot(zd, y, b("o"))
-        const_d = out["zd_min"] == m_d
+        flags = _zero_flags(zd, zp, m_d, sxx, sx, sxx + 2 * sxdz + ndz.square(), sx + sy + v * dz_top.squeeze(-1),
+                            v, exact=scratch is None)
         var_x = (sxx - sx * sx / v).clamp(min=0)
-        a_c = torch.where(const_d, torch.zeros_like(sx), _ratio(sxy - sx * sy / v, var_x))
+        a_c = torch.where(flags["const_d"], torch.zeros_like(sx), _ratio(sxy - sx * sy / v, var_x))
         o_c = torch.addcmul(y, a_c.unsqueeze(-1), zd, value=-1.0, out=b("o"))
         o_c = o_c.sub_(((sy - a_c * sx) / v).unsqueeze(-1))  # the means: o_c = y_c − a_c·z_c
-        out.update(sxx=sxx, ndz=_norm(dz), a=a, no=no, sx=sx, a_c=a_c, no_c=_norm(o_c))
+        out.update(flags, sxx=sxx, ndz=ndz, a=a, no=no, sx=sx, a_c=a_c, no_c=_norm(o_c))
     if probability:
         idx_p, first_p = _top(zp, ks[-1])
-        out.update(idx_d=idx_d, idx_p=idx_p, first_d=first_d, first_p=first_p)
-        yd = torch.sub(zd, zd.gather(1, top), out=b("yd"))  # <= 0, 0 at the dense top token
-        yq = torch.sub(zp, zp.gather(1, first_p.unsqueeze(-1)), out=b("yq"))
+        top_p = first_p.unsqueeze(-1)
+        out.update(idx_d=idx_d, idx_p=idx_p, first_d=first_d, first_p=first_p, m_d=m_d,
+                   m_p=zp.gather(1, top_p).squeeze(-1))
         retry = torch.zeros_like(sy, dtype=torch.bool)
         for i, t in enumerate(temperatures):
             s = 1.0 / t
-            p = torch.exp(yd, out=b("p")) if t == 1.0 else torch.mul(yd, s, out=b("p")).exp_()
-            q = torch.exp(yq, out=b("q")) if t == 1.0 else torch.mul(yq, s, out=b("q")).exp_()
-            sd, sq = p.sum(dim=-1), q.sum(dim=-1)
-            p, q = p.mul_((1.0 / sd).unsqueeze(-1)), q.mul_((1.0 / sq).unsqueeze(-1))
-            g = y if t == 1.0 else torch.mul(y, s, out=b("d"))
-            u = torch.expm1(g, out=b("u"))
+            # p = softmax(z_d / T) (its own normalisation is only ~1e-5 accurate: every sum is
+            # divided by Σp, a cascaded sum, instead)
+            p = torch.softmax(zd if t == 1.0 else torch.mul(zd, s, out=b("d")), dim=-1, out=b("p"))
+            q = torch.softmax(zp if t == 1.0 else torch.mul(zp, s, out=b("d")), dim=-1, out=b("q"))
+            u = torch.expm1(y if t == 1.0 else torch.mul(y, s, out=b("d")), out=b("u"))
             spu = _dot(p, u, b("o"))
             w = torch.mul(p, y, out=b("o"))  # p·y: Σw = Σ p y, Σ w y = Σ p y², Σ p w = Σ p² y, Σ w w = Σ p² y²
-            sums = {"sd": sd, "sq": sq, "hp": _dot(p, yd, b("d")), "hq": _dot(q, yq, b("d")),
+            sums = {"sd": p.sum(dim=-1), "sq": q.sum(dim=-1), "p_top": p.gather(1, top).squeeze(-1),
+                    "q_top": q.gather(1, top_p).squeeze(-1), "hp": _dot(p, zd, b("d")), "hq": _dot(q, zp, b("d")),
                     "sqy": _dot(q, y, b("d")), "spu": spu, "sw": w.sum(dim=-1), "swy": _dot(w, y, b("d")),
                     "spw": _dot(p, w, b("d")), "sww": _dot(w, w, b("o")), "spp": _dot(p, p, b("d"))}
-            # q/p − 1 = expm1(g − M) = (u − E) / (1 + E), E = E_p[u]: Δ = q − p and log(m/p) =
-            # log1p(½ (q/p − 1)) from it, accurate where q ≈ p (unlike q − p from two roundings)
-            inv = (1.0 / (1.0 + spu)).unsqueeze(-1)
-            ratio = torch.addcmul(-spu.unsqueeze(-1) * inv, inv, u, out=b("u"))
-            d = torch.mul(p, ratio, out=b("d"))
-            lm = torch.mul(ratio, 0.5, out=b("o")).log1p_()
+            # ½ (q/p − 1) = ½ expm1(g − M) = (u − E) / (2 (1 + E)), E = E_p[u]: Δ = q − p and
+            # log(m/p) = log1p(½ (q/p − 1)) from it, accurate where q ≈ p (unlike q − p)
+            big_e = (spu / sums["sd"]).unsqueeze(-1)
+            half = 0.5 / (1.0 + big_e)
+            t_half = torch.addcmul(-big_e * half, half, u, out=b("u"))
+            d = torch.mul(p, t_half, out=b("d"))  # Δ = (2 / Σp)·d
+            lm = torch.log1p(t_half, out=b("o"))
             sums.update(spl=_dot(p, lm, b("u")), sql=_dot(q, lm, b("u")))
-            # the geometry of p: Δ = a·p + o
+            # the geometry of p: Δ = a·p + o with a = 2·ap
             ap = _ratio(_dot(p, d, b("u")), sums["spp"])
             sums.update(nd=_norm(d), ap=ap, nop=_norm(d.addcmul_(p, ap.unsqueeze(-1), value=-1.0)))
             retry = retry | ~torch.isfinite(spu)
             out.update({f"{k}@{i}": val for k, val in sums.items()})
         out["retry"] = retry
     return out
+
+
+def _zero_flags(zd: Tensor, zp: Tensor, m_d: Tensor, sxx: Tensor, sx: Tensor, spp: Tensor, sp: Tensor, v: int,
+                exact: bool) -> dict[str, Tensor]:
+    """Which rows are the zero vector (z_pruned) or constant (either side: the centred zero
+    vector): from the rows' max and min, taken only when the moments leave a row in doubt (or
+    ``exact``)."""
+    tol = 1e-6
+    var_d, var_p = sxx - sx * sx / v, spp - sp * sp / v
+    doubt = (var_d <= tol * sxx) | (var_p <= tol * spp.clamp(min=0)) | (spp <= tol * sxx)
+    if exact or bool(doubt.any()):
+        zp_max, zp_min, zd_min = zp.amax(dim=-1), zp.amin(dim=-1), zd.amin(dim=-1)
+        return {"const_d": zd_min == m_d, "const_p": zp_min == zp_max, "zero_p": (zp_max == 0) & (zp_min == 0)}
+    no = torch.zeros_like(doubt)
+    return {"const_d": no, "const_p": no, "zero_p": no}
 
 
 def _finish(s: dict[str, Tensor], temperatures: tuple[float, ...], ks: tuple[int, ...], v: int, logit: bool,
@@ -505,10 +523,9 @@ def _finish_slab(s: dict[str, Tensor], temperatures: tuple[float, ...], ks: tupl
     var_u = ((s["syy"] - s["sy"] * s["sy"] / v) / v).clamp(min=0)  # Var_u(Δz) = ‖Δz_c‖² / V
     if logit:
         nx = s["sxx"].sqrt()
-        pruned_zero = (s["zp_max"] == 0) & (s["zp_min"] == 0)
-        for m, val in _split(nx, s["ndz"], s["a"], s["no"], nx == 0, pruned_zero).items():
+        for m, val in _split(nx, s["ndz"], s["a"], s["no"], nx == 0, s["zero_p"]).items():
             out[("logit", m, nan)] = val
-        const_d, const_p = s["zd_min"] == s["zd_max"], s["zp_min"] == s["zp_max"]
+        const_d, const_p = s["const_d"], s["const_p"]
         nx_c = torch.where(const_d, torch.zeros_like(nx), (s["sxx"] - s["sx"] * s["sx"] / v).clamp(min=0).sqrt())
         for m, val in _split(nx_c, (var_u * v).sqrt(), s["a_c"], s["no_c"], const_d, const_p).items():
             out[("logit", m + CENTRED, nan)] = val
@@ -525,18 +542,19 @@ def _finish_slab(s: dict[str, Tensor], temperatures: tuple[float, ...], ks: tupl
     for i, t in enumerate(temperatures):
         g = {k.rsplit("@", 1)[0]: val for k, val in s.items() if k.endswith(f"@{i}")}
         s_inv = 1.0 / t
-        sd, sq = g["sd"], g["sq"]
-        res = _split(g["spp"].sqrt(), g["nd"], g["ap"], g["nop"], no_zero, None)
-        # H(p) = log S_d − E_p[(z_d − max z_d)/T]
-        res["entropy_dense"] = torch.log(sd) - s_inv * g["hp"]
-        res["entropy_pruned"] = torch.log(sq) - s_inv * g["hq"]
-        big_m = torch.log1p(g["spu"])  # M = log E_p[e^g]
-        kl = big_m - s_inv * g["sw"]
-        rkl = s_inv * g["sqy"] - big_m
+        sd, sq = g["sd"], g["sq"]  # Σp, Σq: 1 to ~1e-5; every sum over p or q is divided by it
+        # Δ = q − p = (2 / Σp)·d = a·p + o with a = 2·ap and ‖o‖ = (2 / Σp)·nop
+        res = _split(g["spp"].sqrt() / sd, 2.0 * g["nd"] / sd, 2.0 * g["ap"], 2.0 * g["nop"] / sd, no_zero, None)
+        # H(p) = −log p_top − (E_p[z_d] − max z_d)/T, p_top = p[argmax z_d] (normalised)
+        res["entropy_dense"] = torch.log(sd) - torch.log(g["p_top"]) - s_inv * (g["hp"] / sd - s["m_d"])
+        res["entropy_pruned"] = torch.log(sq) - torch.log(g["q_top"]) - s_inv * (g["hq"] / sq - s["m_p"])
+        big_m = torch.log1p(g["spu"] / sd)  # M = log E_p[e^g]
+        kl = big_m - s_inv * g["sw"] / sd
+        rkl = s_inv * g["sqy"] / sq - big_m
         res["kl"], res["reverse_kl"] = kl + 0.0, rkl + 0.0  # + 0.0: exactly +0 rather than -0 for p == q
         # JS = ½ Σ p log(p/m) + ½ Σ q log(q/m) = ½ KL(q‖p) − ½ Σ (p + q) log(m/p)
-        res["js"] = 0.5 * rkl - 0.5 * (g["spl"] + g["sql"]) + 0.0
-        var_p = g["swy"] - g["sw"].square()
+        res["js"] = 0.5 * rkl - 0.5 * (g["spl"] / sd + g["sql"] / sq) + 0.0
+        var_p = g["swy"] / sd - (g["sw"] / sd).square()
         var_r = g["sww"] / g["spp"] - (g["spw"] / g["spp"]).square()
         two_t2 = 2.0 * t * t
         res.update(var_p=var_p, var_r=var_r, kl_est=var_p / two_t2, cos_est=var_r / two_t2, unif_est=var_u / two_t2)

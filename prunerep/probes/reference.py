@@ -34,7 +34,7 @@ import hashlib
 import logging
 import math
 import os
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +50,8 @@ from prunerep.io import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache
 from prunerep.models import final_norm, model_device, output_head
 from prunerep.probes import metrics as M
 from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_layers
-from prunerep.probes.contexts import (CONTEXTS, greedy_decode, prompt_states, reuse_last_states, stop_token_ids,
-                                      teacher_forced_states)
+from prunerep.probes.contexts import (CONTEXTS, _memo as _reuse_memo, greedy_decode, prompt_states,
+                                      reuse_last_states, stop_token_ids, teacher_forced_states)
 from prunerep.probes.prompts import Prompt, load_prompts, read_prompts_file
 from prunerep.results import ANSWER_METRICS, PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
 
@@ -374,56 +374,155 @@ def compare_states(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, *, lens:
     return {k: torch.cat(v).to("cpu", torch.float64) for k, v in out.items()}
 
 
+def embedding_metrics(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, normed: bool = False
+                      ) -> dict[tuple[str, str, float], Tensor]:
+    """The embedding-space rows of :func:`compare_states` (``normed``: after the final norm)."""
+    return compare_states(model, h_dense, h_pruned, lens=False, spaces=["embedding"], temperatures=(), topk=(),
+                          token_chunk=max(1, h_dense.shape[0]), normed=normed)
+
+
+class LensStream:
+    """Row pairs (h_dense, h_pruned) of any prompt, context and layer through the logit lens and
+    :func:`~prunerep.probes.metrics.vocab_metrics`, in full chunks of ``token_chunk`` rows: the LM
+    head (a multi-GB read for a 7B model) is read once per chunk, however short the prompts and
+    contexts. Each segment (:meth:`add`) gets its rows' metrics (float64, CPU) through its
+    callback once all of them are through, and callbacks (:meth:`then` too) run in the order they
+    were registered, so the table comes out the same whatever the chunk size; each row's values do
+    not depend on the chunking either (see :func:`lens_rows`)."""
+
+    def __init__(self, model: nn.Module, *, spaces: Sequence[str], temperatures: Sequence[float],
+                 topk: Sequence[int], token_chunk: int, metric_threads: int | None = None,
+                 compile: bool | None = None):
+        self.model, self.device = model, model_device(model)
+        self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
+        self.logit, self.probability = "logit" in spaces, "probability" in spaces
+        self.temperatures, self.topk, self.chunk, self.threads = tuple(temperatures), tuple(topk), token_chunk, \
+            metric_threads
+        self.blocks: deque = deque()  # pending [h_dense, h_pruned] row blocks, in order
+        self.pending = 0
+        self.added = self.done = 0  # rows registered / through the lens
+        self.segments: deque = deque()  # [start, n, parts, callback, options, keep]
+
+    def add(self, h_dense: Tensor, h_pruned: Tensor, callback, options=None, keep: Sequence[int] = ()) -> None:
+        """``callback(per_row)`` with ``{(space, metric, T): [n]}`` once the rows are through.
+        ``options = (row, option_ids, into)``: the option subspace at that row (a multiple-choice
+        answer position) from the same logits, ``into[(metric, T)] = value``. ``keep``: rows whose
+        logits :func:`lens_pair` serves again (the top-token table asks for them)."""
+        n = h_dense.shape[0]
+        if n == 0:
+            return self.then(lambda: None)
+        self.segments.append([self.added, n, [], callback, options, tuple(keep)])
+        self.added += n
+        self.blocks.append([h_dense, h_pruned])
+        self.pending += n
+        while self.pending >= self.chunk:
+            self._run(self.chunk)
+
+    def then(self, callback) -> None:
+        """``callback()`` once every segment added before is done (right away if there is none)."""
+        self.segments.append([self.added, 0, [], lambda _: callback(), None, ()])
+        self._complete()
+
+    def flush(self) -> None:
+        while self.pending:
+            self._run(min(self.pending, self.chunk))
+        self._complete()
+
+    def release(self) -> None:
+        """Copy the pending rows (views into one prompt's states), so those states can be freed."""
+        for b in self.blocks:
+            b[0], b[1] = b[0].clone(), b[1].clone()
+
+    def _run(self, n: int) -> None:
+        hd, hp = [], []
+        while len(hd) == 0 or sum(x.shape[0] for x in hd) < n:
+            bd, bp = self.blocks[0]
+            k = min(n - sum(x.shape[0] for x in hd), bd.shape[0])
+            hd.append(bd[:k])
+            hp.append(bp[:k])
+            if k == bd.shape[0]:
+                self.blocks.popleft()
+            else:
+                self.blocks[0] = [bd[k:], bp[k:]]
+        self.pending -= n
+        start = self.done
+        zd, zp = lens_pair(self.model, torch.cat(hd).to(self.device), torch.cat(hp).to(self.device))
+        memo = _reuse_memo(self.model)
+        for seg_start, seg_n, _parts, _cb, options, keep in self.segments:
+            if seg_start >= start + n:
+                break
+            if options is not None and start <= seg_start + options[0] < start + n:
+                self._options(zd, zp, seg_start + options[0] - start, *options[1:])
+            for r in keep:
+                if memo is not None and start <= seg_start + r < start + n:
+                    i = seg_start + r - start
+                    memo[_lens_key(_row(hd, i), _row(hp, i))] = (zd[i:i + 1].clone(), zp[i:i + 1].clone())
+        per_row = M.vocab_metrics(zd, zp, self.temperatures, self.topk, logit=self.logit,
+                                  probability=self.probability, compiled=self.compiled, threads=self.threads)
+        per_row = {k: v.to("cpu", torch.float64) for k, v in per_row.items()}
+        del zd, zp
+        self.done += n
+        for seg in self.segments:
+            seg_start, seg_n, parts = seg[0], seg[1], seg[2]
+            if seg_start >= start + n:
+                break
+            lo, hi = max(seg_start, start), min(seg_start + seg_n, start + n)
+            if hi > lo:
+                parts.append({k: v[lo - start:hi - start] for k, v in per_row.items()})
+        self._complete()
+
+    def _complete(self) -> None:
+        while self.segments and self.segments[0][0] + self.segments[0][1] <= self.done:
+            _start, _n, parts, callback, _options, _keep = self.segments.popleft()
+            callback({k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {})
+
+    def _options(self, zd: Tensor, zp: Tensor, i: int, option_ids, into: dict) -> None:
+        got = {(m, NAN): v for m, v in M.option_metrics(zd[i:i + 1], zp[i:i + 1], option_ids).items()
+               if m == "top1_agree"}
+        for t in self.temperatures:
+            got.update({(m, t): v for m, v in M.option_metrics(zd[i:i + 1], zp[i:i + 1], option_ids, t).items()
+                        if m != "top1_agree"})
+        into.update({k: float(v[0]) for k, v in got.items()})
+
+
+def _row(parts: list[Tensor], i: int) -> Tensor:
+    """Row ``i`` of the concatenation of ``parts``."""
+    for t in parts:
+        if i < t.shape[0]:
+            return t[i]
+        i -= t.shape[0]
+    raise IndexError(i)
+
+
+def _lens_key(h_dense: Tensor, h_pruned: Tensor) -> tuple:
+    return ("lens", h_dense.detach().to("cpu").numpy().tobytes(), h_pruned.detach().to("cpu").numpy().tobytes())
+
+
 def compare_layers(model: nn.Module, cached: dict[str, Tensor], context: str, states: dict, kw: dict,
                    normed_layer: int | None = None, option_ids: Sequence[int] = (),
                    options: dict | None = None) -> dict[tuple[int, str], dict[tuple[str, str, float], Tensor]]:
-    """:func:`compare_states` for every captured ``(layer, sublayer)`` of one context.
-
-    The residual-stream states (``block``) of all layers go through the lens together, so
-    the LM-head matmuls run on full ``token_chunk``-row chunks however short the prompt
-    (a few large matmuls are what makes the probe cost close to its floor); the results
-    are split back per layer. The embedding-space rows are compared per layer, those of
+    """:func:`compare_states` for every captured ``(layer, sublayer)`` of one context: the
+    residual-stream states (``block``) of all layers go through the lens in full chunks
+    (:class:`LensStream`); the embedding-space rows are compared per layer, those of
     ``normed_layer`` after the final norm. ``states`` and the matching ``cached`` entries are
-    consumed.
-
-    ``option_ids`` (a multiple-choice prompt, probability space probed): the option subspace
-    is compared at each layer's last row (the answer position), from the same logits as the
+    consumed. ``option_ids`` (a multiple-choice prompt, probability space probed): the option
+    subspace at each layer's last row (the answer position), from the same logits as the
     full-vocabulary metrics of that row; ``options[layer]`` gets ``{(metric, T): value}``."""
-    out = {}
-    spaces = kw["spaces"]
-    block = [key for key in states if key[1] == "block"]
-    vocab_spaces = [s for s in spaces if s != "embedding"]
-    if block and vocab_spaces:
-        lengths = [states[key].shape[0] for key in block]
-        hp = torch.cat([states[key] for key in block])
-        hd = torch.cat([cached[f"{context}/{layer}/{sub}"] for layer, sub in block])
-        offsets = np.cumsum([0] + lengths)
-        answer = {int(offsets[j + 1] - 1): key[0] for j, key in enumerate(block) if lengths[j]}
-        on_logits = None
-        if option_ids and options is not None and "probability" in spaces:
-            def on_logits(start, zd, zp):
-                for row, layer in answer.items():
-                    if start <= row < start + zd.shape[0]:
-                        i = row - start
-                        got = {(m, NAN): v for m, v in M.option_metrics(zd[i:i + 1], zp[i:i + 1], option_ids).items()
-                               if m == "top1_agree"}
-                        for t in kw["temperatures"]:
-                            got.update({(m, t): v for m, v in M.option_metrics(zd[i:i + 1], zp[i:i + 1], option_ids,
-                                                                                t).items() if m != "top1_agree"})
-                        options[layer] = {k: float(v[0]) for k, v in got.items()}
-        per_row = compare_states(model, hd, hp, lens=True, **dict(kw, spaces=vocab_spaces), on_logits=on_logits)
-        del hp, hd
-        for j, key in enumerate(block):
-            out[key] = {k: v[offsets[j]:offsets[j + 1]] for k, v in per_row.items()}
+    out: dict = {}
+    stream = LensStream(model, **kw)
+    vocab = any(s in kw["spaces"] for s in ("logit", "probability"))
     for key in list(states):
         layer, sub = key
         hd, hp = cached.pop(f"{context}/{layer}/{sub}"), states.pop(key)
-        if "embedding" in spaces:
-            emb = compare_states(model, hd, hp, lens=False, **dict(kw, spaces=["embedding"]),
-                                 normed=(sub == "block" and layer == normed_layer))
-            out[key] = {**emb, **out.get(key, {})}
-        else:
-            out.setdefault(key, {})
+        out[key] = embedding_metrics(model, hd, hp, sub == "block" and layer == normed_layer) \
+            if "embedding" in kw["spaces"] else {}
+        if sub == "block" and vocab:
+            into = None
+            if option_ids and options is not None and "probability" in kw["spaces"]:
+                into = options.setdefault(layer, {})
+            stream.add(hd, hp, lambda per_row, key=key: out[key].update(per_row),
+                       options=(hd.shape[0] - 1, option_ids, into) if into is not None else None)
+    stream.flush()
     return out
 
 
@@ -446,6 +545,11 @@ def lens_pair(model: nn.Module, hd: Tensor, hp: Tensor) -> tuple[Tensor, Tensor]
     bound by reading the [V, d] head (2 GB for a 7B model in float32), so reading it once
     instead of twice halves the cost. Each side is padded to a multiple of 8 rows first,
     so every row's logits are those :func:`lens_rows` gives (bit for bit)."""
+    memo = _reuse_memo(model)
+    if memo is not None and hd.shape[0] == 1 == hp.shape[0]:  # a row the comparison has run (top tokens)
+        got = memo.get(_lens_key(hd[0], hp[0]))
+        if got is not None:
+            return got
     n, pad = hd.shape[0], -hd.shape[0] % LENS_ROW_MULTIPLE
     both = [hd, hd.new_zeros(pad, hd.shape[-1]), hp] if pad else [hd, hp]
     z = lens_rows(model, torch.cat(both))
@@ -574,47 +678,77 @@ def _compare(model: nn.Module, tokenizer, p: ProbePlan, ref: DenseReference) -> 
               metric_threads=p.metric_threads, compile=p.compile)
     want_options = "probability" in p.spaces and "block" in p.sublayers
     normed = n_layers if p.h == "normed" else None
+    vocab = "logit" in p.spaces or "probability" in p.spaces
+    # the final-layer logits at P − 1 (else the first decoding step) that the top-token table asks for again
+    keep_top = int(getattr(p, "top_tokens", 0) or 0) > 0 and "probability" in p.spaces
     rows = _Rows()
+    stream = LensStream(model, **kw)  # every lens row of every prompt, in full chunks
+
+    def context_rows(context, prompt, cached, states, steps, options=None, answer=None, keep_layer_row=None):
+        """Register one context's rows: the embedding rows now, the lens rows through the stream."""
+        for key in list(states):
+            layer, sub = key
+            hd, hp = cached.pop(f"{context}/{layer}/{sub}"), states.pop(key)
+            step_arg = None if context == "prompt" else steps
+            if "embedding" in p.spaces:
+                emb = embedding_metrics(model, hd, hp, normed=sub == "block" and layer == normed)
+                stream.then(lambda c=context, pr=prompt, la=layer, su=sub, e=emb, st=step_arg:
+                            rows.add_metrics(c, pr, la, su, e, steps=st))
+            if sub != "block" or not vocab:
+                continue
+            into = {} if options is not None else None
+
+            def done(per_row, c=context, pr=prompt, la=layer, st=step_arg, into=into):
+                rows.add_metrics(c, pr, la, "block", per_row, steps=st)
+                rows.add_estimate_ratios(c, pr, la, per_row, steps)
+                if into:
+                    rows.add_answer(pr, la, answer, into, per_row)
+
+            keep = [keep_layer_row[1]] if keep_layer_row is not None and keep_layer_row[0] == layer else []
+            stream.add(hd, hp, done, options=(answer, options, into) if into is not None else None, keep=keep)
+
     for prompt in _tqdm(ref.prompts, desc="probe: compare", unit="prompt"):
         cached = ref.load(prompt.id)
         ids = cached["prompt_ids"]
+        keep = keep_top  # this prompt's top-token row is still to be kept
         if "prompt" in p.contexts:
             states = prompt_states(model, ids, layers, p.sublayers)
             mc = prompt.kind == "mc" and want_options and bool(prompt.option_ids)
-            options: dict = {}
-            per_layer = compare_layers(model, cached, "prompt", states, kw, normed_layer=normed,
-                                       option_ids=prompt.option_ids if mc else (), options=options)
-            last = len(ids) - 1
-            positions = np.arange(len(ids))
-            for (layer, sub), per_row in per_layer.items():
-                rows.add_metrics("prompt", prompt, layer, sub, per_row)
-                if sub == "block":
-                    rows.add_estimate_ratios("prompt", prompt, layer, per_row, positions)
-                if mc and sub == "block" and layer in options:
-                    rows.add_answer(prompt, layer, last, options[layer], per_row)
+            context_rows("prompt", prompt, cached, states, np.arange(len(ids)),
+                         options=prompt.option_ids if mc else None, answer=len(ids) - 1,
+                         keep_layer_row=(n_layers, len(ids) - 1) if keep else None)
+            keep = keep and "block" not in p.sublayers  # kept above
         gen = cached.get("gen_ids")
-        if gen is None or len(gen) == 0:
-            continue
-        steps = np.arange(len(gen))
-        if "teacher_forced" in p.contexts:
-            states = teacher_forced_states(model, ids, gen, layers, p.sublayers)
-            for (layer, sub), per_row in compare_layers(model, cached, "teacher_forced", states, kw,
-                                                        normed_layer=normed).items():
-                rows.add_metrics("teacher_forced", prompt, layer, sub, per_row, steps=steps)
-                if sub == "block":
-                    rows.add_estimate_ratios("teacher_forced", prompt, layer, per_row, steps)
-        if "free_running" in p.contexts:
-            traj = greedy_decode(model, ids, len(gen))  # exactly as many steps as the dense model
-            n = min(len(gen), len(traj.tokens))
-            per_row = compare_states(model, cached["free_running/h_last"][:n], traj.h_last[:n], lens=True, **kw,
-                                     normed=normed is not None)
-            rows.add_metrics("free_running", prompt, n_layers, "block", per_row, steps=steps[:n])
-            rows.add_estimate_ratios("free_running", prompt, n_layers, per_row, steps[:n])
-            agree = (traj.tokens[:n] == gen[:n]).numpy()
-            first = int(np.argmin(agree)) if not agree.all() else n
-            rows.add("free_running", prompt, n_layers, "block", "tokens", "token_agree", NAN, steps[:n], agree)
-            rows.add("free_running", prompt, n_layers, "block", "tokens", "first_divergence", NAN, -1, first)
-            rows.add("free_running", prompt, n_layers, "block", "tokens", "diverged", NAN, -1, float(first < n))
+        if gen is not None and len(gen):
+            steps = np.arange(len(gen))
+            if "teacher_forced" in p.contexts:
+                states = teacher_forced_states(model, ids, gen, layers, p.sublayers)
+                context_rows("teacher_forced", prompt, cached, states, steps,
+                             keep_layer_row=(n_layers, 0) if keep else None)
+                keep = False
+            if "free_running" in p.contexts:
+                traj = greedy_decode(model, ids, len(gen))  # exactly as many steps as the dense model
+                n = min(len(gen), len(traj.tokens))
+                hd, hp = cached["free_running/h_last"][:n], traj.h_last[:n]
+                if "embedding" in p.spaces:
+                    emb = embedding_metrics(model, hd, hp, normed=normed is not None)
+                    stream.then(lambda pr=prompt, e=emb, st=steps[:n]:
+                                rows.add_metrics("free_running", pr, n_layers, "block", e, steps=st))
+                if vocab:
+                    stream.add(hd, hp, lambda per_row, pr=prompt, st=steps[:n]: (
+                        rows.add_metrics("free_running", pr, n_layers, "block", per_row, steps=st),
+                        rows.add_estimate_ratios("free_running", pr, n_layers, per_row, st)),
+                        keep=[0] if keep else [])
+                agree = (traj.tokens[:n] == gen[:n]).numpy()
+                first = int(np.argmin(agree)) if not agree.all() else n
+
+                def tokens(pr=prompt, st=steps[:n], agree=agree, first=first, n=n):
+                    rows.add("free_running", pr, n_layers, "block", "tokens", "token_agree", NAN, st, agree)
+                    rows.add("free_running", pr, n_layers, "block", "tokens", "first_divergence", NAN, -1, first)
+                    rows.add("free_running", pr, n_layers, "block", "tokens", "diverged", NAN, -1, float(first < n))
+                stream.then(tokens)
+        stream.release()  # the pending rows are copied: this prompt's states can go
+    stream.flush()
     df = rows.frame()
     if p.transitions:  # the transition rows (prunerep/probes/transitions.py)
         df = pd.concat([df, _transitions().transition_table(model, p, ref)], ignore_index=True)
