@@ -137,8 +137,9 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
 
         with timings.stage("probe_pruned"):
             table = probes.compare_to_reference(model, tokenizer, rs.probe, reference)
-            probe_summary = probes.write_probe_outputs(table, run_dir)
-        tracker.log_probes(table, probe_summary)
+            top_tokens = probes.detach_top_tokens(table)
+            probe_summary = probes.write_probe_outputs(table, run_dir, top_tokens=top_tokens)
+        tracker.log_probes(table, probe_summary, top_tokens=top_tokens)
 
         with timings.stage("eval_pruned"):
             pruned_scores = evals.evaluate_model(model, tokenizer, rs.task, run_dir / "eval_work")

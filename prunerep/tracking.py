@@ -173,8 +173,13 @@ class Tracker:
     def log_pruning(self, report: dict) -> None:
         self._guard("log_pruning", self._log_pruning, report)
 
-    def log_probes(self, df, summary: Optional[dict] = None) -> None:
+    def log_probes(self, df, summary: Optional[dict] = None, top_tokens=None) -> None:
+        """The probe table's curves and summary; ``top_tokens``: the top-token table
+        (:mod:`prunerep.probes.top_tokens`), logged as a W&B table."""
         self._guard("log_probes", self._log_probes, df, summary or {})
+        self._guard("log_probes", self._log_transitions, df)
+        if top_tokens is not None and len(top_tokens):
+            self._guard("log_probes", self._log_top_tokens, top_tokens)
 
     def log_evals(self, evals: dict) -> None:
         self._guard("log_evals", self._log_evals, evals)
@@ -267,6 +272,34 @@ class Tracker:
                     tbl, "step", metric, stroke="context",
                     title=f"{space}: {metric} vs decoding step (teacher-forced vs free-running)")
         self._log(plots)
+
+    def _log_transitions(self, df) -> None:
+        """Sublayer transitions (``probe.transitions``): the curves of
+        :func:`prunerep.probes.transitions.transition_curves` as a table, and per space and
+        comparison a line plot of attention vs MLP against the layer (prompt context)."""
+        from prunerep.probes.transitions import PLOT_ROWS, transition_curves
+
+        if df is None or len(df) == 0:
+            return
+        curves = transition_curves(df)
+        if curves.empty:
+            return
+        wandb = self._wandb
+        plots: dict[str, Any] = {"probes/transitions": wandb.Table(dataframe=curves.reset_index(drop=True))}
+        ctx = "prompt" if (curves["context"] == "prompt").any() else "teacher_forced"
+        for space, metric, _label in PLOT_ROWS:
+            for comparison, g in curves[(curves["context"] == ctx) & (curves["space"] == space)
+                                        & (curves["metric"] == metric)].groupby("comparison", sort=True):
+                tbl = wandb.Table(dataframe=g[["kind", "layer", "value"]].rename(columns={"value": metric})
+                                  .reset_index(drop=True))
+                plots[f"plots/{space}/transitions_{comparison}_{metric}"] = wandb.plot.line(
+                    tbl, "layer", metric, stroke="kind", title=f"{space}: {metric}, {comparison} (attention vs MLP)")
+        self._log(plots)
+
+    def _log_top_tokens(self, top) -> None:
+        import pandas as pd
+
+        self._log({"probes/top_tokens": self._wandb.Table(dataframe=pd.DataFrame(top).reset_index(drop=True))})
 
     def _log_evals(self, evals: dict) -> None:
         wandb = self._wandb

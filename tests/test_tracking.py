@@ -280,7 +280,7 @@ def test_pipeline_run_logs_offline(tmp_path):
     sweep = tmp_path / "sweep_wandb"
     cmd = [sys.executable, "-m", "prunerep", "-m", "model=tiny", "task=none", "pruner=magnitude",
            "sparsity=0.3,0.5", "probe.n_prompts=2", "probe.max_new_tokens=4", "probe.max_prompt_tokens=32",
-           "wandb.mode=offline", f"hydra.sweep.dir={sweep}"]
+           "probe.transitions=true", "wandb.mode=offline", f"hydra.sweep.dir={sweep}"]
     p = subprocess.run(cmd, cwd=tmp_path, env=_pipeline_env(tmp_path), capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -320,3 +320,43 @@ def test_pipeline_run_logs_offline(tmp_path):
             assert logged[key] == pytest.approx(v, rel=1e-9, abs=1e-12), key
         for space in ("embedding", "logit", "probability"):
             assert f"plots/{space}/divergence_vs_step_table" in s
+        # the top-token table and the sublayer transitions (issue #9) are in the run too
+        top = pd.read_parquet(d / "top_tokens.parquet")
+        assert _logged_table(d, "probes/top_tokens")["p_pruned"].tolist() == pytest.approx(top["p_pruned"].tolist())
+        assert set(_logged_table(d, "probes/transitions")["comparison"]) == {"transition_dense", "transition_pruned",
+                                                                            "local"}
+
+
+def _logged_table(run_dir: Path, key: str) -> pd.DataFrame:
+    """The last W&B table logged under ``key``, read from the offline run's media files."""
+    files = sorted((run_dir / "wandb").rglob(f"media/table/{key}_*.table.json"))
+    assert files, f"no table {key} in the offline run"
+    t = json.loads(files[-1].read_text())
+    return pd.DataFrame(t["data"], columns=t["columns"])
+
+
+def test_transitions_and_top_tokens_are_logged_as_tables(tmp_path):
+    """Issue #9: the transition curves (mean over positions, then prompts) and the top-token table in W&B."""
+    rows = []
+    for pid, (attn, mlp) in enumerate([(1.0, 10.0), (3.0, 30.0)]):  # two prompts, two positions each
+        for pos in range(2):
+            for sub, v in (("attn_transition_dense", attn), ("mlp_transition_dense", mlp)):
+                rows.append(("prompt", pid, 1, sub, pos, "probability", "kl", 1.0, v + pos))
+    rows.append(("prompt", 0, 1, "block", -1, "probability", "kl", 1.0, 0.5))
+    df = pd.DataFrame(rows, columns=["context", "prompt_id", "layer", "sublayer", "step", "space", "metric",
+                                     "temperature", "value"]).astype({"prompt_id": "int32", "layer": "int16",
+                                                                      "step": "int32"})
+    top = pd.DataFrame({"prompt_id": [0, 0], "prompt_kind": ["mc", "mc"], "where": ["answer", "answer"],
+                        "position": [7, 7], "rank": [0, 1], "token_id": [11, 12], "token": [" A", " B"],
+                        "temperature": [1.0, 1.0], "p_dense": [0.6, 0.3], "p_pruned": [0.2, 0.7]})
+    tr = tracker(tmp_path)
+    tr.log_probes(df, {}, top_tokens=top)
+    tr.finish(0)
+    curves = _logged_table(tmp_path, "probes/transitions").set_index(["sublayer", "layer"])["value"]
+    # attn: prompt 0 mean(1, 2) = 1.5, prompt 1 mean(3, 4) = 3.5 -> 2.5; mlp: mean(10.5, 30.5) = 20.5
+    assert curves[("attn_transition_dense", 1)] == pytest.approx(2.5)
+    assert curves[("mlp_transition_dense", 1)] == pytest.approx(20.5)
+    logged_top = _logged_table(tmp_path, "probes/top_tokens")
+    assert logged_top["token"].tolist() == [" A", " B"] and logged_top["p_pruned"].tolist() == [0.2, 0.7]
+    summary = read_runs(tmp_path / "wandb")[0]["summary"]["summary"]
+    assert "plots/probability/transitions_transition_dense_kl_table" in summary

@@ -19,6 +19,8 @@ from prunerep.probes.outputs import summarize, write_probe_outputs
 from prunerep.probes.prompts import Prompt, load_prompts
 from prunerep.probes.reference import (DenseReference, ProbePlan, build_plan, compare_to_reference,
                                        dense_reference)
+from prunerep.probes.top_tokens import detach as detach_top_tokens
 
 __all__ = ["build_plan", "ProbePlan", "dense_reference", "compare_to_reference", "write_probe_outputs",
-           "load_prompts", "DenseReference", "Prompt", "capture", "lens_logits", "resolve_layers", "summarize"]
+           "load_prompts", "DenseReference", "Prompt", "capture", "lens_logits", "resolve_layers", "summarize",
+           "detach_top_tokens"]

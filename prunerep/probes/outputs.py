@@ -252,14 +252,17 @@ def plot_answer(df: pd.DataFrame, t_ref: float, path: Path) -> bool:
     return True
 
 
-def write_probe_outputs(df: pd.DataFrame, run_dir: str | Path) -> dict:
+def write_probe_outputs(df: pd.DataFrame, run_dir: str | Path, top_tokens: pd.DataFrame | None = None) -> dict:
     """Write ``probes.parquet``, ``probes_summary.json`` and the PNGs; return the summary.
 
-    An empty table (``probe=none``) writes nothing and returns ``{}``."""
+    ``top_tokens``: the top-token table, else the one riding in ``df.attrs``
+    (:func:`prunerep.probes.top_tokens.detach`). An empty table (``probe=none``) writes nothing
+    and returns ``{}``."""
     if df is None or df.empty:
         return {}
     run_dir = Path(run_dir)
-    top = detach_top_tokens(df)  # the top-token table rides in df.attrs (prunerep/probes/top_tokens.py)
+    top = detach_top_tokens(df)
+    top = top_tokens if top_tokens is not None else top
     warn_nonfinite(df)
     atomic_write_with(run_dir / PROBES_FILE, lambda tmp: df.to_parquet(tmp, index=False))
     if top is not None:
