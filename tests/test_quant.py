@@ -447,3 +447,34 @@ def test_report_draws_pruners_and_quantizers_at_equal_memory(tmp_path, monkeypat
     assert mc.loc["r3", "value"] == pytest.approx(47.0) and mc.loc["r3", "dense"] == pytest.approx(50.0)
     assert set(points["panel"]) == {KL_PANEL, "multiple_choice", "generative"}
     assert (points["dense_bits"] == 16).all()
+
+
+def test_a_real_pruner_by_quantizer_sweep_ends_in_the_equal_memory_figure(tmp_path):
+    """Issue #9's command on the tiny model: `-m pruner=wanda,none sparsity=0.5 quant=none,rtn`, then the
+    report: four real points on one effective-bits axis (fp32 tiny model, 4-bit RTN in groups of 64)."""
+    import subprocess
+    import sys
+
+    from cli import run_cli
+    from prunerep.report.load import load_sweep
+    from prunerep.report.memory import KL_PANEL, equal_memory_points
+
+    sweep = tmp_path / "multirun"
+    p = run_cli("-m", "model=tiny", "task=none", "probe.n_prompts=2", "probe.max_new_tokens=4",
+                "probe.max_prompt_tokens=32", "calib.nsamples=4", "calib.seqlen=32", "wandb.mode=disabled",
+                "pruner=wanda,none", "sparsity=0.5", "quant=none,rtn", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                timeout=1200, env={"PRUNEREP_OUTPUTS": str(tmp_path / "outputs")})
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = subprocess.run([sys.executable, "-m", "prunerep.report", str(sweep)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    png = (sweep / "report" / "equal_memory.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    kl = equal_memory_points(load_sweep(sweep)[0])
+    kl = kl[kl["panel"] == KL_PANEL]
+    # by hand: dense fp32 32 bits; wanda 50% = 16 + a 1-bit mask = 17; 4-bit g64 asym = 4 + 32/64 = 4.5;
+    # both = 2 + 1 + 0.5 = 3.5
+    assert dict(zip(kl["method"], kl["effective_bits"])) == {"none": 32.0, "wanda": 17.0, "rtn-w4g64": 4.5,
+                                                             "wanda+rtn-w4g64": 3.5}
+    by_method = dict(zip(kl["method"], kl["value"]))
+    assert by_method["none"] == 0.0 and min(by_method["wanda"], by_method["rtn-w4g64"]) > 0.0
