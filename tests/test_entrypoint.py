@@ -119,6 +119,7 @@ def test_cfg_job_prints_the_composed_config():
     (["pruner=layer_drop", "sparsity=2:4"], "does not take an N:M pattern"),
     (["model=tiny", "pruner.include=nomatch", "task=none", "probe=none"], "match no Linear"),
     (["pruner.include='('"], "not a valid regular expression"),
+    (["quant=rtn", "quant.exclude='['"], "quant.exclude='[' is not a valid regular expression"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     run_dir = tmp_path / "run"

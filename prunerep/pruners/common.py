@@ -35,6 +35,17 @@ class PruneSettings:
     seed: int = 0
 
 
+def check_target_patterns(method, group: str) -> None:
+    """``include`` / ``exclude`` of a pruner or quantizer must be regular expressions (one line)."""
+    for key in ("include", "exclude"):
+        pattern = getattr(method, key)
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{group}.{key}={pattern!r} is not a valid regular expression: {e}") from None
+
+
 @dataclass
 class Pruner(Method):
     """Base of every pruning method (``conf/pruner/<name>.yaml`` + ``prunerep/pruners/<name>.py``).
@@ -56,13 +67,7 @@ class Pruner(Method):
         """Checks that need no model. Raise ConfigError (one line)."""
         if spec.is_nm and not self.supports_nm:
             raise ConfigError(f"the {self.name} pruner does not take an N:M pattern (sparsity={spec})")
-        for key in ("include", "exclude"):
-            pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ConfigError(f"pruner.{key}={pattern!r} is not a valid regular expression: {e}") from None
+        check_target_patterns(self, "pruner")
 
     def check_depth(self, n_layers: int) -> None:
         """Checks against the model's number of decoder blocks, read before the model loads

@@ -19,7 +19,6 @@ The maths are pure functions (tensors in, tensors out); the classes only walk th
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -28,7 +27,7 @@ from torch import nn
 
 from prunerep.errors import ConfigError
 from prunerep.models import decoder_layers
-from prunerep.pruners.common import PruneSettings, apply_mask, prunable_linears
+from prunerep.pruners.common import PruneSettings, apply_mask, check_target_patterns, prunable_linears
 from prunerep.registry import Method
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -148,13 +147,7 @@ class GroupQuantizer(Quantizer):
             raise ConfigError(f"quant.bits={self.bits} is outside {MIN_BITS}..{MAX_BITS}")
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"quant.group_size={self.group_size} must be >= 1, or -1 (one group per output row)")
-        for key in ("include", "exclude"):
-            pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ConfigError(f"quant.{key}={pattern!r} is not a valid regular expression: {e}") from None
+        check_target_patterns(self, "quant")
 
     def check_widths(self, widths: dict[str, int]) -> None:
         """With the default targets (every Linear of a block) every width of the config is an
