@@ -113,3 +113,40 @@ def test_offline_task_yamls_point_at_local_files(tmp_path):
     # the generative and the MC arithmetic tasks read the same problems
     files = lambda t: yaml.safe_load(t)["dataset_kwargs"]["data_files"]  # noqa: E731
     assert files(gen) == files(mc)
+
+
+# --------------------------------------------------------------------------- next word (word_cloze)
+
+TEXT = ("the quick brown fox jumps over the lazy sleeping hound while seven small birds watch from "
+        "a nearby garden wall and every morning the farmer counts twelve green apples before walking "
+        "slowly towards the river where children gather smooth stones beside tall silver reeds")
+
+
+def test_next_word_problems_are_the_words_that_follow_their_contexts():
+    probs = offline.next_word_problems([TEXT], n=3, seed=0, context_words=8)
+    assert len(probs) == 3
+    for p in probs:
+        # the context is the 8 words before the answer, and the text goes on with " <answer>"
+        assert len(p["context"].split()) == 8 and (p["context"] + " " + p["answer"]) in TEXT
+        assert p["choices"][p["answer_idx"]] == p["answer"] and len(set(p["choices"])) == 4
+        context_words = set(p["context"].split())
+        for d in p["choices"]:
+            if d != p["answer"]:  # distractors: words of the text, length within one letter, not in the context
+                assert d in TEXT.split() and abs(len(d) - len(p["answer"])) <= 1 and d not in context_words
+    starts = [TEXT.index(p["context"] + " " + p["answer"]) for p in probs]
+    assert starts == sorted(starts)  # drawn in text order
+    # deterministic per seed, prefix-stable in n
+    assert offline.next_word_problems([TEXT], n=3, seed=0, context_words=8) == probs
+    assert offline.next_word_problems([TEXT], n=2, seed=0, context_words=8) == probs[:2]
+
+
+def test_word_cloze_reads_held_out_text_only():
+    """word_cloze's contexts come from the pydoc topics held out of calibration (like pydoc_ppl)."""
+    from prunerep.calibration import pydoc_text
+    from prunerep.evals.perplexity import pydoc_eval_docs
+
+    probs = offline.next_word_problems(pydoc_eval_docs(), n=40, seed=1234)
+    assert len(probs) == 40
+    calib = pydoc_text()
+    for p in probs:
+        assert p["context"][-60:] not in calib

@@ -4,6 +4,7 @@ One dense evaluation (module fixture) serves several tests. Stated margins for t
 model on LIMIT documents (4-shot, greedy, seed 1234):
   * arith_cloze accuracy >= chance + 0.20 (chance = 0.25; measured 0.71 on all 100 problems)
   * arith_gen   exact match >= 0.15 (at least 3 of 20 right; measured 0.41 on 100)
+  * word_cloze  accuracy >= chance + 0.40 (next word of held-out pydoc prose; measured 0.90 on 40)
   * mmlu_dev    the model answers " A" to every question: its option-bias flag is up
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ LIMIT = 20
 PRUNED_LIMIT = 8
 MC_MARGIN = 0.20
 GEN_MIN = 0.15
-OFFLINE = ["mmlu_dev", "arith_cloze", "arith_gen"]
+OFFLINE = ["mmlu_dev", "arith_cloze", "arith_gen", "word_cloze"]
+WORD_MARGIN = 0.40
 
 
 def _cfg(**over) -> TaskConfig:
@@ -62,6 +64,8 @@ def test_dense_scores_are_finite_and_above_chance(dense_run):
     assert d["arith_cloze"]["chance"] == 0.25
     assert d["arith_cloze"]["score"] >= d["arith_cloze"]["chance"] + MC_MARGIN, d["arith_cloze"]
     assert d["arith_cloze"]["pairs_with"] == "arith_gen"
+    assert d["word_cloze"]["type"] == "multiple_choice" and d["word_cloze"]["chance"] == 0.25
+    assert d["word_cloze"]["score"] >= d["word_cloze"]["chance"] + WORD_MARGIN, d["word_cloze"]
     picks = d["mmlu_dev"]["option_picks"]  # issue #13: SmolLM2-135M answers A, whatever the question
     assert picks["top"] == "A" and picks["counts"][0] == LIMIT and picks["biased"], picks
     assert d["arith_gen"]["score"] >= GEN_MIN, d["arith_gen"]
