@@ -326,3 +326,31 @@ def test_families_retained_and_retrieval_threshold():
     assert th["retrieval"]["unstructured"] == "0.3"  # 0.5 pp drop at 0.3, 5 pp at 0.5
     assert [t["worst_drop_pp"] for t in th["retrieval"]["tested"]] == [pytest.approx(0.5), pytest.approx(5.0)]
     assert "perplexity" not in th and th["mc"]["tested"] == []
+
+
+def test_the_retained_figure_keeps_the_families_tasks_above_chance(tmp_path):
+    """Like for like with evals.json's families: the solid line of retained_vs_sparsity.png is the mean
+    kept-above-chance over the tasks the family keeps (a task at chance or letter-biased is left out);
+    the dashed one, pruned / dense over every task."""
+    from prunerep.report.load import load_sweep
+    from prunerep.report.plots import retained_lines
+
+    sweep = tmp_path / "multirun"
+    d, _, _ = write_run(sweep, "wanda", "0.5", 0)
+    tasks = {  # by hand: chance 0.25; (pruned - 0.25) / (dense - 0.25)
+        "word_cloze": {"type": "multiple_choice", "metric": "acc", "dense": 0.9, "pruned": 0.77, "chance": 0.25,
+                       "retained_above_chance": 0.8, "excluded_at_chance": False, "excluded_option_bias": False},
+        "arith_cloze": {"type": "multiple_choice", "metric": "acc", "dense": 0.75, "pruned": 0.45, "chance": 0.25,
+                        "retained_above_chance": 0.4, "excluded_at_chance": False, "excluded_option_bias": False},
+        "arith_mc": {"type": "multiple_choice", "metric": "acc", "dense": 0.35, "pruned": 0.35, "chance": 0.25,
+                     "retained_above_chance": 1.0, "excluded_at_chance": False, "excluded_option_bias": True},
+        "mmlu_dev": {"type": "multiple_choice", "metric": "acc", "dense": 0.25, "pruned": 0.25, "chance": 0.25,
+                     "retained_above_chance": None, "excluded_at_chance": True, "excluded_option_bias": True},
+    }
+    atomic_write_json(d / "evals.json", {"tasks": tasks})
+    scores = eval_scores(load_sweep(sweep)[0]).set_index("task")
+    assert scores.loc["word_cloze", "kept_above_chance"] == pytest.approx(0.8)
+    assert np.isnan(scores.loc["arith_mc", "kept_above_chance"]) and np.isnan(scores.loc["mmlu_dev", "kept_above_chance"])
+    line = retained_lines(scores.reset_index()).iloc[0]
+    assert line["kept_above_chance"] == pytest.approx((0.8 + 0.4) / 2) and line["n_kept"] == 2  # the two kept
+    assert line["retained"] == pytest.approx((0.77 / 0.9 + 0.45 / 0.75 + 1.0 + 1.0) / 4) and line["n_tasks"] == 4

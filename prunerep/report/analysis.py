@@ -119,18 +119,28 @@ def step_curves(table: pd.DataFrame) -> pd.DataFrame:
 
 def eval_scores(table: pd.DataFrame) -> pd.DataFrame:
     """Per run and task: dense and pruned scores (percentage points where the family's scores are
-    fractions; perplexity as is) and ``retained``: pruned / dense, for perplexity dense / pruned
-    (1 = unchanged, below 1 = worse, whatever the direction of the score)."""
-    e = table[(table["source"] == "eval") & table["metric"].isin(["dense", "pruned"])
+    fractions; perplexity as is), ``retained``: pruned / dense, for perplexity dense / pruned
+    (1 = unchanged, below 1 = worse, whatever the direction of the score), and
+    ``kept_above_chance``: evals.json's (pruned − chance) / (dense − chance) (perplexity in log
+    space), NaN for a task its family leaves out (dense at chance, or one option picked whatever
+    the question) -- the like-for-like number of the families."""
+    cols = SCORE_COLUMNS + ["retained", "kept_above_chance"]
+    e = table[(table["source"] == "eval") & table["metric"].isin(["dense", "pruned", "retained_above_chance",
+                                                                    "excluded"])
               & table["task_type"].isin(FAMILIES)]
     if e.empty:
-        return pd.DataFrame(columns=SCORE_COLUMNS + ["retained"])
+        return pd.DataFrame(columns=cols)
     w = e.pivot_table(index=["run", "model", "pruner", "sparsity", "task", "task_type"], columns="metric",
                       values="value", aggfunc="mean").reset_index()
     w.columns.name = None
+    for c in ("dense", "pruned", "retained_above_chance", "excluded"):
+        if c not in w:
+            w[c] = float("nan")
     w = w.dropna(subset=["dense", "pruned"])
     lower_better = w["task_type"] == PPL
     w["retained"] = (w["pruned"] / w["dense"]).where(~lower_better, w["dense"] / w["pruned"])
+    w["kept_above_chance"] = w["retained_above_chance"].where(w["excluded"].fillna(0.0) == 0.0)
+    w = w.drop(columns=["retained_above_chance", "excluded"])
     # scores in [0, 1] (accuracy, exact match, pass@1, nDCG) are fractions: report percentage points
     for ttype, g in w[~lower_better].groupby("task_type"):
         if g[["dense", "pruned"]].abs().max().max() <= 1.0:

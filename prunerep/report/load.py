@@ -30,7 +30,10 @@ ROW_COLUMNS = ["source", "context", "space", "metric", "layer", "sublayer", "ste
 PROBE_KEYS = ("context", "space", "metric", "layer", "sublayer", "step", "temperature")
 #: folders under a sweep that hold no runs
 SKIP_DIRS = {"wandb", ".submitit", "report", "index"}
-EVAL_VALUES = ("dense", "pruned", "abs_change", "rel_change")
+EVAL_VALUES = ("dense", "pruned", "abs_change", "rel_change", "retained_above_chance")
+#: evals.json's flags that leave a task out of its family's above-chance mean (read as the 0/1 row
+#: ``excluded``): its dense score is at chance, or the model picks one option whatever the question
+EXCLUSION_FLAGS = ("excluded_at_chance", "excluded_option_bias")
 
 
 class ReportError(RuntimeError):
@@ -133,6 +136,9 @@ def _eval_rows(run_dir: Path) -> pd.DataFrame:
             if _is_number(v):
                 rows.append({"source": "eval", "task": task, "task_type": t.get("type"),
                              "context": t.get("metric"), "metric": k, "value": float(v)})
+        if any(f in t for f in EXCLUSION_FLAGS):
+            rows.append({"source": "eval", "task": task, "task_type": t.get("type"), "context": t.get("metric"),
+                         "metric": "excluded", "value": float(any(bool(t.get(f)) for f in EXCLUSION_FLAGS))})
     gap = ev.get("mc_vs_gen_gap")
     if _is_number(gap):
         rows.append({"source": "eval", "task": "mc_vs_gen_gap", "metric": "mc_vs_gen_gap", "value": float(gap)})

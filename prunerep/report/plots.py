@@ -117,28 +117,51 @@ def plot_scores(scores: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def retained_lines(scores: pd.DataFrame) -> pd.DataFrame:
+    """The lines of :func:`plot_retained`: per family, pruner and sparsity the mean over tasks of
+    ``kept_above_chance`` (the tasks the family keeps, as in evals.json) and of ``retained`` (every
+    task), with the number of tasks in each mean."""
+    cols = ["task_type", "pruner", "sparsity", "kept_above_chance", "n_kept", "retained", "n_tasks"]
+    if scores.empty:
+        return pd.DataFrame(columns=cols)
+    g = scores.groupby(["task_type", "pruner", "sparsity"], as_index=False)
+    out = g.agg(kept_above_chance=("kept_above_chance", "mean"), n_kept=("kept_above_chance", "count"),
+                retained=("retained", "mean"), n_tasks=("task", "nunique"))
+    return out[cols]
+
+
 def plot_retained(scores: pd.DataFrame, path: Path) -> Path:
-    """Score retained (pruned / dense; perplexity dense / pruned) vs sparsity: one panel per task
-    family (retrieval, multiple choice, generative, perplexity), one line per pruner (mean over the
-    family's tasks), 1 = as dense."""
+    """Score kept vs sparsity, one panel per task family (retrieval, multiple choice, generative,
+    perplexity), per pruner: solid, kept above chance, (pruned − chance) / (dense − chance) over the
+    tasks the family keeps (evals.json leaves out a task at chance or picking one option whatever the
+    question: there, agreement is bias, not knowledge); dashed, pruned / dense over every task
+    (perplexity dense / pruned). 1 = as dense."""
     fams = [f for f in FAMILIES if not scores.empty and f in set(scores["task_type"])]
-    fig, axes = _panels(max(1, len(fams)), "score retained vs sparsity, per task family (1 = dense)")
+    fig, axes = _panels(max(1, len(fams)), "score kept vs sparsity, per task family (1 = dense): solid = kept "
+                                           "above chance (tasks at chance or letter-biased left out), "
+                                           "dashed = pruned / dense, every task")
     if not fams:
         _empty(axes[0], "no eval scores (task=none?)")
         return _save(fig, path)
     pos, labels = _x_positions(scores["sparsity"])
+    lines = retained_lines(scores)
     for ax, fam in zip(axes, fams):
-        g = scores[scores["task_type"] == fam]
-        for pruner, gp in g.groupby("pruner"):
-            m = gp.groupby("sparsity", as_index=False)["retained"].mean()
-            m = m.sort_values("sparsity", key=lambda c: c.map(sparsity_key))
-            ax.plot([pos[s] for s in m["sparsity"]], m["retained"], marker="o",
-                    label=f"{pruner} ({gp['task'].nunique()} task(s))")
+        g = lines[lines["task_type"] == fam]
+        for i, (pruner, gp) in enumerate(g.groupby("pruner")):
+            gp = gp.sort_values("sparsity", key=lambda c: c.map(sparsity_key))
+            x = [pos[s] for s in gp["sparsity"]]
+            color = f"C{i}"
+            kept = gp["n_kept"] > 0
+            if kept.any():
+                ax.plot([xi for xi, k in zip(x, kept) if k], gp.loc[kept, "kept_above_chance"], marker="o",
+                        color=color, label=f"{pruner} above chance ({int(gp['n_kept'].max())} task(s))")
+            ax.plot(x, gp["retained"], ls="--", marker=".", color=color, alpha=0.6,
+                    label=f"{pruner} pruned/dense ({int(gp['n_tasks'].max())} task(s))")
         ax.axhline(1.0, ls="--", color="gray", alpha=0.7)
         ax.set_title(fam + (" (dense / pruned)" if fam == "perplexity" else ""))
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel("sparsity")
-        ax.set_ylabel("retained")
+        ax.set_ylabel("kept")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
