@@ -297,9 +297,7 @@ class Tracker:
         self._log(plots)
 
     def _log_top_tokens(self, top) -> None:
-        import pandas as pd
-
-        self._log({"probes/top_tokens": self._wandb.Table(dataframe=pd.DataFrame(top).reset_index(drop=True))})
+        self._log({"probes/top_tokens": self._wandb.Table(dataframe=top.reset_index(drop=True))})
 
     def _log_evals(self, evals: dict) -> None:
         wandb = self._wandb

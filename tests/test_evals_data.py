@@ -130,9 +130,10 @@ def test_next_word_problems_are_the_words_that_follow_their_contexts():
         assert len(p["context"].split()) == 8 and (p["context"] + " " + p["answer"]) in TEXT
         assert p["choices"][p["answer_idx"]] == p["answer"] and len(set(p["choices"])) == 4
         context_words = set(p["context"].split())
-        for d in p["choices"]:
-            if d != p["answer"]:  # distractors: words of the text, length within one letter, not in the context
-                assert d in TEXT.split() and abs(len(d) - len(p["answer"])) <= 1 and d not in context_words
+        distractors = [d for i, d in enumerate(p["choices"]) if i != p["answer_idx"]]
+        assert len(distractors) == 3
+        for d in distractors:  # words of the text, length within one letter, not in the context
+            assert d in TEXT.split() and abs(len(d) - len(p["answer"])) <= 1 and d not in context_words
     starts = [TEXT.index(p["context"] + " " + p["answer"]) for p in probs]
     assert starts == sorted(starts)  # drawn in text order
     # deterministic per seed, prefix-stable in n

@@ -6,7 +6,7 @@ i ≥ 1 is the output of block i − 1, layer L (the number of blocks) is the la
 so are the tensors at layers 0 … L − 1, but NOT at L: there transformers returns the state
 *after* the final norm, ``final_norm(h_L)``, while :func:`capture` records the raw residual
 stream h_L (what the logit lens :func:`lens_logits` reads). ``probe.h=normed`` compares the
-normed state at L instead (:func:`prunerep.probes.reference.compare_states`).
+normed state at L instead (:func:`prunerep.probes.reference.embedding_metrics`).
 
 Sublayers at layer i ≥ 1 (block i − 1):
 

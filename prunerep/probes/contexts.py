@@ -83,12 +83,13 @@ def reuse_last_states(model: nn.Module):
         _REUSE.remove((model, memo))
 
 
-def _memo(model: nn.Module) -> dict | None:
+def active_memo(model: nn.Module) -> dict | None:
+    """The innermost :func:`reuse_last_states` memo of ``model``, None outside one."""
     return next((m for owner, m in reversed(_REUSE) if owner is model), None)
 
 
 def _recall(model: nn.Module, key, layers: Sequence[int], sublayers: Sequence[str]) -> dict[Key, Tensor] | None:
-    memo = _memo(model)
+    memo = active_memo(model)
     kept = memo.get(key) if memo is not None else None
     want = [(layer, sub) for layer in layers for sub in sublayers if layer > 0 or sub == "block"]
     if kept is None or not want or any(k not in kept for k in want):
@@ -97,7 +98,7 @@ def _recall(model: nn.Module, key, layers: Sequence[int], sublayers: Sequence[st
 
 
 def _remember(model: nn.Module, key, states: dict[Key, Tensor]) -> None:
-    memo = _memo(model)
+    memo = active_memo(model)
     last = (num_layers(model), "block")
     if memo is not None and last in states:
         memo[key] = {last: states[last]}

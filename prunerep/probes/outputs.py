@@ -261,8 +261,8 @@ def write_probe_outputs(df: pd.DataFrame, run_dir: str | Path, top_tokens: pd.Da
     if df is None or df.empty:
         return {}
     run_dir = Path(run_dir)
-    top = detach_top_tokens(df)
-    top = top_tokens if top_tokens is not None else top
+    riding = detach_top_tokens(df)  # out of df.attrs either way: parquet cannot hold a table there
+    top = riding if top_tokens is None else top_tokens
     warn_nonfinite(df)
     atomic_write_with(run_dir / PROBES_FILE, lambda tmp: df.to_parquet(tmp, index=False))
     if top is not None:

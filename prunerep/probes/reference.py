@@ -34,7 +34,7 @@ import hashlib
 import logging
 import math
 import os
-from collections import defaultdict, deque
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +50,7 @@ from prunerep.io import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache
 from prunerep.models import final_norm, model_device, output_head
 from prunerep.probes import metrics as M
 from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_layers
-from prunerep.probes.contexts import (CONTEXTS, _memo as _reuse_memo, greedy_decode, prompt_states,
+from prunerep.probes.contexts import (CONTEXTS, active_memo, greedy_decode, prompt_states,
                                       reuse_last_states, stop_token_ids, teacher_forced_states)
 from prunerep.probes.prompts import Prompt, load_prompts, read_prompts_file
 from prunerep.results import ANSWER_METRICS, PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
@@ -335,50 +335,19 @@ def _compute_reference(model: nn.Module, ref: DenseReference, p: ProbePlan, stop
 
 # --------------------------------------------------------------------------- per-chunk metrics
 
-def compare_states(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, *, lens: bool, spaces: Sequence[str],
-                   temperatures: Sequence[float], topk: Sequence[int], token_chunk: int,
-                   metric_threads: int | None = None, compile: bool | None = None, normed: bool = False,
-                   on_logits=None) -> dict[tuple[str, str, float], Tensor]:
-    """Per-row metrics of two ``[n, d]`` state matrices, keyed ``(space, metric, T)``.
-
-    ``lens``: also compare z = lens(h) and p = softmax(z/T) (residual-stream states only).
-    ``normed``: the embedding-space rows compare the final norm's outputs instead of h (the
-    last layer with ``probe.h=normed``). Rows are processed ``token_chunk`` at a time; results
-    are float64 on the CPU and each row's value does not depend on the chunk size (see
-    :func:`lens_rows`). ``compile``: fuse the vocabulary metrics with torch.compile (None: on
-    CUDA only). ``on_logits(start, z_dense, z_pruned)`` is called with each chunk's logits
-    (rows ``start ...`` of h), for metrics of some of the rows (the option subspace)."""
-    device = model_device(model)
-    compiled = device.type == "cuda" if compile is None else bool(compile)
-    out: dict[tuple[str, str, float], list[Tensor]] = defaultdict(list)
-    want_z = lens and ("logit" in spaces or "probability" in spaces)
-    norm = final_norm(model) if normed else None
-    for start in range(0, h_dense.shape[0], token_chunk):
-        hd = h_dense[start:start + token_chunk].to(device)
-        hp = h_pruned[start:start + token_chunk].to(device)
-        if "embedding" in spaces:
-            with torch.inference_mode(), intra_op_threads(1, device):  # small ops: one thread (see metrics)
-                ed, ep = (hd, hp) if norm is None else (norm(hd), norm(hp))
-                for m, v in M.geometry(ed, ep).items():
-                    out[("embedding", m, NAN)].append(v)
-        if not want_z:
-            continue
-        zd, zp = lens_pair(model, hd, hp)
-        if on_logits is not None:
-            on_logits(start, zd, zp)
-        for k, v in M.vocab_metrics(zd, zp, temperatures, topk, logit="logit" in spaces,
-                                    probability="probability" in spaces, compiled=compiled,
-                                    threads=metric_threads).items():
-            out[k].append(v)
-        del zd, zp
-    return {k: torch.cat(v).to("cpu", torch.float64) for k, v in out.items()}
-
-
 def embedding_metrics(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, normed: bool = False
                       ) -> dict[tuple[str, str, float], Tensor]:
-    """The embedding-space rows of :func:`compare_states` (``normed``: after the final norm)."""
-    return compare_states(model, h_dense, h_pruned, lens=False, spaces=["embedding"], temperatures=(), topk=(),
-                          token_chunk=max(1, h_dense.shape[0]), normed=normed)
+    """The embedding-space metrics (:func:`~prunerep.probes.metrics.geometry`) of two ``[n, d]``
+    state matrices, per row, keyed ``("embedding", metric, nan)``, float64 on the CPU.
+    ``normed``: compare the final norm's outputs instead of h (the last layer with
+    ``probe.h=normed``). The logit and probability rows go through :class:`LensStream`."""
+    device = model_device(model)
+    hd, hp = h_dense.to(device), h_pruned.to(device)
+    with torch.inference_mode(), intra_op_threads(1, device):  # small ops: one thread (see metrics)
+        if normed:
+            norm = final_norm(model)
+            hd, hp = norm(hd), norm(hp)
+        return {("embedding", m, NAN): v.to("cpu", torch.float64) for m, v in M.geometry(hd, hp).items()}
 
 
 class LensStream:
@@ -447,7 +416,7 @@ class LensStream:
         self.pending -= n
         start = self.done
         zd, zp = lens_pair(self.model, torch.cat(hd).to(self.device), torch.cat(hp).to(self.device))
-        memo = _reuse_memo(self.model)
+        memo = active_memo(self.model)
         for seg_start, seg_n, _parts, _cb, options, keep in self.segments:
             if seg_start >= start + n:
                 break
@@ -498,34 +467,6 @@ def _lens_key(h_dense: Tensor, h_pruned: Tensor) -> tuple:
     return ("lens", h_dense.detach().to("cpu").numpy().tobytes(), h_pruned.detach().to("cpu").numpy().tobytes())
 
 
-def compare_layers(model: nn.Module, cached: dict[str, Tensor], context: str, states: dict, kw: dict,
-                   normed_layer: int | None = None, option_ids: Sequence[int] = (),
-                   options: dict | None = None) -> dict[tuple[int, str], dict[tuple[str, str, float], Tensor]]:
-    """:func:`compare_states` for every captured ``(layer, sublayer)`` of one context: the
-    residual-stream states (``block``) of all layers go through the lens in full chunks
-    (:class:`LensStream`); the embedding-space rows are compared per layer, those of
-    ``normed_layer`` after the final norm. ``states`` and the matching ``cached`` entries are
-    consumed. ``option_ids`` (a multiple-choice prompt, probability space probed): the option
-    subspace at each layer's last row (the answer position), from the same logits as the
-    full-vocabulary metrics of that row; ``options[layer]`` gets ``{(metric, T): value}``."""
-    out: dict = {}
-    stream = LensStream(model, **kw)
-    vocab = any(s in kw["spaces"] for s in ("logit", "probability"))
-    for key in list(states):
-        layer, sub = key
-        hd, hp = cached.pop(f"{context}/{layer}/{sub}"), states.pop(key)
-        out[key] = embedding_metrics(model, hd, hp, sub == "block" and layer == normed_layer) \
-            if "embedding" in kw["spaces"] else {}
-        if sub == "block" and vocab:
-            into = None
-            if option_ids and options is not None and "probability" in kw["spaces"]:
-                into = options.setdefault(layer, {})
-            stream.add(hd, hp, lambda per_row, key=key: out[key].update(per_row),
-                       options=(hd.shape[0] - 1, option_ids, into) if into is not None else None)
-    stream.flush()
-    return out
-
-
 LENS_ROW_MULTIPLE = 8
 
 
@@ -545,7 +486,7 @@ def lens_pair(model: nn.Module, hd: Tensor, hp: Tensor) -> tuple[Tensor, Tensor]
     bound by reading the [V, d] head (2 GB for a 7B model in float32), so reading it once
     instead of twice halves the cost. Each side is padded to a multiple of 8 rows first,
     so every row's logits are those :func:`lens_rows` gives (bit for bit)."""
-    memo = _reuse_memo(model)
+    memo = active_memo(model)
     if memo is not None and hd.shape[0] == 1 == hp.shape[0]:  # a row the comparison has run (top tokens)
         got = memo.get(_lens_key(hd[0], hp[0]))
         if got is not None:
