@@ -100,8 +100,8 @@ class ProbeConfig:
     max_prompt_tokens: int = 256  # longer prompts keep their last tokens
     max_new_tokens: int = 32  # greedy continuation (teacher_forced / free_running)
     token_chunk: int = 256  # rows through the LM head at once: bounds memory to ~token_chunk x vocab
-    # worker threads for the vocabulary-sized metric passes, each running its passes on one CPU
-    # thread; null = torch's thread count. 1 on a CPU that other jobs keep busy
+    # torch's intra-op threads for the vocabulary-sized metric passes; null = torch's thread
+    # count. 1 on a CPU that other jobs keep busy
     metric_threads: Optional[int] = None
     # fuse the vocabulary-sized metric passes with torch.compile (compiled once per process);
     # null: on CUDA only, where ~50 eager passes over [tokens x vocab] would dwarf the LM head

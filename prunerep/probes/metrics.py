@@ -1,8 +1,8 @@
 """How far a pruned model's representations are from the dense model's: pure tensor math.
 
 Every function takes tensors and returns tensors; nothing here touches a model, a file or
-the model's state (the only globals are a worker-thread pool and a compile cache). The
-conventions, shared by all functions:
+the model's state (the only global is a compile cache). The conventions, shared by all
+functions:
 
 * **Rows are tokens, the last dimension is features** (hidden size, or vocabulary for
   logits and probabilities). Each metric reduces the last dimension: inputs of shape
@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
 
 import torch
@@ -61,11 +59,12 @@ GEOMETRY_METRICS = ("cos", "one_minus_cos", "rel_l2", "par_rel", "orth_rel", "or
 #: suffix of the logit-space geometry of the centred logits z − mean_V(z)
 CENTRED = "_centred"
 
-# rows of [rows, V] processed together (~1 MB of float32 per buffer, so a worker's ~10
-# buffers stay in the CPU's caches). Every block has the same (even) number of rows,
-# zero-padded: fixed shapes make each row's result independent of how the rows were batched
-# (bit-identical for any token_chunk on CPU).
-ROW_BLOCK_ELEMENTS = 1 << 18
+# rows of [rows, V] processed together (~2 MB of float32 per buffer: the ~10 buffers stay in
+# a CPU's last-level cache, and each tensor op has enough work to be worth splitting over
+# torch's threads). Every block has the same (even) number of rows, zero-padded: fixed shapes
+# make each row's result independent of how the rows were batched (bit-identical for any
+# token_chunk on CPU).
+ROW_BLOCK_ELEMENTS = 1 << 19
 # top-k over a vocabulary: the maxima of groups of TOPK_GROUP logits first (index mod V // TOPK_GROUP),
 # then the top-k of the k best groups' members (one cheap pass instead of a selection over V)
 TOPK_GROUP = 64
@@ -210,7 +209,7 @@ def option_metrics(z_dense: Tensor, z_pruned: Tensor, option_ids: Sequence[int],
 
 def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[float] = (1.0,),
                   topk: Iterable[int] = (5, 10), logit: bool = True, probability: bool = True,
-                  compiled: bool = False, threads: int | None = None) -> dict[tuple[str, str, float], Tensor]:
+                  compiled: bool = False) -> dict[tuple[str, str, float], Tensor]:
     """Every logit- and probability-space metric of a chunk of logits, keyed
     ``(space, metric, T)`` with ``T = nan`` for temperature-free metrics.
 
@@ -229,16 +228,14 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
     that row only, bit for bit, whatever the batch size.
 
     How: rows with finite logits (all of them, in practice) go through :func:`_block_sums`
-    in blocks of ~1 MB that stay in cache, one read of each vocabulary-sized buffer per sum;
-    everything per row (the metrics from those sums) is then computed at once for the chunk.
-    The top-k of each side is found once, for every k. On a CPU the blocks are shared by
-    ``threads`` worker threads (default: torch's thread count), each running its tensor ops
-    on ONE thread: many small multi-threaded passes wait on each other at every op, which on
-    a loaded machine costs more than the arithmetic. Rows holding a NaN/inf (masked tokens)
-    take :func:`_general_block`, which counts ``0 · log 0 = 0``. ``compiled=True`` runs the
-    blocks of finite rows through ``torch.compile`` instead, in this thread (compiled once per
-    process, then cached on disk by PyTorch); where the compiler fails, the eager run takes
-    over (warned once).
+    in blocks of ~2 MB per buffer that stay in the CPU's caches, one read of each
+    vocabulary-sized buffer per sum; everything per row (the metrics from those sums) is then
+    computed at once for the chunk. The top-k of each side is found once, for every k. Each
+    pass runs on torch's intra-op threads (the caller sets how many). Rows holding a NaN/inf
+    (masked tokens) take :func:`_general_block`, which counts ``0 · log 0 = 0``.
+    ``compiled=True`` runs the blocks of finite rows through ``torch.compile`` instead
+    (compiled once per process, then cached on disk by PyTorch); where the compiler fails, the
+    eager run takes over (warned once).
     """
     zd, zp = _pair(z_dense, z_pruned)
     lead, v = zd.shape[:-1], zd.shape[-1]
@@ -250,13 +247,13 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
     ks = tuple(sorted({min(int(k), v) for k in topk} | {1}))  # 1 (top-1) first
     if n == 0:  # the keys, with no rows
         return {k: val[:0].reshape(lead) for k, val in vocab_metrics(
-            zd.new_zeros(1, v), zp.new_zeros(1, v), temps, ks, logit, probability, compiled, 1).items()}
+            zd.new_zeros(1, v), zp.new_zeros(1, v), temps, ks, logit, probability, compiled).items()}
     block = max(2, ROW_BLOCK_ELEMENTS // max(v, 1) // 2 * 2)
-    cpu = zd.device.type == "cpu" and not compiled
 
-    def blocks(fast: bool, rows: Tensor | None, count: int) -> list[dict]:
+    def blocks(fast: bool, rows: Tensor | None, count: int) -> dict:
         """The rows (all when ``rows`` is None) in padded blocks, through the fast or general path."""
-        def run(start, scratch):
+        scratch, parts = _Scratch(), []
+        for start in range(0, count, block):
             stop = min(start + block, count)
             bd = zd[start:stop] if rows is None else zd.index_select(0, rows[start:stop])
             bp = zp[start:stop] if rows is None else zp.index_select(0, rows[start:stop])
@@ -268,13 +265,10 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
             part = _run_compiled(fn, args) if (compiled and fast) else None  # rows with NaN/inf: rare, eager
             if part is None:
                 part = fn(*args, scratch.get(fast, block, v, zd))
-            return {k: val[:stop - start] for k, val in part.items()}
-
-        parts = _map(run, list(range(0, count, block)), threads, cpu)
+            parts.append({k: val[:stop - start] for k, val in part.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
-    with _OneThreadOps(cpu):
-        out = _vocab_rows(zd, zp, n, blocks, temps, ks, v, logit, probability)
+    out = _vocab_rows(zd, zp, n, blocks, temps, ks, v, logit, probability)
     return {k: val.reshape(lead) for k, val in out.items()}
 
 
@@ -303,7 +297,7 @@ def _vocab_rows(zd: Tensor, zp: Tensor, n: int, blocks, temps, ks, v: int, logit
 
 
 class _Scratch:
-    """One worker's buffers, allocated on first use: ``get(fast, rows, V, like)``."""
+    """One call's buffers, allocated on first use: ``get(fast, rows, V, like)``."""
 
     def __init__(self):
         self.bufs: dict = {}
@@ -315,58 +309,6 @@ class _Scratch:
             bufs = torch.empty((len(names), rows, v), dtype=like.dtype, device=like.device)
             self.bufs[key] = dict(zip(names, bufs)) if fast else tuple(bufs)
         return self.bufs[key]
-
-
-_POOL: dict = {}
-_POOL_LOCK = threading.Lock()
-
-
-def _map(fn, jobs: list, threads: int | None, cpu: bool) -> list:
-    """``[fn(job, scratch) for job in jobs]``: on a CPU, on ``threads`` worker threads (None:
-    torch's intra-op thread count when the call began) that each run their ops on one thread;
-    elsewhere (CUDA), or for one thread, in the calling thread."""
-    workers = max(1, min(int(threads or _THREADS.get("caller") or 1), len(jobs))) if cpu else 1
-    if workers == 1:
-        scratch = _Scratch()
-        return [fn(job, scratch) for job in jobs]
-    local = threading.local()
-    generation = object()  # fresh buffers per call: no memory is held between calls
-
-    def task(job):
-        if getattr(local, "generation", None) is not generation:
-            local.scratch, local.generation = _Scratch(), generation
-            torch.set_num_threads(1)
-        return fn(job, local.scratch)
-
-    with _POOL_LOCK:
-        pool = _POOL.get(workers)
-        if pool is None:
-            pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="prunerep-metrics")
-    return list(pool.map(task, jobs))
-
-
-_THREADS: dict = {}
-
-
-class _OneThreadOps:
-    """On a CPU: tensor ops on one thread inside (each of many small multi-threaded ops waits
-    for all threads at its end; on a busy machine one of them is often descheduled, which
-    costs a scheduler time slice, ~10 ms, per op); torch's setting is restored on exit."""
-
-    def __init__(self, cpu: bool):
-        self.cpu = cpu
-
-    def __enter__(self):
-        if self.cpu:
-            self.old = _THREADS["caller"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.cpu:
-            torch.set_num_threads(self.old)  # also MKL's (process-wide) setting, which workers change
-            _THREADS.pop("caller", None)
-        return False
 
 
 # --------------------------------------------------------------------------- fast path: per-row sums

@@ -426,8 +426,9 @@ class LensStream:
                 if memo is not None and start <= seg_start + r < start + n:
                     i = seg_start + r - start
                     memo[_lens_key(_row(hd, i), _row(hp, i))] = (zd[i:i + 1].clone(), zp[i:i + 1].clone())
-        per_row = M.vocab_metrics(zd, zp, self.temperatures, self.topk, logit=self.logit,
-                                  probability=self.probability, compiled=self.compiled, threads=self.threads)
+        with intra_op_threads(self.threads, self.device):
+            per_row = M.vocab_metrics(zd, zp, self.temperatures, self.topk, logit=self.logit,
+                                      probability=self.probability, compiled=self.compiled)
         per_row = {k: v.to("cpu", torch.float64) for k, v in per_row.items()}
         del zd, zp
         self.done += n
