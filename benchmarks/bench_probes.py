@@ -9,9 +9,11 @@
                        forwards (prompt, teacher-forced, free-running decode with its per-step LM
                        head), the final norm, the metrics, the option subspace, the table and the
                        top-token table (probe.top_tokens: one more forward per prompt). Each
-                       repetition times the probe and then its floor, back to back; the ratio is
-                       taken per repetition (min and median printed: other jobs on the machine
-                       only ever add time, so the min is the least disturbed)
+                       repetition times the probe and then its floor, back to back. Printed: the
+                       least probe time over the least floor time (other jobs on the machine only
+                       ever add time, so each least time is the least disturbed; the least of the
+                       per-repetition ratios would not be: a disturbed floor lowers it), and the
+                       median of the per-repetition ratios
   where the time goes  (--breakdown) exclusive wall time per stage of one eager probe run
   peak extra memory    of probing a T-token prompt beyond a plain forward that returns the same
                        hidden states, for T = 256 .. 4096 (flat once the token chunk is full),
@@ -164,7 +166,7 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled"), repeat: int =
     device = model_device(model)
     ratios: dict[str, list] = {m: [] for m in modes}
     t_probe: dict[str, list] = {m: [] for m in modes}
-    floors = []
+    floors: dict[str, list] = {m: [] for m in modes}
     rows = None
     parts: dict = {}
     with tempfile.TemporaryDirectory() as d:
@@ -187,7 +189,7 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled"), repeat: int =
                     n_lens_layers = df[(df["context"] == "prompt") & (df["space"] == "logit")]["layer"].nunique()
                     rows = lens_row_count(df) + n_lens_layers * prompt_tokens
                 floor = floor_seconds(model, 2 * rows, plan.token_chunk)
-                floors.append(floor)
+                floors[mode].append(floor)
                 t_probe[mode].append(t)
                 ratios[mode].append(t / floor)
         if breakdown:
@@ -202,12 +204,15 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled"), repeat: int =
                      "other_s": total - sum(b.times.values())}
     out = {"model": name, "device": str(device), "hidden": model.config.hidden_size,
            "vocab": model.config.vocab_size, "layers_probed": int(n_lens_layers), "lens_rows_per_side": rows,
-           "floor_s": min(floors), "table_rows": len(df), "repeat": repeat, "torch_threads": torch.get_num_threads()}
+           "floor_s": min(min(f) for f in floors.values()), "table_rows": len(df), "repeat": repeat,
+           "torch_threads": torch.get_num_threads()}
     for mode in modes:
         r = sorted(ratios[mode])
         out[f"probe_{mode}_s"] = min(t_probe[mode])
-        out[f"probe_{mode}_over_floor"] = r[0]
+        out[f"probe_{mode}_over_floor"] = min(t_probe[mode]) / min(floors[mode])  # least time over least time
         out[f"probe_{mode}_over_floor_median"] = r[len(r) // 2]
+        out[f"probe_{mode}_s_all"] = t_probe[mode]
+        out[f"floor_{mode}_s_all"] = floors[mode]
         out[f"probe_{mode}_over_floor_all"] = ratios[mode]
     if parts:
         out["breakdown"] = parts
@@ -319,7 +324,8 @@ def main() -> None:
     print("\nprobe bench: probe=all, pruned side (compare_to_reference) vs its LM-head floor")
     print("  floor = the LM-head matmuls of every lens row, both sides; it excludes the pruned forwards (and the")
     print("  free-running decode's own per-step LM head), the metrics, the options, the table and the top-token")
-    print(f"  table. probe / floor per repetition, min (median) of {args.repeat}; a busy machine only adds time;")
+    print(f"  table. probe / floor: least probe time / least floor time of {args.repeat} repetitions (median of the")
+    print("  per-repetition ratios); a busy machine only adds time;")
     print(f"  {torch.get_num_threads()} torch thread(s) for the probe and the floor alike")
     for r in results["speed"]:
         ratios = ", ".join(f"{m} {r[f'probe_{m}_over_floor']:.2f} ({r[f'probe_{m}_over_floor_median']:.2f})"
