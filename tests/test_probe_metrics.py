@@ -256,6 +256,22 @@ def test_rows_do_not_depend_on_the_batch():
         assert all(torch.equal(row[k][0], whole[k][i]) for k in whole), i
 
 
+def test_rows_do_not_depend_on_the_thread_count():
+    # the passes run on torch's intra-op threads (probe.metric_threads): splitting them must not
+    # split a row's sums, so 1 and 2 threads give the same bits (a SmolLM2-sized vocabulary, 2 blocks)
+    zd, zp = _logits_pair(n=13, v=49152, eps=0.5, seed=29, dtype=torch.float32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = M.vocab_metrics(zd, zp, (1.0, 2.0))
+        torch.set_num_threads(2)
+        two = M.vocab_metrics(zd, zp, (1.0, 2.0))
+    finally:
+        torch.set_num_threads(old)
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_identical_inputs_give_exact_zeros_in_float32(compiled):
     zd = _rand(5, 1000, seed=21, scale=4.0, dtype=torch.float32)
