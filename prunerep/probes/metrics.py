@@ -252,7 +252,7 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
 
     def blocks(fast: bool, rows: Tensor | None, count: int) -> dict:
         """The rows (all when ``rows`` is None) in padded blocks, through the fast or general path."""
-        scratch, parts = _Scratch(), []
+        scratch, parts = None, []  # one set of buffers for all blocks of this call, made on first use
         for start in range(0, count, block):
             stop = min(start + block, count)
             bd = zd[start:stop] if rows is None else zd.index_select(0, rows[start:stop])
@@ -264,7 +264,8 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
             fn = _block_sums if fast else _general_block
             part = _run_compiled(fn, args) if (compiled and fast) else None  # rows with NaN/inf: rare, eager
             if part is None:
-                part = fn(*args, scratch.get(fast, block, v, zd))
+                scratch = scratch or _scratch(fast, block, v, zd)
+                part = fn(*args, scratch)
             parts.append({k: val[:stop - start] for k, val in part.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
@@ -296,19 +297,12 @@ def _vocab_rows(zd: Tensor, zp: Tensor, n: int, blocks, temps, ks, v: int, logit
     return out
 
 
-class _Scratch:
-    """One call's buffers, allocated on first use: ``get(fast, rows, V, like)``."""
-
-    def __init__(self):
-        self.bufs: dict = {}
-
-    def get(self, fast: bool, rows: int, v: int, like: Tensor) -> dict | tuple:
-        key = (fast, rows, v, like.dtype, like.device)
-        if key not in self.bufs:
-            names = _FAST_BUFFERS if fast else range(_N_SCRATCH)
-            bufs = torch.empty((len(names), rows, v), dtype=like.dtype, device=like.device)
-            self.bufs[key] = dict(zip(names, bufs)) if fast else tuple(bufs)
-        return self.bufs[key]
+def _scratch(fast: bool, rows: int, v: int, like: Tensor) -> dict | tuple:
+    """Buffers for blocks of ``[rows, V]``: named (:data:`_FAST_BUFFERS`) for the fast path, a
+    tuple of :data:`_N_SCRATCH` for the general one."""
+    names = _FAST_BUFFERS if fast else range(_N_SCRATCH)
+    bufs = torch.empty((len(names), rows, v), dtype=like.dtype, device=like.device)
+    return dict(zip(names, bufs)) if fast else tuple(bufs)
 
 
 # --------------------------------------------------------------------------- fast path: per-row sums

@@ -343,7 +343,7 @@ def embedding_metrics(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, norme
     ``probe.h=normed``). The logit and probability rows go through :class:`LensStream`."""
     device = model_device(model)
     hd, hp = h_dense.to(device), h_pruned.to(device)
-    with torch.inference_mode(), intra_op_threads(1, device):  # small ops: one thread (see metrics)
+    with torch.inference_mode(), intra_op_threads(1, device):  # [n, d] ops: too small to gain from threads
         if normed:
             norm = final_norm(model)
             hd, hp = norm(hd), norm(hp)
