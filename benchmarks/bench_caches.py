@@ -97,7 +97,8 @@ def slurm_sweep(locked: bool, points: int = 4) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from test_slurm import RESOURCES, SMALL, slurm_env  # noqa: E402  (skips the module when no cluster)
 
-    from prunerep.models import dequantize_gguf_to_cache, package_file
+    from prunerep.model.load import dequantize_gguf_to_cache
+    from prunerep.model.sources import package_file
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -135,7 +136,7 @@ def main() -> None:
     ap.add_argument("--slurm", action="store_true", help="also time a 4-point sweep on the local SLURM cluster")
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "caches.json"))
     args = ap.parse_args()
-    from prunerep.models import load_tokenizer
+    from prunerep.model.load import load_tokenizer
 
     tok = load_tokenizer(TOKENIZER, CACHE)
     work = dict(hidden=args.hidden, layers=args.layers, prompts=args.prompts, new_tokens=args.new_tokens,

@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from prunerep import probes  # noqa: E402
 from prunerep.io import atomic_write_json  # noqa: E402
-from prunerep.models import load_model, model_device  # noqa: E402
+from prunerep.model.load import load_model  # noqa: E402
+from prunerep.model.placement import input_device as model_device  # noqa: E402
 from prunerep.registry import compose  # noqa: E402
 
 CACHE = os.environ.get("PRUNEREP_CACHE", os.path.expanduser("~/.cache/prunerep"))
@@ -225,7 +226,7 @@ import json, os, sys, threading, time, torch
 sys.path.insert(0, {repo!r})
 from omegaconf import OmegaConf
 from prunerep import probes
-from prunerep.models import load_model
+from prunerep.model.load import load_model
 from prunerep.registry import compose
 mode, T, chunk, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(1)

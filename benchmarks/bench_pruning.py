@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from prunerep.io import atomic_write_json  # noqa: E402
-from prunerep.models import load_model, resolve_device  # noqa: E402
+from prunerep.model.load import load_model  # noqa: E402
+from prunerep.model.placement import resolve_device  # noqa: E402
 from prunerep.pruners.common import PruneSettings, calibrated_blocks, run_block  # noqa: E402
 from prunerep.registry import build_method, compose  # noqa: E402
 from prunerep.sparsity import parse_sparsity  # noqa: E402

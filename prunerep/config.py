@@ -31,6 +31,10 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    # accelerate's device map: auto | balanced | balanced_low_0 | sequential | {module: device};
+    # devices are GPU indices, cpu (offloaded to CPU memory) or disk. null: the whole model on `device`
+    device_map: Any = None
+    max_memory: Any = None  # with a device_map strategy: {device: size}, e.g. {0: 70GiB, cpu: 200GiB}
     trust_remote_code: bool = False
     cache_dequantized: bool = True
     arch: dict[str, Any] = field(default_factory=dict)  # for source=random
@@ -46,6 +50,11 @@ class CalibConfig:
     # samples per block forward (a memory setting only; null = all at once). The pruning order
     # is the method's own setting (pruner.sequential), whatever the batch size.
     batch_size: Optional[int] = None
+    # mixture-of-experts: an expert's calibration tokens are those routed to it (routed) or every
+    # token of the block (all); an expert that saw fewer than expert_min_tokens is treated as if its
+    # inputs were isotropic (Wanda: |W|; SparseGPT, GPTQ: H = I; AWQ: no scale)
+    expert_tokens: str = "routed"
+    expert_min_tokens: int = 16
 
 
 @dataclass

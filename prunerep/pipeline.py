@@ -27,7 +27,8 @@ from prunerep.calibration import calibration_batch
 from prunerep.errors import ConfigError, ModelUnavailable
 from prunerep.io import atomic_write_json, atomic_write_text
 from prunerep.index import find_completed, mark_completed, reuse_completed
-from prunerep.models import load_model
+from prunerep.model.load import load_model
+from prunerep.model.placement import new_offload_dir, remove_offload_dir
 from prunerep.pruners.common import measure_sparsity
 from prunerep.quant.accounting import model_compression
 from prunerep.results import COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
@@ -49,11 +50,16 @@ class Timings(dict):
             log.info("stage %s done in %.1fs", name, self[name])
 
 
-def describe_model(model, mcfg) -> dict:
+def describe_model(model, mcfg, placement) -> dict:
     """What was actually loaded (recorded in summary.json): never the wrong model's numbers."""
     where = mcfg.path or (f"{mcfg.package}/{mcfg.gguf_file}" if mcfg.source == "package" else None)
-    return {"name": mcfg.name, "class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "source": mcfg.source, "path": where, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    described = {"name": mcfg.name, "class": type(model).__name__,
+                 "parameters": sum(p.numel() for p in model.parameters()), "source": mcfg.source, "path": where,
+                 "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    if placement.dispatched:
+        described["placement"] = placement.describe()
+        described["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    return described
 
 
 def peak_memory_mb() -> dict:
@@ -82,6 +88,15 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
         log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
         return reuse_completed(done, run_dir, rs.index_root)
 
+    offload_dir = new_offload_dir(rs.cache_dir) if rs.placement.device_map is not None else None
+    try:
+        return _run(rs, cfg, run_dir, offload_dir)
+    finally:
+        remove_offload_dir(offload_dir)
+
+
+def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Optional[Path]) -> dict:
+    ident = rs.identity
     timings = Timings()
     summary = dict(ident.summary_fields(), status="running")
     if torch.cuda.is_available():
@@ -89,11 +104,11 @@ def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dic
     t_start = time.perf_counter()
     try:  # the checks that need the model or its tokenizer; bad input here leaves nothing written
         with timings.stage("load"):
-            model, tokenizer = load_model(rs.model, rs.cache_dir, offload=rs.prune.offload)
-        summary["loaded_model"] = describe_model(model, rs.model)
+            model, tokenizer = load_model(rs.model, rs.cache_dir, rs.placement, offload_dir)
+        summary["loaded_model"] = describe_model(model, rs.model, rs.placement)
         log.info("model: %s", summary["loaded_model"])
-        rs.pruner.check(model, rs.prune)
-        rs.quant.check(model)
+        if not rs.checked_before_loading:  # a hub model not cached here: its shape is known only now
+            run_spec.check_against_the_model(model, None, rs.probe, rs.calib, rs.prune, rs.quant)
         calib = None
         if rs.pruner.needs_calibration or rs.quant.needs_calibration:
             with timings.stage("calibration_data"):
@@ -185,9 +200,9 @@ class TargetMissed(RuntimeError):
 
 
 def check_target(rs: run_spec.RunSpec, achieved: float) -> None:
-    """Fail the run when a method that promises its target (``meets_target``) misses it."""
+    """Fail the run when a method that promises its target (``zeroes_weights``) misses it."""
     miss_pp = 100 * abs(achieved - rs.sparsity.ratio)
-    if rs.pruner.meets_target and miss_pp > TARGET_TOLERANCE_PP:
+    if rs.pruner.zeroes_weights and miss_pp > TARGET_TOLERANCE_PP:
         raise TargetMissed(f"achieved sparsity {achieved:.4f} is {miss_pp:.2f} points from the target "
                            f"{rs.sparsity} (more than {TARGET_TOLERANCE_PP}); see pruning.json")
 

@@ -13,13 +13,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunerep.config import CalibConfig, ModelConfig, TaskConfig, WandbConfig
 from prunerep.errors import ConfigError
-from prunerep.io import stable_hash
+from prunerep.index import config_hash, slurm_job_id
+from prunerep.model.anatomy import EXPERT_TOKENS, coverage, decoder_layers
+from prunerep.model.identity import model_key
+from prunerep.model.placement import Placement, placement
+from prunerep.model.skeleton import context_length, model_config, skeleton
+from prunerep.model.sources import hub_reachable, looks_local
+from prunerep.probes.capture import resolve_layers
 from prunerep.probes.reference import ProbePlan, build_plan
 from prunerep.pruners.common import PruneSettings, Pruner
 from prunerep.quant.common import Quantizer
 from prunerep.registry import build_method
 from prunerep.sparsity import SparsitySpec, parse_sparsity, sparsity_label
-from prunerep.index import config_hash, slurm_job_id
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,9 @@ class RunSpec:
     identity: RunIdentity
     config: dict  # the resolved config, for config.yaml and the tracker
     model: ModelConfig
+    placement: Placement  # device, dtype, device map / offload
     model_key: str  # identity of the dense model, for the dense-side caches
+    checked_before_loading: bool  # False: the model's shape was unknown (a hub id not cached); check after loading
     sparsity: SparsitySpec
     pruner: Pruner
     quant: Quantizer  # applied after the pruner (NoQuant: nothing)
@@ -87,7 +94,6 @@ def quant_label(cfg: DictConfig) -> str:
 def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> RunSpec:
     """Validate the composed config into a RunSpec. Raises ConfigError (one line) on bad input."""
     from prunerep import evals
-    from prunerep.models import resolve_device, resolve_dtype
 
     spec = parse_sparsity(cfg.sparsity)
     pruner = build_method("pruner", cfg.pruner)
@@ -100,6 +106,7 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
     task: TaskConfig = OmegaConf.to_object(cfg.task)
     check_model(model)
     check_calib(calib)
+    where = placement(model.device, model.dtype, model.device_map, model.max_memory, bool(cfg.offload))
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
     check_writable_dir(cache_dir, "cache_dir")
     if wandb.mode not in ("offline", "online", "disabled"):
@@ -109,13 +116,16 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
         plan = build_plan(cfg.probe)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_against_the_model(model, cache_dir, plan, calib, pruner, quant)
-    device = resolve_device(model.device)
-    settings = PruneSettings(spec=spec, pruner=pruner, device=device, offload=bool(cfg.offload),
-                             batch_size=calib.batch_size or calib.nsamples, seed=int(cfg.seed))
-    key = model_key(model, device, resolve_dtype(model.dtype, device))
+    settings = PruneSettings(spec=spec, pruner=pruner, device=where.device,
+                             batch_size=calib.batch_size or calib.nsamples, seed=int(cfg.seed),
+                             expert_tokens=calib.expert_tokens, expert_min_tokens=calib.expert_min_tokens)
+    config = model_config(model, cache_dir)
+    if config is not None:
+        check_against_the_model(skeleton(config), context_length(config), plan, calib, settings, quant)
+    key = model_key(model, where)
     return RunSpec(identity=identity(cfg, run_dir, sweep_dir, model_key=key),
-                   config=OmegaConf.to_container(cfg, resolve=True), model=model, model_key=key,
+                   config=OmegaConf.to_container(cfg, resolve=True), model=model, placement=where, model_key=key,
+                   checked_before_loading=config is not None,
                    sparsity=spec, pruner=pruner, quant=quant, prune=settings, calib=calib, probe=plan, task=task,
                    wandb=wandb,
                    cache_dir=cache_dir, index_root=index_root(run_dir, sweep_dir),
@@ -132,21 +142,6 @@ def index_root(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return Path(sweep_dir if sweep_dir is not None else run_dir).expanduser().resolve().parent
-
-
-def model_key(model: ModelConfig, device, dtype) -> str:
-    """Identity of the dense model for the dense-reference caches (probes, evals): its config
-    and what its files are now (:func:`prunerep.models.files_identity`: the resolved hub
-    commit, or the size, mtime and a sampled content hash of the local/GGUF files), so new
-    weights under the same ``model.path`` get new caches."""
-    from prunerep.models import files_identity
-
-    m = OmegaConf.to_container(OmegaConf.structured(model), resolve=True)
-    m.pop("device", None)
-    m["dtype"] = str(dtype)
-    m["device_type"] = device.type
-    m["files"] = files_identity(model)
-    return f"{model.name}-{stable_hash(m)}"
 
 
 def resolve_source(m: ModelConfig) -> ModelConfig:
@@ -175,29 +170,35 @@ def check_writable_dir(d: Path, what: str) -> None:
         raise ConfigError(f"{what}={str(d)!r} is not writable")
 
 
-def check_against_the_model(model: ModelConfig, cache_dir: Path, plan: ProbePlan, calib: CalibConfig,
-                            pruner: Pruner, quant: Optional[Quantizer] = None) -> None:
-    """What the model's shape decides, read from its config or GGUF header, not its weights:
-    probed layers in range, the pruner's own depth checks (:meth:`Pruner.check_depth`), the
-    quantizer's group size against the Linear widths (:meth:`Quantizer.check_widths`), prompts
-    and calibration windows within its context."""
-    from prunerep.models import peek_shape
-    from prunerep.probes.capture import resolve_layers
+#: a weight pruner or quantizer must reach at least this share of the decoder blocks' parameters
+MIN_COVERAGE = 0.95
 
-    shape = peek_shape(model, cache_dir)
-    if not shape:
-        return
-    n_layers, context = shape.get("num_hidden_layers"), shape.get("max_position_embeddings")
-    if n_layers and not plan.empty:
+
+def check_against_the_model(model, context: Optional[int], plan: ProbePlan, calib: CalibConfig,
+                            settings: PruneSettings, quant: Quantizer) -> None:
+    """What the model's shape decides, on its skeleton (meta device) before it loads, or on the
+    loaded model when no skeleton could be had: probed layers in range, the pruner's and the
+    quantizer's own checks (targets selected, N:M and group widths, depth), that the weight targets
+    cover the blocks (never a silently half-pruned model), prompts and calibration windows within
+    its context."""
+    pruner = settings.pruner
+    n_layers = len(decoder_layers(model))
+    if not plan.empty:
         try:
-            resolve_layers(plan.layers, int(n_layers))
+            resolve_layers(plan.layers, n_layers)
         except ValueError as e:
-            raise ConfigError(f"{e} (model {model.name!r} has {n_layers} blocks)") from None
-    if n_layers:
-        pruner.check_depth(int(n_layers))  # e.g. layer_drop's pruner.layers / pruner.window in range
-    if quant is not None:
-        quant.check_widths(linear_widths(shape))
-    needs_calibration = pruner.needs_calibration or (quant is not None and quant.needs_calibration)
+            raise ConfigError(f"{e} (the model has {n_layers} blocks)") from None
+    if pruner.prunes_weights or quant.quantizes:
+        share, missing = coverage(model)
+        if share < MIN_COVERAGE:
+            top = sorted(missing.items(), key=lambda kv: -kv[1])[:3]
+            what = ", ".join(f"{k} ({v:,} parameters)" for k, v in top) or "parameters of no known kind"
+            raise ConfigError(f"the weights prunerep can prune or quantize hold {100 * share:.1f}% of the decoder "
+                              f"blocks' parameters (< {100 * MIN_COVERAGE:.0f}%); not covered: {what}. This "
+                              f"architecture ({type(model).__name__}) is not supported")
+    pruner.check(model, settings)
+    quant.check(model)
+    needs_calibration = pruner.needs_calibration or quant.needs_calibration
     if context:
         if needs_calibration and calib.seqlen > context:
             raise ConfigError(f"calib.seqlen={calib.seqlen} is longer than the model's context ({context} tokens)")
@@ -207,29 +208,12 @@ def check_against_the_model(model: ModelConfig, cache_dir: Path, plan: ProbePlan
                               f"({context} tokens)")
 
 
-def linear_widths(shape: dict) -> dict[str, int]:
-    """The input widths of a decoder block's Linear layers that a model config names: the hidden
-    size (q/k/v, gate/up), the intermediate size (down) and heads x head_dim (o)."""
-    widths = {}
-    hidden, inter = shape.get("hidden_size"), shape.get("intermediate_size")
-    heads, head_dim = shape.get("num_attention_heads"), shape.get("head_dim")
-    if isinstance(hidden, int):
-        widths["hidden_size"] = hidden
-    if isinstance(inter, int):
-        widths["intermediate_size"] = inter
-    if isinstance(heads, int) and isinstance(head_dim, int):
-        widths["num_attention_heads x head_dim"] = heads * head_dim
-    return widths
-
-
 def check_model(m: ModelConfig) -> None:
     if m.source not in ("hub", "gguf", "package", "random"):
         raise ConfigError(f"model.source={m.source!r}; choose hub, gguf, package or random")
-    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={m.dtype!r}; choose auto, float32, bfloat16 or float16")
     if m.source == "gguf" and not (m.path and Path(m.path).exists()):
         raise ConfigError(f"model.path={m.path!r}: no such .gguf file")
-    if m.source == "hub" and m.path and _looks_local(m.path) and not Path(m.path).exists():
+    if m.source == "hub" and m.path and looks_local(m.path) and not Path(m.path).exists():
         raise ConfigError(f"model.path={m.path!r}: no such local directory")
 
 
@@ -246,14 +230,13 @@ def check_calib(c: CalibConfig) -> None:
             raise ConfigError(f"calib.path={c.path!r} has {chars} characters: too short for one window of "
                               f"calib.seqlen={c.seqlen} tokens")
     if c.source == "c4":
-        from prunerep.models import hub_reachable
-
         if not hub_reachable():
             raise ConfigError("calib.source=c4 reads allenai/c4 from the Hugging Face Hub, which cannot be reached "
                               "here; use calib.source=pydoc (offline) or calib.source=file calib.path=...")
     if c.batch_size is not None and c.batch_size < 1:
         raise ConfigError(f"calib.batch_size={c.batch_size} must be >= 1 or null")
+    if c.expert_tokens not in EXPERT_TOKENS:
+        raise ConfigError(f"calib.expert_tokens={c.expert_tokens!r}; choose {' or '.join(EXPERT_TOKENS)}")
+    if c.expert_min_tokens < 0:
+        raise ConfigError(f"calib.expert_min_tokens={c.expert_min_tokens} must be >= 0")
 
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or Path(path).exists()

@@ -61,7 +61,7 @@ def embedded(cache_dir):
     Tests that prune it must work on a copy (`copy.deepcopy(model)`) or reload."""
     from omegaconf import OmegaConf
 
-    from prunerep.models import load_model
+    from prunerep.model.load import load_model
     from prunerep.registry import compose
 
     return load_model(OmegaConf.to_object(compose("model=smollm2", "model.device=cpu").model), cache_dir)

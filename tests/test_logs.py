@@ -158,7 +158,7 @@ def test_real_lm_eval_calls_keep_the_console_clean(hydra_like_logging, capsys, t
 
     from prunerep.config import TaskConfig
     from prunerep.evals import evaluate_model
-    from prunerep.models import load_model
+    from prunerep.model.load import load_model
     from prunerep.registry import compose
 
     model, tok = load_model(OmegaConf.to_object(compose("model=tiny", "model.device=cpu").model), cache_dir)

@@ -15,9 +15,9 @@ import torch
 
 from conftest import CACHE_DIR, REPO, make_tiny
 from prunerep.errors import ConfigError
-from prunerep.models import decoder_layers
+from prunerep.model.anatomy import decoder_layers
 from prunerep.pruners._profile import owl_layer_ratios, owl_outlier_ratios
-from prunerep.pruners.common import PruneSettings, measure_sparsity, prunable_linears
+from prunerep.pruners.common import PruneSettings, measure_sparsity, targets_of
 from prunerep.registry import method_class
 from prunerep.sparsity import parse_sparsity
 
@@ -38,7 +38,7 @@ def reference_owl(outlier_ratios, target, lam):
 def block_sparsity(model, pruner) -> list[float]:
     out = []
     for block in decoder_layers(model):
-        lins = prunable_linears(block, pruner).values()
+        lins = targets_of(block, pruner).values()
         out.append(sum(int((l.weight == 0).sum()) for l in lins) / sum(l.weight.numel() for l in lins))
     return out
 
@@ -85,15 +85,15 @@ OUTLIER_BLOCK = 3
 
 def inject_outliers(model, block: int = OUTLIER_BLOCK, frac=0.03, scale=30.0, seed=1):
     g = torch.Generator().manual_seed(seed)
-    for lin in prunable_linears(decoder_layers(model)[block], method_class("pruner", "wanda")()).values():
-        w = lin.weight.data
+    for lin in targets_of(decoder_layers(model)[block], method_class("pruner", "wanda")()).values():
+        w = lin.weight
         sel = torch.rand(w.shape, generator=g) < frac
         w[sel] *= scale
 
 
 def hand_outlier_ratio(model, calib, block: int, m: float) -> float:
     """Percent of block `block`'s Wanda scores |W| * ||X|| above m x their mean, from a plain forward."""
-    lins = prunable_linears(decoder_layers(model)[block], method_class("pruner", "wanda")())
+    lins = {n: t.module for n, t in targets_of(decoder_layers(model)[block], method_class("pruner", "wanda")()).items()}
     xs = {}
     hooks = [l.register_forward_hook(lambda mod, a, o, n=n: xs.__setitem__(n, a[0].flatten(0, -2).double()))
              for n, l in lins.items()]
@@ -218,7 +218,7 @@ def test_uniform_magnitude_masks_are_todays():
 def test_owl_settings_are_checked_before_the_model_loads():
     for name in ("magnitude", "wanda", "sparsegpt"):
         cls = method_class("pruner", name)
-        assert cls.needs_calibration == (name != "magnitude")  # the class flag is unchanged
+        assert cls().needs_calibration == (name != "magnitude")  # the method's own need
         assert cls(profile="owl").needs_calibration
         with pytest.raises(ConfigError, match="N:M pattern"):
             cls(profile="owl").validate(parse_sparsity("2:4"))

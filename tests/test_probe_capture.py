@@ -16,8 +16,10 @@ import torch
 import oracle as O
 from conftest import make_tiny
 from prunerep.config import ProbeConfig
-from prunerep.models import decoder_layers, final_norm, load_tokenizer
-from prunerep.probes import (build_plan, capture, compare_to_reference, dense_reference, lens_logits, load_prompts,
+from prunerep.model.anatomy import decoder_layers, final_norm
+from prunerep.model.load import load_tokenizer
+from prunerep.model.anatomy import lens_logits
+from prunerep.probes import (build_plan, capture, compare_to_reference, dense_reference, load_prompts,
                              resolve_layers, write_probe_outputs)
 from prunerep.results import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
 

@@ -15,9 +15,9 @@ import torch
 import oracle as O
 from conftest import make_tiny
 from prunerep.config import ProbeConfig
-from prunerep.models import final_norm, load_tokenizer
-from prunerep.probes import (build_plan, capture, compare_to_reference, dense_reference, lens_logits,
-                             write_probe_outputs)
+from prunerep.model.anatomy import final_norm, lens_logits
+from prunerep.model.load import load_tokenizer
+from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, write_probe_outputs
 from prunerep.probes import metrics as M
 from prunerep.probes.contexts import greedy_decode, stop_token_ids
 from prunerep.results import RATIO_METRICS, RATIO_PERCENTILES

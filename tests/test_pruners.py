@@ -8,19 +8,19 @@ import torch
 
 from conftest import make_tiny
 from prunerep.errors import ConfigError
-from prunerep.models import decoder_layers
+from prunerep.model.anatomy import block_targets, decoder_layers
 from prunerep.pruners.common import (BlockStep, PruneSettings, calibrated_blocks, input_groups, measure_sparsity,
                                      per_row_mask, run_block)
 from prunerep.pruners.sparsegpt import sparsegpt_prune_weight
-from prunerep.pruners.wanda import wanda_score
+from prunerep.pruners.common import wanda_score
 from prunerep.registry import discover, method_class
 from prunerep.sparsity import parse_sparsity
 
 
-def settings(name: str, sparsity="0.5", offload=False, batch_size=3, **pruner_kw) -> PruneSettings:
+def settings(name: str, sparsity="0.5", batch_size=3, **pruner_kw) -> PruneSettings:
     """batch_size=3 < 8 calibration samples: micro-batches; >= 8: the whole batch in one forward."""
     return PruneSettings(spec=parse_sparsity(sparsity), pruner=method_class("pruner", name)(**pruner_kw),
-                         device=torch.device("cpu"), offload=offload, batch_size=batch_size)
+                         device=torch.device("cpu"), batch_size=batch_size)
 
 
 def prune(model, calib, cfg: PruneSettings) -> dict:
@@ -240,18 +240,27 @@ def test_input_groups_follow_the_blocks_dataflow(calib_ids):
     model = make_tiny("llama")
     cfg = settings("wanda")
     step = next(iter(calibrated_blocks(model, calib_ids, cfg)))
-    linears = {n: m for n, m in step.block.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert input_groups(BlockStep(0, step.block, step.inputs, step.kwargs), linears) == [
+    targets = block_targets(step.block)
+    assert input_groups(BlockStep(0, step.block, step.inputs, step.kwargs), targets, cfg) == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def test_offload_gives_the_same_result(calib_ids):
-    a, b = make_tiny("llama"), make_tiny("llama")
-    prune(a, calib_ids, settings("sparsegpt", offload=False))
-    prune(b, calib_ids, settings("sparsegpt", offload=True))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
+    """The model offloaded to CPU memory (accelerate's hooks, meta tensors between forwards) is
+    pruned block by block and written back: the same weights as in memory, bit for bit."""
+    from prunerep.model.placement import dispatch, is_offloaded, iter_parameters, placement
+
+    a = make_tiny("llama")
+    b = dispatch(make_tiny("llama"), placement("cpu", "float32", offload=True), None)
+    assert is_offloaded(b) and decoder_layers(b)[0].self_attn.q_proj.weight.device.type == "meta"
+    prune(a, calib_ids, settings("sparsegpt"))
+    prune(b, calib_ids, settings("sparsegpt"))
+    got = dict(iter_parameters(b))
+    assert got.keys() == dict(a.named_parameters()).keys()
+    for name, pa in a.named_parameters():
+        assert torch.equal(pa, got[name]), name
+    assert measure_sparsity(b, settings("sparsegpt")) == measure_sparsity(a, settings("sparsegpt"))
 
 
 def test_registry_is_the_set_of_method_modules():
@@ -267,16 +276,16 @@ def test_registry_is_the_set_of_method_modules():
 
 def test_capabilities_are_read_from_the_method():
     methods = discover("pruner")
-    assert {n for n, m in methods.items() if m.needs_calibration} == {"wanda", "sparsegpt", "layer_drop"}
+    assert {n for n, m in methods.items() if m().needs_calibration} == {"wanda", "sparsegpt", "layer_drop"}
     assert {n for n, m in methods.items() if not m.supports_nm} == {"layer_drop"}
-    assert {n for n, m in methods.items() if m.supports_lm_head} == {"magnitude", "random"}
+    assert {n for n, m in methods.items() if m.zeroes_weights} == {"magnitude", "wanda", "sparsegpt", "random"}
     with pytest.raises(ConfigError, match="does not take an N:M pattern"):
         methods["layer_drop"]().validate(parse_sparsity("2:4"))
     methods["wanda"]().validate(parse_sparsity("2:4"))
 
 
-@pytest.mark.parametrize("include,exclude,match", [("nomatch", None, "match no Linear"),
-                                                     (".*", ".*", "match no Linear"),
+@pytest.mark.parametrize("include,exclude,match", [("nomatch", None, "match no weight"),
+                                                     (".*", ".*", "match no weight"),
                                                      ("(", None, "not a valid regular expression")])
 def test_a_pattern_that_selects_nothing_is_bad_input(include, exclude, match):
     model = make_tiny("llama")

@@ -54,7 +54,7 @@ def test_a_method_module_dropped_into_the_package_is_found(toy_repo):
     assert res.returncode == 0, res.stderr[-3000:]
     found = json.loads(res.stdout.strip().splitlines()[-1])
     assert found["file"].startswith(str(toy_repo))  # the copy, not the source tree
-    assert "column_norm" in found["names"] and found["settings"] == ["include", "exclude", "per_row"]
+    assert "column_norm" in found["names"] and found["settings"] == ["include", "exclude", "routers", "per_row"]
     assert not (REPO / "prunerep" / "pruners" / "column_norm.py").exists()
 
 

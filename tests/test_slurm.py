@@ -258,7 +258,8 @@ def test_a_slurm_sweep_computes_the_dense_reference_once(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import CACHE_DIR
 
-    from prunerep.models import dequantize_gguf_to_cache, package_file
+    from prunerep.model.load import dequantize_gguf_to_cache
+    from prunerep.model.sources import package_file
 
     cache = tmp_path / "cache"
     # the tokenizer's dequantised model is made once beforehand (linked in): what is counted is the dense side

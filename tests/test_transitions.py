@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import oracle as O
 from conftest import make_tiny
 from prunerep.config import ProbeConfig
-from prunerep.models import decoder_layers, final_norm, output_head, output_projection, sublayer
+from prunerep.model.anatomy import decoder_layers, final_norm, lens_logits, output_head, output_targets, sublayer
 from prunerep.probes import build_plan, compare_to_reference, dense_reference, summarize, write_probe_outputs
 from prunerep.probes import transitions as TR
 from prunerep.results import PROBE_COLUMNS, TRANSITION_SUBLAYERS
@@ -109,10 +109,10 @@ def assert_changed(rows: pd.DataFrame, what):
 def test_zeroed_output_projection_is_exactly_no_transition(tiny, tok, prompts_file, tmp_path):
     dense = copy.deepcopy(tiny)
     with torch.no_grad():
-        output_projection(sublayer(decoder_layers(dense)[1], "attn")).weight.zero_()  # block 1: attn adds 0
+        output_targets(decoder_layers(dense)[1], "attn")[0].weight.zero_()  # block 1: attn adds 0
     pruned = copy.deepcopy(dense)
     with torch.no_grad():
-        output_projection(sublayer(decoder_layers(pruned)[0], "mlp")).weight.zero_()  # block 0: mlp adds 0 too
+        output_targets(decoder_layers(pruned)[0], "mlp")[0].weight.zero_()  # block 0: mlp adds 0 too
     df, _ = run(dense, pruned, tok, plan(prompts_file), tmp_path)
     assert list(df.columns) == list(PROBE_COLUMNS)
     assert set(df["sublayer"]) == {"block", *TRANSITION_SUBLAYERS}
@@ -256,8 +256,8 @@ def test_raw_lens_skips_the_final_norm(tiny, tok, prompts_file, tmp_path):
     kl = (normed["metric"] == "kl") & ~same
     assert not np.allclose(normed.loc[kl, "value"].to_numpy(), raw.loc[kl, "value"].to_numpy())
     h = torch.randn(5, tiny.config.hidden_size)
-    torch.testing.assert_close(TR.lens(tiny, h, raw=True), output_head(tiny)(h))
-    torch.testing.assert_close(TR.lens(tiny, h), output_head(tiny)(final_norm(tiny)(h)))
+    torch.testing.assert_close(lens_logits(tiny, h, raw=True), output_head(tiny)(h))
+    torch.testing.assert_close(lens_logits(tiny, h), output_head(tiny)(final_norm(tiny)(h)))
     with pytest.raises(ValueError, match="probe.lens"):
         plan(prompts_file, lens="norm")
 

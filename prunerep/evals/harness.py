@@ -33,6 +33,7 @@ from prunerep.evals import bias, codeexec
 from prunerep.evals.compare import finite_or_none
 from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml
 from prunerep.logs import quiet_third_party
+from prunerep.model.placement import input_device
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,11 @@ def _hflm(model, tokenizer, batch_size: int):
     hf_log = logging.getLogger("lm_eval.models.huggingface")
     disabled, hf_log.disabled = hf_log.disabled, True
     try:
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     finally:
         hf_log.disabled = disabled
+    lm._device = input_device(model)  # HFLM takes model.device: meta for an offloaded model
+    return lm
 
 
 # --------------------------------------------------------------------------- running

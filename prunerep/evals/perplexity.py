@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 import torch
 
+from prunerep.model.placement import input_device
+
 log = logging.getLogger(__name__)
 
 PERPLEXITY = "perplexity"
@@ -105,7 +107,7 @@ def reference_nll(model, token_ids: Sequence[int] | torch.Tensor, seqlen: int) -
     n = ids.numel() // seqlen
     if n < 1:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of ppl_seqlen={seqlen}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     window_nll = []
     for i in range(n):
         x = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(device)

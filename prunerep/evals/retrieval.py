@@ -39,6 +39,8 @@ from typing import Any, Sequence
 
 import torch
 
+from prunerep.model.placement import input_device
+
 log = logging.getLogger(__name__)
 
 RETRIEVAL = "retrieval"
@@ -133,7 +135,7 @@ def embed_ids(model, token_ids: list[list[int]], pooling: str, batch_size: int =
     batched by length (right padding, masked); the result is in input order."""
     if pooling not in ("last", "mean"):
         raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     out: list[torch.Tensor | None] = [None] * len(token_ids)
     for s in range(0, len(order), max(1, int(batch_size))):

@@ -14,7 +14,7 @@ Modules: :mod:`.metrics` (pure tensor math), :mod:`.capture` (hooks, logit lens)
 (sublayer transitions and local damage, ``probe.transitions``), :mod:`.top_tokens` (the dense
 top tokens with both models' probabilities). The table's schema is :mod:`prunerep.results`.
 """
-from prunerep.probes.capture import capture, lens_logits, resolve_layers
+from prunerep.probes.capture import capture, resolve_layers
 from prunerep.probes.outputs import summarize, write_probe_outputs
 from prunerep.probes.prompts import Prompt, load_prompts
 from prunerep.probes.reference import (DenseReference, ProbePlan, build_plan, compare_to_reference,
@@ -22,5 +22,5 @@ from prunerep.probes.reference import (DenseReference, ProbePlan, build_plan, co
 from prunerep.probes.top_tokens import detach as detach_top_tokens
 
 __all__ = ["build_plan", "ProbePlan", "dense_reference", "compare_to_reference", "write_probe_outputs",
-           "load_prompts", "DenseReference", "Prompt", "capture", "lens_logits", "resolve_layers", "summarize",
+           "load_prompts", "DenseReference", "Prompt", "capture", "resolve_layers", "summarize",
            "detach_top_tokens"]

@@ -5,7 +5,7 @@ i ≥ 1 is the output of block i − 1, layer L (the number of blocks) is the la
 *before* the final norm. The indices are those of transformers' ``output_hidden_states``, and
 so are the tensors at layers 0 … L − 1, but NOT at L: there transformers returns the state
 *after* the final norm, ``final_norm(h_L)``, while :func:`capture` records the raw residual
-stream h_L (what the logit lens :func:`lens_logits` reads). ``probe.h=normed`` compares the
+stream h_L (what the logit lens :func:`prunerep.model.anatomy.lens_logits` reads). ``probe.h=normed`` compares the
 normed state at L instead (:func:`prunerep.probes.reference.embedding_metrics`).
 
 Sublayers at layer i ≥ 1 (block i − 1):
@@ -19,8 +19,8 @@ so ``block_i = block_{i-1} + attn_i + mlp_i``. Gemma2/3-style blocks normalise e
 before adding it (``post_attention_layernorm``, ``post_feedforward_layernorm``); there the
 hooks sit on those norms, so the same identity holds. Layer 0 has only ``block``.
 
-The logit lens :func:`lens_logits` uses the model's own final norm and LM head, unchanged:
-for the last layer it reproduces the model's logits exactly.
+The logit lens (:func:`prunerep.model.anatomy.lens_logits`) uses the model's own final norm
+and LM head, unchanged: for the last layer it reproduces the model's logits exactly.
 """
 from __future__ import annotations
 
@@ -30,15 +30,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from prunerep.models import decoder_layers, final_norm, output_head, residual_update
+from prunerep.model.anatomy import decoder_layers, first_output, residual_update
 
 SUBLAYERS = ("block", "attn", "mlp")
 Key = tuple[int, str]
-
-
-def num_layers(model: nn.Module) -> int:
-    """L, the number of decoder blocks (layer indices run 0..L)."""
-    return len(decoder_layers(model))
 
 
 def resolve_layers(spec: Any, n_layers: int, include_last: bool = True) -> list[int]:
@@ -77,10 +72,6 @@ def sublayer_module(block: nn.Module, sublayer: str) -> nn.Module:
     return residual_update(block, sublayer)
 
 
-def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[int], sublayers: Sequence[str] = ("block",)
             ) -> Iterator[dict[Key, Tensor]]:
@@ -96,7 +87,7 @@ def capture(model: nn.Module, layers: Sequence[int], sublayers: Sequence[str] = 
 
     def store(key: Key):
         def hook(_module, _inputs, output):
-            acts[key] = _first(output).detach()
+            acts[key] = first_output(output).detach()
         return hook
 
     def store_input(key: Key):
@@ -123,15 +114,3 @@ def capture(model: nn.Module, layers: Sequence[int], sublayers: Sequence[str] = 
     finally:
         for h in handles:
             h.remove()
-
-
-def lens_logits(model: nn.Module, h: Tensor) -> Tensor:
-    """Logit lens: ``output_head(final_norm(h))`` with the model's own modules.
-
-    For the raw last-layer state h_L this is exactly the model's logits. Models that
-    soft-cap their final logits (Gemma2: ``final_logit_softcapping``) get the same cap."""
-    z = output_head(model)(final_norm(model)(h))
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    return z

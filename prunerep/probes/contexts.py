@@ -27,15 +27,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from prunerep.models import base_model, model_device
-from prunerep.probes.capture import Key, capture, num_layers
+from prunerep.model.anatomy import base_model, num_layers
+from prunerep.model.placement import input_device
+from prunerep.probes.capture import Key, capture
 
 CONTEXTS = ("prompt", "teacher_forced", "free_running")
 
 
 def _forward(model: nn.Module, ids: Tensor, **kw):
     # logits_to_keep=1: the probes recompute logits through the lens where they need them
-    return model(input_ids=ids.to(model_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
+    return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +61,7 @@ def _states_forward(model: nn.Module, ids: Tensor) -> None:
     the model exposes it (the head of a 7B model is ~1 GB read per call, even for one row)."""
     decoder = base_model(model)
     if decoder is not model:
-        decoder(input_ids=ids.to(model_device(model)).unsqueeze(0), use_cache=False)
+        decoder(input_ids=ids.to(input_device(model)).unsqueeze(0), use_cache=False)
     else:
         _forward(model, ids, use_cache=False)
 

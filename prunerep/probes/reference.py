@@ -38,7 +38,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,9 +47,10 @@ from torch import Tensor, nn
 
 from prunerep.io import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
                          sha256_file, stable_hash, write_checked_json)
-from prunerep.models import final_norm, model_device, output_head
+from prunerep.model.anatomy import final_norm, lens_rows, num_layers, output_head
+from prunerep.model.placement import iter_parameters, lens_device, onloaded
 from prunerep.probes import metrics as M
-from prunerep.probes.capture import SUBLAYERS, lens_logits, num_layers, resolve_layers
+from prunerep.probes.capture import SUBLAYERS, resolve_layers
 from prunerep.probes.contexts import (CONTEXTS, active_memo, greedy_decode, prompt_states,
                                       reuse_last_states, stop_token_ids, teacher_forced_states)
 from prunerep.probes.prompts import Prompt, load_prompts, read_prompts_file
@@ -160,7 +161,7 @@ def _transitions():
 
 # --------------------------------------------------------------------------- fingerprints
 
-def _fingerprint(tensors: Sequence[Tensor], samples: int = 4096) -> str:
+def _fingerprint(tensors: Iterable[Tensor], samples: int = 4096) -> str:
     """Hash of an evenly strided sample of each tensor's values (exact bits, cheap)."""
     h = hashlib.sha256()
     for t in tensors:
@@ -172,12 +173,17 @@ def _fingerprint(tensors: Sequence[Tensor], samples: int = 4096) -> str:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    return _fingerprint([p for _, p in sorted(model.named_parameters())])
+    return _fingerprint(p for _, p in iter_parameters(model))
 
 
 def lens_fingerprint(model: nn.Module) -> str:
     """Identity of the final norm + LM head (the logit lens) — must not change when pruning."""
-    return _fingerprint(list(final_norm(model).parameters()) + list(output_head(model).parameters()))
+    def params():
+        for module in (final_norm(model), output_head(model)):
+            with onloaded(module):
+                yield from module.parameters()
+
+    return _fingerprint(params())
 
 
 def derived_model_key(model: nn.Module) -> str:
@@ -231,7 +237,7 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
     """Run the dense model over the probe prompts once and cache its hidden states.
 
     ``model_key`` names the dense model (the pipeline passes one, built from its resolved files:
-    :func:`prunerep.models.files_identity`); without it the key is derived from ``model.config``.
+    :func:`prunerep.model.identity.files_identity`); without it the key is derived from ``model.config``.
     A weight sample is hashed in as well, so two models with the same config but different
     weights never share a cache.
 
@@ -341,7 +347,7 @@ def embedding_metrics(model: nn.Module, h_dense: Tensor, h_pruned: Tensor, norme
     state matrices, per row, keyed ``("embedding", metric, nan)``, float64 on the CPU.
     ``normed``: compare the final norm's outputs instead of h (the last layer with
     ``probe.h=normed``). The logit and probability rows go through :class:`LensStream`."""
-    device = model_device(model)
+    device = lens_device(model)
     hd, hp = h_dense.to(device), h_pruned.to(device)
     with torch.inference_mode(), intra_op_threads(1, device):  # [n, d] ops: too small to gain from threads
         if normed:
@@ -362,7 +368,7 @@ class LensStream:
     def __init__(self, model: nn.Module, *, spaces: Sequence[str], temperatures: Sequence[float],
                  topk: Sequence[int], token_chunk: int, metric_threads: int | None = None,
                  compile: bool | None = None):
-        self.model, self.device = model, model_device(model)
+        self.model, self.device = model, lens_device(model)
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         self.logit, self.probability = "logit" in spaces, "probability" in spaces
         self.temperatures, self.topk, self.chunk, self.threads = tuple(temperatures), tuple(topk), token_chunk, \
@@ -465,37 +471,25 @@ def _row(parts: list[Tensor], i: int) -> Tensor:
 
 
 def _lens_key(h_dense: Tensor, h_pruned: Tensor) -> tuple:
-    return ("lens", h_dense.detach().to("cpu").numpy().tobytes(), h_pruned.detach().to("cpu").numpy().tobytes())
+    return ("lens", _bits(h_dense), _bits(h_pruned))
 
 
-LENS_ROW_MULTIPLE = 8
-
-
-def lens_rows(model: nn.Module, h: Tensor) -> Tensor:
-    """:func:`lens_logits` of ``[n, d]`` rows, zero-padded to a multiple of 8 rows: a BLAS
-    takes another code path for 1-3 rows (gemv), so padding keeps each row's logits
-    bit-identical however the rows are chunked."""
-    pad = -h.shape[0] % LENS_ROW_MULTIPLE
-    if pad:
-        h = torch.cat([h, h.new_zeros(pad, h.shape[-1])])
-    z = lens_logits(model, h)
-    return z[: z.shape[0] - pad] if pad else z
+def _bits(t: Tensor) -> bytes:
+    """The exact bytes of a tensor of any dtype (numpy has no bfloat16)."""
+    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def lens_pair(model: nn.Module, hd: Tensor, hp: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`lens_rows` of both sides in ONE LM-head matmul: with few rows the matmul is
-    bound by reading the [V, d] head (2 GB for a 7B model in float32), so reading it once
-    instead of twice halves the cost. Each side is padded to a multiple of 8 rows first,
-    so every row's logits are those :func:`lens_rows` gives (bit for bit)."""
+    """:func:`~prunerep.model.anatomy.lens_rows` of both sides in ONE LM-head matmul (the [V, d]
+    head, 2 GB for a 7B model in float32, is read once, not twice); a row the comparison has run
+    already (the top-token table asks again) comes from the memo."""
     memo = active_memo(model)
-    if memo is not None and hd.shape[0] == 1 == hp.shape[0]:  # a row the comparison has run (top tokens)
+    if memo is not None and hd.shape[0] == 1 == hp.shape[0]:
         got = memo.get(_lens_key(hd[0], hp[0]))
         if got is not None:
             return got
-    n, pad = hd.shape[0], -hd.shape[0] % LENS_ROW_MULTIPLE
-    both = [hd, hd.new_zeros(pad, hd.shape[-1]), hp] if pad else [hd, hp]
-    z = lens_rows(model, torch.cat(both))
-    return z[:n], z[n + pad:n + pad + hp.shape[0]]
+    zd, zp = lens_rows(model, [hd, hp])
+    return zd, zp
 
 
 @contextmanager

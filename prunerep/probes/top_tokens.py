@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from prunerep.models import model_device
+from prunerep.model.placement import lens_device
 
 ATTR = "top_tokens"
 COLUMNS = ["prompt_id", "prompt_kind", "where", "position", "rank", "token_id", "token", "temperature", "p_dense",
@@ -75,7 +75,7 @@ def top_tokens_table(model: nn.Module, tokenizer, plan, ref) -> pd.DataFrame:
     if k <= 0 or "probability" not in plan.spaces or not plan.temperatures:
         return empty_table()
     n_layers = ref.n_layers
-    device = model_device(model)
+    device = lens_device(model)
     rows = []
     for prompt in ref.prompts:
         cached = ref.load(prompt.id)

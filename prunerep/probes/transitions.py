@@ -46,7 +46,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from prunerep.models import decoder_layers, final_norm, model_device, output_head, residual_update
+from prunerep.model.anatomy import (LENS_ROW_MULTIPLE, decoder_layers, first_output, lens_rows, residual_update,
+                                     with_first_output)
+from prunerep.model.placement import input_device, lens_device
 from prunerep.probes import metrics as M
 from prunerep.probes.capture import capture
 from prunerep.probes.contexts import _states_forward
@@ -61,7 +63,6 @@ PAIRS = (("attn_transition_dense", "in_d", "mid_d"), ("mlp_transition_dense", "m
          ("attn_local", "mid_d", "loc_attn"), ("mlp_local", "out_d", "loc_mlp"))
 STATES = ("in_d", "mid_d", "out_d", "in_p", "mid_p", "out_p", "loc_attn", "loc_mlp")
 PREFIX = "transitions"
-LENS_ROW_MULTIPLE = 8
 #: rows of each state per chunk = token_chunk / CHUNK_DIVISOR (8 states through the lens, 6 pairs of
 #: logits copied side by side: ~1.25 x token_chunk x vocabulary held at once)
 CHUNK_DIVISOR = 16
@@ -96,32 +97,6 @@ def _key(context: str, layer: int, part: str) -> str:
     return f"{PREFIX}/{context}/{layer}/{part}"
 
 
-# --------------------------------------------------------------------------- the lens
-
-def lens(model: nn.Module, h: Tensor, raw: bool = False) -> Tensor:
-    """z = LM head(final norm(h)), or LM head(h) with ``raw``; a model's final-logit soft-cap
-    (Gemma2) applies either way."""
-    z = output_head(model)(h if raw else final_norm(model)(h))
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    return z
-
-
-def lens_many(model: nn.Module, states: Sequence[Tensor], raw: bool = False) -> list[Tensor]:
-    """:func:`lens` of several ``[n, d]`` matrices in one LM-head matmul (the head is read once);
-    each is zero-padded to a multiple of 8 rows first, as :func:`.reference.lens_rows` does, so a
-    row's logits do not depend on what it was batched with."""
-    parts, spans, at = [], [], 0
-    for s in states:
-        pad = -s.shape[0] % LENS_ROW_MULTIPLE
-        parts += [s, s.new_zeros(pad, s.shape[-1])] if pad else [s]
-        spans.append((at, at + s.shape[0]))
-        at += s.shape[0] + pad
-    z = lens(model, torch.cat(parts), raw)
-    return [z[a:b] for a, b in spans]
-
-
 # --------------------------------------------------------------------------- forwards
 
 def _sequence(ids: Tensor, gen: Tensor | None, context: str) -> tuple[Tensor, slice] | None:
@@ -145,19 +120,6 @@ def sublayer_states(model: nn.Module, seq: Tensor, layers: Sequence[int]) -> dic
             for i in wanted}
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _with_first(output, value: Tensor):
-    """``output`` with its first tensor replaced (a module may return a tuple)."""
-    if isinstance(output, tuple):
-        return (value, *output[1:])
-    if isinstance(output, list):
-        return [value, *output[1:]]
-    return value
-
-
 @contextmanager
 def patched(model: nn.Module, dense: dict[int, dict[str, Tensor]]) -> Iterator[dict[int, dict[str, Tensor]]]:
     """Hooks for the local-damage forward: for each table layer i in ``dense`` (block i − 1), the
@@ -166,7 +128,7 @@ def patched(model: nn.Module, dense: dict[int, dict[str, Tensor]]) -> Iterator[d
     updates the model's own sublayers return on those dense inputs. The hooks only replace values
     in flight; they are removed on exit."""
     blocks = decoder_layers(model)
-    device = model_device(model)
+    device = input_device(model)
     got: dict[int, dict[str, Tensor]] = defaultdict(dict)
     handles = []
 
@@ -182,14 +144,14 @@ def patched(model: nn.Module, dense: dict[int, dict[str, Tensor]]) -> Iterator[d
 
     def attn_update(i: int, a: Tensor):
         def hook(_module, _inputs, output):
-            out = _first(output)
+            out = first_output(output)
             got[i]["attn"] = out.detach()[0]
-            return _with_first(output, as_batch(a, out))
+            return with_first_output(output, as_batch(a, out))
         return hook
 
     def mlp_update(i: int):
         def hook(_module, _inputs, output):
-            got[i]["mlp"] = _first(output).detach()[0]
+            got[i]["mlp"] = first_output(output).detach()[0]
         return hook
 
     try:
@@ -255,7 +217,7 @@ def block_metrics(model: nn.Module, states: dict[str, Tensor], *, spaces: Sequen
     logits held at once are about 1.25 × ``token_chunk`` × vocabulary, as for the other probes."""
     from prunerep.probes.reference import intra_op_threads
 
-    device = model_device(model)
+    device = lens_device(model)
     compiled = device.type == "cuda" if compile is None else bool(compile)
     want_z = "logit" in spaces or "probability" in spaces
     out: dict[str, dict[tuple[str, str, float], list[Tensor]]] = {name: defaultdict(list) for name, _, _ in PAIRS}
@@ -270,7 +232,7 @@ def block_metrics(model: nn.Module, states: dict[str, Tensor], *, spaces: Sequen
                     out[name][("embedding", k, math.nan)].append(v)
         if not want_z:
             continue
-        z = dict(zip(STATES, lens_many(model, [chunk[s] for s in STATES], raw)))
+        z = dict(zip(STATES, lens_rows(model, [chunk[s] for s in STATES], raw)))
         z_base = torch.cat([z[base] for _, base, _ in PAIRS])
         z_other = torch.cat([z[other] for _, _, other in PAIRS])
         del z
@@ -291,7 +253,7 @@ def compare_prompt(model: nn.Module, plan, prompt, cached: dict[str, Tensor], la
     gen = cached.get("gen_ids")
     kw = dict(spaces=plan.spaces, temperatures=plan.temperatures, topk=plan.topk, token_chunk=plan.token_chunk,
               raw=plan.lens == "raw", metric_threads=plan.metric_threads, compile=plan.compile)
-    device = model_device(model)
+    device = lens_device(model)
     for context in CONTEXTS:
         run = _sequence(ids, gen, context) if context in plan.contexts else None
         if run is None:

@@ -30,8 +30,9 @@ from typing import Optional, Sequence
 import torch
 
 from prunerep.errors import ConfigError
-from prunerep.models import decoder_layers
-from prunerep.pruners.common import (Pruner, calibrated_blocks, input_hooks, prunable_linears, run_block)
+from prunerep.model.anatomy import decoder_layers, feeding
+from prunerep.model.placement import onloaded
+from prunerep.pruners.common import InputSquares, Pruner, calibrated_blocks, run_block, targets_of, wanda_score
 from prunerep.sparsity import SparsitySpec
 
 PROFILES = ("uniform", "owl")
@@ -82,23 +83,16 @@ def owl_outlier_ratios(model, calib: torch.Tensor, settings, pruner: Pruner, m: 
     """Per block: the percentage of its Wanda scores |W|·‖X‖ above ``m`` × the block's mean score
     (on the dense model), and its number of prunable weights. One calibration pass; the scores of
     one Linear at a time exist (summed, then counted), never the whole block's."""
-    from prunerep.pruners.wanda import wanda_score
-
     ratios, sizes = [], []
     for step in calibrated_blocks(model, calib, settings, desc="owl outliers"):
-        linears = prunable_linears(step.block, pruner)
-        sq = {name: torch.zeros(lin.in_features, device=lin.weight.device, dtype=torch.float32)
-              for name, lin in linears.items()}
-
-        def accumulate(name, x):
-            sq[name] += x.float().pow(2).sum(0)
-
-        with input_hooks(linears, accumulate):
+        targets = targets_of(step.block, pruner)
+        sq = InputSquares(targets, settings.expert_min_tokens)
+        with feeding(targets, sq, expert_tokens=settings.expert_tokens):
             step.outputs = run_block(step.block, step.inputs, step.kwargs, settings.batch_size)  # dense: goes on
-        numel = sum(lin.weight.numel() for lin in linears.values())
-        total = sum(float(wanda_score(lin.weight, sq[n]).sum(dtype=torch.float64)) for n, lin in linears.items())
+        numel = sum(t.numel for t in targets.values())
+        total = sum(float(wanda_score(t.weight, sq[n]).sum(dtype=torch.float64)) for n, t in targets.items())
         cut = m * total / numel
-        count = sum(int((wanda_score(lin.weight, sq[n]) > cut).sum()) for n, lin in linears.items())
+        count = sum(int((wanda_score(t.weight, sq[n]) > cut).sum()) for n, t in targets.items())
         ratios.append(100.0 * count / numel)
         sizes.append(numel)
     return ratios, sizes
@@ -117,9 +111,10 @@ class ProfiledPruner(Pruner):
     owl_lambda: float = 0.08
     owl_m: float = 5.0
 
-    def __post_init__(self) -> None:
-        if self.profile == "owl":  # the instance needs calibration data even where the class does not
-            self.needs_calibration = True
+    @property
+    def needs_calibration(self) -> bool:
+        """OWL's outlier ratios read calibration activations, whatever the method."""
+        return self.profile == "owl" or super().needs_calibration
 
     def validate(self, spec: SparsitySpec) -> None:
         super().validate(spec)
@@ -156,8 +151,9 @@ class ProfiledPruner(Pruner):
             return {"name": "uniform"}
         achieved = []
         for block in decoder_layers(model):
-            lins = prunable_linears(block, self).values()
-            achieved.append(sum(int((lin.weight == 0).sum()) for lin in lins) / sum(lin.weight.numel() for lin in lins))
+            with onloaded(block):
+                ts = targets_of(block, self).values()
+                achieved.append(sum(int((t.weight == 0).sum()) for t in ts) / sum(t.numel for t in ts))
         keys = [f"layers.{i}" for i in range(len(plan["targets"]))]
         return {"name": "owl", "lambda": self.owl_lambda, "m": self.owl_m,
                 "outlier_ratios_pct": dict(zip(keys, plan["outlier_ratios"])),

@@ -3,8 +3,17 @@ masks, measurement.
 
 Calibration runs as in the Wanda and SparseGPT reference code: the inputs of block i+1
 are the outputs of the already-pruned block i, so peak memory is one block plus its
-calibration activations; with ``offload`` the model stays in CPU memory and only the
-block being pruned visits the accelerator.
+calibration activations. A block's weights are on its compute device for its turn
+(:func:`prunerep.model.placement.onloaded`): a model sharded over GPUs, offloaded to CPU
+memory or to disk is pruned one block at a time and written back where it lives.
+
+A method works on weight targets (:class:`prunerep.model.anatomy.Target`): every Linear of a
+block and every expert's matrices of a mixture-of-experts block (the routers stay dense unless
+``routers=true``). An expert is calibrated on the tokens the router sent to it
+(``calib.expert_tokens=routed``) or on every token (``all``, llm-compressor's choice); an expert
+that saw fewer than ``calib.expert_min_tokens`` tokens has no usable statistics and is treated as
+if its inputs were isotropic (Wanda: magnitude per row; SparseGPT, GPTQ: H = I; AWQ: no scale),
+which pruning.json records under ``experts.starved``.
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ import torch
 from torch import nn
 
 from prunerep.errors import ConfigError
-from prunerep.models import base_model, decoder_layers, output_head
+from prunerep.model.anatomy import Target, block_targets, decoder_layers, feeding, first_output, output_head
+from prunerep.model.placement import input_device, onloaded
 from prunerep.registry import Method
 from prunerep.sparsity import SparsitySpec
 
@@ -30,9 +40,10 @@ class PruneSettings:
     spec: SparsitySpec
     pruner: "Pruner"
     device: torch.device
-    offload: bool = False
     batch_size: int = 1 << 30  # calibration samples per block forward; default: all at once
     seed: int = 0
+    expert_tokens: str = "routed"  # routed | all: an expert's calibration tokens
+    expert_min_tokens: int = 16  # fewer: the expert's statistics are isotropic
 
 
 def check_target_patterns(method, group: str) -> None:
@@ -46,22 +57,45 @@ def check_target_patterns(method, group: str) -> None:
                 raise ConfigError(f"{group}.{key}={pattern!r} is not a valid regular expression: {e}") from None
 
 
+def method_targets(model: nn.Module, method, group: str) -> dict[str, Target]:
+    """The targets a method's ``include`` / ``exclude`` / ``routers`` select, by model-wide name;
+    a ConfigError (one line) when they select none."""
+    found = {f"layers.{i}.{n}": t for i, block in enumerate(decoder_layers(model))
+             for n, t in targets_of(block, method).items()}
+    if not found:
+        raise ConfigError(f"{group}.include={method.include!r} / {group}.exclude={method.exclude!r} match no weight "
+                          f"of the model's decoder blocks")
+    return found
+
+
+def targets_of(block: nn.Module, method) -> dict[str, Target]:
+    """The targets of one block that ``method`` (a pruner or quantizer) works on, by name in the block."""
+    return block_targets(block, method.include, method.exclude, bool(getattr(method, "routers", False)))
+
+
 @dataclass
 class Pruner(Method):
     """Base of every pruning method (``conf/pruner/<name>.yaml`` + ``prunerep/pruners/<name>.py``).
 
-    Settings shared by all: ``include``/``exclude``, regexes on the Linear layers' names inside
-    a decoder block, choose what is pruned and what sparsity is measured on. Capabilities are
-    class flags, read by the pipeline and the checks; :meth:`validate` runs before the model
-    loads, :meth:`check` after it loads and before any heavy work."""
+    Settings shared by all: ``include``/``exclude``, regexes on the weight targets' names inside
+    a decoder block (``self_attn.q_proj``, ``mlp.experts.3.down_proj``), and ``routers``, whether a
+    mixture-of-experts block's routers are pruned too, choose what is pruned and what sparsity is
+    measured on. Capabilities are class flags, read by the pipeline and the checks;
+    :meth:`validate` runs before the model loads, :meth:`check` on its skeleton (or, for a hub
+    model not cached here, on the loaded model) before any heavy work."""
 
     include: str = r".*"
     exclude: Optional[str] = None
+    routers: bool = False
 
-    needs_calibration: ClassVar[bool] = False  # calibration samples are loaded for it
     supports_nm: ClassVar[bool] = True  # takes an N:M pattern as its target
-    supports_lm_head: ClassVar[bool] = False  # has a prune_lm_head setting
-    meets_target: ClassVar[bool] = True  # achieved sparsity == target (the run fails otherwise)
+    zeroes_weights: ClassVar[bool] = True  # sets single weights to zero, to the target (the run fails otherwise)
+    prunes_weights: ClassVar[bool] = True  # works on weight targets (layer_drop works on whole sublayers)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration samples are loaded for it."""
+        return False
 
     def validate(self, spec: SparsitySpec) -> None:
         """Checks that need no model. Raise ConfigError (one line)."""
@@ -70,21 +104,19 @@ class Pruner(Method):
         check_target_patterns(self, "pruner")
 
     def check_depth(self, n_layers: int) -> None:
-        """Checks against the model's number of decoder blocks, read before the model loads
-        (:func:`prunerep.spec.check_against_the_model`). Raise ConfigError (one line)."""
+        """Checks against the model's number of decoder blocks. Raise ConfigError (one line)."""
 
     def check(self, model: nn.Module, settings: PruneSettings) -> None:
-        """Checks against the loaded model: the pattern must match Linear layers, and an N:M
-        pattern must divide their input features."""
-        targets = {f"layers.{i}.{name}": lin for i, block in enumerate(decoder_layers(model))
-                   for name, lin in prunable_linears(block, self).items()}
-        if not targets:
-            raise ConfigError(f"pruner.include={self.include!r} / pruner.exclude={self.exclude!r} match no Linear "
-                              f"layer of the model's decoder blocks")
+        """Checks against the model (its skeleton on the meta device will do): the patterns must
+        select weights, and an N:M pattern must divide their input features."""
+        self.check_depth(len(decoder_layers(model)))
+        if not self.prunes_weights:
+            return
+        targets = method_targets(model, self, "pruner")
         if settings.spec.is_nm:
-            for name, lin in targets.items():
-                if lin.in_features % settings.spec.m:
-                    raise ConfigError(f"N:M sparsity {settings.spec}: {name} has {lin.in_features} "
+            for name, t in targets.items():
+                if t.in_features % settings.spec.m:
+                    raise ConfigError(f"N:M sparsity {settings.spec}: {name} has {t.in_features} "
                                       f"input features, not a multiple of {settings.spec.m}")
 
     def prune(self, model: nn.Module, calib: Optional[torch.Tensor], settings: PruneSettings) -> dict:
@@ -96,24 +128,18 @@ class Pruner(Method):
 class CalibratedPruner(Pruner):
     """A pruner that reads calibration activations block by block (Wanda, SparseGPT).
 
-    ``sequential``: inside a block, each Linear layer's statistics come from the block with
-    the layers before it already pruned (o_proj sees the pruned q/k/v, the MLP the pruned
-    attention) -- GPTQ/SparseGPT's ``--true-sequential``. ``false``: every layer's statistics
-    come from the dense block, as in Wanda's reference code (``lib/prune.py``: prune_wanda and
-    prune_sparsegpt). Independent of ``calib.batch_size``, which only bounds memory."""
+    ``sequential``: inside a block, each layer's statistics come from the block with the layers
+    before it already pruned (o_proj sees the pruned q/k/v, the MLP the pruned attention, an
+    expert's down projection its pruned gate/up) -- GPTQ/SparseGPT's ``--true-sequential``.
+    ``false``: every layer's statistics come from the dense block, as in Wanda's reference code
+    (``lib/prune.py``: prune_wanda and prune_sparsegpt). Independent of ``calib.batch_size``, which
+    only bounds memory."""
 
     sequential: bool = True
-    needs_calibration: ClassVar[bool] = True
 
-
-# --------------------------------------------------------------------------- targets
-
-def prunable_linears(block: nn.Module, pruner: Pruner) -> dict[str, nn.Linear]:
-    """The Linear layers of one decoder block that the pruner may touch, by name in the block."""
-    inc = re.compile(pruner.include)
-    exc = re.compile(pruner.exclude) if pruner.exclude else None
-    return {name: mod for name, mod in block.named_modules()
-            if isinstance(mod, nn.Linear) and inc.search(name) and not (exc and exc.search(name))}
+    @property
+    def needs_calibration(self) -> bool:
+        return True
 
 
 # --------------------------------------------------------------------------- masks
@@ -193,8 +219,19 @@ def mask_for(score: torch.Tensor, spec: SparsitySpec, per_row: bool) -> torch.Te
 
 
 @torch.no_grad()
-def apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
-    linear.weight.data.masked_fill_(mask.to(linear.weight.device), 0)
+def apply_mask(target: Target, mask: torch.Tensor) -> None:
+    """Zero the target's weights where ``mask`` is True, in place."""
+    w = target.weight
+    w.masked_fill_(mask.to(w.device), 0)
+
+
+@torch.no_grad()
+def write_weight(target: Target, new: torch.Tensor) -> None:
+    """Copy ``new`` into the target in place; the weights that are exactly zero in ``new`` (pruned)
+    stay exactly zero in the model's dtype."""
+    w = target.weight
+    w.copy_(new.to(device=w.device, dtype=w.dtype))
+    w.masked_fill_((new == 0).to(w.device), 0)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -203,23 +240,12 @@ class _StopForward(Exception):
     pass
 
 
-def _block_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device: torch.device,
-                         offload: bool) -> tuple[torch.Tensor, dict]:
+def capture_block_inputs(model: nn.Module, calib: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Run the model up to its first decoder block; return that block's hidden-state inputs
     for every calibration sample and the keyword arguments (mask, position embeddings...)
     it is called with. Samples share one length, so sample 0's kwargs serve all of them."""
     layers = decoder_layers(model)
-    moved = []
-    if offload:  # everything but the decoder blocks (embeddings, rotary tables) goes over
-        for child in base_model(model).children():
-            if child is not layers:
-                child.to(device)
-                moved.append(child)
     captured: dict = {}
 
     def grab(_mod, args, kwargs):
@@ -230,6 +256,7 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device: torch.de
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = input_device(model)
     try:
         for row in calib:
             try:
@@ -238,8 +265,6 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device: torch.de
                 pass
     finally:
         handle.remove()
-        for child in moved:
-            child.to("cpu")
     kwargs = captured["kwargs"]
     kwargs["use_cache"] = False
     kwargs.pop("past_key_values", None)
@@ -250,43 +275,8 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device: torch.de
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
     """The block's outputs for all calibration inputs, in micro-batches."""
-    outs = [_block_output(block(inputs[i:i + batch_size], **kwargs)) for i in range(0, len(inputs), batch_size)]
+    outs = [first_output(block(inputs[i:i + batch_size], **kwargs)) for i in range(0, len(inputs), batch_size)]
     return torch.cat(outs, dim=0)
-
-
-@contextmanager
-def removing(handles: list):
-    """Remove the given hook handles on exit, whatever happens inside."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
-    """Call fn(name, input activations [tokens, in_features]) on every forward of each module."""
-    handles = [mod.register_forward_hook(lambda m, args, out, name=name: fn(name, args[0].detach().flatten(0, -2)))
-               for name, mod in modules.items()]
-    with removing(handles):
-        yield
-
-
-@contextmanager
-def prune_on_first_call(modules: dict[str, nn.Module], prune_fn: Callable[[str, nn.Module, torch.Tensor], None]):
-    """Forward pre-hooks: when a module runs, `prune_fn(name, module, inputs [tokens, in])`
-    prunes its weights *before* it computes its output. With the whole calibration batch in
-    one forward, one pass through the block both gathers every layer's statistics and yields
-    the pruned block's outputs (the inputs of o_proj then come from the pruned q/k/v, and the
-    MLP's from the pruned attention: SparseGPT's "true sequential" order)."""
-    def hook(mod, args, name):
-        prune_fn(name, mod, args[0].detach().flatten(0, -2))
-
-    handles = [mod.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
-               for name, mod in modules.items()]
-    with removing(handles):
-        yield
 
 
 @dataclass
@@ -300,106 +290,173 @@ class BlockStep:
 
 def calibrated_blocks(model: nn.Module, calib: torch.Tensor, cfg: PruneSettings,
                       desc: str = "pruning") -> Iterator[BlockStep]:
-    """Yield one BlockStep per decoder block, on the compute device.
+    """Yield one BlockStep per decoder block, its weights on its compute device.
 
     The caller gathers statistics and prunes the block. If it leaves `step.outputs` unset,
     the pruned block is run once more here; either way those outputs become the next
-    block's inputs."""
+    block's inputs, and the block's changed weights go back where they live."""
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
-    inputs, kwargs = capture_block_inputs(model, calib, cfg.device, cfg.offload)
+    inputs, kwargs = capture_block_inputs(model, calib)
     for i, block in enumerate(tqdm(layers, desc=desc, unit="block", leave=False)):
-        if cfg.offload:
-            block.to(cfg.device)
-        step = BlockStep(i, block, inputs, kwargs)
-        yield step
-        inputs = step.outputs if step.outputs is not None else run_block(block, inputs, kwargs, cfg.batch_size)
-        if cfg.offload:
-            block.to("cpu")
-            if cfg.device.type == "cuda":
-                torch.cuda.empty_cache()
+        with onloaded(block):
+            step = BlockStep(i, block, inputs, kwargs)
+            yield step
+            inputs = step.outputs if step.outputs is not None else run_block(block, inputs, kwargs, cfg.batch_size)
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def prune_block(step: BlockStep, linears: dict[str, nn.Linear], cfg: PruneSettings,
-                accumulate: Callable[[str, torch.Tensor], None], prune_linear: Callable[[str, nn.Linear], None]) -> None:
-    """Gather statistics with `accumulate(name, x)` and prune with `prune_linear(name, linear)`,
-    in the order ``cfg.pruner.sequential`` asks for (see :class:`CalibratedPruner`).
+def prune_block(step: BlockStep, targets: dict[str, Target], cfg: PruneSettings, sequential: bool,
+                accumulate: Callable[[str, torch.Tensor], None], prune_target: Callable[[str, Target], None]) -> None:
+    """Gather statistics with `accumulate(name, x)` and prune with `prune_target(name, target)`,
+    in the order ``sequential`` asks for (see :class:`CalibratedPruner`).
 
-    Sequential: with the whole batch in one forward, one pass does both (see
-    prune_on_first_call); with micro-batches, one pass over all of them per group of layers
+    Sequential: with the whole batch in one forward, one pass does both (each target is pruned
+    right before it computes); with micro-batches, one pass over all of them per group of targets
     that read the same input (q/k/v, o, gate/up, down), pruning each group before the next
     group's statistics are gathered. Not sequential: one pass over the dense block gathers
-    every layer's statistics, then all are pruned, then the pruned block is run again for the
+    every target's statistics, then all are pruned, then the pruned block is run again for the
     next block's inputs."""
     batch = cfg.batch_size
-    if not cfg.pruner.sequential:
-        with input_hooks(linears, accumulate):
+    feed = dict(expert_tokens=cfg.expert_tokens)
+    if not sequential:
+        with feeding(targets, accumulate, **feed):
             run_block(step.block, step.inputs, step.kwargs, batch)
-        for name, lin in linears.items():
-            prune_linear(name, lin)
+        for name, t in targets.items():
+            prune_target(name, t)
         return
     if batch >= len(step.inputs):
-        def once(name, lin, x):
+        def once(name, x):
             accumulate(name, x)
-            prune_linear(name, lin)
+            prune_target(name, targets[name])
 
-        with prune_on_first_call(linears, once):
+        with feeding(targets, once, **feed):
             step.outputs = run_block(step.block, step.inputs, step.kwargs, len(step.inputs))
         return
-    for group in input_groups(step, linears):
-        with input_hooks({n: linears[n] for n in group}, accumulate):
+    for group in input_groups(step, targets, cfg):
+        with feeding({n: targets[n] for n in group}, accumulate, **feed):
             run_block(step.block, step.inputs, step.kwargs, batch)
         for name in group:
-            prune_linear(name, linears[name])
+            prune_target(name, targets[name])
 
 
 @torch.no_grad()
-def input_groups(step: BlockStep, linears: dict[str, nn.Linear]) -> list[list[str]]:
-    """The block's Linear layers in the order they run, grouped by shared input tensor
-    (q/k/v read one tensor, gate/up another), found by running one sample through the block."""
+def input_groups(step: BlockStep, targets: dict[str, Target], cfg: PruneSettings) -> list[list[str]]:
+    """The block's targets in the order they compute, grouped by shared input tensor (q/k/v read
+    one tensor, gate/up another; each expert its own tokens), found by running one sample through
+    the block; targets that one sample does not reach come last, one group each."""
     calls: list[tuple[str, torch.Tensor]] = []
-    handles = [mod.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, a[0])))
-               for name, mod in linears.items()]
-    with removing(handles):
+    with feeding(targets, lambda name, x: calls.append((name, x)), expert_tokens=cfg.expert_tokens):
         run_block(step.block, step.inputs[:1], step.kwargs, 1)
     groups: list[list[str]] = []
+    seen: set[str] = set()
     last = None
     for name, x in calls:
-        if name in {n for g in groups for n in g}:
+        if name in seen:
             continue
+        seen.add(name)
         if last is not None and x is last:
             groups[-1].append(name)
         else:
             groups.append([name])
         last = x
-    return groups
+    return groups + [[n] for n in targets if n not in seen]
 
 
-# --------------------------------------------------------------------------- second-order statistics
-# Shared by SparseGPT (prunerep/pruners/sparsegpt.py) and GPTQ (prunerep/quant/gptq.py): the same
-# Hessian of the layer-wise reconstruction error, the same damped inverse.
+class InputCounts:
+    """Calibration tokens seen per target, and which experts saw too few to be calibrated on."""
 
-class RunningHessians:
-    """H = (2/n)·Σ x xᵀ over the n calibration tokens seen so far, one per Linear layer (float32),
-    kept as a running mean (the reference code's ``add_batch``). Pass it as the ``accumulate`` of
-    :func:`prune_block`; :meth:`pop` hands a layer's H over and frees it."""
+    def __init__(self, targets: dict[str, Target], min_tokens: int):
+        self.kind = {n: t.kind for n, t in targets.items()}
+        self.seen = {n: 0 for n in targets}
+        self.min_tokens = min_tokens
 
-    def __init__(self, linears: dict[str, nn.Linear]):
-        self.hess = {n: torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device, dtype=torch.float32)
-                     for n, lin in linears.items()}
-        self.seen = {n: 0 for n in linears}
+    def add(self, name: str, x: torch.Tensor) -> None:
+        self.seen[name] += x.shape[0]
+
+    def starved(self, name: str) -> bool:
+        return self.kind[name] == "expert" and self.seen[name] < self.min_tokens
+
+
+class ExpertReport:
+    """What pruning.json (and the quantizers' report) says about experts: the tokens each expert
+    matrix was calibrated on and those that fell back to isotropic statistics."""
+
+    def __init__(self, cfg: PruneSettings):
+        self.cfg, self.tokens, self.starved = cfg, {}, []
+
+    def record(self, block_index: int, counts: InputCounts) -> None:
+        for name, n in counts.seen.items():
+            if counts.kind[name] == "expert":
+                self.tokens[f"layers.{block_index}.{name}"] = n
+                if counts.starved(name):
+                    self.starved.append(f"layers.{block_index}.{name}")
+
+    def entry(self) -> dict:
+        """``{"experts": {...}}`` for a method's report; {} for a model without experts."""
+        if not self.tokens:
+            return {}
+        return {"experts": {"expert_tokens": self.cfg.expert_tokens, "min_tokens": self.cfg.expert_min_tokens,
+                            "tokens": self.tokens, "starved": self.starved}}
+
+
+# --------------------------------------------------------------------------- input statistics
+# Wanda's input norms (Wanda, OWL's outlier ratios); the Hessian of the layer-wise reconstruction
+# error and its damped inverse, shared by SparseGPT (prunerep/pruners/sparsegpt.py) and GPTQ
+# (prunerep/quant/gptq.py).
+
+def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """|W| · ‖X_j‖ for weight [out, in] and the per-input-feature sum of squares [in]."""
+    return weight.abs().float() * input_sq_norm.float().sqrt()[None, :]
+
+
+class InputSquares:
+    """Σ x_j² per input feature of each target over the calibration tokens (Wanda's ‖X_j‖²); all
+    ones for an expert that saw too few tokens (the score is then the magnitude)."""
+
+    def __init__(self, targets, min_tokens: int = 0):
+        self.sq = {n: torch.zeros(t.in_features, device=t.weight.device, dtype=torch.float32)
+                   for n, t in targets.items()}
+        self.counts = InputCounts(targets, min_tokens)
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        x = x.float()
+        self.sq[name] += x.float().pow(2).sum(0)
+        self.counts.add(name, x)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.ones_like(self.sq[name]) if self.counts.starved(name) else self.sq[name]
+
+
+
+class RunningHessians:
+    """H = (2/n)·Σ x xᵀ over the n calibration tokens seen so far, one per target (float32),
+    kept as a running mean (the reference code's ``add_batch``). Pass it as the ``accumulate`` of
+    :func:`prune_block`; :meth:`pop` hands a target's H over and frees it: the identity for an
+    expert that saw fewer than ``min_tokens`` tokens (no usable statistics)."""
+
+    def __init__(self, targets: dict[str, Target], min_tokens: int = 0):
+        self.hess = {n: torch.zeros(t.in_features, t.in_features, device=t.weight.device, dtype=torch.float32)
+                     for n, t in targets.items()}
+        self.counts = InputCounts(targets, min_tokens)
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
         t = x.shape[0]
-        self.hess[name] *= self.seen[name] / (self.seen[name] + t)
-        self.seen[name] += t
-        x = x * (2.0 / self.seen[name]) ** 0.5
+        if t == 0:
+            return
+        x = x.float()
+        seen = self.counts.seen[name]
+        self.hess[name] *= seen / (seen + t)
+        self.counts.add(name, x)
+        x = x * (2.0 / self.counts.seen[name]) ** 0.5
         self.hess[name] += x.T @ x
 
     def pop(self, name: str) -> torch.Tensor:
-        return self.hess.pop(name)
+        h = self.hess.pop(name)
+        if self.counts.starved(name):
+            return torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+        return h
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,21 +475,26 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[to
 
 @torch.no_grad()
 def measure_sparsity(model: nn.Module, cfg: PruneSettings) -> dict:
-    """Zero fraction of every prunable module and overall, the N:M check, the embedding/head
-    untouched check. This is what was done, measured on the weights, not what was asked."""
+    """Zero fraction of every target and overall (experts one by one), the N:M check, the LM
+    head's zero fraction. This is what was done, measured on the weights, not what was asked."""
     modules, total, zeros = {}, 0, 0
     nm_ok = True
+    n_experts = 0
     for i, block in enumerate(decoder_layers(model)):
-        for name, lin in prunable_linears(block, cfg.pruner).items():
-            w = lin.weight
-            z = int((w == 0).sum())
-            modules[f"layers.{i}.{name}"] = z / w.numel()
-            total += w.numel()
-            zeros += z
-            if cfg.spec.is_nm and w.shape[1] % cfg.spec.m == 0:
-                groups = (w == 0).reshape(w.shape[0], -1, cfg.spec.m).sum(-1)
-                nm_ok &= bool((groups >= cfg.spec.n).all())
-    head = output_head(model).weight
+        with onloaded(block):
+            for name, t in targets_of(block, cfg.pruner).items():
+                w = t.weight
+                z = int((w == 0).sum())
+                modules[f"layers.{i}.{name}"] = z / w.numel()
+                total += w.numel()
+                zeros += z
+                n_experts += t.kind == "expert"
+                if cfg.spec.is_nm and w.shape[1] % cfg.spec.m == 0:
+                    groups = (w == 0).reshape(w.shape[0], -1, cfg.spec.m).sum(-1)
+                    nm_ok &= bool((groups >= cfg.spec.n).all())
+    head = output_head(model)
+    with onloaded(head):
+        head_sparsity = float((head.weight == 0).float().mean())
     report = {
         "target": str(cfg.spec),
         "target_ratio": cfg.spec.ratio,
@@ -440,9 +502,11 @@ def measure_sparsity(model: nn.Module, cfg: PruneSettings) -> dict:
         "n_params_prunable": total,
         "n_zeros": zeros,
         "max_abs_deviation_pp": 100 * max((abs(v - cfg.spec.ratio) for v in modules.values()), default=0.0),
-        "lm_head_sparsity": float((head == 0).float().mean()),
+        "lm_head_sparsity": head_sparsity,
         "modules": modules,
     }
+    if n_experts:
+        report["n_expert_matrices"] = n_experts
     if cfg.spec.is_nm:
         report["nm_check"] = {"pattern": str(cfg.spec), "holds": nm_ok}
     return report
@@ -454,7 +518,8 @@ def mean_cos_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((1 - cos).mean())
 
 
-__all__ = ["PruneSettings", "Pruner", "CalibratedPruner", "prunable_linears", "mask_for", "per_row_mask", "nm_mask",
-           "lowest_k_mask", "apply_mask", "capture_block_inputs", "run_block", "input_hooks", "input_groups",
-           "calibrated_blocks", "prune_block", "prune_on_first_call", "BlockStep", "measure_sparsity",
-           "mean_cos_distance", "n_pruned", "RunningHessians", "inverse_hessian_cholesky"]
+__all__ = ["PruneSettings", "Pruner", "CalibratedPruner", "method_targets", "targets_of", "mask_for", "per_row_mask",
+           "nm_mask", "lowest_k_mask", "apply_mask", "write_weight", "capture_block_inputs", "run_block",
+           "input_groups", "calibrated_blocks", "prune_block", "BlockStep", "InputCounts", "ExpertReport",
+           "measure_sparsity", "mean_cos_distance", "n_pruned", "wanda_score", "InputSquares", "RunningHessians",
+           "inverse_hessian_cholesky"]

@@ -1,13 +1,15 @@
 """LLM-Drop (He et al., 2024): drop the attention sublayers, MLP sublayers or whole blocks
 that change their input least on calibration data, importance = mean 1 − cos(input, output)
 of the residual stream across the sublayer. A dropped sublayer becomes the identity on the
-residual stream: its output projection (o_proj / down_proj, and bias) is zeroed, so it adds
+residual stream: its output projection(s) (o_proj / down_proj, and bias) are zeroed, so it adds
 exactly nothing, and the model saves and reloads with `from_pretrained` unchanged.
 
 Importance is measured on the dense model (one pass, block by block) and the k least
 important candidates are dropped at once. k = round(sparsity · candidates), or
 `pruner.count` when given. The sublayers' updates to the residual stream come from
-:func:`prunerep.models.residual_update` (so Gemma-2's post-sublayer norms are included).
+:func:`prunerep.model.anatomy.residual_update` (so Gemma-2's post-sublayer norms are included);
+a mixture-of-experts MLP is dropped by zeroing every expert's down projection and the shared
+expert's (:func:`prunerep.model.anatomy.make_identity`).
 
 Or the blocks are chosen by position, not importance: `pruner.layers=[20,21,22,23]` (block
 indices, −1 = the last) or a contiguous window `pruner.window=4 pruner.window_start=20`; the
@@ -23,19 +25,11 @@ from typing import ClassVar, List, Optional
 import torch
 
 from prunerep.errors import ConfigError
-from prunerep.models import SUBLAYER_KINDS, decoder_layers, output_projection, residual_update, sublayer
-from prunerep.pruners.common import Pruner, calibrated_blocks, mean_cos_distance, removing, run_block
+from prunerep.model.anatomy import SUBLAYER_KINDS, decoder_layers, first_output, make_identity, residual_update
+from prunerep.model.placement import onloaded
+from prunerep.pruners.common import Pruner, calibrated_blocks, mean_cos_distance, run_block
 
 TARGETS = ("attn", "mlp", "block", "both")
-
-
-@torch.no_grad()
-def make_identity(block: torch.nn.Module, kind: str) -> None:
-    """The block's `kind` sublayer adds zero to the residual stream from now on."""
-    lin = output_projection(sublayer(block, kind))
-    lin.weight.zero_()
-    if lin.bias is not None:
-        lin.bias.zero_()
 
 
 @dataclass
@@ -47,9 +41,13 @@ class LayerDrop(Pruner):
     window: Optional[int] = None  # drop the `target` sublayers of this many consecutive blocks ...
     window_start: Optional[int] = None  # ... the first of them being this block
 
-    needs_calibration: ClassVar[bool] = True
     supports_nm: ClassVar[bool] = False
-    meets_target: ClassVar[bool] = False  # sparsity is the fraction of sublayers dropped, not of weights
+    zeroes_weights: ClassVar[bool] = False  # sparsity is the fraction of sublayers dropped, not of weights
+    prunes_weights: ClassVar[bool] = False  # it drops whole sublayers
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
 
     def validate(self, spec) -> None:
         super().validate(spec)
@@ -118,10 +116,6 @@ class LayerDrop(Pruner):
             return int(self.count)
         return None if spec is None else int(round(spec.ratio * n_candidates))
 
-    def check(self, model, settings) -> None:
-        super().check(model, settings)
-        self.check_depth(len(decoder_layers(model)))
-
     @torch.no_grad()
     def importance(self, model, calib, settings) -> dict[str, float]:
         """1 − cos(input, output) for every candidate ("layers.3.attn", "layers.3.mlp", "layers.3")."""
@@ -130,10 +124,12 @@ class LayerDrop(Pruner):
             i, block, inputs = step.index, step.block, step.inputs
             upd: dict[str, list] = {k: [] for k in SUBLAYER_KINDS}
             hooks = [residual_update(block, k).register_forward_hook(
-                lambda m, a, out, k=k: upd[k].append(out[0] if isinstance(out, tuple) else out))
-                for k in SUBLAYER_KINDS]
-            with removing(hooks):
+                lambda m, a, out, k=k: upd[k].append(first_output(out))) for k in SUBLAYER_KINDS]
+            try:
                 outputs = run_block(block, inputs, step.kwargs, settings.batch_size)
+            finally:
+                for h in hooks:
+                    h.remove()
             step.outputs = outputs  # nothing is pruned while measuring: the dense outputs go on
             mid = inputs + torch.cat(upd["attn"])
             scores[f"layers.{i}.attn"] = mean_cos_distance(inputs, mid)
@@ -157,8 +153,9 @@ class LayerDrop(Pruner):
             dropped = [c for c in candidates if int(c.split(".")[1]) in blocks]
         for name in dropped:
             parts = name.split(".")
-            for kind in (SUBLAYER_KINDS if len(parts) == 2 else (parts[2],)):
-                make_identity(layers[int(parts[1])], kind)
+            with onloaded(layers[int(parts[1])]):
+                for kind in (SUBLAYER_KINDS if len(parts) == 2 else (parts[2],)):
+                    make_identity(layers[int(parts[1])], kind)
         order = sorted(dropped, key=lambda s: [int(p) if p.isdigit() else p for p in s.split(".")])
         report = {"method": "layer_drop", "calibration": True, "target": self.target, "selection": self.selection,
                   "n_candidates": len(candidates), "n_dropped": len(dropped), "dropped": order}

@@ -3,21 +3,20 @@ as the baseline in the Wanda repository); N:M picks the smallest |W| in each gro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from prunerep.errors import ConfigError
-from prunerep.models import decoder_layers, output_head
+from prunerep.model.anatomy import Target, decoder_layers, output_head
+from prunerep.model.placement import onloaded
 from prunerep.pruners._profile import ProfiledPruner
-from prunerep.pruners.common import apply_mask, mask_for, prunable_linears
+from prunerep.pruners.common import apply_mask, mask_for, targets_of
 
 
 @dataclass
 class Magnitude(ProfiledPruner):
     name: str = "magnitude"
     prune_lm_head: bool = False  # also prune the LM head (untied models only)
-    supports_lm_head: ClassVar[bool] = True
 
     def check(self, model, settings) -> None:
         super().check(model, settings)
@@ -36,9 +35,12 @@ class Magnitude(ProfiledPruner):
         plan = self.layer_targets(model, calib, settings)
         for i, block in enumerate(decoder_layers(model)):
             spec = self.block_spec(plan, i, settings.spec)
-            for lin in prunable_linears(block, self).values():
-                apply_mask(lin, mask_for(self.score(lin.weight.to(settings.device)), spec, per_row=False))
+            with onloaded(block):
+                for t in targets_of(block, self).values():
+                    apply_mask(t, mask_for(self.score(t.weight), spec, per_row=False))
         if self.prune_lm_head:  # the head is no block: it takes the run's target
             head = output_head(model)
-            apply_mask(head, mask_for(self.score(head.weight.to(settings.device)), settings.spec, per_row=False))
+            with onloaded(head):
+                t = Target("lm_head", head)
+                apply_mask(t, mask_for(self.score(t.weight), settings.spec, per_row=False))
         return {"method": self.name, "calibration": plan is not None, "profile": self.profile_report(plan, model)}

@@ -10,7 +10,8 @@ from prunerep.pruners.common import Pruner
 @dataclass
 class NoPruning(Pruner):
     name: str = "none"
-    meets_target: ClassVar[bool] = False  # sparsity is ignored: nothing is pruned
+    zeroes_weights: ClassVar[bool] = False  # sparsity is ignored: nothing is pruned
+    prunes_weights: ClassVar[bool] = False
 
     def prune(self, model, calib, settings) -> dict:
         return {"method": "none"}

@@ -10,8 +10,8 @@ import torch
 
 from prunerep.errors import ConfigError
 from prunerep.pruners._profile import ProfiledPruner
-from prunerep.pruners.common import (CalibratedPruner, RunningHessians, apply_mask, calibrated_blocks,
-                                     inverse_hessian_cholesky, n_pruned, prunable_linears, prune_block)
+from prunerep.pruners.common import (CalibratedPruner, ExpertReport, RunningHessians, calibrated_blocks,
+                                     inverse_hessian_cholesky, n_pruned, prune_block, targets_of, write_weight)
 
 
 @torch.no_grad()
@@ -70,16 +70,17 @@ class SparseGPT(ProfiledPruner, CalibratedPruner):
     @torch.no_grad()
     def prune(self, model, calib, settings) -> dict:
         plan = self.layer_targets(model, calib, settings)
+        experts = ExpertReport(settings)
         for step in calibrated_blocks(model, calib, settings, desc="sparsegpt"):
             spec = self.block_spec(plan, step.index, settings.spec)
-            linears = prunable_linears(step.block, self)
-            hess = RunningHessians(linears)  # running mean of 2·x xᵀ over tokens (shared with GPTQ)
+            targets = targets_of(step.block, self)
+            hess = RunningHessians(targets, settings.expert_min_tokens)  # running mean of 2·x xᵀ (shared with GPTQ)
 
-            def prune_linear(name, lin):
-                new = sparsegpt_prune_weight(lin.weight, hess.pop(name), spec, self.blocksize, self.percdamp)
-                lin.weight.data.copy_(new.to(lin.weight.dtype))
-                apply_mask(lin, new == 0)  # exact zeros survive the cast back to the model's dtype
+            def prune_target(name, t):
+                write_weight(t, sparsegpt_prune_weight(t.weight, hess.pop(name), spec, self.blocksize, self.percdamp))
 
-            prune_block(step, linears, settings, hess, prune_linear)
+            prune_block(step, targets, settings, self.sequential, hess, prune_target)
+            experts.record(step.index, hess.counts)
         return {"method": "sparsegpt", "calibration": True, "calib_shape": list(calib.shape),
-                "blocksize": self.blocksize, "percdamp": self.percdamp, "profile": self.profile_report(plan, model)}
+                "blocksize": self.blocksize, "percdamp": self.percdamp, "profile": self.profile_report(plan, model),
+                **experts.entry()}

@@ -8,13 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from prunerep.pruners._profile import ProfiledPruner
-from prunerep.pruners.common import (CalibratedPruner, apply_mask, calibrated_blocks, mask_for, prunable_linears,
-                                     prune_block)
-
-
-def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
-    """|W| · ‖X_j‖ for weight [out, in] and the per-input-feature sum of squares [in]."""
-    return weight.abs().float() * input_sq_norm.float().sqrt()[None, :]
+from prunerep.pruners.common import (CalibratedPruner, ExpertReport, InputSquares, apply_mask, calibrated_blocks,
+                                     mask_for, prune_block, targets_of, wanda_score)
 
 
 @dataclass
@@ -24,18 +19,16 @@ class Wanda(ProfiledPruner, CalibratedPruner):
     @torch.no_grad()
     def prune(self, model, calib, settings) -> dict:
         plan = self.layer_targets(model, calib, settings)
+        experts = ExpertReport(settings)
         for step in calibrated_blocks(model, calib, settings, desc="wanda"):
             spec = self.block_spec(plan, step.index, settings.spec)
-            linears = prunable_linears(step.block, self)
-            sq = {name: torch.zeros(lin.in_features, device=lin.weight.device, dtype=torch.float32)
-                  for name, lin in linears.items()}
+            targets = targets_of(step.block, self)
+            sq = InputSquares(targets, settings.expert_min_tokens)
 
-            def accumulate(name, x):
-                sq[name] += x.float().pow(2).sum(0)
+            def prune_target(name, t):
+                apply_mask(t, mask_for(wanda_score(t.weight, sq[name]), spec, per_row=True))
 
-            def prune_linear(name, lin):
-                apply_mask(lin, mask_for(wanda_score(lin.weight, sq[name]), spec, per_row=True))
-
-            prune_block(step, linears, settings, accumulate, prune_linear)
+            prune_block(step, targets, settings, self.sequential, sq, prune_target)
+            experts.record(step.index, sq.counts)
         return {"method": "wanda", "calibration": True, "calib_shape": list(calib.shape),
-                "profile": self.profile_report(plan, model)}
+                "profile": self.profile_report(plan, model), **experts.entry()}

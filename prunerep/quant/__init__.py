@@ -1,6 +1,6 @@
 """Quantization methods, one module each: a dataclass subclassing
 :class:`~prunerep.quant.common.Quantizer` (settings as fields, capabilities as class flags,
-``validate`` / ``check_widths`` / ``check`` / ``quantize`` as methods), found by the registry
+``validate`` / ``check`` / ``quantize`` as methods), found by the registry
 (:mod:`prunerep.registry`, group ``quant``) by scanning this package, exactly as the pruners are.
 
 A quantizer runs after the pruner (``pruner=sparsegpt sparsity=0.5 quant=gptq quant.bits=4``) or

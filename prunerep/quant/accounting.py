@@ -31,7 +31,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from prunerep.models import decoder_layers
+from prunerep.model.anatomy import decoder_layers, model_targets
+from prunerep.pruners.common import targets_of
 
 SCALE_BITS = 16  # one fp16 scale per group
 ZERO_BITS = 16  # one fp16 zero point per group (asymmetric grids only)
@@ -84,14 +85,14 @@ def dtype_bits(dtype: torch.dtype) -> int:
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{"layers.<i>.<name>": (out_features, in_features)}`` of every Linear in the decoder blocks."""
-    return {f"layers.{i}.{name}": (mod.out_features, mod.in_features) for i, block in enumerate(decoder_layers(model))
-            for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+    """``{"layers.<i>.<name>": (out_features, in_features)}`` of every weight matrix of the decoder
+    blocks (:func:`prunerep.model.anatomy.model_targets`: Linear layers, each expert's matrices, routers)."""
+    return {name: t.shape for name, t in model_targets(model, with_routers=True).items()}
 
 
 def pruning_layout(zero_fraction: Optional[float], weight_sparsity: bool, spec) -> dict:
     """How the pruner left one matrix, from its measured zero fraction (None: not a target).
-    ``weight_sparsity``: the pruner zeroes individual weights (its ``meets_target``); otherwise
+    ``weight_sparsity``: the pruner zeroes individual weights (its ``zeroes_weights``); otherwise
     (none, layer_drop) only a matrix that is entirely zero changes its storage."""
     if zero_fraction is None:
         return {"layout": "dense"}
@@ -152,14 +153,14 @@ def model_compression(model: nn.Module, *, pruner, spec, pruning: dict, quant, q
     """:func:`compression_report` of a pruned (and quantized) model: the pruner's measured zero
     fractions from ``pruning`` (pruning.json, measured before quantization, whose rounding can add
     zeros that are stored like any other value), the quantizer's targets from the model."""
-    from prunerep.quant.common import quant_targets
-
-    shapes = linear_shapes(model)
-    first = next((m for b in decoder_layers(model) for m in b.modules() if isinstance(m, nn.Linear)), None)
-    dense = dtype_bits(first.weight.dtype) if first is not None else 32
-    quantized = list(quant_targets(model, quant)) if quant.quantizes else []
+    targets = model_targets(model, with_routers=True)
+    shapes = {name: t.shape for name, t in targets.items()}
+    first = next(iter(targets.values()), None)
+    dense = dtype_bits(getattr(first.module, first.param).dtype) if first is not None else 32
+    quantized = [f"layers.{i}.{n}" for i, block in enumerate(decoder_layers(model))
+                 for n in targets_of(block, quant)] if quant.quantizes else []
     return compression_report(shapes, dense, pruner=pruner.name, sparsity=spec,
-                              weight_sparsity=bool(pruner.meets_target), zero_fractions=pruning.get("modules"),
+                              weight_sparsity=bool(pruner.zeroes_weights), zero_fractions=pruning.get("modules"),
                               achieved_sparsity=pruning.get("achieved_sparsity"), quant=quant.name,
                               storage=quant.storage(), quantized=quantized, quant_report=quant_report)
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from prunerep.errors import ConfigError
-from prunerep.models import output_projection, sublayer
-from prunerep.pruners.common import (RunningHessians, calibrated_blocks, input_groups, prunable_linears,
-                                     prune_block)
-from prunerep.quant.common import (CalibratedQuantizer, block_settings, grid_params, grouped, relative_error,
-                                   rtn_quantize, to_grid, write_back)
+from prunerep.model.anatomy import output_targets
+from prunerep.pruners.common import (ExpertReport, RunningHessians, calibrated_blocks, input_groups, prune_block,
+                                     targets_of)
+from prunerep.quant.common import (CalibratedQuantizer, grid_params, grouped, relative_error, rtn_quantize, to_grid,
+                                   write_back)
 
 #: layers the clip search leaves alone (the reference: "qk bmm is hard to clip precisely")
 NO_CLIP = re.compile(r"(^|\.)(q_proj|k_proj|query|key|qkv_proj|Wqkv)$")
@@ -125,66 +125,71 @@ class AWQ(CalibratedQuantizer):
 
     @torch.no_grad()
     def quantize(self, model, calib, settings) -> dict:
-        cfg = block_settings(settings, self)
         text = model.config.get_text_config()
         heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
         fold_attn_out = kv_heads is None or kv_heads == heads
         errors, alphas = {}, {}
-        for step in calibrated_blocks(model, calib, cfg, desc="awq"):
-            linears = prunable_linears(step.block, self)
-            groups = input_groups(step, linears)
-            groups += [[n] for n in linears if not any(n in grp for grp in groups)]  # not run by one sample
+        experts = ExpertReport(settings)
+        for step in calibrated_blocks(model, calib, settings, desc="awq"):
+            targets = targets_of(step.block, self)
+            groups = input_groups(step, targets, settings)
             leader = {n: grp[0] for grp in groups for n in grp}
-            lead = {grp[0]: linears[grp[0]] for grp in groups}
-            gram = RunningHessians(lead)  # 2XᵀX/n: the Gram matrix up to a constant
-            abs_mean = {n: torch.zeros(lin.in_features, device=lin.weight.device) for n, lin in lead.items()}
-            seen = {n: 0 for n in lead}
-            unscaled = _unscalable(step.block, fold_attn_out)
+            lead = {grp[0]: targets[grp[0]] for grp in groups}
+            gram = RunningHessians(lead, settings.expert_min_tokens)  # 2XᵀX/n: the Gram matrix up to a constant
+            abs_mean = {n: torch.zeros(t.in_features, device=t.weight.device) for n, t in lead.items()}
+            unscaled = _unscalable(step.block, targets, fold_attn_out)
             done: set[str] = set()
 
             def accumulate(name, x):
-                if name not in lead:
+                if name not in lead or x.shape[0] == 0:
                     return
+                seen = gram.counts.seen[name]
                 gram(name, x)
                 t = x.shape[0]
-                abs_mean[name] += (x.float().abs().sum(0) - t * abs_mean[name]) / (seen[name] + t)
-                seen[name] += t
+                abs_mean[name] += (x.float().abs().sum(0) - t * abs_mean[name]) / (seen + t)
 
-            def quantize_group(name, lin):
+            def quantize_group(name, _target):
                 head = leader[name]
                 if head in done:
                     return
                 done.add(head)
-                members = [n for n in linears if leader[n] == head]
+                members = [n for n in targets if leader[n] == head]
+                starved = gram.counts.starved(head)
                 G = gram.pop(head)
-                weights = [linears[n].weight for n in members]
-                if any(linears[n] in unscaled for n in members):
+                weights = [targets[n].weight for n in members]
+                if starved or any(n in unscaled for n in members):
                     s, alpha = torch.ones_like(abs_mean[head]), None
                 else:
                     s, alpha, _ = awq_search_scale(weights, abs_mean[head], G, self.bits, self.group_size, self.sym,
                                                    self.n_grid)
                 for n in members:
-                    w = linears[n].weight
+                    w = targets[n].weight
                     new = awq_quantize_weight(w, s, G, self.bits, self.group_size, self.sym,
                                               self.clip and not NO_CLIP.search(n), self.n_grid, self.max_shrink)
                     errors[f"layers.{step.index}.{n}"] = relative_error(w, new)
                     alphas[f"layers.{step.index}.{n}"] = alpha
-                    write_back(linears[n], new, w == 0)
+                    write_back(targets[n], new, w == 0)
 
-            prune_block(step, linears, cfg, accumulate, quantize_group)
+            prune_block(step, targets, settings, self.sequential, accumulate, quantize_group)
+            experts.record(step.index, gram.counts)
         return self.report(errors, calibration=True, calib_shape=list(calib.shape), n_grid=self.n_grid,
-                           clip=self.clip, max_shrink=self.max_shrink, sequential=self.sequential, alpha=alphas)
+                           clip=self.clip, max_shrink=self.max_shrink, sequential=self.sequential, alpha=alphas,
+                           **experts.entry())
 
 
-def _unscalable(block, fold_attn_out: bool) -> set:
-    """The layers whose input scale has nowhere to be folded: the attention output projection when
-    key/value heads are shared (grouped-query attention), as in the reference."""
-    if fold_attn_out:
-        return set()
-    try:
-        return {output_projection(sublayer(block, "attn"))}
-    except (TypeError, ValueError):
-        return set()
+def _unscalable(block, targets: dict, fold_attn_out: bool) -> set[str]:
+    """The targets whose input scale has nowhere to be folded: the attention output projection
+    when key/value heads are shared (grouped-query attention), as in the reference, and every
+    expert's gate/up projection (its input is the norm's output that the router and all the other
+    experts read too; an expert's down projection folds into its own up projection)."""
+    out = {n for n, t in targets.items() if t.kind == "expert" and t.param != "down_proj"}
+    if not fold_attn_out:
+        try:
+            attn_out = {id(t.module) for t in output_targets(block, "attn")}
+        except (TypeError, ValueError):
+            attn_out = set()
+        out |= {n for n, t in targets.items() if id(t.module) in attn_out}
+    return out
 
 
 __all__ = ["AWQ", "awq_scales", "scaled_quantize", "output_error", "awq_search_scale", "awq_clip",

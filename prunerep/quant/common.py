@@ -18,7 +18,6 @@ The maths are pure functions (tensors in, tensors out); the classes only walk th
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -26,8 +25,8 @@ import torch
 from torch import nn
 
 from prunerep.errors import ConfigError
-from prunerep.models import decoder_layers
-from prunerep.pruners.common import PruneSettings, apply_mask, check_target_patterns, prunable_linears
+from prunerep.model.anatomy import Target
+from prunerep.pruners.common import PruneSettings, apply_mask, check_target_patterns, method_targets
 from prunerep.registry import Method
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -103,21 +102,21 @@ class Quantizer(Method):
     """Base of every quantization method (``conf/quant/<name>.yaml`` + ``prunerep/quant/<name>.py``).
 
     Capabilities are class flags; :meth:`validate` runs before the model loads (settings alone),
-    :meth:`check_widths` before it loads too (the Linear widths its config names),
-    :meth:`check` right after it loads, :meth:`quantize` after the pruner."""
+    :meth:`check` on its skeleton before it loads, :meth:`quantize` after the pruner."""
 
-    needs_calibration: ClassVar[bool] = False  # calibration samples are loaded for it
     quantizes: ClassVar[bool] = True  # False for ``none``: no quantize stage, no quantization entry
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration samples are loaded for it."""
+        return False
 
     def validate(self) -> None:
         """Checks that need no model. Raise ConfigError (one line)."""
 
-    def check_widths(self, widths: dict[str, int]) -> None:
-        """Checks against the input widths of the decoder's Linear layers, read from the model's
-        config before it loads (``{"hidden_size": 576, ...}``). Raise ConfigError (one line)."""
-
     def check(self, model: nn.Module) -> None:
-        """Checks against the loaded model. Raise ConfigError (one line)."""
+        """Checks against the model (its skeleton on the meta device will do). Raise ConfigError
+        (one line)."""
 
     def quantize(self, model: nn.Module, calib: Optional[torch.Tensor], settings: PruneSettings) -> dict:
         """Quantize-dequantize ``model``'s weights in place; return what the method reports."""
@@ -133,14 +132,15 @@ class Quantizer(Method):
 class GroupQuantizer(Quantizer):
     """A quantizer to ``bits``-bit integers with one fp16 scale (and, asymmetric, one zero point)
     per group of ``group_size`` consecutive input weights of each output row (``-1``: one group
-    per row). ``include`` / ``exclude``: regexes on the Linear layers' names inside a decoder
-    block, as for the pruners (the embeddings and the LM head are never quantized)."""
+    per row). ``include`` / ``exclude`` / ``routers``: which weight targets of a decoder block, as
+    for the pruners (the embeddings and the LM head are never quantized)."""
 
     bits: int = 4
     group_size: int = 64
     sym: bool = False
     include: str = r".*"
     exclude: Optional[str] = None
+    routers: bool = False
 
     def validate(self) -> None:
         if isinstance(self.bits, bool) or not (MIN_BITS <= int(self.bits) <= MAX_BITS):
@@ -149,25 +149,10 @@ class GroupQuantizer(Quantizer):
             raise ConfigError(f"quant.group_size={self.group_size} must be >= 1, or -1 (one group per output row)")
         check_target_patterns(self, "quant")
 
-    def check_widths(self, widths: dict[str, int]) -> None:
-        """With the default targets (every Linear of a block) every width of the config is an
-        input width of some target; with include/exclude the check waits for the model."""
-        if self.group_size == -1 or self.include != r".*" or self.exclude:
-            return
-        for what, width in widths.items():
-            if width and width % self.group_size:
-                raise ConfigError(f"quant.group_size={self.group_size} does not divide the model's {what} "
-                                  f"({width}), an input width of its Linear layers; choose a divisor of "
-                                  f"every width (e.g. 64 or 32) or -1 (one group per output row)")
-
     def check(self, model: nn.Module) -> None:
-        targets = quant_targets(model, self)
-        if not targets:
-            raise ConfigError(f"quant.include={self.include!r} / quant.exclude={self.exclude!r} match no Linear "
-                              f"layer of the model's decoder blocks")
-        for name, lin in targets.items():
-            if self.group_size != -1 and lin.in_features % self.group_size:
-                raise ConfigError(f"quant.group_size={self.group_size} does not divide the {lin.in_features} input "
+        for name, t in method_targets(model, self, "quant").items():
+            if self.group_size != -1 and t.in_features % self.group_size:
+                raise ConfigError(f"quant.group_size={self.group_size} does not divide the {t.in_features} input "
                                   f"features of {name}; choose a divisor of every width (e.g. 64 or 32) or -1 "
                                   f"(one group per output row)")
 
@@ -190,29 +175,21 @@ class CalibratedQuantizer(GroupQuantizer):
     pruner left it."""
 
     sequential: bool = True
-    needs_calibration: ClassVar[bool] = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
 
 
 # --------------------------------------------------------------------------- helpers
 
-def quant_targets(model: nn.Module, method: GroupQuantizer) -> dict[str, nn.Linear]:
-    """``{"layers.<i>.<name>": Linear}``: the layers the quantizer touches."""
-    return {f"layers.{i}.{name}": lin for i, block in enumerate(decoder_layers(model))
-            for name, lin in prunable_linears(block, method).items()}
-
-
-def block_settings(settings: PruneSettings, method: CalibratedQuantizer) -> PruneSettings:
-    """The run's calibration settings (device, offload, micro-batch) with the quantizer in the
-    method slot, so :func:`~prunerep.pruners.common.prune_block` reads its ``sequential``."""
-    return dataclasses.replace(settings, pruner=method)
-
-
 @torch.no_grad()
-def write_back(lin: nn.Linear, new: torch.Tensor, zeros: torch.Tensor) -> None:
-    """Copy the quantized weight into the layer; the weights that were zero (pruned) stay zero."""
-    lin.weight.data.copy_(new.to(device=lin.weight.device, dtype=lin.weight.dtype))
-    apply_mask(lin, zeros)
+def write_back(target: Target, new: torch.Tensor, zeros: torch.Tensor) -> None:
+    """Copy the quantized weight into the target; the weights that were zero (pruned) stay zero."""
+    w = target.weight
+    w.copy_(new.to(device=w.device, dtype=w.dtype))
+    apply_mask(target, zeros)
 
 
 __all__ = ["Quantizer", "GroupQuantizer", "CalibratedQuantizer", "grid_params", "to_grid", "grouped", "rtn_params",
-           "rtn_quantize", "relative_error", "quant_targets", "block_settings", "write_back", "group_size_of"]
+           "rtn_quantize", "relative_error", "write_back", "group_size_of"]

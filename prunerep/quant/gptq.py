@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from prunerep.errors import ConfigError
-from prunerep.pruners.common import (RunningHessians, calibrated_blocks, inverse_hessian_cholesky, prunable_linears,
-                                     prune_block)
-from prunerep.quant.common import (CalibratedQuantizer, block_settings, grid_params, group_size_of, grouped,
-                                   relative_error, to_grid, write_back)
+from prunerep.pruners.common import (ExpertReport, RunningHessians, calibrated_blocks, inverse_hessian_cholesky,
+                                     prune_block, targets_of)
+from prunerep.quant.common import (CalibratedQuantizer, grid_params, group_size_of, grouped, relative_error, to_grid,
+                                   write_back)
 
 
 @torch.no_grad()
@@ -97,19 +97,21 @@ class GPTQ(CalibratedQuantizer):
 
     @torch.no_grad()
     def quantize(self, model, calib, settings) -> dict:
-        cfg = block_settings(settings, self)
         errors = {}
-        for step in calibrated_blocks(model, calib, cfg, desc="gptq"):
-            linears = prunable_linears(step.block, self)
-            hess = RunningHessians(linears)
+        experts = ExpertReport(settings)
+        for step in calibrated_blocks(model, calib, settings, desc="gptq"):
+            targets = targets_of(step.block, self)
+            hess = RunningHessians(targets, settings.expert_min_tokens)
 
-            def quantize_linear(name, lin):
-                w = lin.weight
+            def quantize_target(name, t):
+                w = t.weight
                 new = gptq_quantize_weight(w, hess.pop(name), self.bits, self.group_size, self.sym, self.blocksize,
                                            self.percdamp, self.act_order)
                 errors[f"layers.{step.index}.{name}"] = relative_error(w, new)
-                write_back(lin, new, w == 0)
+                write_back(t, new, w == 0)
 
-            prune_block(step, linears, cfg, hess, quantize_linear)
+            prune_block(step, targets, settings, self.sequential, hess, quantize_target)
+            experts.record(step.index, hess.counts)
         return self.report(errors, calibration=True, calib_shape=list(calib.shape), blocksize=self.blocksize,
-                           percdamp=self.percdamp, act_order=self.act_order, sequential=self.sequential)
+                           percdamp=self.percdamp, act_order=self.act_order, sequential=self.sequential,
+                           **experts.entry())

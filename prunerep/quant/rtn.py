@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prunerep.models import decoder_layers
-from prunerep.pruners.common import prunable_linears
+from prunerep.model.anatomy import decoder_layers
+from prunerep.model.placement import onloaded
+from prunerep.pruners.common import targets_of
 from prunerep.quant.common import GroupQuantizer, relative_error, rtn_quantize, write_back
 
 
@@ -18,12 +19,13 @@ class RTN(GroupQuantizer):
 
     @torch.no_grad()
     def quantize(self, model, calib, settings) -> dict:
-        """Data-free: one weight matrix at a time, in place (on the compute device)."""
+        """Data-free: one weight matrix at a time, in place (on its compute device)."""
         errors = {}
         for i, block in enumerate(decoder_layers(model)):
-            for name, lin in prunable_linears(block, self).items():
-                w = lin.weight.to(settings.device)
-                new = rtn_quantize(w, self.bits, self.group_size, self.sym)
-                errors[f"layers.{i}.{name}"] = relative_error(w, new)
-                write_back(lin, new, w == 0)
+            with onloaded(block):
+                for name, t in targets_of(block, self).items():
+                    w = t.weight
+                    new = rtn_quantize(w, self.bits, self.group_size, self.sym)
+                    errors[f"layers.{i}.{name}"] = relative_error(w, new)
+                    write_back(t, new, w == 0)
         return self.report(errors, calibration=False)
