@@ -152,9 +152,11 @@ def _main() -> None:
     from omegaconf import DictConfig
 
     from prunerep.errors import ConfigError, ModelUnavailable
+    from prunerep.local_gpu import register_plugin
     from prunerep.registry import register_configs
 
     register_configs()
+    register_plugin()  # launcher=local_gpu's Hydra launcher (entrypoint says so when it cannot be)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def main(cfg: DictConfig) -> None:
@@ -216,8 +218,15 @@ def entrypoint() -> None:
             ("--cfg", "--info")) for a in argv):
         _run_hydra_cli()
         return
-    check_override_keys(argv, chosen_options(argv))
+    chosen = chosen_options(argv)
+    check_override_keys(argv, chosen)
     check_run_dir(argv)
+    if "local_gpu" in chosen.get("launcher", []) and any(a in ("-m", "--multirun") for a in argv):
+        from prunerep.local_gpu import register_plugin
+
+        problem = register_plugin()
+        if problem:
+            fail(problem)
     _run_hydra_cli()
     if FAILED_POINTS:  # a local multirun ends like a SLURM one: non-zero, naming every failed point
         print(f"prunerep: {len(FAILED_POINTS)} point(s) failed (recorded in their summary.json; re-run the same "

@@ -27,9 +27,11 @@ ADAPTED_FROM_VERSION = "1.2.0"
 ADAPTED_FROM_LAUNCH_SHA256 = "546875669010f80d6ceede740e8bf2d18088cf5bcce2eb4794c735fa3dc2fc0e"
 
 
-def _record_hard_failure(run_dir: Path, cfg: Any, job_id: str, state: str, error: str) -> None:
+def _record_hard_failure(run_dir: Path, cfg: Any, job_id: str, state: str, error: str,
+                         extra: dict | None = None) -> None:
     """A job killed before it could write its own summary (scancel, OOM killer, node failure,
-    time limit): record it, so the sweep's table says failed rather than leaving a hole."""
+    time limit): record it, so the sweep's table says failed rather than leaving a hole. `extra`
+    adds or replaces keys (launcher=local_gpu: no SLURM job, the local job and the device slot)."""
     summary_path = run_dir / "summary.json"
     try:
         existing = read_json(summary_path)
@@ -47,6 +49,7 @@ def _record_hard_failure(run_dir: Path, cfg: Any, job_id: str, state: str, error
         "achieved_sparsity": None, "timings_s": {}, "peak_memory_mb": {}, "run_dir": str(run_dir),
         "slurm_job_id": job_id, "scheduler_state": state, "reused_from": None,
     }
+    summary.update(extra or {})
     atomic_write_json(summary_path, summary)
 
 

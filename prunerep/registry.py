@@ -88,16 +88,18 @@ def build_method(group: str, node: Any):
 
 
 def register_configs() -> None:
-    """Store the run's schema and every method's schema in Hydra's ConfigStore."""
+    """Store the run's schema, every method's schema and the local_gpu launcher's in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
     from prunerep.config import Config
+    from prunerep.local_gpu import register_config as register_local_gpu_launcher
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group in GROUPS:
         for name, cls in discover(group).items():
             cs.store(group=group, name=f"{name}_schema", node=cls)
+    register_local_gpu_launcher()  # hydra/launcher: prunerep_local_gpu (launchers/local_gpu.yaml)
 
 
 def compose(*overrides: str):

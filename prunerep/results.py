@@ -70,10 +70,11 @@ TOP_TOKENS_PLOT = "probes_top_tokens.png"
 
 #: summary.json of a completed run has exactly these keys (a failed one: status, error,
 #: traceback, timings_s, peak_memory_mb and the identity)
-SUMMARY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id", "status",
-                "loaded_model", "error", "achieved_sparsity", "effective_bits", "timings_s", "peak_memory_mb", "probes",
-                "mc_vs_gen_gap", "story")
-IDENTITY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id")
+SUMMARY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id",
+                "device_slot", "status", "loaded_model", "error", "achieved_sparsity", "effective_bits", "timings_s",
+                "peak_memory_mb", "probes", "mc_vs_gen_gap", "story")
+IDENTITY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id",
+                 "device_slot")
 
 #: compression.json: the effective bits per weight (prunerep/quant/accounting.py) and, per
 #: perturbation in the order applied, these keys (pruning: bits = the dtype's, group_size/sym None)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunerep.config import CalibConfig, ModelConfig, TaskConfig, WandbConfig
 from prunerep.errors import ConfigError
 from prunerep.index import config_hash, slurm_job_id
+from prunerep.local_gpu import SLOT_ENV as DEVICE_SLOT_ENV
 from prunerep.model.anatomy import EXPERT_TOKENS, coverage, decoder_layers
 from prunerep.model.identity import model_key
 from prunerep.model.placement import Placement, placement
@@ -41,11 +42,12 @@ class RunIdentity:
     group: Optional[str]  # wandb.group, else the name of the multirun's sweep directory
     model_key: Optional[str] = None  # the dense model's files as they are now (None: not established)
     quant: str = "none"  # the quantizer applied after the pruner
+    device_slot: Optional[str] = None  # launcher=local_gpu: the GPU slot the point ran on
 
     def summary_fields(self) -> dict:
         return {"config_hash": self.config_hash, "model_key": self.model_key, "model": self.model,
                 "pruner": self.pruner, "sparsity": self.sparsity, "quant": self.quant, "run_dir": str(self.run_dir),
-                "slurm_job_id": self.slurm_job_id}
+                "slurm_job_id": self.slurm_job_id, "device_slot": self.device_slot}
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None,
     return RunIdentity(config_hash=config_hash(cfg), model=cfg.model.name, pruner=cfg.pruner.name,
                        sparsity=cfg.sparsity, run_dir=Path(run_dir), slurm_job_id=slurm_job_id(),
                        name=str(name), group=None if group is None else str(group), model_key=model_key,
-                       quant=str(OmegaConf.select(cfg, "quant.name", default="none")))
+                       quant=str(OmegaConf.select(cfg, "quant.name", default="none")),
+                       device_slot=os.environ.get(DEVICE_SLOT_ENV))
 
 
 def quant_label(cfg: DictConfig) -> str:

@@ -10,8 +10,10 @@ SUMMARY_KEYS = {"config_hash", "model_key", "model", "pruner", "sparsity", "run_
                 "achieved_sparsity", "timings_s", "peak_memory_mb", "probes", "mc_vs_gen_gap",
                 "loaded_model",  # added by the reliability issue (#11): what was actually loaded
                 "story",  # added by the first-hour issue (#12): the console summary's numbers
-                "quant", "effective_bits"}  # added by the quantization issue (#9): the quantizer, bits per weight
-IDENTITY_KEYS = ["config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id"]
+                "quant", "effective_bits",  # added by the quantization issue (#9): the quantizer, bits per weight
+                "device_slot"}  # added by #18: launcher=local_gpu's GPU slot of the point
+IDENTITY_KEYS = ["config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id",
+                 "device_slot"]
 FILES = ["config.yaml", "pruning.json", "compression.json", "probes.parquet", "probes_summary.json", "evals.json"]
 
 
