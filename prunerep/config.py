@@ -66,6 +66,9 @@ class TaskConfig:
     limit: Optional[int] = None
     num_fewshot: Optional[int] = None
     batch_size: int = 16
+    # log-likelihood batches hold at most this much of logits (lm-eval keeps [batch, length, vocab]
+    # twice); null: a quarter of the free memory, at most 1 GiB. Smaller batches only where needed
+    logits_memory_mb: Optional[int] = None
     max_gen_toks: int = 64
     allow_code_execution: bool = False
     code_timeout_s: float = 5.0

@@ -33,7 +33,6 @@ from prunerep.evals import bias, codeexec
 from prunerep.evals.compare import finite_or_none
 from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml
 from prunerep.logs import quiet_third_party
-from prunerep.model.placement import input_device
 
 log = logging.getLogger(__name__)
 
@@ -154,20 +153,6 @@ def _verbosity_kwargs(simple_evaluate) -> dict:
     return {} if param is None or param.default is None else {"verbosity": "WARNING"}
 
 
-def _hflm(model, tokenizer, batch_size: int):
-    """HFLM around the in-memory model, without its two warnings about being handed one."""
-    from lm_eval.models.huggingface import HFLM
-
-    hf_log = logging.getLogger("lm_eval.models.huggingface")
-    disabled, hf_log.disabled = hf_log.disabled, True
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    finally:
-        hf_log.disabled = disabled
-    lm._device = input_device(model)  # HFLM takes model.device: meta for an offloaded model
-    return lm
-
-
 # --------------------------------------------------------------------------- running
 
 def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str | Path, task_manager=None):
@@ -199,7 +184,9 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str 
                     if t.get_config("output_type") == "generate_until":
                         n = task_cfg.code_max_gen_toks if t.get_config("unsafe_code") else task_cfg.max_gen_toks
                         t.set_config(key="generation_kwargs", value={"max_gen_toks": int(n)}, update=True)
-        lm = _hflm(model, tokenizer, int(task_cfg.batch_size))
+        from prunerep.evals.hflm import BoundedHFLM  # imports lm-eval's HF model code: only when evaluating
+
+        lm = BoundedHFLM(model, tokenizer, int(task_cfg.batch_size), task_cfg.logits_memory_mb)
         res = simple_evaluate(
             lm, tasks=objs, task_manager=tm,
             # offline YAMLs already carry task.num_fewshot; lm-eval never overrides a task set to 0

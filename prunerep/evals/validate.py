@@ -119,6 +119,8 @@ def _check_settings(t) -> None:
     bad = [k for k in t.arith_kinds if k not in ARITH_KINDS] or ([] if len(t.arith_kinds) else ["(empty)"])
     if bad:
         raise ConfigError(f"task.arith_kinds: unknown {bad[0]!r}; choose from {', '.join(ARITH_KINDS)}")
+    if t.logits_memory_mb is not None and int(t.logits_memory_mb) < 1:
+        raise ConfigError(f"task.logits_memory_mb={t.logits_memory_mb} must be >= 1 (or null: from the free memory)")
     if not float(t.code_timeout_s) > 0:
         raise ConfigError(f"task.code_timeout_s={t.code_timeout_s} must be > 0 seconds")
     from prunerep.evals.perplexity import PROTOCOLS
