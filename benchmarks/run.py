@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, one after another, each printing its ratios.
 
-    python benchmarks/run.py                  # pruning + probes + the dense-cache lock on this machine
-    python benchmarks/run.py --quick          # smaller calibration set, no Qwen2.5-7B-shaped head
+    python benchmarks/run.py                  # pruning, probes, the dense-cache lock, memory per stage
+    python benchmarks/run.py --quick          # smaller calibration set, no Qwen2.5-7B-shaped head, no 1.5B run
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def main() -> int:
     args = ap.parse_args()
     runs = [[HERE / "bench_pruning.py"] + (["--nsamples", "8"] if args.quick else []),
             [HERE / "bench_probes.py"] + (["--skip-7b-head", "--lengths", "256,2048"] if args.quick else []),
-            [HERE / "bench_caches.py"]]
+            [HERE / "bench_caches.py"],
+            [HERE / "bench_memory.py"] + (["--only", "embedded"] if args.quick else [])]
     failed = 0
     for cmd in runs:
         print(f"\n=== {cmd[0].name} ===", flush=True)

@@ -39,15 +39,54 @@ log = logging.getLogger("prunerep")
 
 
 class Timings(dict):
+    """Seconds per stage, and each stage's peak memory (:attr:`memory`, MB)."""
+
+    def __init__(self):
+        super().__init__()
+        self.memory: dict[str, dict] = {}
+
     @contextmanager
     def stage(self, name: str):
         log.info("stage %s ...", name)
+        reset_peak_memory()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self[name] = round(time.perf_counter() - t0, 3)
-            log.info("stage %s done in %.1fs", name, self[name])
+            self.memory[name] = peak_memory_mb()
+            log.info("stage %s done in %.1fs (peak RSS %.0f MB)", name, self[name], self.memory[name]["cpu_rss"])
+
+    def peak_memory(self) -> dict:
+        """The run's peak memory: the largest of every stage's and of now, with the stages'."""
+        now = peak_memory_mb()
+        overall = {k: max([v, *(m.get(k, 0.0) for m in self.memory.values())]) for k, v in now.items()}
+        return {**overall, "stages": dict(self.memory)}
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: the kernel's RSS high-water mark (Linux; elsewhere the peak stays the
+    process's) and CUDA's peak allocation."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory (and CUDA allocation) since :func:`reset_peak_memory`, in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = {"cpu_rss": round(rss, 1)}
+    if torch.cuda.is_available():
+        peak["cuda"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
 
 
 def describe_model(model, mcfg, placement) -> dict:
@@ -60,13 +99,6 @@ def describe_model(model, mcfg, placement) -> dict:
         described["placement"] = placement.describe()
         described["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
     return described
-
-
-def peak_memory_mb() -> dict:
-    peak = {"cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available():
-        peak["cuda"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return peak
 
 
 def save_pruned_model(model, tokenizer, target: Path) -> None:
@@ -171,7 +203,7 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
         timings["total"] = round(time.perf_counter() - t_start, 3)
         summary.update(status="complete", error=None, achieved_sparsity=pruning["achieved_sparsity"],
                        effective_bits=compression["effective_bits"],
-                       timings_s=dict(timings), peak_memory_mb=peak_memory_mb(),
+                       timings_s=dict(timings), peak_memory_mb=timings.peak_memory(),
                        probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"), story=run_story)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
         try:  # bookkeeping: a failure here never changes the run's result
@@ -219,5 +251,5 @@ def record_bad_input(cfg: DictConfig, run_dir: Path, error: BaseException) -> No
 def _record_failure(run_dir: Path, summary: dict, error: BaseException, timings: Timings) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(),
-                   timings_s=dict(timings), peak_memory_mb=peak_memory_mb())
+                   timings_s=dict(timings), peak_memory_mb=timings.peak_memory())
     atomic_write_json(run_dir / SUMMARY_FILE, summary)

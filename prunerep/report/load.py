@@ -161,9 +161,14 @@ def _run_rows(ident: dict, run_dir: Path) -> pd.DataFrame:
     for stage, sec in (s.get("timings_s") or {}).items():
         if isinstance(sec, (int, float)):
             rows.append({"source": "run", "metric": f"time_s/{stage}", "value": float(sec)})
-    for kind, mb in (s.get("peak_memory_mb") or {}).items():
+    peak = s.get("peak_memory_mb") or {}
+    for kind, mb in peak.items():
         if isinstance(mb, (int, float)):
             rows.append({"source": "run", "metric": f"peak_memory_mb/{kind}", "value": float(mb)})
+    for stage, kinds in (peak.get("stages") or {}).items():
+        for kind, mb in (kinds or {}).items():
+            if isinstance(mb, (int, float)):
+                rows.append({"source": "run", "metric": f"peak_memory_mb/{stage}/{kind}", "value": float(mb)})
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
