@@ -137,3 +137,29 @@ def test_the_story_in_half_precision_agrees_with_float32_to_its_rounding(tmp_pat
         assert worst[dtype] <= 8 * UNIT_ROUNDOFF[dtype], (dtype, rel)
         assert worst[dtype] > 0  # a half-precision run that secretly computed in float32 would match exactly
     assert worst[torch.float16] < worst[torch.bfloat16]
+
+
+def test_a_half_precision_head_gets_contiguous_rows_and_the_same_tokens(tmp_path):
+    """Generation feeds the LM head a strided view of the last positions; the loader's hook hands
+    it a contiguous copy (a CPU half-precision matmul of the view copies the whole head once per
+    sequence of the batch), and the generated tokens are the same."""
+    from omegaconf import OmegaConf
+
+    from conftest import CACHE_DIR
+    from prunerep.model.anatomy import output_head
+    from prunerep.model.load import load_model
+    from prunerep.registry import compose
+
+    model, _ = load_model(OmegaConf.to_object(compose("model=tiny", "model.dtype=bfloat16", "model.device=cpu").model),
+                          CACHE_DIR)
+    seen = []
+    probe = output_head(model).register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hooked = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    probe.remove()
+    assert seen and all(seen)
+    output_head(model)._forward_pre_hooks.clear()  # the bare model: the strided view goes in as it is
+    with torch.no_grad():
+        bare = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(hooked, bare)
