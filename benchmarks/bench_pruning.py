@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from prunerep.io import atomic_write_json  # noqa: E402
+from prunerep.results.store import atomic_write_json  # noqa: E402
 from prunerep.model.load import load_model  # noqa: E402
 from prunerep.model.placement import resolve_device  # noqa: E402
 from prunerep.pruners.common import PruneSettings, calibrated_blocks, run_block  # noqa: E402

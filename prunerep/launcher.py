@@ -15,8 +15,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from prunerep.index import _get, config_hash
-from prunerep.io import atomic_write_json, read_json
+from prunerep.results.index import _get, config_hash
+from prunerep.results.store import atomic_write_json, read_json
 
 log = logging.getLogger("prunerep.launcher")
 

@@ -245,7 +245,7 @@ class SlotLauncher(_Launcher):
             return None
 
     def _write_record(self, sweep_dir: Path, started: float, ended: Optional[float] = None) -> None:
-        from prunerep.io import atomic_write_json
+        from prunerep.results.store import atomic_write_json
 
         record = {"launcher": "local_gpu", "devices": self.slots, "devices_from": self.slots_from,
                   "threads_per_point": self._threads, "started": started, "ended": ended,

@@ -1,7 +1,7 @@
 """The whole experiment, top to bottom: validate -> load -> calibrate -> dense reference ->
 prune -> quantize -> probe the three spaces -> evaluate -> record. Every stage is a small module
 taking typed objects that :func:`prunerep.spec.build` makes once from the config; this file only
-orders the stages, times them and writes the results contract (:mod:`prunerep.results`)
+orders the stages, times them and writes the results contract (:mod:`prunerep.results.schema`)
 into the run directory.
 
 Each file is written atomically. summary.json is written last, with status "complete" only
@@ -25,14 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from prunerep import evals, probes, spec as run_spec
 from prunerep.calibration import calibration_batch
 from prunerep.errors import ConfigError, ModelUnavailable
-from prunerep.io import atomic_write_json, atomic_write_text
-from prunerep.index import find_completed, mark_completed, reuse_completed
+from prunerep.results.store import atomic_write_json, atomic_write_text
+from prunerep.results.index import find_completed, mark_completed, reuse_completed
 from prunerep.model.load import load_model
 from prunerep.model.placement import new_offload_dir, remove_offload_dir
 from prunerep.pruners.common import measure_sparsity
 from prunerep.quant.accounting import model_compression
-from prunerep.results import COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
-from prunerep.story import format_story, story
+from prunerep.results.schema import COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
+from prunerep.results.story import format_story, story
 from prunerep.tracking import Tracker
 
 log = logging.getLogger("prunerep")

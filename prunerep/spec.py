@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunerep.config import CalibConfig, ModelConfig, TaskConfig, WandbConfig
 from prunerep.errors import ConfigError
-from prunerep.index import config_hash, slurm_job_id
+from prunerep.results.index import config_hash, slurm_job_id
 from prunerep.local_gpu import SLOT_ENV as DEVICE_SLOT_ENV
 from prunerep.model.anatomy import EXPERT_TOKENS, coverage, decoder_layers
 from prunerep.model.identity import model_key
@@ -88,8 +88,8 @@ def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None,
 
 
 def quant_label(cfg: DictConfig) -> str:
-    """``none``, or the quantizer and its format: ``gptq-w4g64`` (:func:`prunerep.results.quant_label`)."""
-    from prunerep.results import quant_label as label
+    """``none``, or the quantizer and its format: ``gptq-w4g64`` (:func:`prunerep.results.schema.quant_label`)."""
+    from prunerep.results.schema import quant_label as label
 
     return label(*(OmegaConf.select(cfg, f"quant.{k}", default=None) for k in ("name", "bits", "group_size", "sym")))
 

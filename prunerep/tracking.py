@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 from prunerep.sparsity import sparsity_label
 
-from prunerep.results import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTEXTS, at_reference_temperature,
+from prunerep.results.schema import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTEXTS, at_reference_temperature,
                               per_prompt_mean, pick_metric)
 
 log = logging.getLogger("prunerep.tracking")

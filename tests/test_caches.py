@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from conftest import CACHE_DIR, make_tiny
 from prunerep import io as pio
-from prunerep.io import read_json
+from prunerep.results.store import read_json
 from prunerep.config import ProbeConfig, TaskConfig
 from prunerep.evals import dense_scores
 from prunerep.model.anatomy import decoder_layers

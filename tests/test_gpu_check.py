@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cli import CLI_ENV
 
-from prunerep.io import read_json
+from prunerep.results.store import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["1_pipeline_bf16", "2_probe_7b_shape", "3_local_gpu_sweep", "4_probe_bench", "5_peak_memory"]

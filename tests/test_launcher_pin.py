@@ -11,8 +11,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 from prunerep import index
-from prunerep.index import config_hash, index_path, mark_completed
-from prunerep.io import read_json
+from prunerep.results.index import config_hash, index_path, mark_completed
+from prunerep.results.store import read_json
 from prunerep.launcher import ADAPTED_FROM_LAUNCH_SHA256, ADAPTED_FROM_VERSION
 
 REPO = Path(__file__).resolve().parents[1]

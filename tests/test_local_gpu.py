@@ -19,7 +19,7 @@ import pytest
 from cli import CLI_ENV
 from conftest import CACHE_DIR
 
-from prunerep.io import read_json
+from prunerep.results.store import read_json
 from prunerep.local_gpu import (RECORD_FILE, SLOT_ENV, NoDeviceSlots, resolve_slots, threads_per_point)
 
 REPO = Path(__file__).resolve().parents[1]

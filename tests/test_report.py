@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prunerep.io import atomic_write_json, read_json
+from prunerep.results.store import atomic_write_json, read_json
 from prunerep.report import eval_scores, format_thresholds, sparsity_key, thresholds
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prunerep.io import atomic_write_json
+from prunerep.results.store import atomic_write_json
 from prunerep.report import estimate_points, final_layer_points, load_sweep, make_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

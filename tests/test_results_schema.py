@@ -1,8 +1,8 @@
-"""The results contract, written out by hand: a change to prunerep/results.py that changes a
+"""The results contract, written out by hand: a change to prunerep/results/schema.py that changes a
 column, a file name or a summary key fails here (the integration test checks a real run)."""
 from __future__ import annotations
 
-from prunerep import results
+from prunerep.results import schema as results
 
 PROBE_COLUMNS = ["context", "prompt_id", "prompt_kind", "layer", "sublayer", "step", "space", "metric",
                  "temperature", "value"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from prunerep.io import read_json
+from prunerep.results.store import read_json
 
 pytestmark = pytest.mark.slurm
 

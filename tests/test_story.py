@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from prunerep.story import format_story, sig, story
+from prunerep.results.story import format_story, sig, story
 
 PROBES = {
     "final_layer": 30, "n_prompts": 8, "n_rows": 1000, "nonfinite_values": 0,
@@ -161,7 +161,7 @@ def test_story_of_a_real_run_layout():
     import pandas as pd
 
     from prunerep.probes.outputs import summarize
-    from prunerep.results import PROBE_COLUMNS
+    from prunerep.results.schema import PROBE_COLUMNS
 
     rows = []
     for ctx in ("prompt", "teacher_forced", "free_running"):

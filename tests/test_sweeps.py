@@ -15,9 +15,9 @@ from cli import run_cli
 from omegaconf import OmegaConf
 
 from prunerep.config import Config
-from prunerep.index import (config_hash, find_completed, index_path, is_complete, mark_completed,
+from prunerep.results.index import (config_hash, find_completed, index_path, is_complete, mark_completed,
                             reuse_completed)
-from prunerep.io import atomic_write_json, read_json
+from prunerep.results.store import atomic_write_json, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ def test_results_are_readable_by_collaborators_and_synced(tmp_path):
     """Atomic writes used to leave results 0600 (mkstemp): now the umask decides, as for any file."""
     import stat
 
-    from prunerep.io import atomic_write_json, atomic_write_with
+    from prunerep.results.store import atomic_write_json, atomic_write_with
 
     old = os.umask(0o022)
     try:

@@ -18,7 +18,7 @@ from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm, lens_logits, output_head, output_targets, sublayer
 from prunerep.probes import build_plan, compare_to_reference, dense_reference, summarize, write_probe_outputs
 from prunerep.probes import transitions as TR
-from prunerep.results import PROBE_COLUMNS, TRANSITION_SUBLAYERS
+from prunerep.results.schema import PROBE_COLUMNS, TRANSITION_SUBLAYERS
 
 PROMPTS = [
     {"prompt": "Which city is the capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:",
@@ -306,7 +306,7 @@ def test_outputs_plot_the_transitions_and_leave_the_summary_alone(tiny, tok, pro
 
 
 def test_sweep_report_draws_dense_pruned_and_local_per_layer(tiny, tok, prompts_file, tmp_path):
-    from prunerep.io import atomic_write_json
+    from prunerep.results.store import atomic_write_json
     from prunerep.report import by_method, load_sweep
     from prunerep.report.transitions import plot_sweep_transitions, transition_points
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from prunerep.evals.compare import compare_evals, format_evals_table
 from prunerep.evals.validate import validate_tasks
-from prunerep.io import ABSENT, CacheInvalid, cache_lock, read_checked_json, stable_hash, write_checked_json
+from prunerep.results.store import ABSENT, CacheInvalid, cache_lock, read_checked_json, stable_hash, write_checked_json
 
 log = logging.getLogger(__name__)
 

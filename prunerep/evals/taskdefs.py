@@ -36,7 +36,7 @@ import yaml
 
 from prunerep.evals import offline
 from prunerep.evals.bias import rotate, rotation_task
-from prunerep.io import atomic_write_text, stable_hash
+from prunerep.results.store import atomic_write_text, stable_hash
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATIVE = "generative"

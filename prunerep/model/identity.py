@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from prunerep.errors import ConfigError, ModelUnavailable
-from prunerep.io import stable_hash
+from prunerep.results.store import stable_hash
 from prunerep.model.sources import hub_reachable, package_file, resolve_gguf
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from prunerep.errors import ConfigError, ModelUnavailable
-from prunerep.io import ABSENT, cache_lock, stable_hash, verify_dir_checksums, write_dir_checksums
+from prunerep.results.store import ABSENT, cache_lock, stable_hash, verify_dir_checksums, write_dir_checksums
 from prunerep.model.anatomy import output_head
 from prunerep.model.identity import file_identity
 from prunerep.model.placement import Placement, dispatch, from_pretrained_kwargs, input_device, placement

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prunerep.errors import ConfigError
-from prunerep.io import verify_dir_checksums
+from prunerep.results.store import verify_dir_checksums
 from prunerep.model.load import dequantized_cache_dir
 from prunerep.model.sources import check_gguf, resolve_gguf
 

@@ -12,7 +12,7 @@ Modules: :mod:`.metrics` (pure tensor math), :mod:`.capture` (hooks, logit lens)
 :mod:`.contexts` (prompt / teacher-forced / free-running), :mod:`.prompts`,
 :mod:`.reference` (plan, cache, comparison), :mod:`.outputs` (files), :mod:`.transitions`
 (sublayer transitions and local damage, ``probe.transitions``), :mod:`.top_tokens` (the dense
-top tokens with both models' probabilities). The table's schema is :mod:`prunerep.results`.
+top tokens with both models' probabilities). The table's schema is :mod:`prunerep.results.schema`.
 """
 from prunerep.probes.capture import capture, resolve_layers
 from prunerep.probes.outputs import summarize, write_probe_outputs

@@ -1,6 +1,6 @@
 """Write the probe table, its headline summary and three plots (all atomically).
 
-What each file holds is the results contract, :mod:`prunerep.results`. The plots:
+What each file holds is the results contract, :mod:`prunerep.results.schema`. The plots:
 
 * ``probes_similarity.png`` — 1 − cos vs layer, one line per space (prompt context), the logit
   space raw and centred;
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prunerep.io import atomic_write_json, atomic_write_with
+from prunerep.results.store import atomic_write_json, atomic_write_with
 from prunerep.probes.reference import warn_nonfinite
 from prunerep.probes.top_tokens import detach as detach_top_tokens, plot_top_tokens
 from prunerep.probes.transitions import plot_transitions
-from prunerep.results import (CONTEXTS as CONTEXT_ORDER, ESTIMATE_RATIOS_KEY, HEADLINE, PROBE_PLOTS, PROBES_FILE,
+from prunerep.results.schema import (CONTEXTS as CONTEXT_ORDER, ESTIMATE_RATIOS_KEY, HEADLINE, PROBE_PLOTS, PROBES_FILE,
                               PROBES_SUMMARY_FILE, RATIO_METRICS, RATIO_PERCENTILES,
                               mean_or_nan as _mean, per_prompt_mean, reference_temperature, summary_key,
                               temperature_label as _t, TOP_TOKENS_FILE, TOP_TOKENS_PLOT, TRANSITIONS_PLOT)

@@ -26,7 +26,7 @@ final norm and LM head (the logit lens), streamed layer by layer and in chunks o
 the extra memory is O(token_chunk × vocab). The lens applies to the residual stream
 (sublayer ``block``); ``attn``/``mlp`` updates are compared in the embedding space only.
 
-The table's layout is the results contract: :mod:`prunerep.results` (``PROBE_COLUMNS``).
+The table's layout is the results contract: :mod:`prunerep.results.schema` (``PROBE_COLUMNS``).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from prunerep.io import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
+from prunerep.results.store import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
                          sha256_file, stable_hash, write_checked_json)
 from prunerep.model.anatomy import final_norm, lens_rows, num_layers, output_head
 from prunerep.model.placement import iter_parameters, lens_device, onloaded
@@ -54,7 +54,7 @@ from prunerep.probes.capture import SUBLAYERS, resolve_layers
 from prunerep.probes.contexts import (CONTEXTS, active_memo, greedy_decode, prompt_states,
                                       reuse_last_states, stop_token_ids, teacher_forced_states)
 from prunerep.probes.prompts import Prompt, load_prompts, read_prompts_file
-from prunerep.results import ANSWER_METRICS, PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
+from prunerep.results.schema import ANSWER_METRICS, PROBE_COLUMNS, PROBE_DTYPES, SPACES, empty_probe_table
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ MANIFEST = "manifest.json"
 
 def verify_reference(ref: DenseReference) -> str | None:
     """None when the cached entry of ``ref`` is complete and every file matches the sha256 its
-    manifest records; :data:`~prunerep.io.ABSENT` when there is no manifest (never computed,
+    manifest records; :data:`~prunerep.results.store.ABSENT` when there is no manifest (never computed,
     or being computed); else what is wrong, naming the file."""
     try:
         manifest = read_checked_json(ref.path / MANIFEST)
@@ -558,7 +558,7 @@ class _Rows:
                    per_row: dict[tuple[str, str, float], Tensor]) -> None:
         """A multiple-choice prompt's answer position at one layer: the option subspace
         (``options``: ``{(metric, T): value}``) and, from the same row, the full vocabulary
-        (space ``answer``: :data:`~prunerep.results.ANSWER_METRICS`)."""
+        (space ``answer``: :data:`~prunerep.results.schema.ANSWER_METRICS`)."""
         for (metric, t), v in options.items():
             self.add("prompt", prompt, layer, "block", "options", metric, t, position, v)
         for (space, metric, t), v in per_row.items():

@@ -120,8 +120,8 @@ def plot_top_tokens(table: pd.DataFrame, path, per_kind: int = 2, temperature: f
     dense top tokens (dense order) with p_dense and p_pruned as bars, at the reference temperature."""
     from matplotlib.figure import Figure
 
-    from prunerep.io import atomic_write_with
-    from prunerep.results import reference_temperature
+    from prunerep.results.store import atomic_write_with
+    from prunerep.results.schema import reference_temperature
 
     if table is None or table.empty:
         return False

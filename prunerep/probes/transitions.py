@@ -16,7 +16,7 @@ input on the residual stream, ``mid = x + Attn(x)`` and ``out = mid + MLP(mid)``
   the dense ``mid``), and record what the pruned sublayers return. The hooks are removed on exit;
   no module or weight is changed (activation patching, as TransformerLens does it).
 
-The rows go into the probe table (:data:`prunerep.results.TRANSITION_SUBLAYERS` in the
+The rows go into the probe table (:data:`prunerep.results.schema.TRANSITION_SUBLAYERS` in the
 ``sublayer`` column), with every metric of :func:`~prunerep.probes.metrics.geometry` (embedding)
 and :func:`~prunerep.probes.metrics.vocab_metrics` (logit, probability) for the spaces probed. The
 base of each comparison plays the "dense" role of the metric conventions (Δ = other − base, KL
@@ -52,7 +52,7 @@ from prunerep.model.placement import input_device, lens_device
 from prunerep.probes import metrics as M
 from prunerep.probes.capture import capture
 from prunerep.probes.contexts import _states_forward
-from prunerep.results import TRANSITION_SUBLAYERS
+from prunerep.results.schema import TRANSITION_SUBLAYERS
 
 LENSES = ("final_norm", "raw")
 #: the contexts with transition rows
@@ -282,7 +282,7 @@ def compare_prompt(model: nn.Module, plan, prompt, cached: dict[str, Tensor], la
 def transition_table(model: nn.Module, plan, ref) -> pd.DataFrame:
     """The transition rows of every prompt (the probe table's layout); empty when off."""
     from prunerep.probes.reference import _Rows, _tqdm
-    from prunerep.results import empty_probe_table
+    from prunerep.results.schema import empty_probe_table
 
     if not getattr(plan, "transitions", False) or not (set(plan.contexts) & set(CONTEXTS)):
         return empty_probe_table()
@@ -305,7 +305,7 @@ PLOT_COLUMNS = (("transition_dense", "transition, dense model"), ("transition_pr
 def transition_curves(df: pd.DataFrame) -> pd.DataFrame:
     """The transition rows at the reference temperature, mean over positions/steps then prompts, per
     context, sublayer, space, metric and layer; with ``kind`` (attn | mlp) and ``comparison``."""
-    from prunerep.results import at_reference_temperature, per_prompt_mean
+    from prunerep.results.schema import at_reference_temperature, per_prompt_mean
 
     sel = df[df["sublayer"].isin(TRANSITION_SUBLAYERS)]
     if sel.empty:
@@ -321,7 +321,7 @@ def plot_transitions(df: pd.DataFrame, path) -> bool:
     against the layer; prompt context solid, teacher-forced dashed. False when there is nothing."""
     from matplotlib.figure import Figure
 
-    from prunerep.io import atomic_write_with
+    from prunerep.results.store import atomic_write_with
 
     curves = transition_curves(df)
     if curves.empty:

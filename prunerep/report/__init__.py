@@ -31,13 +31,13 @@ and prints the thresholds. Sparsities sort by their ratio (2:4 sits at 0.5, afte
 The package: :mod:`.load` finds the runs and reads them into the tables, :mod:`.analysis` turns the
 table into the plotted points and the thresholds (pandas in, pandas / dicts out), :mod:`.plots` draws
 the figures (:mod:`.position`: the layer-position figure, read, joined and drawn; :mod:`.memory`: the
-equal-memory figure, joined and drawn), :mod:`.__main__` is the command line. What a run writes is :mod:`prunerep.results`.
+equal-memory figure, joined and drawn), :mod:`.__main__` is the command line. What a run writes is :mod:`prunerep.results.schema`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from prunerep.io import atomic_write_json, atomic_write_text, atomic_write_with
+from prunerep.results.store import atomic_write_json, atomic_write_text, atomic_write_with
 from prunerep.report.analysis import (estimate_points, eval_scores, final_layer_points, format_thresholds, step_curves,
                                       thresholds)
 from prunerep.report.load import ReportError, by_method, find_runs, load_sweep

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from prunerep.results import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTEXTS, at_reference_temperature,
+from prunerep.results.schema import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTEXTS, at_reference_temperature,
                               pick_metric)
 from prunerep.sparsity import sparsity_key
 

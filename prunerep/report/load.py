@@ -1,6 +1,6 @@
 """Find the run directories of a sweep and read them into two tables: the tidy table (one row per
 run x metric, :data:`RUN_COLUMNS` + :data:`ROW_COLUMNS`) and the runs table (one row per run).
-The files read and their schema are :mod:`prunerep.results`.
+The files read and their schema are :mod:`prunerep.results.schema`.
 
 A run's compression is its pruner and its quantizer (``quant``: the method, ``quant_bits``,
 ``quant_group_size``, ``quant_sym``; ``none`` for runs from before quantization existed), named by
@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from prunerep.io import read_json
-from prunerep.results import (COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PROBES_FILE, PRUNING_FILE, SUMMARY_FILE,
+from prunerep.results.store import read_json
+from prunerep.results.schema import (COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PROBES_FILE, PRUNING_FILE, SUMMARY_FILE,
                               compression_label, quant_label)
 from prunerep.sparsity import sparsity_key, sparsity_label
 

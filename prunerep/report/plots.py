@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from prunerep.io import atomic_write_with
+from prunerep.results.store import atomic_write_with
 from prunerep.report.analysis import FAMILIES, GEN, MC
-from prunerep.results import SPACE_ORDER
+from prunerep.results.schema import SPACE_ORDER
 from prunerep.sparsity import sparsity_key
 
 
@@ -32,7 +32,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _spaces(values) -> list[str]:
-    """The spaces present, in :data:`prunerep.results.SPACE_ORDER` (unknown ones last, by name)."""
+    """The spaces present, in :data:`prunerep.results.schema.SPACE_ORDER` (unknown ones last, by name)."""
     vals = [str(v) for v in pd.unique(values) if pd.notna(v)]
     return sorted(vals, key=lambda s: (SPACE_ORDER.index(s) if s in SPACE_ORDER else len(SPACE_ORDER), s))
 

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from prunerep.io import read_json
-from prunerep.results import CONFIG_FILE, PRUNING_FILE
+from prunerep.results.store import read_json
+from prunerep.results.schema import CONFIG_FILE, PRUNING_FILE
 
 POSITION_COLUMNS = ["run", "model", "target", "selection", "width", "position", "blocks", "label"]
 #: the lines of the figure: runs that differ only in where their blocks sit

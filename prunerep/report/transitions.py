@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from prunerep.results import TRANSITION_SUBLAYERS, at_reference_temperature
+from prunerep.results.schema import TRANSITION_SUBLAYERS, at_reference_temperature
 from prunerep.sparsity import sparsity_key
 
 #: (space, metric, label) per row of the figure

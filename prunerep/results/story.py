@@ -4,7 +4,7 @@ what the option subspace of a multiple-choice question sees of it, and what it c
 task families.
 
 :func:`story` is pure: it reads ``probes_summary.json`` and ``evals.json`` (as dicts; the keys
-are the results contract, :mod:`prunerep.results` and :mod:`prunerep.evals.compare`) and
+are the results contract, :mod:`prunerep.results.schema` and :mod:`prunerep.evals.compare`) and
 returns an ordered ``{name: value}`` of headline numbers, the same for the console
 (:func:`format_story`), ``summary.json`` and the W&B run summary. A piece the run did not
 measure (``probe=none``, ``task=none``, a context or space left out) is simply absent.
@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from prunerep.results import reference_temperature
+from prunerep.results.schema import reference_temperature
 
 CONTEXT_PREFERENCE = ("prompt", "teacher_forced", "free_running")
 FAMILY_ORDER = ("retrieval", "multiple_choice", "generative", "perplexity")

@@ -26,7 +26,7 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 from prunerep.sparsity import sparsity_label
-from prunerep.io import atomic_write_json, read_json, stable_hash
+from prunerep.results.store import atomic_write_json, read_json, stable_hash
 
 log = logging.getLogger("prunerep.index")
 
