@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 from prunerep.results.store import atomic_write_json  # noqa: E402
 from prunerep.model.load import load_model  # noqa: E402
 from prunerep.model.placement import resolve_device  # noqa: E402
-from prunerep.pruners.common import PruneSettings, calibrated_blocks, run_block  # noqa: E402
+from prunerep.compress.engine import calibrated_blocks, run_block  # noqa: E402
+from prunerep.compress.method import PruneSettings
 from prunerep.registry import build_method, compose  # noqa: E402
 from prunerep.sparsity import parse_sparsity  # noqa: E402
 

@@ -14,30 +14,20 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from omegaconf import MISSING
+from hydra import compose as hydra_compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
+from prunerep.config import Config
 from prunerep.errors import ConfigError
+from prunerep.local_gpu import register_config as register_local_gpu_launcher
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: config group -> the package whose modules hold its methods (its ``BASE`` is their base class)
-GROUPS = {"pruner": "prunerep.pruners", "quant": "prunerep.quant"}
-
-
-@dataclass
-class Method:
-    """Base of every method. A concrete method gives ``name`` a default (its registry key and
-    the stem of its YAML file); bases leave it MISSING and are never registered."""
-
-    name: str = MISSING
-
-    @classmethod
-    def settings(cls) -> list[str]:
-        """The keys a user may set on this method (its dataclass fields)."""
-        return [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+GROUPS = {"pruner": "prunerep.compress.pruners", "quant": "prunerep.compress.quant"}
 
 
 def _concrete(obj: Any, base: type, module: str) -> bool:
@@ -76,24 +66,33 @@ def method_class(group: str, name: str) -> type:
 
 def build_method(group: str, node: Any):
     """The typed method object of a composed config node (``cfg.pruner``, ``cfg.quant``)."""
-    from omegaconf import OmegaConf
-
     cls = method_class(group, str(node.name))
     values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ConfigError(f"{group}.{unknown[0]}: the {values['name']} {group} has no "
-                          f"setting {unknown[0]!r} (its settings: {', '.join(cls.settings()) or 'none'})")
+    for key in sorted(values):
+        if problem := unknown_setting(group, cls, key):
+            raise ConfigError(problem)
     return cls(**values)
+
+
+def config_groups() -> dict[str, list[str]]:
+    """The config groups -- the folders of ``conf/`` -- and their options (the YAML files)."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+            for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))}
+
+
+def unknown_setting(group: str, cls: type, key: str) -> Optional[str]:
+    """The one-line error for a key that the method ``cls`` of ``group`` does not have, or None."""
+    if key in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    return (f"{group}.{key}: the {cls.name} {group} has no setting {key!r} "
+            f"(its settings: {', '.join(cls.settings()) or 'none'})")
 
 
 def register_configs() -> None:
     """Store the run's schema, every method's schema and the local_gpu launcher's in Hydra's ConfigStore."""
-    from hydra.core.config_store import ConfigStore
-
-    from prunerep.config import Config
-    from prunerep.local_gpu import register_config as register_local_gpu_launcher
-
+    OmegaConf.register_new_resolver(
+        "prunerep_config_groups", lambda: "\n".join(f"{g}: {', '.join(o)}" for g, o in config_groups().items()),
+        replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group in GROUPS:
@@ -105,8 +104,6 @@ def register_configs() -> None:
 def compose(*overrides: str):
     """The config the command line would compose from these overrides (for tests, benchmarks and
     notebooks: no YAML merged by hand)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

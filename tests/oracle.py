@@ -159,3 +159,53 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures=(1.0,), topk=(
                    unif_est=uniform_var(dz) / (2 * t * t))
         out.update({("probability", k, t): v for k, v in res.items()})
     return out
+
+
+# --------------------------------------------------------------------------- GPTQ, as the reference writes it
+
+def gptq_find_params(x: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """GPTQ's ``Quantizer.find_params`` (per row of ``x``), its scale stored in fp16 as prunerep's."""
+    maxq = 2 ** bits - 1
+    zeros = torch.zeros(x.shape[0])
+    xmin, xmax = torch.minimum(x.min(1).values, zeros), torch.maximum(x.max(1).values, zeros)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both = (xmin == 0) & (xmax == 0)
+    xmin, xmax = torch.where(both, -1.0, xmin), torch.where(both, 1.0, xmax)
+    scale = ((xmax - xmin) / maxq).half().float()
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale[:, None], zero[:, None]
+
+
+def gptq_fasterquant(W: Tensor, H: Tensor, bits: int, groupsize: int, sym: bool, blocksize: int = 128,
+                     percdamp: float = 0.01) -> Tensor:
+    """GPTQ's ``fasterquant`` (dynamic groups, no act-order): a group's grid is found from
+    ``W[:, j:j+groupsize]`` -- the weights as the earlier blocks left them -- when the loop reaches
+    its first column."""
+    W, H = W.clone().float(), H.clone().float()
+    maxq = 2 ** bits - 1
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    scale = zero = None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Q1, Err1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), torch.zeros(W.shape[0], i2 - i1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if (i1 + i) % groupsize == 0:
+                scale, zero = gptq_find_params(W[:, i1 + i:i1 + i + groupsize], bits, sym)
+            q = (scale * (torch.clamp(torch.round(w[:, None] / scale) + zero, 0, maxq) - zero))[:, 0]
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q

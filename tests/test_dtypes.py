@@ -7,7 +7,9 @@ import torch
 
 from conftest import make_tiny
 from prunerep.model.anatomy import decoder_layers, model_targets
-from prunerep.pruners.common import PruneSettings, RunningHessians, measure_sparsity
+from prunerep.compress.measure import measure_sparsity
+from prunerep.compress.method import PruneSettings
+from prunerep.compress.stats import RunningHessians
 from prunerep.registry import method_class
 from prunerep.sparsity import parse_sparsity
 

@@ -18,7 +18,7 @@ from torch import nn
 from conftest import CACHE_DIR, REPO, make_tiny
 from prunerep.errors import ConfigError
 from prunerep.results.store import atomic_write_json
-from prunerep.pruners.common import PruneSettings
+from prunerep.compress.method import PruneSettings
 from prunerep.registry import compose, method_class
 from prunerep.sparsity import parse_sparsity
 

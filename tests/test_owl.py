@@ -16,8 +16,9 @@ import torch
 from conftest import CACHE_DIR, REPO, make_tiny
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import decoder_layers
-from prunerep.pruners._profile import owl_layer_ratios, owl_outlier_ratios
-from prunerep.pruners.common import PruneSettings, measure_sparsity, targets_of
+from prunerep.compress.profile import owl_layer_ratios, owl_outlier_ratios
+from prunerep.compress.measure import measure_sparsity
+from prunerep.compress.method import PruneSettings, targets_of
 from prunerep.registry import method_class
 from prunerep.sparsity import parse_sparsity
 

@@ -15,7 +15,8 @@ from prunerep.errors import ConfigError
 from prunerep.model.anatomy import decoder_layers
 from prunerep.model.placement import (dispatch, is_offloaded, iter_parameters, onloaded, placement,
                                       resolved_device_map)
-from prunerep.pruners.common import PruneSettings, measure_sparsity
+from prunerep.compress.measure import measure_sparsity
+from prunerep.compress.method import PruneSettings
 from prunerep.registry import method_class
 from prunerep.sparsity import parse_sparsity
 

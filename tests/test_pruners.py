@@ -9,10 +9,12 @@ import torch
 from conftest import make_tiny
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import block_targets, decoder_layers
-from prunerep.pruners.common import (BlockStep, PruneSettings, calibrated_blocks, input_groups, measure_sparsity,
-                                     per_row_mask, run_block)
-from prunerep.pruners.sparsegpt import sparsegpt_prune_weight
-from prunerep.pruners.common import wanda_score
+from prunerep.compress.engine import BlockStep, calibrated_blocks, input_groups, run_block
+from prunerep.compress.masks import per_row_mask
+from prunerep.compress.measure import measure_sparsity
+from prunerep.compress.method import PruneSettings
+from prunerep.compress.pruners.sparsegpt import sparsegpt_prune_weight
+from prunerep.compress.stats import wanda_score
 from prunerep.registry import discover, method_class
 from prunerep.sparsity import parse_sparsity
 
@@ -157,7 +159,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(sparsity):
     spec = parse_sparsity(sparsity)
     H = 2 * x.T @ x / tokens
     w_sgpt = sparsegpt_prune_weight(w, H, spec, blocksize=128)  # two lazy-update blocks
-    from prunerep.pruners.common import mask_for
+    from prunerep.compress.masks import mask_for
 
     w_mag = w.masked_fill(mask_for(w.abs(), spec, per_row=False), 0)
     w_wanda = w.masked_fill(mask_for(wanda_score(w, x.pow(2).sum(0)), spec, per_row=True), 0)

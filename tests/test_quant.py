@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 from conftest import make_tiny
 from prunerep.errors import ConfigError
-from prunerep.quant.accounting import bits_per_weight, compression_report, mean_bits
-from prunerep.quant.awq import awq_quantize_weight, awq_scales, awq_search_scale, scaled_quantize
-from prunerep.quant.common import grid_params, rtn_params, rtn_quantize
-from prunerep.quant.gptq import gptq_quantize_weight
+from prunerep.compress.accounting import bits_per_weight, compression_report, mean_bits
+from prunerep.compress.quant.awq import awq_quantize_weight, awq_scales, awq_search_scale, scaled_quantize
+from prunerep.compress.grid import grid_params, rtn_params, rtn_quantize
+from prunerep.compress.quant.gptq import gptq_quantize_weight
 from prunerep.registry import compose
 
 
@@ -54,15 +54,23 @@ def test_rtn_reconstructs_grid_points_exactly(bits):
     assert torch.equal(rtn_quantize(w, bits, maxq + 1, sym=False), w)
     scale, zero = grid_params(w, bits, sym=False)
     assert torch.equal(scale, torch.full((3, 1), s)) and torch.equal(zero, torch.ones(3, 1))
-    # symmetric: the levels -(2^(b-1)-1)..2^(b-1)-1 times s
     half = 2 ** (bits - 1)
+    # symmetric, llm-awq's (zero_point=False): s = max|w| / (2^(b-1) - 1), the levels -(2^(b-1)-1)..2^(b-1)-1 times s
     w = (torch.arange(-(half - 1), half, dtype=torch.float32) * s)[None]
-    assert torch.equal(rtn_quantize(w, bits, w.shape[1], sym=True), w)
+    assert torch.equal(rtn_quantize(w, bits, w.shape[1], sym=True, grid="awq"), w)
+    # symmetric, GPTQ's (--sym): max|w| = m gives s = 2m / (2^b - 1), zero point 2^(b-1): the levels
+    # -2^(b-1)..2^(b-1)-1 times s; m = (2^b - 1)/2 * s itself lies half a step outside the grid
+    m = (maxq / 2) * s
+    w = torch.cat([torch.tensor([-m]), torch.arange(-(half - 1), half, dtype=torch.float32) * s])[None]
+    scale, zero = grid_params(w, bits, sym=True, grid="gptq")
+    assert torch.equal(scale, torch.full((1, 1), s)) and torch.equal(zero, torch.full((1, 1), float(half)))
+    out = rtn_quantize(w, bits, w.shape[1], sym=True, grid="gptq")
+    assert torch.equal(out[:, 1:], w[:, 1:]) and out[0, 0] == -half * s
     # and zero is always a grid point: pruned weights stay exactly zero
     w = torch.randn(4, 32)
     w[:, ::3] = 0
-    for sym in (False, True):
-        assert (rtn_quantize(w, bits, 16, sym)[:, ::3] == 0).all()
+    for sym, grid in ((False, "gptq"), (True, "gptq"), (True, "awq")):
+        assert (rtn_quantize(w, bits, 16, sym, grid)[:, ::3] == 0).all()
 
 
 def test_group_size_must_divide():
@@ -138,11 +146,16 @@ def test_awq_beats_rtn_with_activation_outliers():
 
 # --------------------------------------------------------------------------- composition with a pruner
 
-def _settings(method, sparsity="0.5", batch_size=8):
-    from prunerep.pruners.common import PruneSettings
+def _settings(pruner, sparsity="0.5", batch_size=8):
+    """The run's settings around ``pruner`` (a quantizer quantizes after it; a quantizer passed here
+    stands for ``pruner=none``)."""
+    from prunerep.compress.method import PruneSettings, Quantizer
+    from prunerep.registry import method_class
     from prunerep.sparsity import parse_sparsity
 
-    return PruneSettings(spec=parse_sparsity(sparsity), pruner=method, device=torch.device("cpu"),
+    if isinstance(pruner, Quantizer):
+        pruner = method_class("pruner", "none")()
+    return PruneSettings(spec=parse_sparsity(sparsity), pruner=pruner, device=torch.device("cpu"),
                          batch_size=batch_size)
 
 
@@ -155,7 +168,7 @@ def _quantizer(name, **kw):
 
 
 def _linears(model):
-    from prunerep.pruners.common import method_targets
+    from prunerep.compress.method import method_targets
 
     return method_targets(model, _quantizer("rtn"), "quant")
 
@@ -181,7 +194,7 @@ def test_quantizing_a_pruned_model_keeps_its_zeros(pruner, sparsity, quant, cali
             for row in w.reshape(-1, 32):
                 assert len(torch.unique(row)) <= 2 ** 3, name
     if sparsity == "2:4":
-        from prunerep.pruners.common import measure_sparsity
+        from prunerep.compress.measure import measure_sparsity
 
         assert measure_sparsity(model, _settings(p, sparsity))["nm_check"]["holds"]
 
@@ -290,7 +303,7 @@ def test_every_quant_option_composes_to_its_typed_method():
 
 
 def test_the_run_spec_builds_the_quantizer_before_the_model_loads(tmp_path):
-    from prunerep import spec
+    from prunerep import preflight, spec
 
     base = ["model=tiny", "task=none", "probe=none", f"cache_dir={tmp_path / 'cache'}", "wandb.mode=disabled"]
     rs = spec.build(compose(*base, "pruner=none", "sparsity=0", "quant=gptq", "quant.bits=4"), tmp_path / "run")
@@ -300,7 +313,7 @@ def test_the_run_spec_builds_the_quantizer_before_the_model_loads(tmp_path):
                          (["quant=awq", "quant.group_size=48"], "does not divide the 64 input features of layers.0.self_attn.q_proj"),
                          (["quant=gptq", "quant.percdamp=-1"], "quant.percdamp=-1.0 >= 0")):
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-            spec.build(compose(*base, *args), tmp_path / "run")
+            preflight.check(spec.build(compose(*base, *args), tmp_path / "run"))
 
 
 def test_unknown_quant_options_and_keys_fail_with_one_line(capsys):
@@ -476,3 +489,63 @@ def test_a_real_pruner_by_quantizer_sweep_ends_in_the_equal_memory_figure(tmp_pa
                                                              "wanda+rtn-w4g64": 3.5}
     by_method = dict(zip(kl["method"], kl["value"]))
     assert by_method["none"] == 0.0 and min(by_method["wanda"], by_method["rtn-w4g64"]) > 0.0
+
+
+# --------------------------------------------------------------------------- the references' conventions
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_dynamic_groups_are_the_references(sym):
+    """Groups of 32 in blocks of 128 columns: the grid of a group that starts inside a block comes
+    from the weights as the earlier blocks left them (GPTQ's fasterquant), not from the block's
+    updated working copy."""
+    from oracle import gptq_fasterquant
+    from prunerep.compress.quant.gptq import gptq_quantize_weight
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 256, generator=g)
+    x = torch.randn(600, 256, generator=g) * torch.linspace(0.2, 3, 256)
+    h = 2 * x.T @ x / 600
+    ours = gptq_quantize_weight(w, h, 4, 32, sym, blocksize=128, hold_zeros=False)
+    assert torch.equal(ours, gptq_fasterquant(w, h, 4, 32, sym, blocksize=128))
+
+
+def test_gptq_keeps_a_dense_models_own_zeros_only_after_a_pruner():
+    """pruner=none: a weight that is exactly zero in the dense model is a weight like any other
+    (the rounding errors before it move it); after a pruner every zero is held."""
+    from prunerep.compress.quant.gptq import gptq_quantize_weight
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 64, generator=g)
+    w[:, 40:44] = 0
+    x = torch.randn(300, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    h = 2 * x.T @ x / 300
+    free = gptq_quantize_weight(w, h, 8, 32, False, hold_zeros=False)
+    held = gptq_quantize_weight(w, h, 8, 32, False, hold_zeros=True)
+    assert bool((held[:, 40:44] == 0).all())
+    assert bool((free[:, 40:44] != 0).any())
+
+
+@pytest.mark.parametrize("block_inputs", ["quantized", "dense"])
+def test_awq_calibrates_the_next_block_on_what_block_inputs_says(block_inputs, calib_ids):
+    """block_inputs=dense (llm-awq's run_awq): block 1 is calibrated on the dense block 0's
+    outputs; quantized: on the quantized block 0's."""
+    from prunerep.model.anatomy import decoder_layers
+
+    model = make_tiny("llama")
+    seen = []
+    dense_out = []
+    hook = decoder_layers(model)[0].register_forward_hook(
+        lambda m, a, out: dense_out.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        for row in calib_ids:
+            model(row[None])
+    hook.remove()
+    dense_out = torch.cat(dense_out)
+    spy = decoder_layers(model)[1].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+    q = _quantizer("awq", bits=3, group_size=32, block_inputs=block_inputs)
+    q.quantize(model, calib_ids, _settings(q))
+    spy.remove()
+    first = next(x for x in seen if x.shape[0] == len(calib_ids))  # block 1's statistics pass (not the 1-sample probe)
+    assert first.shape == dense_out.shape
+    assert torch.equal(first, dense_out) == (block_inputs == "dense")

@@ -30,7 +30,7 @@ def readme_blocks() -> dict[str, str]:
 def toy_repo(tmp_path):
     """A copy of the package and its configs with the README's toy method dropped in."""
     blocks = readme_blocks()
-    assert set(blocks) == {"prunerep/pruners/column_norm.py", "conf/pruner/column_norm.yaml"}
+    assert set(blocks) == {"prunerep/compress/pruners/column_norm.py", "conf/pruner/column_norm.yaml"}
     repo = tmp_path / "repo"
     for part in ("prunerep", "conf", "launchers"):
         shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
@@ -55,7 +55,7 @@ def test_a_method_module_dropped_into_the_package_is_found(toy_repo):
     found = json.loads(res.stdout.strip().splitlines()[-1])
     assert found["file"].startswith(str(toy_repo))  # the copy, not the source tree
     assert "column_norm" in found["names"] and found["settings"] == ["include", "exclude", "routers", "per_row"]
-    assert not (REPO / "prunerep" / "pruners" / "column_norm.py").exists()
+    assert not (REPO / "prunerep" / "compress" / "pruners" / "column_norm.py").exists()
 
 
 def test_the_dropped_in_method_runs_end_to_end(toy_repo, tmp_path):

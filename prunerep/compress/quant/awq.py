@@ -11,10 +11,15 @@ it costs no storage; here the weight is written back as Q(W·s)/s, which compute
 the reference, the attention output projection is scaled only where that fold exists (as many
 key/value heads as query heads), and the query/key projections are not clipped.
 
+The grid is llm-awq's (:data:`GRID`). Block by block: block i+1 is calibrated on the outputs of
+the quantized block i (``block_inputs=quantized``, the order of GPTQ and the pruners) or, as in
+llm-awq's ``run_awq``, on the outputs of block i before it was scaled, clipped and quantized
+(``block_inputs=dense``).
+
 Two simplifications of the reference code, both to keep it model-generic and cheap on a CPU: the
 loss is the layers' own outputs (the reference uses the attention / MLP sublayer's output for
 q/k/v and gate/up), and both searches use the Gram matrix XᵀX of all calibration tokens (the
-shared :class:`~prunerep.pruners.common.RunningHessians`) instead of the tokens themselves:
+shared :class:`~prunerep.compress.stats.RunningHessians`) instead of the tokens themselves:
 ‖X ΔWᵀ‖² = tr(ΔW XᵀX ΔWᵀ), exact and independent of the number of tokens."""
 from __future__ import annotations
 
@@ -23,13 +28,19 @@ from dataclasses import dataclass
 
 import torch
 
+from prunerep.compress.engine import calibrated_blocks, input_groups, prune_block
+from prunerep.compress.grid import grid_params, grouped, relative_error, rtn_quantize, to_grid
+from prunerep.compress.masks import write_back
+from prunerep.compress.method import CalibratedQuantizer, targets_of
+from prunerep.compress.stats import ExpertReport, RunningHessians
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import output_targets
-from prunerep.pruners.common import (ExpertReport, RunningHessians, calibrated_blocks, input_groups, prune_block,
-                                     targets_of)
-from prunerep.quant.common import (CalibratedQuantizer, grid_params, grouped, relative_error, rtn_quantize, to_grid,
-                                   write_back)
 
+#: llm-awq's grid: with sym=true, its zero_point=False one (prunerep.compress.grid)
+GRID = "awq"
+#: where the next block's inputs come from: the quantized block (the block-sequential order of
+#: GPTQ and the pruners) or the block before quantization (llm-awq's run_awq)
+BLOCK_INPUTS = ("quantized", "dense")
 #: layers the clip search leaves alone (the reference: "qk bmm is hard to clip precisely")
 NO_CLIP = re.compile(r"(^|\.)(q_proj|k_proj|query|key|qkv_proj|Wqkv)$")
 
@@ -44,7 +55,7 @@ def awq_scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def scaled_quantize(weight: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
     """Q(W·diag(s))·diag(s)⁻¹: the weight as the scaled, rounded layer computes with it."""
-    return rtn_quantize(weight.float() * s[None, :], bits, group_size, sym) / s[None, :]
+    return rtn_quantize(weight.float() * s[None, :], bits, group_size, sym, GRID) / s[None, :]
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -85,7 +96,7 @@ def awq_clip(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: in
         for i in range(steps):
             max_val = org_max * (1 - i / n_grid)
             cur = torch.maximum(torch.minimum(Wc, max_val), -max_val)
-            delta = to_grid(cur, *grid_params(cur, bits, sym), bits) - Wc
+            delta = to_grid(cur, *grid_params(cur, bits, sym, GRID), bits) - Wc
             err = torch.einsum("rgk,gkl,rgl->rg", delta, blocks, delta)[..., None]
             if best_err is None:
                 best_err = err
@@ -103,7 +114,7 @@ def awq_quantize_weight(weight: torch.Tensor, s: torch.Tensor, gram: torch.Tenso
     Ws = weight.float() * s[None, :]
     if clip:  # the scaled layer sees the inputs x/s: G -> diag(1/s) G diag(1/s)
         Ws = awq_clip(Ws, gram / s[:, None] / s[None, :], bits, group_size, sym, n_grid, max_shrink)
-    return rtn_quantize(Ws, bits, group_size, sym) / s[None, :]
+    return rtn_quantize(Ws, bits, group_size, sym, GRID) / s[None, :]
 
 
 # --------------------------------------------------------------------------- the method
@@ -115,9 +126,12 @@ class AWQ(CalibratedQuantizer):
     n_grid: int = 20  # points of the α grid (and of the clip search)
     clip: bool = True  # search a per-group clipping threshold after the scale
     max_shrink: float = 0.5  # the clip search shrinks max|w| by at most this fraction
+    block_inputs: str = "quantized"  # quantized | dense (llm-awq's): what the next block is calibrated on
 
     def validate(self) -> None:
         super().validate()
+        if self.block_inputs not in BLOCK_INPUTS:
+            raise ConfigError(f"quant.block_inputs={self.block_inputs!r}; choose {' or '.join(BLOCK_INPUTS)}")
         if self.n_grid < 1:
             raise ConfigError(f"quant.n_grid={self.n_grid} must be >= 1")
         if not (0 <= self.max_shrink < 1):
@@ -168,12 +182,15 @@ class AWQ(CalibratedQuantizer):
                                               self.clip and not NO_CLIP.search(n), self.n_grid, self.max_shrink)
                     errors[f"layers.{step.index}.{n}"] = relative_error(w, new)
                     alphas[f"layers.{step.index}.{n}"] = alpha
-                    write_back(targets[n], new, w == 0)
+                    write_back(targets[n], new, w == 0 if settings.pruner.sets_zeros else torch.zeros_like(
+                        w, dtype=torch.bool))
 
-            prune_block(step, targets, settings, self.sequential, accumulate, quantize_group)
+            prune_block(step, targets, settings, self.sequential, accumulate, quantize_group,
+                        dense_outputs=self.block_inputs == "dense")
             experts.record(step.index, gram.counts)
         return self.report(errors, calibration=True, calib_shape=list(calib.shape), n_grid=self.n_grid,
-                           clip=self.clip, max_shrink=self.max_shrink, sequential=self.sequential, alpha=alphas,
+                           clip=self.clip, max_shrink=self.max_shrink, sequential=self.sequential,
+                           block_inputs=self.block_inputs, alpha=alphas,
                            **experts.entry())
 
 

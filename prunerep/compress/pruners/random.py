@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from prunerep.pruners.magnitude import Magnitude
+from prunerep.compress.pruners.magnitude import Magnitude
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunerep.quant.common import Quantizer
+from prunerep.compress.method import Quantizer
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunerep.pruners.common import Pruner
+from prunerep.compress.method import Pruner
 
 
 @dataclass
@@ -12,6 +12,10 @@ class NoPruning(Pruner):
     name: str = "none"
     zeroes_weights: ClassVar[bool] = False  # sparsity is ignored: nothing is pruned
     prunes_weights: ClassVar[bool] = False
+
+    @property
+    def sets_zeros(self) -> bool:
+        return False
 
     def prune(self, model, calib, settings) -> dict:
         return {"method": "none"}

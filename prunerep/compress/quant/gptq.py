@@ -2,18 +2,19 @@
 after each column, spread its rounding error over the columns not yet quantized with the
 Optimal Brain Surgeon update from the inverse Hessian H = 2XXᵀ of the layer's calibration
 inputs -- SparseGPT's machinery with rounding in place of the mask, and the same code: the
-Hessian accumulation (:class:`~prunerep.pruners.common.RunningHessians`), its damped inverse
-(:func:`~prunerep.pruners.common.inverse_hessian_cholesky`) and the block-sequential calibration
-(:func:`~prunerep.pruners.common.calibrated_blocks`, :func:`~prunerep.pruners.common.prune_block`)
+Hessian accumulation (:class:`~prunerep.compress.stats.RunningHessians`), its damped inverse
+(:func:`~prunerep.compress.stats.inverse_hessian_cholesky`) and the block-sequential calibration
+(:func:`~prunerep.compress.engine.calibrated_blocks`, :func:`~prunerep.compress.engine.prune_block`)
 are the pruners'.
 
 Groups: without ``act_order`` a group's scale and zero point are set when the loop reaches its
-first column, from the weights as the earlier columns' errors left them (the reference's
-dynamic groups). With ``act_order`` the columns go in order of decreasing H_jj and each group's
+first column, from the weights as the earlier blocks of columns left them -- not yet updated by
+the columns before it in its own block (the reference's dynamic groups, ``fasterquant``: the
+grid of ``W[:, j:j+g]``, not of the block's working copy). With ``act_order`` the columns go in order of decreasing H_jj and each group's
 grid is set from the weights before the loop (static groups, so a group is still ``group_size``
 consecutive input weights and needs no index in storage).
 
-After a pruner: weights that are zero stay zero (they are not stored), and the error of holding
+After a pruner (``sets_zeros``): weights that are zero stay zero (they are not stored), and the error of holding
 them at zero is compensated like a rounding error (SparseGPT's joint sparsification and
 quantization)."""
 from __future__ import annotations
@@ -22,18 +23,21 @@ from dataclasses import dataclass
 
 import torch
 
+from prunerep.compress.engine import calibrated_blocks, prune_block
+from prunerep.compress.grid import grid_params, group_size_of, grouped, relative_error, to_grid
+from prunerep.compress.masks import write_back
+from prunerep.compress.method import CalibratedQuantizer, targets_of
+from prunerep.compress.stats import ExpertReport, RunningHessians, inverse_hessian_cholesky, obs_sweep
 from prunerep.errors import ConfigError
-from prunerep.pruners.common import (ExpertReport, RunningHessians, calibrated_blocks, inverse_hessian_cholesky,
-                                     prune_block, targets_of)
-from prunerep.quant.common import (CalibratedQuantizer, grid_params, group_size_of, grouped, relative_error, to_grid,
-                                   write_back)
 
 
 @torch.no_grad()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
-                         blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False) -> torch.Tensor:
-    """The quantized weight [out, in] (float32, on the grid of :mod:`prunerep.quant.common`) for
-    H [in, in]; entries of ``weight`` that are exactly zero stay zero."""
+                         blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                         hold_zeros: bool = True) -> torch.Tensor:
+    """The quantized weight [out, in] (float32, on GPTQ's grid of :mod:`prunerep.compress.grid`)
+    for H [in, in]; with ``hold_zeros`` (a pruner ran) the entries of ``weight`` that are exactly
+    zero stay zero, and the error of holding them is compensated like a rounding error."""
     W = weight.detach().float().clone()
     rows, cols = W.shape
     g = group_size_of(group_size, cols)
@@ -53,31 +57,20 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
         group_of = perm // g
     else:
         W[:, dead] = 0
-    pruned = W == 0  # the pruner's zeros (and the dead inputs): held at zero
-    scale = zero = None
+    # held at zero: the pruner's zeros (and the dead inputs, zero for every method)
+    pruned = (W == 0) if hold_zeros else torch.zeros_like(W, dtype=torch.bool)
+    grid: dict = {}
 
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(count):
-            j = i1 + i
-            w = W1[:, i]
-            if perm is not None:
-                scale, zero = s_all[:, group_of[j]], z_all[:, group_of[j]]
-            elif j % g == 0:  # a group starts: its grid from the weights as they are now
-                cur = W1[:, i:i + g] if i + g <= count else torch.cat([W1[:, i:], W[:, i2:j + g]], dim=1)
-                scale, zero = grid_params(cur.masked_fill(pruned[:, j:j + g], 0), bits, sym)
-            q = to_grid(w[:, None], scale, zero, bits)[:, 0].masked_fill(pruned[:, j], 0)
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    def column(j, i, W1):
+        if perm is not None:
+            scale, zero = s_all[:, group_of[j]], z_all[:, group_of[j]]
+        else:
+            if j % g == 0:  # a group starts: its grid from the weights as the earlier blocks left them (the reference's)
+                grid["sz"] = grid_params(W[:, j:j + g].masked_fill(pruned[:, j:j + g], 0), bits, sym)
+            scale, zero = grid["sz"]
+        return to_grid(W1[:, i:i + 1], scale, zero, bits)[:, 0].masked_fill(pruned[:, j], 0)
+
+    W = obs_sweep(W, Hinv, blocksize, column)
     if perm is not None:
         W = W[:, torch.argsort(perm)]
     return W
@@ -106,9 +99,9 @@ class GPTQ(CalibratedQuantizer):
             def quantize_target(name, t):
                 w = t.weight
                 new = gptq_quantize_weight(w, hess.pop(name), self.bits, self.group_size, self.sym, self.blocksize,
-                                           self.percdamp, self.act_order)
+                                           self.percdamp, self.act_order, hold_zeros=settings.pruner.sets_zeros)
                 errors[f"layers.{step.index}.{name}"] = relative_error(w, new)
-                write_back(t, new, w == 0)
+                write_back(t, new, w == 0 if settings.pruner.sets_zeros else torch.zeros_like(w, dtype=torch.bool))
 
             prune_block(step, targets, settings, self.sequential, hess, quantize_target)
             experts.record(step.index, hess.counts)

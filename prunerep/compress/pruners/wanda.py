@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from prunerep.pruners._profile import ProfiledPruner
-from prunerep.pruners.common import (CalibratedPruner, ExpertReport, InputSquares, apply_mask, calibrated_blocks,
-                                     mask_for, prune_block, targets_of, wanda_score)
+from prunerep.compress.engine import calibrated_blocks, prune_block
+from prunerep.compress.masks import apply_mask, mask_for
+from prunerep.compress.method import CalibratedPruner, targets_of
+from prunerep.compress.profile import ProfiledPruner
+from prunerep.compress.stats import ExpertReport, InputSquares, wanda_score
 
 
 @dataclass

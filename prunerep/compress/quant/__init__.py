@@ -1,5 +1,5 @@
 """Quantization methods, one module each: a dataclass subclassing
-:class:`~prunerep.quant.common.Quantizer` (settings as fields, capabilities as class flags,
+:class:`~prunerep.compress.method.Quantizer` (settings as fields, capabilities as class flags,
 ``validate`` / ``check`` / ``quantize`` as methods), found by the registry
 (:mod:`prunerep.registry`, group ``quant``) by scanning this package, exactly as the pruners are.
 
@@ -12,8 +12,8 @@ Implemented from the papers (RTN; GPTQ: Frantar et al., 2022; AWQ: Lin et al., 2
 through a library: none of the maintained ones (auto-gptq / gptqmodel, autoawq, llm-compressor,
 optimum-quanto, bitsandbytes) quantizes with calibration on a CPU, offline, with torch 2.13 and
 transformers 5 without downloading kernels or models, and their packed formats would hide the
-numerical effect behind a kernel. :mod:`prunerep.quant.accounting` says how many bits per weight
+numerical effect behind a kernel. :mod:`prunerep.compress.accounting` says how many bits per weight
 each format costs."""
-from prunerep.quant.common import Quantizer as BASE  # the class every method here derives from
+from prunerep.compress.method import Quantizer as BASE
 
 __all__ = ["BASE"]

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from prunerep.compress.masks import apply_mask, mask_for
+from prunerep.compress.method import targets_of
+from prunerep.compress.profile import ProfiledPruner
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import Target, decoder_layers, output_head
 from prunerep.model.placement import onloaded
-from prunerep.pruners._profile import ProfiledPruner
-from prunerep.pruners.common import apply_mask, mask_for, targets_of
 
 
 @dataclass

@@ -24,12 +24,19 @@ from typing import ClassVar, List, Optional
 
 import torch
 
+from prunerep.compress.engine import calibrated_blocks, run_block
+from prunerep.compress.method import Pruner
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import SUBLAYER_KINDS, decoder_layers, first_output, make_identity, residual_update
 from prunerep.model.placement import onloaded
-from prunerep.pruners.common import Pruner, calibrated_blocks, mean_cos_distance, run_block
 
 TARGETS = ("attn", "mlp", "block", "both")
+
+
+def mean_cos_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over tokens of 1 − cos(a, b) (LLM-Drop's importance)."""
+    cos = torch.nn.functional.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2), dim=-1)
+    return float((1 - cos).mean())
 
 
 @dataclass

@@ -29,10 +29,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from prunerep.compress.engine import calibrated_blocks, run_block
+from prunerep.compress.method import Pruner, targets_of
+from prunerep.compress.stats import InputSquares, wanda_score
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import decoder_layers, feeding
 from prunerep.model.placement import onloaded
-from prunerep.pruners.common import InputSquares, Pruner, calibrated_blocks, run_block, targets_of, wanda_score
 from prunerep.sparsity import SparsitySpec
 
 PROFILES = ("uniform", "owl")

@@ -8,52 +8,46 @@ from dataclasses import dataclass
 
 import torch
 
+from prunerep.compress.engine import calibrated_blocks, prune_block
+from prunerep.compress.masks import n_pruned, write_weight
+from prunerep.compress.method import CalibratedPruner, targets_of
+from prunerep.compress.profile import ProfiledPruner
+from prunerep.compress.stats import ExpertReport, RunningHessians, inverse_hessian_cholesky, obs_sweep
 from prunerep.errors import ConfigError
-from prunerep.pruners._profile import ProfiledPruner
-from prunerep.pruners.common import (CalibratedPruner, ExpertReport, RunningHessians, calibrated_blocks,
-                                     inverse_hessian_cholesky, n_pruned, prune_block, targets_of, write_weight)
 
 
 @torch.no_grad()
 def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, spec, blocksize: int = 128,
                            percdamp: float = 0.01) -> torch.Tensor:
-    """Return the pruned and reconstructed weight [out, in] (float32) for H [in, in]."""
+    """Return the pruned and reconstructed weight [out, in] (float32) for H [in, in]: each block of
+    columns gets its mask from the weights as the earlier blocks' updates left them (the lowest
+    w² / [H⁻¹]_jj², exactly round(numel·ratio) of them; N:M: per group of M inputs of each row, at
+    the group's first column), and every column's pruning error is compensated (:func:`obs_sweep`)."""
     W = weight.detach().float().clone()
-    rows, cols = W.shape
-    Hinv, dead = inverse_hessian_cholesky(hessian, percdamp)  # shared with GPTQ (prunerep/quant/gptq.py)
+    Hinv, dead = inverse_hessian_cholesky(hessian, percdamp)
     W[:, dead] = 0
+    state: dict = {}
 
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
+    def block(i1, i2, W1, Hinv1):
+        d = state["d"] = torch.diag(Hinv1)
         if spec.is_nm:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:  # exactly round(numel·ratio) prunes in this column block
-            score = W1 ** 2 / d[None, :] ** 2
-            mask1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W.device)
-            k = n_pruned(W1.numel(), spec.ratio)
-            if k:
-                mask1[torch.topk(score.flatten(), k, largest=False).indices] = True
-            mask1 = mask1.view_as(W1)
-        for i in range(count):
-            w = W1[:, i]
-            if spec.is_nm and i % spec.m == 0:
-                score = W1[:, i:i + spec.m] ** 2 / d[None, i:i + spec.m] ** 2
-                mask1.scatter_(1, i + torch.topk(score, spec.n, dim=1, largest=False).indices, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+            state["mask"] = torch.zeros_like(W1, dtype=torch.bool)
+            return
+        score = W1 ** 2 / d[None, :] ** 2
+        mask = torch.zeros(W1.numel(), dtype=torch.bool, device=W.device)
+        k = n_pruned(W1.numel(), spec.ratio)
+        if k:
+            mask[torch.topk(score.flatten(), k, largest=False).indices] = True
+        state["mask"] = mask.view_as(W1)
+
+    def column(j, i, W1):
+        mask, d = state["mask"], state["d"]
+        if spec.is_nm and i % spec.m == 0:
+            score = W1[:, i:i + spec.m] ** 2 / d[None, i:i + spec.m] ** 2
+            mask.scatter_(1, i + torch.topk(score, spec.n, dim=1, largest=False).indices, True)
+        return W1[:, i].masked_fill(mask[:, i], 0)
+
+    return obs_sweep(W, Hinv, blocksize, column, block)
 
 
 @dataclass

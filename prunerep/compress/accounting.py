@@ -31,8 +31,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from prunerep.compress.method import targets_of
 from prunerep.model.anatomy import decoder_layers, model_targets
-from prunerep.pruners.common import targets_of
 
 SCALE_BITS = 16  # one fp16 scale per group
 ZERO_BITS = 16  # one fp16 zero point per group (asymmetric grids only)
@@ -144,7 +144,7 @@ def compression_report(shapes: dict[str, tuple[int, int]], dense_bits: int, *, p
             "perturbations": perturbations, "modules": per_module,
             "accounting": "bits per weight position of the decoder Linear weights: kept x value bits + index "
                           "(bitmask 1, N:M kept x ceil(log2 M)) + (16-bit scale [+ 16-bit zero]) / group size; "
-                          "see prunerep/quant/accounting.py"}
+                          "see prunerep/compress/accounting.py"}
 
 
 
