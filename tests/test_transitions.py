@@ -16,9 +16,9 @@ import oracle as O
 from conftest import make_tiny
 from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm, lens_logits, output_head, output_targets, sublayer
-from prunerep.probes import build_plan, compare_to_reference, dense_reference, summarize, write_probe_outputs
-from prunerep.probes import transitions as TR
+from prunerep.probes import build_plan, compare_to_reference, dense_reference, summarize
 from prunerep.results.schema import PROBE_COLUMNS, TRANSITION_SUBLAYERS
+from prunerep.viz.probes import plot_transitions, transition_curves, write_probe_outputs
 
 PROMPTS = [
     {"prompt": "Which city is the capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:",
@@ -81,7 +81,7 @@ def prune_modules(model, block: int, kind: str, sparsity: float = 0.5):
 
 def run(dense, pruned, tok, cfg, tmp_path):
     ref = dense_reference(dense, tok, cfg, tmp_path / "cache", model_key="tiny")
-    return compare_to_reference(pruned, tok, cfg, ref), ref
+    return compare_to_reference(pruned, tok, cfg, ref).table, ref
 
 
 def transition_rows(df, sublayer_name, layer=None):
@@ -269,7 +269,7 @@ def test_off_by_default_and_the_cache_keeps_its_key(tiny, tok, prompts_file, tmp
     off = plan(prompts_file, transitions=False)
     ref_off = dense_reference(tiny, tok, off, tmp_path, model_key="tiny")
     assert not [k for k in ref_off.load(0) if k.startswith("transitions/")]
-    df = compare_to_reference(tiny, tok, off, ref_off)
+    df = compare_to_reference(tiny, tok, off, ref_off).table
     assert set(df["sublayer"]) == {"block"}
     on = plan(prompts_file)
     ref_on = dense_reference(tiny, tok, on, tmp_path, model_key="tiny")
@@ -290,17 +290,20 @@ def test_token_chunk_does_not_change_transition_values(tiny, tok, prompts_file, 
 
 def test_outputs_plot_the_transitions_and_leave_the_summary_alone(tiny, tok, prompts_file, tmp_path):
     pruned = prune_modules(tiny, 1, "mlp")
-    on, _ = run(tiny, pruned, tok, plan(prompts_file), tmp_path)
+    cfg_on = plan(prompts_file)
+    result = compare_to_reference(pruned, tok, cfg_on, dense_reference(tiny, tok, cfg_on, tmp_path / "cache",
+                                                                       model_key="tiny"))
+    on = result.table
     off, _ = run(tiny, pruned, tok, plan(prompts_file, transitions=False), tmp_path)
-    s_on = write_probe_outputs(on, tmp_path / "on")
+    s_on = write_probe_outputs(result, tmp_path / "on")
     s_off = summarize(off)
     assert (tmp_path / "on" / "probes_transitions.png").stat().st_size > 0
-    assert not TR.plot_transitions(off, tmp_path / "off.png") and not (tmp_path / "off.png").exists()
+    assert not plot_transitions(off, tmp_path / "off.png") and not (tmp_path / "off.png").exists()
     assert s_on.pop("n_rows") > s_off.pop("n_rows")
     assert s_on == s_off  # the headline numbers are the residual stream's
     back = pd.read_parquet(tmp_path / "on" / "probes.parquet")
     pd.testing.assert_frame_equal(back, on)
-    curves = TR.transition_curves(on)
+    curves = transition_curves(on)
     assert set(curves["kind"]) == {"attn", "mlp"}
     assert set(curves["comparison"]) == {"transition_dense", "transition_pruned", "local"}
 
@@ -315,7 +318,6 @@ def test_sweep_report_draws_dense_pruned_and_local_per_layer(tiny, tok, prompts_
         d = tmp_path / "sweep" / f"tiny_magnitude_{sp}"
         d.mkdir(parents=True)
         df, _ = run(tiny, model, tok, cfg, tmp_path)
-        df.attrs.clear()
         df.to_parquet(d / "probes.parquet")
         atomic_write_json(d / "summary.json", {"status": "complete", "model": "tiny", "pruner": "magnitude",
                                                "sparsity": float(sp), "run_dir": str(d)})

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,23 @@ def with_first_output(output: Any, value: Tensor) -> Any:
     if isinstance(output, list):
         return [value, *output[1:]]
     return value
+
+
+@contextmanager
+def hooked(post: Iterable[tuple[nn.Module, Callable]] = (), pre: Iterable[tuple[nn.Module, Callable]] = ()
+           ) -> Iterator[None]:
+    """Forward hooks ``hook(module, args, output)`` (``post``) and forward pre-hooks ``hook(module,
+    args, kwargs)`` (``pre``) on the given modules while inside; removed on exit, whatever happens."""
+    handles = []
+    try:
+        for module, hook in pre:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        for module, hook in post:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- the logit lens
@@ -389,7 +406,7 @@ def make_identity(block: nn.Module, kind: str) -> None:
 
 
 __all__ = ["SUBLAYER_KINDS", "EXPERT_TOKENS", "LENS_ROW_MULTIPLE", "base_model", "decoder_layers", "num_layers",
-           "final_norm", "output_head", "sublayer", "residual_update", "first_output", "with_first_output",
+           "final_norm", "output_head", "sublayer", "residual_update", "first_output", "with_first_output", "hooked",
            "lens_logits", "lens_rows", "Target", "is_experts", "expert_targets", "routers", "all_targets", "select",
            "block_targets", "model_targets", "coverage", "expert_down_input", "feeding", "output_targets",
            "make_identity"]

@@ -6,7 +6,7 @@ i ≥ 1 is the output of block i − 1, layer L (the number of blocks) is the la
 so are the tensors at layers 0 … L − 1, but NOT at L: there transformers returns the state
 *after* the final norm, ``final_norm(h_L)``, while :func:`capture` records the raw residual
 stream h_L (what the logit lens :func:`prunerep.model.anatomy.lens_logits` reads). ``probe.h=normed`` compares the
-normed state at L instead (:func:`prunerep.probes.reference.embedding_metrics`).
+normed state at L instead (:func:`prunerep.probes.compare.embedding_metrics`).
 
 Sublayers at layer i ≥ 1 (block i − 1):
 
@@ -27,12 +27,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from prunerep.model.anatomy import decoder_layers, first_output, residual_update
+from prunerep.model.anatomy import decoder_layers, first_output, hooked, residual_update
+from prunerep.results.schema import SUBLAYERS
 
-SUBLAYERS = ("block", "attn", "mlp")
 Key = tuple[int, str]
 
 
@@ -65,13 +64,6 @@ def resolve_layers(spec: Any, n_layers: int, include_last: bool = True) -> list[
     return sorted(out)
 
 
-def sublayer_module(block: nn.Module, sublayer: str) -> nn.Module:
-    """The module whose output is the sublayer's update to the residual stream."""
-    if sublayer not in SUBLAYERS[1:]:
-        raise ValueError(f"unknown sublayer {sublayer!r}; choose from {SUBLAYERS}")
-    return residual_update(block, sublayer)
-
-
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[int], sublayers: Sequence[str] = ("block",)
             ) -> Iterator[dict[Key, Tensor]]:
@@ -83,34 +75,26 @@ def capture(model: nn.Module, layers: Sequence[int], sublayers: Sequence[str] = 
     blocks = decoder_layers(model)
     n = len(blocks)
     acts: dict[Key, Tensor] = {}
-    handles = []
 
     def store(key: Key):
         def hook(_module, _inputs, output):
             acts[key] = first_output(output).detach()
         return hook
 
-    def store_input(key: Key):
-        def hook(_module, args, kwargs):
-            acts[key] = (args[0] if args else kwargs["hidden_states"]).detach()
-        return hook
+    def store_input(_module, args, kwargs):
+        acts[(0, "block")] = (args[0] if args else kwargs["hidden_states"]).detach()
 
-    try:
-        for layer in layers:
-            if not 0 <= layer <= n:
-                raise ValueError(f"layer {layer} is outside 0..{n}")
-            for sub in sublayers:
-                if sub not in SUBLAYERS:
-                    raise ValueError(f"unknown sublayer {sub!r}; choose from {SUBLAYERS}")
-                if layer == 0:
-                    if sub == "block":
-                        handles.append(blocks[0].register_forward_pre_hook(
-                            store_input((0, "block")), with_kwargs=True))
-                    continue
+    post, pre = [], []
+    for layer in layers:
+        if not 0 <= layer <= n:
+            raise ValueError(f"layer {layer} is outside 0..{n}")
+        for sub in sublayers:
+            if sub not in SUBLAYERS:
+                raise ValueError(f"unknown sublayer {sub!r}; choose from {SUBLAYERS}")
+            if layer > 0:
                 block = blocks[layer - 1]
-                module = block if sub == "block" else sublayer_module(block, sub)
-                handles.append(module.register_forward_hook(store((layer, sub))))
+                post.append((block if sub == "block" else residual_update(block, sub), store((layer, sub))))
+            elif sub == "block":
+                pre.append((blocks[0], store_input))
+    with hooked(post, pre):
         yield acts
-    finally:
-        for h in handles:
-            h.remove()

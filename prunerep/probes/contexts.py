@@ -15,12 +15,16 @@ accumulation of autoregressive decoding.
 All functions run one unbatched sequence (no padding, so no masking subtleties) and are
 deterministic: the same model on the same ids gives bit-identical states, which is what
 makes a dense-vs-dense comparison exactly zero.
+
+A ``memo`` (a dict the caller owns, for as long as the model does not change) lets a later call
+reuse what an earlier one computed: :func:`prompt_states` and :func:`teacher_forced_states` keep
+the last layer's residual-stream states of each sequence they run there, and a call that asks
+for nothing else is answered from them without a forward.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -31,15 +35,13 @@ from prunerep.model.anatomy import base_model, num_layers
 from prunerep.model.placement import input_device
 from prunerep.probes.capture import Key, capture
 
-CONTEXTS = ("prompt", "teacher_forced", "free_running")
-
 
 def _forward(model: nn.Module, ids: Tensor, **kw):
     # logits_to_keep=1: the probes recompute logits through the lens where they need them
     return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache  # inspect.signature once per model class, not at every decoding step
 def _cache_kwarg(model_cls: type) -> str:
     """The name under which ``model_cls.forward`` takes (and its output returns) the KV cache:
     ``cache`` in current transformers (where ``past_key_values`` is deprecated and warns),
@@ -56,7 +58,7 @@ def _kv_cache(model: nn.Module, out):
     return getattr(out, _cache_kwarg(type(model)))
 
 
-def _states_forward(model: nn.Module, ids: Tensor) -> None:
+def states_forward(model: nn.Module, ids: Tensor) -> None:
     """A forward for its hidden states only: through the decoder without the LM head where
     the model exposes it (the head of a 7B model is ~1 GB read per call, even for one row)."""
     decoder = base_model(model)
@@ -66,31 +68,7 @@ def _states_forward(model: nn.Module, ids: Tensor) -> None:
         _forward(model, ids, use_cache=False)
 
 
-_REUSE: list = []  # the active memos of :func:`reuse_last_states`: (model, {(kind, ids): {key: state}})
-
-
-@contextmanager
-def reuse_last_states(model: nn.Module):
-    """Inside: :func:`prompt_states` and :func:`teacher_forced_states` of ``model`` keep the last
-    layer's residual-stream states of each sequence they run, and a later call that asks for
-    nothing else is answered from them without a forward (the probe comparison's top-token table
-    asks again for what the comparison has computed). Only for the duration of the block, in
-    which ``model`` must not change: the states are the same tensors a forward would give."""
-    memo: dict = {}
-    _REUSE.append((model, memo))
-    try:
-        yield memo
-    finally:
-        _REUSE.remove((model, memo))
-
-
-def active_memo(model: nn.Module) -> dict | None:
-    """The innermost :func:`reuse_last_states` memo of ``model``, None outside one."""
-    return next((m for owner, m in reversed(_REUSE) if owner is model), None)
-
-
-def _recall(model: nn.Module, key, layers: Sequence[int], sublayers: Sequence[str]) -> dict[Key, Tensor] | None:
-    memo = active_memo(model)
+def _recall(memo: dict | None, key, layers: Sequence[int], sublayers: Sequence[str]) -> dict[Key, Tensor] | None:
     kept = memo.get(key) if memo is not None else None
     want = [(layer, sub) for layer in layers for sub in sublayers if layer > 0 or sub == "block"]
     if kept is None or not want or any(k not in kept for k in want):
@@ -98,40 +76,39 @@ def _recall(model: nn.Module, key, layers: Sequence[int], sublayers: Sequence[st
     return {k: kept[k] for k in want}
 
 
-def _remember(model: nn.Module, key, states: dict[Key, Tensor]) -> None:
-    memo = active_memo(model)
+def _remember(model: nn.Module, memo: dict | None, key, states: dict[Key, Tensor]) -> None:
     last = (num_layers(model), "block")
     if memo is not None and last in states:
         memo[key] = {last: states[last]}
 
 
 @torch.inference_mode()
-def prompt_states(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers: Sequence[str]
-                  ) -> dict[Key, Tensor]:
+def prompt_states(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers: Sequence[str],
+                  memo: dict | None = None) -> dict[Key, Tensor]:
     """Hidden states ``[T, d]`` at every prompt position, for each (layer, sublayer)."""
     key = ("prompt", tuple(int(t) for t in ids.tolist()))
-    states = _recall(model, key, layers, sublayers)
+    states = _recall(memo, key, layers, sublayers)
     if states is None:
         with capture(model, layers, sublayers) as acts:
-            _states_forward(model, ids)
+            states_forward(model, ids)
         states = {k: v[0] for k, v in acts.items()}
-        _remember(model, key, states)
+        _remember(model, memo, key, states)
     return states
 
 
 @torch.inference_mode()
 def teacher_forced_states(model: nn.Module, prompt_ids: Tensor, gen_ids: Tensor, layers: Sequence[int],
-                          sublayers: Sequence[str]) -> dict[Key, Tensor]:
+                          sublayers: Sequence[str], memo: dict | None = None) -> dict[Key, Tensor]:
     """Hidden states ``[n, d]`` at the n positions predicting ``gen_ids`` (n = len(gen_ids))."""
     key = ("teacher_forced", tuple(int(t) for t in prompt_ids.tolist()), tuple(int(t) for t in gen_ids.tolist()))
-    states = _recall(model, key, layers, sublayers)
+    states = _recall(memo, key, layers, sublayers)
     if states is None:
         n, p = len(gen_ids), len(prompt_ids)
         seq = torch.cat([prompt_ids.cpu(), gen_ids.cpu()[: n - 1]])
         with capture(model, layers, sublayers) as acts:
-            _states_forward(model, seq)
+            states_forward(model, seq)
         states = {k: v[0, p - 1: p - 1 + n] for k, v in acts.items()}
-        _remember(model, key, states)
+        _remember(model, memo, key, states)
     return states
 
 

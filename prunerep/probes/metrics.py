@@ -1,8 +1,8 @@
 """How far a pruned model's representations are from the dense model's: pure tensor math.
 
 Every function takes tensors and returns tensors; nothing here touches a model, a file or
-the model's state (the only global is a compile cache). The conventions, shared by all
-functions:
+the model's state (:func:`compile_once` keeps ``torch.compile``'s functions for the process).
+The conventions, shared by all functions:
 
 * **Rows are tokens, the last dimension is features** (hidden size, or vocabulary for
   logits and probabilities). Each metric reduces the last dimension: inputs of shape
@@ -46,6 +46,7 @@ The plain one-metric-at-a-time definitions these functions are checked against l
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Iterable, Sequence
@@ -262,7 +263,7 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
                 bp = torch.cat([bp, bp.new_zeros(block - (stop - start), v)])
             args = (bd, bp, temps, ks, logit, probability)
             fn = _block_sums if fast else _general_block
-            part = _run_compiled(fn, args) if (compiled and fast) else None  # rows with NaN/inf: rare, eager
+            part = compile_once(fn)(*args) if (compiled and fast) else None  # rows with NaN/inf: rare, eager
             if part is None:
                 scratch = scratch or _scratch(fast, block, v, zd)
                 part = fn(*args, scratch)
@@ -578,21 +579,23 @@ def _log_softmax(z: Tensor, t: float, logp: Tensor | None, p: Tensor | None) -> 
     return logp.sub_(total.log_()), p
 
 
-_COMPILED: dict[str, object] = {}
+class _Compiled:
+    """``torch.compile(fn)``; None (eager) once the compiler has failed, warned about once."""
+
+    def __init__(self, fn):
+        self.fn, self.failed = torch.compile(fn, dynamic=False), False
+
+    def __call__(self, *args):
+        try:
+            return None if self.failed else self.fn(*args)
+        except Exception as e:  # no C++ compiler / Triton, an unsupported op...: eager is always right
+            logging.getLogger(__name__).warning(
+                "probe.compile: torch.compile failed (%s: %s); using eager metrics",
+                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.failed = True
+            return None
 
 
-def _run_compiled(fn, args: tuple):
-    """``torch.compile(fn)(*args)`` (built once per process and function), or None where the
-    compiler failed (warned about once, then never tried again in this process)."""
-    if _COMPILED.get("failed"):
-        return None
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    try:
-        return _COMPILED[fn.__name__](*args)
-    except Exception as e:  # no C++ compiler / Triton, an unsupported op...: eager is always right
-        logging.getLogger(__name__).warning(
-            "probe.compile: torch.compile failed (%s: %s); using eager metrics",
-            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        _COMPILED["failed"] = True
-        return None
+@functools.cache  # one compiled function per process: compiling takes seconds, and a failure is not retried
+def compile_once(fn) -> _Compiled:
+    return _Compiled(fn)

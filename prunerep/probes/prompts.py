@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prunerep.evals.offline import arithmetic_problems, load_mmlu_questions
+
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCD"
@@ -53,8 +55,6 @@ def format_gen(question: str) -> str:
 
 
 def _offline_items(n: int, seed: int) -> list[dict]:
-    from prunerep.evals.offline import arithmetic_problems, load_mmlu_questions
-
     n_mc = n // 2
     n_gen = n - n_mc
     questions = load_mmlu_questions()
@@ -73,10 +73,6 @@ def _offline_items(n: int, seed: int) -> list[dict]:
 
 def read_prompts_file(path: Path, n: int) -> list[dict]:
     """The first ``n`` items of a prompts JSONL file; a malformed one raises ValueError (one line)."""
-    return _jsonl_items(path, n)
-
-
-def _jsonl_items(path: Path, n: int) -> list[dict]:
     items = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -116,20 +112,19 @@ def _option_ids(tokenizer, options: list[str], where: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def load_prompts(plan, tokenizer) -> list[Prompt]:
-    """The probe prompts, tokenised; deterministic given ``plan.seed``."""
-    n = int(plan.n_prompts)
+def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int) -> list[Prompt]:
+    """The first ``n`` probe prompts of ``source`` (``offline`` or a JSONL file), tokenised and cut to
+    their last ``max_len`` tokens; deterministic given ``seed`` (probe.prompts, n_prompts, seed,
+    max_prompt_tokens)."""
     if n <= 0:
         return []
-    src = str(plan.prompts)
-    if src == "offline":
-        items = _offline_items(n, int(plan.seed))
+    if source == "offline":
+        items = _offline_items(n, seed)
     else:
-        path = Path(src).expanduser()
+        path = Path(source).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"probe.prompts={src!r}: use 'offline' or a readable .jsonl file")
-        items = _jsonl_items(path, n)
-    max_len = int(plan.max_prompt_tokens)
+            raise FileNotFoundError(f"probe.prompts={source!r}: use 'offline' or a readable .jsonl file")
+        items = read_prompts_file(path, n)
     prompts = []
     for i, item in enumerate(items):
         ids = tokenizer(item["prompt"])["input_ids"]

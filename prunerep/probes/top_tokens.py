@@ -8,21 +8,21 @@ the LM head (the logit lens at the last layer), whatever ``probe.lens`` says. Th
 from the dense reference (the prompt context's last position; else the first teacher-forced or
 free-running step); the pruned one from one forward of the pruned model over the same tokens.
 
-The table (:data:`COLUMNS`) rides from :func:`~prunerep.probes.reference.compare_to_reference` to
-:func:`~prunerep.probes.outputs.write_probe_outputs` in the probe table's ``attrs["top_tokens"]``
-(taken out there, before the probe table is written) and is written as ``top_tokens.parquet``
-with the plot ``probes_top_tokens.png``.
+The table (:data:`COLUMNS`) is the ``top_tokens`` of :class:`~prunerep.probes.outputs.ProbeResult`,
+written as ``top_tokens.parquet`` with the plot ``probes_top_tokens.png``.
 """
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from prunerep.model.placement import lens_device
+from prunerep.probes.contexts import prompt_states, teacher_forced_states
+from prunerep.probes.plan import ProbePlan
+from prunerep.probes.reference import DenseReference
+from prunerep.probes.stream import lens_pair
 
-ATTR = "top_tokens"
 COLUMNS = ["prompt_id", "prompt_kind", "where", "position", "rank", "token_id", "token", "temperature", "p_dense",
            "p_pruned"]
 DTYPES = {"prompt_id": "int32", "prompt_kind": "object", "where": "object", "position": "int32", "rank": "int16",
@@ -66,13 +66,12 @@ def _dense_state(cached: dict[str, Tensor], n_layers: int) -> tuple[str, Tensor]
 
 
 @torch.inference_mode()
-def top_tokens_table(model: nn.Module, tokenizer, plan, ref) -> pd.DataFrame:
-    """The top-token table of every prompt of ``ref`` against ``model`` (the pruned model)."""
-    from prunerep.probes.contexts import prompt_states, teacher_forced_states
-    from prunerep.probes.reference import lens_pair
-
-    k = int(getattr(plan, "top_tokens", 0))
-    if k <= 0 or "probability" not in plan.spaces or not plan.temperatures:
+def top_tokens_table(model: nn.Module, tokenizer, plan: ProbePlan, ref: DenseReference, memo: dict | None = None
+                     ) -> pd.DataFrame:
+    """The top-token table of every prompt of ``ref`` against ``model`` (the pruned model); the
+    pruned states and logits the comparison kept in ``memo`` (:mod:`.contexts`, :mod:`.stream`)
+    are not computed again."""
+    if plan.top_tokens <= 0 or "probability" not in plan.spaces or not plan.temperatures:
         return empty_table()
     n_layers = ref.n_layers
     device = lens_device(model)
@@ -85,11 +84,12 @@ def top_tokens_table(model: nn.Module, tokenizer, plan, ref) -> pd.DataFrame:
         source, hd = found
         ids = cached["prompt_ids"]
         if source == "teacher_forced":
-            hp = teacher_forced_states(model, ids, cached["gen_ids"], [n_layers], ["block"])[(n_layers, "block")][0]
+            states, row = teacher_forced_states(model, ids, cached["gen_ids"], [n_layers], ["block"], memo), 0
         else:
-            hp = prompt_states(model, ids, [n_layers], ["block"])[(n_layers, "block")][-1]
-        zd, zp = lens_pair(model, hd.to(device).unsqueeze(0), hp.to(device).unsqueeze(0))
-        top, probs = top_probabilities(zd[0], zp[0], k, plan.temperatures)
+            states, row = prompt_states(model, ids, [n_layers], ["block"], memo), -1
+        hp = states[(n_layers, "block")][row]
+        zd, zp = lens_pair(model, hd.to(device).unsqueeze(0), hp.to(device).unsqueeze(0), memo)
+        top, probs = top_probabilities(zd[0], zp[0], plan.top_tokens, plan.temperatures)
         top = top.cpu().tolist()
         tokens = [_token_text(tokenizer, t) for t in top]
         for t, (pd_, pp_) in probs.items():
@@ -99,54 +99,3 @@ def top_tokens_table(model: nn.Module, tokenizer, plan, ref) -> pd.DataFrame:
     if not rows:
         return empty_table()
     return pd.DataFrame(rows, columns=COLUMNS).astype({c: t for c, t in DTYPES.items() if t != "object"})
-
-
-def attach(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """The probe table carrying the top-token table (``df.attrs``); nothing when it is empty."""
-    if table is not None and len(table):
-        df.attrs[ATTR] = table
-    return df
-
-
-def detach(df: pd.DataFrame) -> pd.DataFrame | None:
-    """Take the top-token table out of the probe table's attrs (None when there is none)."""
-    return df.attrs.pop(ATTR, None) if df is not None else None
-
-
-# --------------------------------------------------------------------------- the plot
-
-def plot_top_tokens(table: pd.DataFrame, path, per_kind: int = 2, temperature: float | None = None) -> bool:
-    """``probes_top_tokens.png``: for the first ``per_kind`` MC prompts and generative prompts, the
-    dense top tokens (dense order) with p_dense and p_pruned as bars, at the reference temperature."""
-    from matplotlib.figure import Figure
-
-    from prunerep.results.store import atomic_write_with
-    from prunerep.results.schema import reference_temperature
-
-    if table is None or table.empty:
-        return False
-    t = reference_temperature(table["temperature"].unique()) if temperature is None else temperature
-    sel = table[table["temperature"] == t]
-    picks = []
-    for kind in ("mc", "gen"):
-        picks += list(pd.unique(sel.loc[sel["prompt_kind"] == kind, "prompt_id"]))[:per_kind]
-    if not picks:
-        return False
-    fig = Figure(figsize=(max(8.0, 0.32 * sel["rank"].max() + 3), 2.9 * len(picks)), layout="constrained")
-    axes = fig.subplots(len(picks), 1, squeeze=False)[:, 0]
-    for ax, pid in zip(axes, picks):
-        g = sel[sel["prompt_id"] == pid].sort_values("rank")
-        x = np.arange(len(g))
-        ax.bar(x - 0.2, g["p_dense"], width=0.4, label="dense", color="C0")
-        ax.bar(x + 0.2, g["p_pruned"], width=0.4, label="pruned", color="C3")
-        ax.set_xticks(x, [repr(s)[1:-1].replace(" ", "␣") for s in g["token"]], rotation=70, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel(f"p (T={t:g})")
-        first = g.iloc[0]
-        ax.set_title(f"prompt {pid} ({first['prompt_kind']}, {first['where']}): the dense top-{len(g)}", fontsize=9)
-        ax.legend(fontsize=7)
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return True
-
-
-__all__ = ["COLUMNS", "top_tokens_table", "top_probabilities", "attach", "detach", "plot_top_tokens", "empty_table"]

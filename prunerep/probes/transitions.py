@@ -25,9 +25,9 @@ base of each comparison plays the "dense" role of the metric conventions (Δ = o
 latter); for local damage the dense sublayer's output. Contexts: ``prompt`` (mean over the prompt
 positions, step −1) and ``teacher_forced`` (per decoding step along the dense continuation).
 
-The lens is ``probe.lens``: ``final_norm`` (default; the model's final norm, then the LM head, as
-everywhere else in the probes) or ``raw`` (the LM head on h without the final norm, which is what
-the paper's released code applies, ``lm_head(residual)``). Memory stays bounded: one block and
+The lens is ``probe.lens``: ``final_norm`` (the model's final norm, then the LM head, as everywhere
+else in the probes) or ``raw`` (the LM head on h without the final norm, which is what the paper's
+released code applies, ``lm_head(residual)``). Memory stays bounded: one block and
 ``token_chunk / 16`` rows of each of the eight states go through the LM head at once.
 
 The dense side is cached with the dense reference (``transitions/<context>/<layer>/{in,attn,mlp}``:
@@ -42,21 +42,21 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from prunerep.model.anatomy import (LENS_ROW_MULTIPLE, decoder_layers, first_output, lens_rows, residual_update,
-                                     with_first_output)
+from prunerep.model.anatomy import (LENS_ROW_MULTIPLE, decoder_layers, first_output, hooked, lens_rows,
+                                     residual_update, with_first_output)
 from prunerep.model.placement import input_device, lens_device
 from prunerep.probes import metrics as M
 from prunerep.probes.capture import capture
-from prunerep.probes.contexts import _states_forward
-from prunerep.results.schema import TRANSITION_SUBLAYERS
+from prunerep.probes.contexts import states_forward
+from prunerep.probes.plan import ProbePlan
+from prunerep.probes.prompts import Prompt
+from prunerep.probes.stream import intra_op_threads
+from prunerep.probes.table import Rows
+from prunerep.results.schema import TRANSITION_CONTEXTS, TRANSITION_SUBLAYERS
 
-LENSES = ("final_norm", "raw")
-#: the contexts with transition rows
-CONTEXTS = ("prompt", "teacher_forced")
 #: (sublayer value, base state, other state) of each comparison; states of :func:`_block_states`
 PAIRS = (("attn_transition_dense", "in_d", "mid_d"), ("mlp_transition_dense", "mid_d", "out_d"),
          ("attn_transition_pruned", "in_p", "mid_p"), ("mlp_transition_pruned", "mid_p", "out_p"),
@@ -69,23 +69,10 @@ CHUNK_DIVISOR = 16
 assert {name for name, _, _ in PAIRS} == set(TRANSITION_SUBLAYERS)
 
 
-# --------------------------------------------------------------------------- settings
-
-def plan_settings(probe_cfg) -> dict:
-    """``transitions``, ``lens`` and ``top_tokens`` of a probe config, checked (ValueError, one line)."""
-    lens = str(getattr(probe_cfg, "lens", "final_norm"))
-    if lens not in LENSES:
-        raise ValueError(f"probe.lens={lens!r}: choose from {list(LENSES)}")
-    top = int(getattr(probe_cfg, "top_tokens", 30))
-    if top < 0:
-        raise ValueError(f"probe.top_tokens={top} must be >= 0 (0: off)")
-    return {"transitions": bool(getattr(probe_cfg, "transitions", False)), "lens": lens, "top_tokens": top}
-
-
-def cache_key_parts(plan) -> tuple:
+def cache_key_parts(plan: ProbePlan) -> tuple:
     """What the transitions add to the dense reference's key (nothing when they are off, so the
     other entries keep their keys)."""
-    return (PREFIX, 1) if getattr(plan, "transitions", False) else ()
+    return (PREFIX, 1) if plan.transitions else ()
 
 
 def blocks_of(layers: Sequence[int]) -> list[int]:
@@ -115,7 +102,7 @@ def sublayer_states(model: nn.Module, seq: Tensor, layers: Sequence[int]) -> dic
     and MLP updates ``attn``, ``mlp``, each ``[len(seq), d]``, on the model's device."""
     wanted = blocks_of(layers)
     with capture(model, sorted({i - 1 for i in wanted} | set(wanted)), ["block", "attn", "mlp"]) as acts:
-        _states_forward(model, seq)
+        states_forward(model, seq)
     return {i: {"in": acts[(i - 1, "block")][0], "attn": acts[(i, "attn")][0], "mlp": acts[(i, "mlp")][0]}
             for i in wanted}
 
@@ -130,7 +117,6 @@ def patched(model: nn.Module, dense: dict[int, dict[str, Tensor]]) -> Iterator[d
     blocks = decoder_layers(model)
     device = input_device(model)
     got: dict[int, dict[str, Tensor]] = defaultdict(dict)
-    handles = []
 
     def as_batch(x: Tensor, like: Tensor) -> Tensor:
         return x.to(device=like.device, dtype=like.dtype).reshape(like.shape)
@@ -154,24 +140,21 @@ def patched(model: nn.Module, dense: dict[int, dict[str, Tensor]]) -> Iterator[d
             got[i]["mlp"] = first_output(output).detach()[0]
         return hook
 
-    try:
-        for i, states in dense.items():
-            block = blocks[i - 1]
-            x = states["in"].to(device)
-            handles.append(block.register_forward_pre_hook(block_input(x), with_kwargs=True))
-            handles.append(residual_update(block, "attn").register_forward_hook(attn_update(i, states["attn"].to(device))))
-            handles.append(residual_update(block, "mlp").register_forward_hook(mlp_update(i)))
+    pre, post = [], []
+    for i, states in dense.items():
+        block = blocks[i - 1]
+        pre.append((block, block_input(states["in"].to(device))))
+        post += [(residual_update(block, "attn"), attn_update(i, states["attn"].to(device))),
+                 (residual_update(block, "mlp"), mlp_update(i))]
+    with hooked(post, pre):
         yield got
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.inference_mode()
 def local_updates(model: nn.Module, seq: Tensor, dense: dict[int, dict[str, Tensor]]) -> dict[int, dict[str, Tensor]]:
     """The attention and MLP updates of ``model``'s sublayers fed the dense inputs (:func:`patched`)."""
     with patched(model, dense) as got:
-        _states_forward(model, seq)
+        states_forward(model, seq)
     return dict(got)
 
 
@@ -182,7 +165,7 @@ def dense_states(model: nn.Module, ids: Tensor, gen: Tensor | None, layers: Sequ
     """The dense tensors the transitions need, for the dense reference's file of one prompt:
     ``transitions/<context>/<i>/{in,attn,mlp}`` over the whole sequence of each context."""
     out = {}
-    for context in CONTEXTS:
+    for context in TRANSITION_CONTEXTS:
         run = _sequence(ids, gen, context) if context in contexts else None
         if run is None:
             continue
@@ -204,25 +187,21 @@ def _block_states(dense: dict[str, Tensor], pruned: dict[str, Tensor], local: di
             "loc_attn": dense["in"] + local["attn"], "loc_mlp": mid_d + local["mlp"]}
 
 
-def block_metrics(model: nn.Module, states: dict[str, Tensor], *, spaces: Sequence[str],
-                  temperatures: Sequence[float], topk: Sequence[int], token_chunk: int, raw: bool = False,
-                  metric_threads: int | None = None, compile: bool | None = None
+def block_metrics(model: nn.Module, states: dict[str, Tensor], plan: ProbePlan
                   ) -> dict[str, dict[tuple[str, str, float], Tensor]]:
     """Per comparison of :data:`PAIRS`, the per-row metrics ``{(space, metric, T): [n]}`` (float64,
-    CPU) of one block's :data:`STATES` (``[n, d]`` each).
+    CPU) of one block's :data:`STATES` (``[n, d]`` each), through the lens ``plan.lens``.
 
     Rows go :data:`CHUNK_DIVISOR` times fewer than ``token_chunk`` at a time: the eight states of a
     chunk through the lens in one matmul, then the six pairs through ONE
     :func:`~prunerep.probes.metrics.vocab_metrics` call (base rows against other rows), so the
     logits held at once are about 1.25 × ``token_chunk`` × vocabulary, as for the other probes."""
-    from prunerep.probes.reference import intra_op_threads
-
     device = lens_device(model)
-    compiled = device.type == "cuda" if compile is None else bool(compile)
+    spaces = plan.spaces
     want_z = "logit" in spaces or "probability" in spaces
     out: dict[str, dict[tuple[str, str, float], list[Tensor]]] = {name: defaultdict(list) for name, _, _ in PAIRS}
     n = states["in_d"].shape[0]
-    rows = max(LENS_ROW_MULTIPLE, token_chunk // CHUNK_DIVISOR // LENS_ROW_MULTIPLE * LENS_ROW_MULTIPLE)
+    rows = max(LENS_ROW_MULTIPLE, plan.token_chunk // CHUNK_DIVISOR // LENS_ROW_MULTIPLE * LENS_ROW_MULTIPLE)
     for start in range(0, n, rows):
         chunk = {k: v[start:start + rows] for k, v in states.items()}
         m = next(iter(chunk.values())).shape[0]
@@ -232,13 +211,13 @@ def block_metrics(model: nn.Module, states: dict[str, Tensor], *, spaces: Sequen
                     out[name][("embedding", k, math.nan)].append(v)
         if not want_z:
             continue
-        z = dict(zip(STATES, lens_rows(model, [chunk[s] for s in STATES], raw)))
+        z = dict(zip(STATES, lens_rows(model, [chunk[s] for s in STATES], plan.lens == "raw")))
         z_base = torch.cat([z[base] for _, base, _ in PAIRS])
         z_other = torch.cat([z[other] for _, _, other in PAIRS])
         del z
-        with intra_op_threads(metric_threads, device):
-            per_row = M.vocab_metrics(z_base, z_other, temperatures, topk, logit="logit" in spaces,
-                                      probability="probability" in spaces, compiled=compiled)
+        with intra_op_threads(plan.metric_threads, device):
+            per_row = M.vocab_metrics(z_base, z_other, plan.temperatures, plan.topk, logit="logit" in spaces,
+                                      probability="probability" in spaces, compiled=plan.compiles(device))
         del z_base, z_other
         for j, (name, _, _) in enumerate(PAIRS):
             for k, v in per_row.items():
@@ -247,14 +226,13 @@ def block_metrics(model: nn.Module, states: dict[str, Tensor], *, spaces: Sequen
 
 
 @torch.inference_mode()
-def compare_prompt(model: nn.Module, plan, prompt, cached: dict[str, Tensor], layers: Sequence[int], rows) -> None:
-    """The transition rows of one prompt, added to ``rows`` (a :class:`.reference._Rows`)."""
+def compare_prompt(model: nn.Module, plan: ProbePlan, prompt: Prompt, cached: dict[str, Tensor],
+                   layers: Sequence[int], rows: Rows) -> None:
+    """The transition rows of one prompt (``cached``: its file of the dense reference), added to ``rows``."""
     ids = cached["prompt_ids"]
     gen = cached.get("gen_ids")
-    kw = dict(spaces=plan.spaces, temperatures=plan.temperatures, topk=plan.topk, token_chunk=plan.token_chunk,
-              raw=plan.lens == "raw", metric_threads=plan.metric_threads, compile=plan.compile)
     device = lens_device(model)
-    for context in CONTEXTS:
+    for context in TRANSITION_CONTEXTS:
         run = _sequence(ids, gen, context) if context in plan.contexts else None
         if run is None:
             continue
@@ -274,84 +252,6 @@ def compare_prompt(model: nn.Module, plan, prompt, cached: dict[str, Tensor], la
 
         for i in wanted:
             states = _block_states(pick(dense[i]), pick(pruned.pop(i)), pick(local.pop(i)))
-            for name, per_row in block_metrics(model, states, **kw).items():
+            for name, per_row in block_metrics(model, states, plan).items():
                 rows.add_metrics(context, prompt, i, name, per_row, steps=steps)
             del states
-
-
-def transition_table(model: nn.Module, plan, ref) -> pd.DataFrame:
-    """The transition rows of every prompt (the probe table's layout); empty when off."""
-    from prunerep.probes.reference import _Rows, _tqdm
-    from prunerep.results.schema import empty_probe_table
-
-    if not getattr(plan, "transitions", False) or not (set(plan.contexts) & set(CONTEXTS)):
-        return empty_probe_table()
-    rows = _Rows()
-    layers = list(ref.layers)
-    for prompt in _tqdm(ref.prompts, desc="probe: transitions", unit="prompt"):
-        compare_prompt(model, plan, prompt, ref.load(prompt.id), layers, rows)
-    return rows.frame()
-
-
-# --------------------------------------------------------------------------- the plot
-
-#: (space, metric, label) per row of the figure
-PLOT_ROWS = (("embedding", "one_minus_cos", "h: 1 − cos"), ("logit", "one_minus_cos", "z: 1 − cos"),
-             ("probability", "one_minus_cos", "p: 1 − cos"), ("probability", "kl", "p: KL"))
-PLOT_COLUMNS = (("transition_dense", "transition, dense model"), ("transition_pruned", "transition, pruned model"),
-                ("local", "local damage (dense input)"))
-
-
-def transition_curves(df: pd.DataFrame) -> pd.DataFrame:
-    """The transition rows at the reference temperature, mean over positions/steps then prompts, per
-    context, sublayer, space, metric and layer; with ``kind`` (attn | mlp) and ``comparison``."""
-    from prunerep.results.schema import at_reference_temperature, per_prompt_mean
-
-    sel = df[df["sublayer"].isin(TRANSITION_SUBLAYERS)]
-    if sel.empty:
-        return pd.DataFrame(columns=["context", "sublayer", "space", "metric", "layer", "value", "kind", "comparison"])
-    sel = at_reference_temperature(sel)
-    c = per_prompt_mean(sel, ["context", "sublayer", "space", "metric", "layer"])
-    kind_cmp = c["sublayer"].str.split("_", n=1)
-    return c.assign(kind=kind_cmp.str[0], comparison=kind_cmp.str[1]).sort_values("layer")
-
-
-def plot_transitions(df: pd.DataFrame, path) -> bool:
-    """``probes_transitions.png``: per space (rows) and comparison (columns), attention vs MLP
-    against the layer; prompt context solid, teacher-forced dashed. False when there is nothing."""
-    from matplotlib.figure import Figure
-
-    from prunerep.results.store import atomic_write_with
-
-    curves = transition_curves(df)
-    if curves.empty:
-        return False
-    rows = [r for r in PLOT_ROWS if ((curves["space"] == r[0]) & (curves["metric"] == r[1])).any()]
-    if not rows:
-        return False
-    height = 3.2 * len(rows) + 0.9
-    fig = Figure(figsize=(4.6 * len(PLOT_COLUMNS), height))
-    axes = fig.subplots(len(rows), len(PLOT_COLUMNS), squeeze=False)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / height, top=1 - 0.9 / height, hspace=0.35,
-                        wspace=0.25)  # (a constrained layout takes seconds)
-    styles = {"prompt": "-", "teacher_forced": "--"}
-    colors = {"attn": "C0", "mlp": "C1"}
-    for r, (space, metric, label) in enumerate(rows):
-        for c, (comparison, title) in enumerate(PLOT_COLUMNS):
-            ax = axes[r][c]
-            g = curves[(curves["space"] == space) & (curves["metric"] == metric) & (curves["comparison"] == comparison)]
-            shown = []
-            for (ctx, kind), gc in g.groupby(["context", "kind"], sort=True):
-                ax.plot(gc["layer"], gc["value"], styles.get(ctx, ":"), color=colors.get(kind), marker=".",
-                        markersize=3, label=f"{kind} ({ctx.replace('_', '-')})")
-                shown += list(gc["value"])
-            v = np.asarray([x for x in shown if np.isfinite(x)])
-            if len(v) and (v > 0).all():
-                ax.set_yscale("log")
-            ax.set(xlabel="layer (block + 1)", ylabel=label, title=title if r == 0 else None)
-            ax.grid(alpha=0.3)
-            if shown and r == 0:
-                ax.legend(fontsize=7)
-    fig.suptitle("sublayer transitions: input vs output of each attention / MLP sublayer", y=1 - 0.2 / height)
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return True
