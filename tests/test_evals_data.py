@@ -9,7 +9,10 @@ import yaml
 
 from prunerep.config import TaskConfig
 from prunerep.evals import offline
-from prunerep.evals.taskdefs import OFFLINE_TASKS, write_task_yaml
+from prunerep.evals.taskfiles import read_task_yaml, write_task_yaml
+from prunerep.evals.taskspec import TASKS
+
+OFFLINE_TASKS = {n: t for n, t in TASKS.items() if t.yaml}
 
 
 # --------------------------------------------------------------------------- MMLU
@@ -107,7 +110,11 @@ def test_offline_task_yamls_point_at_local_files(tmp_path):
             with open(f) as fh:
                 assert sum(1 for _ in fh) > 0
         assert int(cfg["num_fewshot"]) == (0 if spec.fixed_fewshot else 2)
-        assert ("unsafe_code" in cfg) == spec.unsafe_code
+        assert ("unsafe_code" in cfg) == spec.unsafe
+    # the run-time settings are filled in where the task's YAML leaves them open
+    gen_kwargs = {n: read_task_yaml(tmp_path / "tasks" / f"{n}.yaml")["generation_kwargs"]["max_gen_toks"]
+                  for n in ("arith_gen", "word_gen", "humaneval")}
+    assert gen_kwargs == {"arith_gen": tc.max_gen_toks, "word_gen": 4, "humaneval": tc.code_max_gen_toks}
     gen = (tmp_path / "tasks" / "arith_gen.yaml").read_text()
     mc = (tmp_path / "tasks" / "arith_mc.yaml").read_text()
     # the generative and the MC arithmetic tasks read the same problems
@@ -144,10 +151,16 @@ def test_next_word_problems_are_the_words_that_follow_their_contexts():
 def test_word_cloze_reads_held_out_text_only():
     """word_cloze's contexts come from the pydoc topics held out of calibration (like pydoc_ppl)."""
     from prunerep.calibration import pydoc_text
-    from prunerep.evals.perplexity import pydoc_eval_docs
 
-    probs = offline.next_word_problems(pydoc_eval_docs(), n=40, seed=1234)
+    probs = offline.next_word_problems(offline.pydoc_eval_docs(), n=40, seed=1234)
     assert len(probs) == 40
     calib = pydoc_text()
     for p in probs:
         assert p["context"][-60:] not in calib
+
+
+def test_every_task_yaml_of_the_package_is_a_registered_task():
+    from prunerep.evals.taskspec import TASKS_DIR
+
+    tasks = {p.stem for p in TASKS_DIR.glob("*.yaml") if not p.stem.startswith("_")}
+    assert tasks == set(OFFLINE_TASKS) and all(TASKS[n].yaml.is_file() for n in OFFLINE_TASKS)

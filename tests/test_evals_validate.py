@@ -13,11 +13,11 @@ from prunerep.evals import validate as V
 REPO_CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf" / "task"
 
 
-def _cfg(name: str, **over):
+def _cfg(name: str, **over) -> TaskConfig:
     node = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(REPO_CONF / f"{name}.yaml"))
     for k, v in over.items():
         OmegaConf.update(node, k, v)
-    return node
+    return OmegaConf.to_object(node)
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from prunerep.results.story import format_story, sig, story
+from prunerep.evals import compare_evals
+from prunerep.results.story import story
+from prunerep.viz.console import format_story, sig
 
 PROBES = {
     "final_layer": 30, "n_prompts": 8, "n_rows": 1000, "nonfinite_values": 0,
@@ -27,20 +29,17 @@ PROBES = {
     "free_running/tokens/diverged": 0.875,
     "error_accumulation/kl@T=1": 4.29, "error_accumulation/kl@T=0.5": 3.0,
 }
-EVALS = {
-    "tasks": {
-        "mmlu_dev": {"type": "multiple_choice", "metric": "acc", "dense": 0.5, "pruned": 0.45, "rel_change": -0.1},
-        "arith_mc": {"type": "multiple_choice", "metric": "acc", "dense": 0.8, "pruned": 0.8, "rel_change": 0.0},
-        "arith_gen": {"type": "generative", "metric": "exact_match", "dense": 0.4, "pruned": 0.1,
-                      "rel_change": -0.75},
-        "gsm_zero": {"type": "generative", "metric": "exact_match", "dense": 0.0, "pruned": 0.0,
-                     "rel_change": None},
-        "humaneval": {"type": "generative", "metric": "pass@1", "skipped": True, "reason": "code",
-                      "dense": None, "pruned": None},
-    },
-    "mc_vs_gen_gap": 0.7,
-    "mean_rel_drop": {"generative": 0.75, "multiple_choice": 0.05},
-}
+def _entry(kind, score, **kw):
+    return {"type": kind, "metric": "exact_match" if kind == "generative" else "acc", "score": score, **kw}
+
+
+DENSE = {"mmlu_dev": _entry("multiple_choice", 0.5), "arith_mc": _entry("multiple_choice", 0.8),
+         "arith_gen": _entry("generative", 0.4), "gsm_zero": _entry("generative", 0.0),
+         "humaneval": {"type": "generative", "metric": "pass@1", "skipped": True, "reason": "code"}}
+PRUNED = {"mmlu_dev": _entry("multiple_choice", 0.45), "arith_mc": _entry("multiple_choice", 0.8),
+          "arith_gen": _entry("generative", 0.1), "gsm_zero": _entry("generative", 0.0),
+          "humaneval": {"type": "generative", "metric": "pass@1", "skipped": True, "reason": "code"}}
+EVALS = compare_evals(DENSE, PRUNED)
 
 
 def test_story_values_and_order():
@@ -54,7 +53,7 @@ def test_story_values_and_order():
         "options/top1_agree", "answer/top1_agree", "options/kl", "answer/kl", "vocab/top1_agree_all_positions",
         "family/multiple_choice/dense", "family/multiple_choice/pruned", "family/multiple_choice/retained",
         "family/generative/dense", "family/generative/pruned", "family/generative/retained",
-        "evals/mc_vs_gen_gap"]
+        "family/generative/retained_above_chance", "evals/mc_vs_gen_gap"]
     assert s["probes/final_layer"] == 30 and isinstance(s["probes/final_layer"], int)
     assert s["probes/temperature"] == 1.0  # the reference temperature, not T=0.5
     assert s["probes/context"] == "prompt"
@@ -74,7 +73,9 @@ def test_story_values_and_order():
     assert s["family/generative/dense"] == pytest.approx(0.2)
     assert s["family/generative/pruned"] == pytest.approx(0.05)
     assert s["family/generative/retained"] == pytest.approx(0.25)
-    assert s["evals/mc_vs_gen_gap"] == 0.7
+    # above chance (0 for exact match): gsm_zero's dense score is not above it, so it is left out
+    assert s["family/generative/retained_above_chance"] == pytest.approx(0.25)
+    assert s["evals/mc_vs_gen_gap"] == pytest.approx(0.7)
     json.dumps(s, allow_nan=False)  # summary.json and W&B: plain JSON
 
 
@@ -86,11 +87,11 @@ def test_temperature_falls_back_to_the_one_present():
 
 
 def test_missing_pieces_are_omitted():
-    assert story({}, {}) == {} and story(None, None) == {}
+    assert story({}, None) == {} and story(None, None) == {} and story({}, compare_evals({}, {})) == {}
     assert format_story({}) == ""
     only_evals = story({}, EVALS)
     assert all(k.startswith(("family/", "evals/")) for k in only_evals)
-    only_probes = story(PROBES, {"tasks": {}, "mc_vs_gen_gap": None})
+    only_probes = story(PROBES, compare_evals({}, {}))
     assert not any(k.startswith(("family/", "evals/")) for k in only_probes)
     # a run without the free-running context, the options, or the prompt context
     partial = {k: v for k, v in PROBES.items() if not k.startswith(("free_running/", "error_acc", "prompt/"))}
@@ -113,39 +114,64 @@ def test_format_story_lines():
         "  multiple choice, answer position: top-1 agreement options 1.00 vs full vocabulary 0.500 "
         "(every position 0.750); KL options 0.0100 vs full vocabulary 0.432",
         "  scores dense -> pruned: multiple_choice 0.650 -> 0.625 (0.950 retained); "
-        "generative 0.200 -> 0.0500 (0.250 retained)",
+        "generative 0.200 -> 0.0500 (0.250 retained, 0.250 above chance)",
         "  mc_vs_gen_gap +70.0%",
     ]
     assert 5 <= len(lines) <= 8
 
 
-def test_families_read_retention_as_evals_json_states_it():
-    """Perplexity is lower-is-better: its retained is dense / pruned as evals.json gives it (not 1 +
-    rel_change); retained above chance and the gap above chance (with its stderr) come through."""
-    evals = {"tasks": {
-        "pydoc_ppl": {"type": "perplexity", "dense": 20.0, "pruned": 25.0, "rel_change": -0.25,
-                      "retained": 0.8, "retained_above_chance": 0.9},
-        "arith_mc": {"type": "multiple_choice", "dense": 0.75, "pruned": 0.5, "rel_change": -1 / 3,
-                     "retained": 2 / 3, "retained_above_chance": 0.5},
-        "code_retrieval": {"type": "retrieval", "dense": 0.5, "pruned": 0.45, "rel_change": -0.1,
-                           "retained": 0.9, "retained_above_chance": None}},
-        "mc_vs_gen_gap": None, "gap_above_chance": {"value": 0.25, "stderr": 0.125}}
+def test_families_are_evals_json_families():
+    """The family numbers are evals.json's: perplexity's retained is dense / pruned (lower is
+    better), a task at chance counts in the scores but not above chance, and a multiple-choice task
+    whose dense side answers by one option is left out above chance, as in evals.json's families."""
+    dense = {"pydoc_ppl": _entry("perplexity", 20.0, stderr=0.5, chance=1000.0),
+             "arith_mc": _entry("multiple_choice", 0.75, stderr=0.05, chance=0.25),
+             "letters": _entry("multiple_choice", 0.8, stderr=0.05, chance=0.25, option_picks=_picks(1.0)),
+             "code_retrieval": _entry("retrieval", 0.5, stderr=0.5, chance=0.1)}
+    pruned = {"pydoc_ppl": _entry("perplexity", 25.0, stderr=0.5, chance=1000.0),
+              "arith_mc": _entry("multiple_choice", 0.5, stderr=0.05, chance=0.25),
+              "letters": _entry("multiple_choice", 0.7, stderr=0.05, chance=0.25, option_picks=_picks(0.9)),
+              "code_retrieval": _entry("retrieval", 0.45, stderr=0.5, chance=0.1)}
+    evals = compare_evals(dense, pruned)
+    fams = evals.families
     s = story({}, evals)
-    assert [k for k in s if k.endswith("/dense")] == ["family/retrieval/dense", "family/multiple_choice/dense",
-                                                      "family/perplexity/dense"]
-    assert s["family/perplexity/retained"] == 0.8 and s["family/perplexity/retained_above_chance"] == 0.9
-    assert s["family/multiple_choice/retained"] == pytest.approx(2 / 3)
+    assert [k for k in s if k.startswith("family/") and k.endswith("/dense")] == [
+        "family/retrieval/dense", "family/multiple_choice/dense", "family/perplexity/dense"]
+    assert s["family/perplexity/retained"] == 0.8 == fams["perplexity"].retained
+    assert s["family/perplexity/retained_above_chance"] == fams["perplexity"].retained_above_chance
+    assert s["family/multiple_choice/dense"] == pytest.approx((0.75 + 0.8) / 2)
+    assert s["family/multiple_choice/retained"] == pytest.approx((2 / 3 + 0.7 / 0.8) / 2)
+    assert fams["multiple_choice"].excluded_option_bias == ["letters"]
+    assert s["family/multiple_choice/retained_above_chance"] == pytest.approx(0.5)  # arith_mc alone
     assert "family/retrieval/retained_above_chance" not in s  # excluded at chance
-    assert (s["evals/gap_above_chance"], s["evals/gap_above_chance_stderr"]) == (0.25, 0.125)
     text = format_story(s)
-    assert "perplexity 20.0 -> 25.0 (0.800 retained, 0.900 above chance)" in text
-    assert "gap above chance +0.25 ± 0.12 (>0: generation kept less)" in text
+    assert "perplexity 20.0 -> 25.0 (0.800 retained, " in text
+
+
+def _picks(top_frac: float) -> dict:
+    n = 10
+    docs = [["letters", i, 0 if i < top_frac * n else 1, 0] for i in range(n)]
+    return {"metric": "acc", "labels": ["A", "B", "C", "D"], "counts": [int(top_frac * n), n - int(top_frac * n), 0, 0],
+            "n": n, "top": "A", "top_frac": top_frac, "biased": top_frac >= 0.8, "threshold": 0.8, "docs": docs}
+
+
+def test_gap_above_chance_comes_through():
+    dense = {"mc": _entry("multiple_choice", 0.75, stderr=0.05, chance=0.25), "gen": _entry("generative", 0.5,
+                                                                                          stderr=0.05)}
+    pruned = {"mc": _entry("multiple_choice", 0.5, stderr=0.05, chance=0.25), "gen": _entry("generative", 0.25,
+                                                                                           stderr=0.05)}
+    evals = compare_evals(dense, pruned)
+    s = story({}, evals)
+    assert (s["evals/gap_above_chance"], s["evals/gap_above_chance_stderr"]) == (
+        evals.gap_above_chance.value, evals.gap_above_chance.stderr)
+    assert s["evals/gap_above_chance"] == pytest.approx(0.0)
+    assert f"gap above chance {s['evals/gap_above_chance']:+.2f} ± " in format_story(s)
 
 
 def test_format_story_without_probes_or_divergence():
     assert format_story(story({}, EVALS)).splitlines()[0] == "summary:"
     probes = dict(PROBES, **{"free_running/tokens/diverged": 0.0, "free_running/tokens/first_divergence": 32.0})
-    assert "free-running tokens: no divergence in 32 steps, token agreement 0.412" in format_story(story(probes, {}))
+    assert "free-running tokens: no divergence in 32 steps, token agreement 0.412" in format_story(story(probes, None))
 
 
 @pytest.mark.parametrize("x, text", [(0.10712, "0.107"), (4.2471, "4.25"), (1.0, "1.00"), (0.0020686, "0.00207"),
@@ -188,7 +214,7 @@ def test_story_of_a_real_run_layout():
                  ("free_running", pid, "gen", 2, "block", -1, "tokens", "first_divergence", np.nan, 1.0 + pid),
                  ("free_running", pid, "gen", 2, "block", -1, "tokens", "diverged", np.nan, 1.0)]
     df = pd.DataFrame(rows, columns=list(PROBE_COLUMNS))
-    s = story(summarize(df), {})
+    s = story(summarize(df), None)
     assert s["probes/final_layer"] == 2
     assert (s["h/one_minus_cos"], s["z/one_minus_cos"], s["p/one_minus_cos"]) == pytest.approx((0.1, 0.2, 0.3))
     assert (s["p/kl"], s["p/kl_est"]) == pytest.approx((0.4, 0.35))

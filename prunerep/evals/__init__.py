@@ -1,16 +1,16 @@
-"""Evaluation stage: lm-evaluation-harness on the in-memory model, dense vs pruned.
+"""Evaluation stage: the in-memory model on its tasks, dense vs pruned.
 
 Public API (what the pipeline calls)::
 
-    validate_tasks(task_cfg) -> None                      # before any heavy work
-    evaluate_model(model, tokenizer, task_cfg, workdir) -> dict
-    dense_scores(model, tokenizer, task_cfg, cache_dir, model_key) -> dict   # cached on disk
-    compare_evals(dense, pruned) -> dict                  # the contents of evals.json
-    format_evals_table(evals) -> str
+    validate_tasks(task) -> None                          # before any heavy work
+    evaluate_model(model, tokenizer, task, workdir) -> dict
+    dense_scores(model, tokenizer, task, cache_dir, model_key) -> dict   # cached on disk
+    compare_evals(dense, pruned) -> EvalsReport           # evals.json (prunerep.results.schema)
 
-``evaluate_model`` returns, per requested task name::
+``task`` is a :class:`prunerep.config.TaskConfig` (a structured OmegaConf node of one is
+converted). ``evaluate_model`` returns, per requested task name::
 
-    {"type": "generative" | "multiple_choice" | "perplexity" | "retrieval", "metric": "acc", "filter": "none",
+    {"type": <family, prunerep.evals.taskspec>, "metric": "acc", "filter": "none",
      "score": float, "stderr": float | None, "n": int, "num_fewshot": int,
      "all_metrics": {"acc,none": ..}, "eval_seconds": float,
      "chance": float,                     # multiple choice: mean 1/#options
@@ -18,134 +18,69 @@ Public API (what the pipeline calls)::
     # or, for a task that did not run:
     {"type": .., "metric": .., "skipped": True, "reason": "..."}
 
-Offline tasks (``task=offline``, no network): ``mmlu_dev``, ``arith_mc``, ``arith_gen``,
-``pydoc_ppl`` (perplexity), ``code_retrieval`` (retrieval), ``humaneval`` (opt-in code
-execution); see :mod:`prunerep.evals.taskdefs` and :mod:`prunerep.evals.direct`. Perplexity
-entries (type ``"perplexity"``) are lower-is-better (``higher_is_better: false``); retrieval
-entries (type ``"retrieval"``) carry nDCG@10 / recall@1 / recall@10 and their embeddings.
+Tasks are :data:`prunerep.evals.taskspec.TASKS` or lm-eval's. lm-eval runs the lm-eval tasks
+(:mod:`prunerep.evals.harness`); perplexity under the reference protocol
+(:mod:`prunerep.evals.perplexity`) and retrieval from the model's embeddings
+(:mod:`prunerep.evals.retrieval`), which lm-eval cannot express, run on the model directly.
+Perplexity entries are lower-is-better (``higher_is_better: false``); retrieval entries carry
+nDCG@10 / recall@1 / recall@10 and their embeddings.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
+from importlib.metadata import version
 from pathlib import Path
 
-from prunerep.evals.compare import compare_evals, format_evals_table
+from omegaconf import OmegaConf
+
+from prunerep.config import TaskConfig
+from prunerep.evals import harness
+from prunerep.evals.compare import compare_evals
+from prunerep.evals.taskspec import EMBEDDING_RETRIEVAL, LM_EVAL, REFERENCE_PPL, requested, runner
 from prunerep.evals.validate import validate_tasks
 from prunerep.results.store import ABSENT, CacheInvalid, cache_lock, read_checked_json, stable_hash, write_checked_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_model", "dense_scores", "compare_evals", "format_evals_table", "validate_tasks",
-           "task_settings"]
+__all__ = ["evaluate_model", "dense_scores", "compare_evals", "validate_tasks"]
 
 # bump when the result format or the offline tasks change: old dense caches are then ignored
 EVAL_FORMAT_VERSION = 3  # 2: checksummed cache entries; 3: option_picks of multiple-choice tasks
 
 
-def evaluate_model(model, tokenizer, task_cfg, workdir) -> dict:
-    """Evaluate the in-memory ``model`` on ``task_cfg.tasks``; {} for ``task=none`` / no tasks.
+def _task_config(task) -> TaskConfig:
+    """``task`` as a TaskConfig: callers may hand the structured OmegaConf node of one."""
+    return task if task is None or isinstance(task, TaskConfig) else OmegaConf.to_object(task)
 
-    lm-eval tasks run in one ``simple_evaluate``; the tasks lm-eval cannot express (retrieval
-    from embeddings, the reference perplexity protocol: :mod:`prunerep.evals.direct`) run on the
-    model directly. The entries come back in the requested order. Generated task YAMLs and data
-    go to ``<workdir>/tasks`` and ``<workdir>/data``."""
-    from prunerep.evals import direct, harness
 
-    names = harness.requested_tasks(task_cfg)
-    if not names:
-        return {}
-    direct_names = [n for n in names if direct.is_direct(n, task_cfg)]
-    lm_names = [n for n in names if n not in direct_names]
+def evaluate_model(model, tokenizer, task: TaskConfig, workdir) -> dict:
+    """Evaluate the in-memory ``model`` on ``task.tasks``; {} for ``task=none`` / no tasks.
+
+    lm-eval's tasks run in one ``simple_evaluate``; the others on the model directly. The entries
+    come back in the requested order. Generated task YAMLs and data go to ``<workdir>/tasks`` and
+    ``<workdir>/data``."""
+    task = _task_config(task)
+    names = requested(task)
+    how = {n: runner(n, task) for n in names}
+    lm_names = [n for n in names if how[n] == LM_EVAL]
     done: dict[str, dict] = {}
     if lm_names:
-        done.update(_evaluate_lm_eval(model, tokenizer, _with_tasks(task_cfg, lm_names), workdir))
-    for name in direct_names:
-        with harness.hub_offline(bool(task_cfg.offline)):
-            done[name] = {name: direct.run_direct(name, model, tokenizer, task_cfg)}
+        done.update(harness.evaluate(model, tokenizer, dataclasses.replace(task, tasks=lm_names), workdir))
+    if direct := [n for n in names if how[n] != LM_EVAL]:
+        # both import torch: not on `import prunerep.evals` (the report reads the task registry)
+        from prunerep.evals.perplexity import run_reference
+        from prunerep.evals.retrieval import run_task
+
+        run = {REFERENCE_PPL: run_reference, EMBEDDING_RETRIEVAL: run_task}
+        for name in direct:
+            with harness.hub_offline(task.offline):
+                done[name] = {name: run[how[name]](name, model, tokenizer, task)}
     return {k: v for n in names for k, v in done[n].items()}
 
 
-def _with_tasks(task_cfg, tasks: list[str]):
-    """A copy of ``task_cfg`` with ``tasks`` replaced."""
-    if dataclasses.is_dataclass(task_cfg):
-        return dataclasses.replace(task_cfg, tasks=list(tasks))
-    import copy
-
-    cfg = copy.deepcopy(task_cfg)
-    try:
-        cfg.tasks = list(tasks)
-    except Exception:  # a read-only OmegaConf node
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True), {"tasks": list(tasks)})
-    return cfg
-
-
-def _evaluate_lm_eval(model, tokenizer, task_cfg, workdir) -> dict[str, dict]:
-    """lm-eval's part: {requested name: {result key: entry}} (a group expands to its tasks)."""
-    from prunerep.evals import harness
-
-    plans = harness.plan_tasks(task_cfg)
-    tm = None
-    if any(p.source == "hub" for p in plans):
-        tm = harness.make_task_manager(workdir, include_defaults=True)
-        plans = harness.plan_tasks(task_cfg, tm)
-    out: dict[str, dict] = {}
-    for p in plans:
-        if p.skip_reason:
-            log.warning("skipping task %s: %s", p.name, p.skip_reason)
-    runnable = [p for p in plans if not p.skip_reason]
-    results, keys, seconds = {}, {}, 0.0
-    if runnable:
-        res, keys, seconds = harness.run_lm_eval(model, tokenizer, runnable, task_cfg, workdir, tm)
-        results = {k: harness.summarize(res, k, tokenizer, seconds) for ks in keys.values() for k in ks}
-        log.info("evaluated %s in %.1fs", ", ".join(results), seconds)
-    for p in plans:
-        if p.skip_reason:
-            out[p.name] = {p.name: harness.skipped_entry(p)}
-        else:
-            out[p.name] = {k: results[k] for k in keys[p.name]}
-    _note_debias(out, task_cfg)
-    return out
-
-
-def _note_debias(out: dict[str, dict], task_cfg) -> None:
-    """Under task.mc_debias=permute, say on each multiple-choice entry that was NOT permuted why."""
-    from prunerep.evals.taskdefs import OFFLINE_TASKS, debias_mode
-
-    if debias_mode(task_cfg) != "permute":
-        return
-    hub = []
-    for name, entries in out.items():
-        for key, e in entries.items():
-            if e.get("type") != "multiple_choice" or e.get("skipped") or e.get("debias"):
-                continue
-            if key in OFFLINE_TASKS:
-                reason = "cloze: the options are the answer texts, their order is not shown to the model"
-            else:
-                reason = "an lm-eval task: scored as lm-eval defines it (only prunerep's lettered tasks are permuted)"
-                hub.append(key)
-            e["debias"] = {"mode": "none", "reason": reason}
-    if hub:
-        log.warning("task.mc_debias=permute: %s scored as lm-eval defines them; only prunerep's lettered "
-                    "offline tasks are permuted", ", ".join(hub))
-
-
-def task_settings(task_cfg) -> dict:
-    """The task settings as a plain dict (OmegaConf node or dataclass)."""
-    if dataclasses.is_dataclass(task_cfg):
-        return dataclasses.asdict(task_cfg)
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(task_cfg, resolve=True)
-    except Exception:  # a plain mapping
-        return dict(task_cfg)
-
-
-def dense_scores(model, tokenizer, task_cfg, cache_dir, model_key: str) -> dict:
+def dense_scores(model, tokenizer, task: TaskConfig, cache_dir, model_key: str) -> dict:
     """:func:`evaluate_model`, cached as ``<cache_dir>/evals/<hash>.json`` (atomic write).
 
     The hash covers ``model_key`` (say, the model config and its weights' identity), every
@@ -156,13 +91,10 @@ def dense_scores(model, tokenizer, task_cfg, cache_dir, model_key: str) -> dict:
     truncated, replaced by ``{}``) is never used; it is named in a warning and recomputed.
     Processes needing the same entry at once take its lock (``<hash>.json.lock``): one
     evaluates, the others wait and read its result."""
-    from importlib.metadata import version
-
-    from prunerep.evals import harness
-
-    if not harness.requested_tasks(task_cfg):
+    task = _task_config(task)
+    if not requested(task):
         return {}
-    key = stable_hash(model_key, task_settings(task_cfg), version("lm_eval"), EVAL_FORMAT_VERSION)
+    key = stable_hash(model_key, dataclasses.asdict(task), version("lm_eval"), EVAL_FORMAT_VERSION)
     path = Path(cache_dir).expanduser() / "evals" / f"{key}.json"
     scores, problem = _read_cached(path)
     if problem is None:
@@ -176,7 +108,7 @@ def dense_scores(model, tokenizer, task_cfg, cache_dir, model_key: str) -> dict:
         if problem != ABSENT:
             log.warning("dense scores cache %s is not intact (%s): not used, recomputing it", path, problem)
         t0 = time.perf_counter()
-        scores = evaluate_model(model, tokenizer, task_cfg, path.parent / "work" / key)
+        scores = evaluate_model(model, tokenizer, task, path.parent / "work" / key)
         write_checked_json(path, scores)
     log.info("dense scores computed in %.1fs, cached at %s", time.perf_counter() - t0, path)
     return scores

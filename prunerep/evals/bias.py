@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from prunerep.results.schema import OptionPicks, SidePicks
+
 #: a model that picks one option this often (or more) is flagged as biased
 BIAS_THRESHOLD = 0.8
 DEBIAS_MODES = ("none", "permute")
@@ -128,21 +130,20 @@ def option_picks(samples: list[tuple[str, dict]], metric: str) -> dict | None:
             "threshold": BIAS_THRESHOLD, "docs": sorted(picks, key=lambda p: (p[0], p[1]))}
 
 
-def compare_picks(dense: dict | None, pruned: dict | None) -> dict | None:
-    """The ``option_picks`` block of an evals.json row: both sides' counts, top option and flag,
-    and how often the pruned model picks what the dense one picked (``agreement``)."""
+def compare_picks(dense: dict | None, pruned: dict | None) -> OptionPicks | None:
+    """The ``option_picks`` block of an evals.json row from each side's :func:`option_picks`: both
+    sides' counts, top option and flag, and how often the pruned model picks what the dense one
+    picked (``agreement``)."""
     if not dense and not pruned:
         return None
-    out: dict = {"labels": (dense or pruned)["labels"], "threshold": BIAS_THRESHOLD}
-    for side, p in (("dense", dense), ("pruned", pruned)):
-        if p:
-            out[side] = {k: p[k] for k in ("counts", "n", "top", "top_frac", "biased")}
-    out["biased"] = [side for side in ("dense", "pruned") if (out.get(side) or {}).get("biased")]
-    if dense and pruned and dense.get("docs") and pruned.get("docs"):
+    sides = [SidePicks(**{k: p[k] for k in ("counts", "n", "top", "top_frac", "biased")}) if p else None
+             for p in (dense, pruned)]
+    agreement = None
+    if dense and pruned:
         d = {(t, i): p for t, i, p, _ in dense["docs"]}
         both = [(d[(t, i)], p) for t, i, p, _ in pruned["docs"] if (t, i) in d]
-        out["agreement"] = sum(a == b for a, b in both) / len(both) if both else None
-    return out
+        agreement = sum(a == b for a, b in both) / len(both) if both else None
+    return OptionPicks((dense or pruned)["labels"], BIAS_THRESHOLD, *sides, agreement)
 
 
 def debiased_score(samples: list[tuple[str, dict]], metric: str) -> dict:

@@ -43,6 +43,7 @@ second interpreter start).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -55,7 +56,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -559,33 +559,28 @@ def _probe(box: _Sandbox) -> str | None:
     return lines[-1] if lines else f"exit status {res.returncode}"
 
 
-_lock = threading.Lock()
-_chosen: _Sandbox | None = None
-_refused: str | None = None
+@functools.cache  # the machine does not change while this process runs: probed once
+def _select_sandbox() -> _Sandbox | str:
+    """The strongest sandbox that works here, or why none does (one line)."""
+    reasons, boxes = [], _candidates()
+    for box in boxes:
+        why = _probe(box)
+        if why is None:
+            return box
+        reasons.append(f"{box.mode} ({box.python}): {why}")
+    if not any(b.bwrap for b in boxes):
+        reasons.append("bubblewrap (bwrap) is not installed")
+    return ("code execution refused: no OS-level sandbox works on this machine (" + "; ".join(reasons)
+            + "). Install bubblewrap (`make setup` runs scripts/sandbox-setup.sh), or run as root on a kernel "
+            "with Landlock and seccomp.")
 
 
 def _sandbox() -> _Sandbox:
-    """The strongest sandbox that works here (probed once); CodeExecutionRefused if none does."""
-    global _chosen, _refused
-    with _lock:
-        if _chosen is None and _refused is None:
-            reasons = []
-            for box in _candidates():
-                why = _probe(box)
-                if why is None:
-                    _chosen = box
-                    break
-                reasons.append(f"{box.mode} ({box.python}): {why}")
-            else:
-                if not any(b.bwrap for b in _candidates()):
-                    reasons.append("bubblewrap (bwrap) is not installed")
-                _refused = ("code execution refused: no OS-level sandbox works on this machine ("
-                            + "; ".join(reasons) + "). Install bubblewrap (`make setup` runs "
-                            "scripts/sandbox-setup.sh), or run as root on a kernel with Landlock "
-                            "and seccomp.")
-        if _chosen is None:
-            raise CodeExecutionRefused(_refused)
-        return _chosen
+    """The sandbox of :func:`_select_sandbox`; CodeExecutionRefused if none works."""
+    box = _select_sandbox()
+    if isinstance(box, str):
+        raise CodeExecutionRefused(box)
+    return box
 
 
 def isolation() -> str:
@@ -605,28 +600,6 @@ def run_program(source: str, *, allow: bool, timeout_s: float = 5.0, memory_mb: 
 
 # --------------------------------------------------------------------------- HumanEval
 
-# set by the harness for the duration of an opted-in evaluation (see `execution_allowed`)
-_ALLOWED = False
-
-
-class execution_allowed:
-    """``with execution_allowed(True): ...`` -- the opt-in seen by the lm-eval scoring hook,
-    which lm-eval calls with ``(doc, results)`` only."""
-
-    def __init__(self, allow: bool):
-        self.allow = bool(allow)
-
-    def __enter__(self):
-        global _ALLOWED
-        self._prev, _ALLOWED = _ALLOWED, self.allow
-        return self
-
-    def __exit__(self, *exc):
-        global _ALLOWED
-        _ALLOWED = self._prev
-        return False
-
-
 def humaneval_program(doc: dict, completion: str) -> str:
     """The program whose exit status is the pass/fail of a HumanEval completion."""
     return (doc["prompt"] + completion + "\n\n" + doc["test"] + "\n\n"
@@ -634,7 +607,9 @@ def humaneval_program(doc: dict, completion: str) -> str:
 
 
 def humaneval_process_results(doc: dict, results: list[str]) -> dict:
-    """lm-eval ``process_results`` hook of the offline ``humaneval`` task (pass@1, greedy)."""
-    res = run_program(humaneval_program(doc, results[0]), allow=_ALLOWED,
+    """lm-eval ``process_results`` hook of the offline ``humaneval`` task (pass@1, greedy). lm-eval
+    hands it the document only, so the opt-in and the limits are the document's
+    (:mod:`prunerep.evals.taskfiles` writes them from the task settings)."""
+    res = run_program(humaneval_program(doc, results[0]), allow=bool(doc.get("allow_code_execution")),
                       timeout_s=float(doc.get("timeout_s", 5.0)), memory_mb=int(doc.get("memory_mb", 1024)))
     return {"pass@1": 1.0 if res.passed else 0.0}

@@ -1,4 +1,4 @@
-"""Dense vs pruned: the contents of ``evals.json`` and its console table.
+"""Dense vs pruned: the statistics of ``evals.json`` (typed in :mod:`prunerep.results.schema`).
 
 Conventions
 -----------
@@ -51,19 +51,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-GENERATIVE = "generative"
-MULTIPLE_CHOICE = "multiple_choice"
-PERPLEXITY = "perplexity"
-RETRIEVAL = "retrieval"
-FAMILIES = (RETRIEVAL, MULTIPLE_CHOICE, GENERATIVE, PERPLEXITY)
+from prunerep.evals.bias import compare_picks
+from prunerep.evals.taskspec import FAMILIES, GENERATIVE, MULTIPLE_CHOICE, PERPLEXITY, RETRIEVAL
+from prunerep.results.schema import (Debias, DensePruned, EvalsReport, Family, Fidelity, GapAboveChance, Headline,
+                                     HeadlineStep, MetricChange, Pair, RetrievalChange, SameDocs, TaskRow)
+
 #: the paper's ordering of what pruning keeps (most first), checked on retained_above_chance
 HEADLINE_ORDER = (RETRIEVAL, MULTIPLE_CHOICE, GENERATIVE)
-FAMILY_CONVENTIONS = (
-    "perplexity: lower is better, abs_change=dense-pruned, rel_change=(dense-pruned)/dense (negative: worse); "
-    "retained=pruned/dense (perplexity dense/pruned); retained_above_chance=(pruned-chance)/(dense-chance) "
-    "(perplexity: log-space vs a uniform guess, chance=vocab size); excluded_at_chance: dense-chance <= "
-    "stderr(dense); gap_above_chance=mean retained_above_chance(multiple_choice)-mean(generative), >0: "
-    "generation kept less; headline: retrieval >= multiple_choice >= generative in retained_above_chance")
+#: the families of mc_vs_gen_gap
+GAP_FAMILIES = (GENERATIVE, MULTIPLE_CHOICE)
 
 
 def finite_or_none(x: Any) -> float | None:
@@ -83,7 +79,7 @@ def common_prefix_len(a: list, b: list) -> int:
     return n
 
 
-def generation_fidelity(dense_gens: list[dict], pruned_gens: list[dict]) -> dict:
+def generation_fidelity(dense_gens: list[dict], pruned_gens: list[dict]) -> Fidelity:
     """Token-level agreement of the pruned generations with the dense ones (same docs)."""
     def key(r):
         return (r.get("task", ""), int(r["doc_id"]))
@@ -94,7 +90,7 @@ def generation_fidelity(dense_gens: list[dict], pruned_gens: list[dict]) -> dict
     dense = {key(r): r for r in dense_gens}
     pairs = [(dense[key(r)], r) for r in pruned_gens if key(r) in dense]
     if not pairs:
-        return {"n_compared": 0, "identical_frac": None, "mean_first_divergence": None, "unit": "token"}
+        return Fidelity(0, None, None)
     identical, diverge = 0, []
     for d, p in pairs:
         td, tp = toks(d), toks(p)
@@ -102,93 +98,69 @@ def generation_fidelity(dense_gens: list[dict], pruned_gens: list[dict]) -> dict
             identical += 1
         else:
             diverge.append(common_prefix_len(td, tp))
-    return {
-        "n_compared": len(pairs),
-        "identical_frac": identical / len(pairs),
-        "mean_first_divergence": sum(diverge) / len(diverge) if diverge else None,
-        "unit": "token",
-    }
+    return Fidelity(len(pairs), identical / len(pairs), sum(diverge) / len(diverge) if diverge else None)
 
 
-def compare_task(dense: dict | None, pruned: dict | None) -> dict:
-    """One task's row of evals.json."""
+def compare_task(dense: dict | None, pruned: dict | None) -> TaskRow:
+    """One task's row of evals.json, from its dense and its pruned entry (prunerep.evals.evaluate_model)."""
     dense, pruned = dense or {}, pruned or {}
     ref = dense or pruned
-    row: dict[str, Any] = {"type": ref.get("type"), "metric": ref.get("metric")}
+    ttype, metric = ref.get("type"), ref.get("metric")
     skipped = [r.get("reason") for r in (dense, pruned) if r.get("skipped")]
     missing = [w for w, r in (("dense", dense), ("pruned", pruned)) if not r]
     if skipped or missing:
-        row.update(skipped=True, reason=skipped[0] if skipped else f"no {missing[0]} result",
-                   dense=None, pruned=None, abs_change=None, rel_change=None)
-        return row
+        return TaskRow(ttype, metric, skipped=True, reason=skipped[0] if skipped else f"no {missing[0]} result")
     d, p = finite_or_none(dense.get("score")), finite_or_none(pruned.get("score"))
     higher = _higher_is_better(ref)
-    row.update(
-        dense=d, pruned=p,
-        abs_change=_abs_change(d, p, higher),
-        rel_change=_rel_change(d, p, higher),
-        stderr={"dense": finite_or_none(dense.get("stderr")), "pruned": finite_or_none(pruned.get("stderr"))},
-        n=pruned.get("n"),
-    )
-    if not higher:
-        row["higher_is_better"] = False
-        row["pruned_over_dense"] = None if d is None or p is None or d == 0 else p / d
+    stderr = DensePruned(finite_or_none(dense.get("stderr")), finite_or_none(pruned.get("stderr")))
     chance = finite_or_none(ref.get("chance"))
-    if chance is None and row["type"] == GENERATIVE:
-        chance = 0.0
-    if "chance" in ref or chance is not None:
-        row["chance"] = ref.get("chance", chance)
-    row.update(_retention(row["type"], d, p, row["stderr"]["dense"], row["stderr"]["pruned"], chance, higher))
-    if row["type"] == GENERATIVE:
-        row["fidelity"] = generation_fidelity(dense.get("generations") or [], pruned.get("generations") or [])
-    if row["type"] == MULTIPLE_CHOICE:
-        row.update(_option_bias(dense, pruned, row))
-    if ref.get("pairs_with"):
-        row["pairs_with"] = ref["pairs_with"]
+    if chance is None and ttype == GENERATIVE:
+        chance = 0.0  # exact match / pass@k of a random guess
+    metrics = None
     if isinstance(dense.get("metrics"), dict) and isinstance(pruned.get("metrics"), dict):
-        row["metrics"] = {k: {"dense": finite_or_none(v), "pruned": finite_or_none(pruned["metrics"].get(k)),
-                              "rel_change": _rel_change(finite_or_none(v), finite_or_none(pruned["metrics"].get(k)),
-                                                        higher and not k.endswith(("perplexity", "bits_per_byte",
-                                                                                   "nll_per_token")))}
-                          for k, v in dense["metrics"].items() if k != "n_tokens"}
-    if row["type"] == RETRIEVAL:
-        from prunerep.evals.retrieval import embedding_cosine
+        metrics = {k: MetricChange(finite_or_none(v), finite_or_none(pruned["metrics"].get(k)),
+                                   _rel_change(finite_or_none(v), finite_or_none(pruned["metrics"].get(k)),
+                                               higher and not k.endswith(("perplexity", "bits_per_byte",
+                                                                          "nll_per_token"))))
+                   for k, v in dense["metrics"].items() if k != "n_tokens"}
+    retrieval = None
+    if ttype == RETRIEVAL:
+        from prunerep.evals.retrieval import embedding_cosine  # imports torch: not on `import prunerep.evals`
 
-        row["metrics_chance"] = ref.get("metrics_chance")
-        row["embedding_cosine"] = embedding_cosine(dense.get("embeddings"), pruned.get("embeddings"))
-    if ref.get("protocol"):
-        row["protocol"] = ref["protocol"]
-    return row
+        retrieval = RetrievalChange(ref.get("metrics_chance"),
+                                    embedding_cosine(dense.get("embeddings"), pruned.get("embeddings")))
+    return TaskRow(
+        ttype, metric, dense=d, pruned=p, abs_change=_abs_change(d, p, higher), rel_change=_rel_change(d, p, higher),
+        stderr=stderr, n=pruned.get("n"), higher_is_better=higher,
+        pruned_over_dense=None if d is None or p is None or d == 0 else p / d,
+        chance=ref.get("chance", chance),
+        **_retention(d, p, stderr.dense, stderr.pruned, chance, higher),
+        fidelity=generation_fidelity(dense.get("generations") or [], pruned.get("generations") or [])
+        if ttype == GENERATIVE else None,
+        **(_option_bias(dense, pruned) if ttype == MULTIPLE_CHOICE else {}),
+        pairs_with=ref.get("pairs_with"), metrics=metrics, retrieval=retrieval, protocol=ref.get("protocol"))
 
 
-def _option_bias(dense: dict, pruned: dict, row: dict) -> dict:
-    """``option_picks`` (which option each side picks, the flag, dense-pruned agreement),
-    ``option_bias`` (the sides picking one option >= BIAS_THRESHOLD of the time), ``debias`` and
-    ``excluded_option_bias``: a dense model flagged on a score that is not debiased answers by
+def _option_bias(dense: dict, pruned: dict) -> dict:
+    """``option_picks`` (which option each side picks, the flag, dense-pruned agreement), ``debias``
+    and ``excluded_option_bias``: a dense model flagged on a score that is not debiased answers by
     its preferred option, so its retention says nothing about knowledge; the task is then left
     out of the above-chance means (a debiased score, task.mc_debias=permute, stays in)."""
-    from prunerep.evals.bias import compare_picks
-
-    out: dict[str, Any] = {}
     picks = compare_picks(dense.get("option_picks"), pruned.get("option_picks"))
     if picks is None:
-        return out
-    out["option_picks"] = picks
-    out["option_bias"] = picks["biased"]
-    debiased = (dense.get("debias") or {}).get("mode") == "permute"
-    if dense.get("debias") or pruned.get("debias"):
-        out["debias"] = {"mode": "permute" if debiased else "none",
-                         **{f"{side}_unpermuted": (e.get("debias") or {}).get("score_unpermuted")
-                            for side, e in (("dense", dense), ("pruned", pruned)) if debiased},
-                         **({"reason": (dense.get("debias") or {}).get("reason")}
-                            if (dense.get("debias") or {}).get("reason") else {})}
-    out["excluded_option_bias"] = "dense" in picks["biased"] and not debiased
-    return out
+        return {}
+    d_deb, p_deb = dense.get("debias") or {}, pruned.get("debias") or {}
+    debiased = d_deb.get("mode") == "permute"
+    debias = None
+    if d_deb or p_deb:
+        debias = Debias("permute" if debiased else "none", d_deb.get("score_unpermuted"),
+                        p_deb.get("score_unpermuted"), d_deb.get("reason") or None)
+    return {"option_picks": picks, "debias": debias, "excluded_option_bias": "dense" in picks.biased and not debiased}
 
 
-def _kept(row: dict) -> bool:
+def _kept(row: TaskRow) -> bool:
     """Whether a row counts in the above-chance means (not at chance, not a biased dense side)."""
-    return row.get("retained_above_chance") is not None and not row.get("excluded_option_bias")
+    return row.retained_above_chance is not None and not row.excluded_option_bias
 
 
 def _higher_is_better(entry: dict) -> bool:
@@ -211,7 +183,7 @@ def _rel_change(d: float | None, p: float | None, higher: bool) -> float | None:
     return (p - d) / d if higher else (d - p) / d
 
 
-def _retention(ttype, d, p, se_d, se_p, chance, higher) -> dict:
+def _retention(d, p, se_d, se_p, chance, higher) -> dict:
     """retained, retained_above_chance (+ stderr) and excluded_at_chance of one task."""
     out: dict[str, Any] = {"retained": None, "retained_above_chance": None,
                            "retained_above_chance_stderr": None, "excluded_at_chance": None}
@@ -241,94 +213,68 @@ def _retention(ttype, d, p, se_d, se_p, chance, higher) -> dict:
     return out
 
 
-def _mean_with_stderr(rows: list[dict]) -> tuple[float | None, float | None]:
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _mean_with_stderr(rows: list[TaskRow]) -> tuple[float | None, float | None]:
     """Mean retained_above_chance of ``rows`` and its stderr (tasks independent)."""
-    vals = [r["retained_above_chance"] for r in rows]
-    if not vals:
+    if not rows:
         return None, None
-    ses = [r.get("retained_above_chance_stderr") for r in rows]
+    ses = [r.retained_above_chance_stderr for r in rows]
     se = None if any(s is None for s in ses) else math.sqrt(sum(s * s for s in ses)) / len(ses)
-    return sum(vals) / len(vals), se
+    return _mean([r.retained_above_chance for r in rows]), se
 
 
-def family_summary(tasks: dict[str, dict]) -> dict:
+def family_summary(tasks: dict[str, TaskRow]) -> tuple[dict[str, Family], GapAboveChance, Headline]:
     """``families``, ``gap_above_chance`` and ``headline`` of evals.json (see module docstring)."""
-    fams: dict[str, dict] = {}
+    fams: dict[str, Family] = {}
     for fam in FAMILIES:
-        rows = {n: r for n, r in tasks.items() if r.get("type") == fam and not r.get("skipped")
-                and r.get("dense") is not None and r.get("pruned") is not None}
-        rel = [r["rel_change"] for r in rows.values() if r.get("rel_change") is not None]
-        ret = [r["retained"] for r in rows.values() if r.get("retained") is not None]
-        kept = [r for r in rows.values() if _kept(r)]
-        mean, se = _mean_with_stderr(kept)
-        fams[fam] = {
-            "tasks": list(rows), "n_tasks": len(rows),
-            "rel_change": sum(rel) / len(rel) if rel else None,
-            "retained": sum(ret) / len(ret) if ret else None,
-            "retained_above_chance": mean, "retained_above_chance_stderr": se,
-            "excluded_at_chance": [n for n, r in rows.items() if r.get("excluded_at_chance")],
-            **({"excluded_option_bias": [n for n, r in rows.items() if r.get("excluded_option_bias")]}
-               if fam == MULTIPLE_CHOICE else {}),
-        }
-    mc = [r for r in tasks.values() if r.get("type") == MULTIPLE_CHOICE and _kept(r)]
-    gen = [r for r in tasks.values() if r.get("type") == GENERATIVE and _kept(r)]
-    (m_mc, se_mc), (m_gen, se_gen) = _mean_with_stderr(mc), _mean_with_stderr(gen)
-    gap = {"value": None if m_mc is None or m_gen is None else m_mc - m_gen,
-           "stderr": None if se_mc is None or se_gen is None or m_mc is None or m_gen is None
-           else math.sqrt(se_mc ** 2 + se_gen ** 2),
-           "excluded_at_chance": [n for n, r in tasks.items() if r.get("excluded_at_chance")
-                                  and r.get("type") in (MULTIPLE_CHOICE, GENERATIVE)],
-           "excluded_option_bias": [n for n, r in tasks.items() if r.get("excluded_option_bias")]}
-    present = [f for f in HEADLINE_ORDER if fams[f]["retained_above_chance"] is not None]
+        rows = {n: r for n, r in tasks.items() if r.type == fam and not r.skipped
+                and r.dense is not None and r.pruned is not None}
+        mean, se = _mean_with_stderr([r for r in rows.values() if _kept(r)])
+        fams[fam] = Family(
+            list(rows), _mean([r.rel_change for r in rows.values() if r.rel_change is not None]),
+            _mean([r.retained for r in rows.values() if r.retained is not None]), mean, se,
+            [n for n, r in rows.items() if r.excluded_at_chance],
+            [n for n, r in rows.items() if r.excluded_option_bias] if fam == MULTIPLE_CHOICE else None)
+    (m_mc, se_mc), (m_gen, se_gen) = (_mean_with_stderr([r for r in tasks.values() if r.type == fam and _kept(r)])
+                                      for fam in (MULTIPLE_CHOICE, GENERATIVE))
+    gap = GapAboveChance(
+        None if m_mc is None or m_gen is None else m_mc - m_gen,
+        None if se_mc is None or se_gen is None or m_mc is None or m_gen is None else math.sqrt(se_mc ** 2 + se_gen ** 2),
+        [n for n, r in tasks.items() if r.excluded_at_chance and r.type in (MULTIPLE_CHOICE, GENERATIVE)],
+        [n for n, r in tasks.items() if r.excluded_option_bias])
+    present = [f for f in HEADLINE_ORDER if fams[f].retained_above_chance is not None]
     steps = []
     for a, b in zip(present, present[1:]):
-        ra, rb = fams[a]["retained_above_chance"], fams[b]["retained_above_chance"]
-        sa, sb = fams[a]["retained_above_chance_stderr"], fams[b]["retained_above_chance_stderr"]
+        ra, rb = fams[a].retained_above_chance, fams[b].retained_above_chance
+        sa, sb = fams[a].retained_above_chance_stderr, fams[b].retained_above_chance_stderr
         se = None if sa is None or sb is None else math.sqrt(sa ** 2 + sb ** 2)
-        steps.append({"higher": a, "lower": b, "difference": ra - rb, "stderr": se, "holds": ra >= rb})
-    headline = {
-        "expected_order": list(HEADLINE_ORDER), "compared": present,
-        "retained_above_chance": {f: fams[f]["retained_above_chance"] for f in HEADLINE_ORDER},
-        "steps": steps,
-        "holds": all(s["holds"] for s in steps) if steps else None,
-        "beyond_stderr": all(s["holds"] and s["stderr"] is not None and s["difference"] > s["stderr"]
-                             for s in steps) if steps else None,
+        steps.append(HeadlineStep(a, b, ra - rb, se, ra >= rb))
+    headline = Headline(
+        list(HEADLINE_ORDER), present, {f: fams[f].retained_above_chance for f in HEADLINE_ORDER}, steps,
+        holds=all(s.holds for s in steps) if steps else None,
+        beyond_stderr=all(s.holds and s.stderr is not None and s.difference > s.stderr for s in steps)
+        if steps else None,
         # a failing step by more than its stderr: the ordering is contradicted, not just unresolved
-        "fails_beyond_stderr": any(not s["holds"] and s["stderr"] is not None and -s["difference"] > s["stderr"]
-                                   for s in steps) if steps else None,
-    }
-    return {"families": fams, "gap_above_chance": gap, "headline": headline}
+        fails_beyond_stderr=any(not s.holds and s.stderr is not None and -s.difference > s.stderr for s in steps)
+        if steps else None)
+    return fams, gap, headline
 
 
-def compare_evals(dense: dict, pruned: dict) -> dict:
-    """evals.json: ``{"tasks": {name: row}, "mc_vs_gen_gap": float|None, "mean_rel_drop":
-    {"generative": .., "multiple_choice": ..}, "conventions": str}``, plus ``families``,
-    ``gap_above_chance``, ``headline`` and ``conventions_families`` when any task was compared
+def compare_evals(dense: dict, pruned: dict) -> EvalsReport:
+    """evals.json from the dense and the pruned entries of :func:`prunerep.evals.evaluate_model`
     (see module docstring)."""
     names = list(dict.fromkeys([*dense, *pruned]))
     tasks = {n: compare_task(dense.get(n), pruned.get(n)) for n in names}
-    drops: dict[str, list[float]] = {GENERATIVE: [], MULTIPLE_CHOICE: []}
-    for row in tasks.values():
-        if row.get("rel_change") is not None and row.get("type") in drops:
-            drops[row["type"]].append(-row["rel_change"])
-    mean = {k: (sum(v) / len(v) if v else None) for k, v in drops.items()}
+    mean = {fam: _mean([-r.rel_change for r in tasks.values() if r.type == fam and r.rel_change is not None])
+            for fam in GAP_FAMILIES}
     gap = None
     if mean[GENERATIVE] is not None and mean[MULTIPLE_CHOICE] is not None:
         gap = mean[GENERATIVE] - mean[MULTIPLE_CHOICE]
-    out = {
-        "tasks": tasks,
-        "mc_vs_gen_gap": gap,
-        "mean_rel_drop": mean,
-        "conventions": ("rel_change=(pruned-dense)/dense; relative drop=-rel_change; "
-                        "mc_vs_gen_gap=mean drop(generative)-mean drop(multiple_choice), "
-                        ">0: generation hurt more; fidelity at token level, first divergence = "
-                        "common-prefix length averaged over diverging docs"),
-    }
-    if tasks:
-        out.update(family_summary(tasks), conventions_families=FAMILY_CONVENTIONS)
-    if pairs := pair_summary(tasks, dense, pruned):
-        out["pairs"] = pairs
-    return out
+    summary = family_summary(tasks) if tasks else (None, None, None)
+    return EvalsReport(tasks, gap, mean, *summary, pairs=pair_summary(tasks, dense, pruned))
 
 
 def _per_doc_correct(entry: dict | None) -> dict[int, bool]:
@@ -349,7 +295,7 @@ def _per_doc_correct(entry: dict | None) -> dict[int, bool]:
     return out
 
 
-def pair_summary(tasks: dict[str, dict], dense: dict | None = None, pruned: dict | None = None) -> dict:
+def pair_summary(tasks: dict[str, TaskRow], dense: dict | None = None, pruned: dict | None = None) -> dict[str, Pair]:
     """``pairs``: each multiple-choice task scored on the same documents as a generative one
     (``pairs_with``: arith_cloze and arith_mc with arith_gen -- the same questions), side by side:
     each side's relative drop and retained above chance, ``gap_above_chance`` = MC - generative
@@ -362,141 +308,27 @@ def pair_summary(tasks: dict[str, dict], dense: dict | None = None, pruned: dict
     dense, pruned = dense or {}, pruned or {}
     out = {}
     for name, r in tasks.items():
-        gen_name = r.get("pairs_with")
+        gen_name = r.pairs_with
         g = tasks.get(gen_name) if gen_name else None
-        if r.get("type") != MULTIPLE_CHOICE or g is None or g.get("skipped") or r.get("skipped"):
+        if r.type != MULTIPLE_CHOICE or g is None or g.skipped or r.skipped:
             continue
-        ra, rb = r.get("retained_above_chance"), g.get("retained_above_chance")
-        sa, sb = r.get("retained_above_chance_stderr"), g.get("retained_above_chance_stderr")
-        both = ra is not None and rb is not None and not r.get("excluded_option_bias")
-        pair = {
-            "multiple_choice": name, "generative": gen_name,
-            "rel_change": {"multiple_choice": r.get("rel_change"), "generative": g.get("rel_change")},
-            "retained_above_chance": {"multiple_choice": ra, "generative": rb},
-            "gap_above_chance": ra - rb if both else None,
-            "stderr": math.sqrt(sa ** 2 + sb ** 2) if both and sa is not None and sb is not None else None,
-        }
+        ra, rb = r.retained_above_chance, g.retained_above_chance
+        sa, sb = r.retained_above_chance_stderr, g.retained_above_chance_stderr
+        both = ra is not None and rb is not None and not r.excluded_option_bias
+        same = None
         dm, pm = _per_doc_correct(dense.get(name)), _per_doc_correct(pruned.get(name))
         dg, pg = _per_doc_correct(dense.get(gen_name)), _per_doc_correct(pruned.get(gen_name))
         docs = [i for i in dm if dm[i] and dg.get(i) and i in pm and i in pg]
         if docs:
             diffs = [float(pm[i]) - float(pg[i]) for i in docs]
             n, mean = len(diffs), sum(diffs) / len(diffs)
-            pair["same_docs"] = {
-                "n": n,
-                "kept": {"multiple_choice": sum(pm[i] for i in docs) / n, "generative": sum(pg[i] for i in docs) / n},
-                "difference": mean,
-                "stderr": math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None,
-            }
-        if r.get("excluded_at_chance") or r.get("excluded_option_bias"):
-            pair["excluded"] = "option_bias" if r.get("excluded_option_bias") else "at_chance"
-        out[f"{name}/{gen_name}"] = pair
+            same = SameDocs(n, {MULTIPLE_CHOICE: sum(pm[i] for i in docs) / n, GENERATIVE: sum(pg[i] for i in docs) / n},
+                            mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None)
+        excluded = None
+        if r.excluded_at_chance or r.excluded_option_bias:
+            excluded = "option_bias" if r.excluded_option_bias else "at_chance"
+        out[f"{name}/{gen_name}"] = Pair(
+            name, gen_name, {MULTIPLE_CHOICE: r.rel_change, GENERATIVE: g.rel_change},
+            {MULTIPLE_CHOICE: ra, GENERATIVE: rb}, ra - rb if both else None,
+            math.sqrt(sa ** 2 + sb ** 2) if both and sa is not None and sb is not None else None, same, excluded)
     return out
-
-
-def _fmt(x: Any, pct: bool = False) -> str:
-    f = finite_or_none(x)
-    if f is None:
-        return "-"
-    return f"{f:+.1%}" if pct else f"{f:.3f}"
-
-
-def _top_picks(picks: dict) -> str:
-    """``A 1.00 / A 0.97``: each side's most picked option and how often (``!`` when flagged)."""
-    parts = []
-    for side in ("dense", "pruned"):
-        p = picks.get(side)
-        if p:
-            parts.append(f"{p['top']} {p['top_frac']:.2f}" + ("!" if p.get("biased") else ""))
-    return " / ".join(parts) if parts else ""
-
-
-def format_evals_table(evals: dict) -> str:
-    """A small fixed-width console table of :func:`compare_evals`' output."""
-    picks_col = any(r.get("option_picks") for r in evals.get("tasks", {}).values())
-    rows = [("task", "type", "metric", "dense", "pruned", "rel", "kept>chance", "identical", "1st-div")
-            + (("top pick d/p",) if picks_col else ())]
-    flagged, biased = False, []
-    for name, r in evals.get("tasks", {}).items():
-        kind = {GENERATIVE: "gen", MULTIPLE_CHOICE: "mc", PERPLEXITY: "ppl", RETRIEVAL: "ret"}.get(
-            r.get("type"), str(r.get("type")))
-        metric = str(r.get("metric") or "-") + (" (lower better)" if r.get("higher_is_better") is False else "")
-        if r.get("skipped"):
-            rows.append((name, kind, metric, "skipped", "", "", "", "", "") + (("",) if picks_col else ()))
-            continue
-        if r.get("debias", {}).get("mode") == "permute":
-            metric += " (permuted)"
-        fid = r.get("fidelity") or {}
-        picks = r.get("option_picks") or {}
-        if picks.get("biased"):
-            biased.append((name, picks))
-        if r.get("excluded_at_chance"):
-            kept, flagged = "at chance*", True
-        elif r.get("excluded_option_bias"):
-            kept = "biased!"
-        elif r.get("retained_above_chance") is not None:
-            se = r.get("retained_above_chance_stderr")
-            kept = f"{r['retained_above_chance']:.2f}" + (f"+-{se:.2f}" if se is not None else "")
-        else:
-            kept = "-"
-        rows.append((name, kind, metric, _fmt(r.get("dense")), _fmt(r.get("pruned")),
-                     _fmt(r.get("rel_change"), pct=True), kept,
-                     _fmt(fid.get("identical_frac")) if fid else "",
-                     (f"{fid['mean_first_divergence']:.1f}" if fid.get("mean_first_divergence") is not None
-                      else "-") if fid else "")
-                    + ((_top_picks(picks),) if picks_col else ()))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if flagged:
-        lines.append("* at chance: dense not above chance by more than its stderr; left out of the "
-                     "above-chance means and gap")
-    for name, picks in biased:
-        sides = ", ".join(f"{side} picks {picks[side]['top']} in {round(picks[side]['top_frac'] * picks[side]['n'])}"
-                          f"/{picks[side]['n']}" for side in picks["biased"])
-        row = evals["tasks"][name]
-        if (row.get("debias") or {}).get("mode") == "permute":
-            note = "; the score is debiased: the mean over the options' rotations"
-        elif row.get("excluded_option_bias"):
-            note = "; left out of the above-chance means; task.mc_debias=permute debiases it"
-        else:
-            note = ""
-        lines.append(f"! option bias {name}: {sides} (>= {picks['threshold']:.0%}: agreement is bias, "
-                     f"not knowledge{note})")
-    for key, pr in (evals.get("pairs") or {}).items():
-        same = pr.get("same_docs")
-        if same and not pr.get("excluded"):
-            se = same.get("stderr")
-            lines.append(f"same questions {key}: of the {same['n']} the dense model gets right both ways, the pruned "
-                         f"one keeps {same['kept']['multiple_choice']:.0%} as multiple choice vs "
-                         f"{same['kept']['generative']:.0%} generated (difference {same['difference']:+.2f}"
-                         + (f" +- {se:.2f}" if se is not None else "") + ")")
-    gap = evals.get("mc_vs_gen_gap")
-    lines.append(f"mc_vs_gen_gap = {_fmt(gap, pct=True)}  (mean relative drop generative - multiple choice; "
-                 f">0: generation hurt more)")
-    gac = evals.get("gap_above_chance") or {}
-    if gac:
-        se = gac.get("stderr")
-        lines.append(f"gap above chance = {_fmt(gac.get('value'))}" + (f" +- {se:.3f}" if se is not None else "")
-                     + "  (mean kept-above-chance multiple choice - generative; >0: generation kept less)")
-    fams = evals.get("families") or {}
-    if fams:
-        parts = []
-        for fam, f in fams.items():
-            if not f.get("n_tasks"):
-                continue
-            se = f.get("retained_above_chance_stderr")
-            kept = _fmt(f.get("retained_above_chance")) + (f"+-{se:.3f}" if se is not None else "")
-            parts.append(f"{fam} {kept} (rel {_fmt(f.get('rel_change'), pct=True)})")
-        if parts:
-            lines.append("families, kept above chance: " + "; ".join(parts))
-    head = evals.get("headline") or {}
-    if head.get("holds") is not None:
-        if head["holds"]:
-            verdict = "holds beyond stderr" if head.get("beyond_stderr") else "holds (within stderr)"
-        else:
-            verdict = "FAILS beyond stderr" if head.get("fails_beyond_stderr") else "FAILS (within stderr)"
-        lines.append(f"headline order {' >= '.join(head.get('compared') or [])}: {verdict}")
-    skipped = [f"{n}: {r.get('reason')}" for n, r in evals.get("tasks", {}).items() if r.get("skipped")]
-    lines += [f"skipped {s}" for s in skipped]
-    return "\n".join(lines)

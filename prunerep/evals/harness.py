@@ -7,9 +7,10 @@ serve the dense model's answers to the pruned one.
 
 Which task is what (:func:`plan_tasks`):
 
-* a name of :data:`~prunerep.evals.taskdefs.OFFLINE_TASKS` is prunerep's offline task, built
-  from local data into ``<workdir>/tasks`` (with ``task=paper`` too: its ``humaneval`` is the
-  offline one, whose code runs in prunerep's sandbox, :mod:`~prunerep.evals.codeexec`);
+* a task with a YAML of prunerep's (:attr:`~prunerep.evals.taskspec.TaskSpec.yaml`) is prunerep's
+  offline task, built from local data into ``<workdir>/tasks`` (with ``task=paper`` too: its
+  ``humaneval`` is the offline one, whose code runs in prunerep's sandbox,
+  :mod:`~prunerep.evals.codeexec`);
 * any other name is an lm-eval task, group or tag from its registry (needs
   ``task.offline=false``: hub datasets).
 
@@ -21,6 +22,7 @@ Skipped tasks are recorded as ``{"skipped": true, "reason": ...}``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import time
@@ -28,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunerep.config import TaskConfig
 from prunerep.errors import ConfigError
 from prunerep.evals import bias, codeexec
 from prunerep.evals.compare import finite_or_none
-from prunerep.evals.taskdefs import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_TASKS, write_task_yaml
+from prunerep.evals.taskfiles import write_task_yaml
+from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_NAMES, PERPLEXITY, TASKS, TaskSpec, requested
 from prunerep.logs import quiet_third_party
 
 log = logging.getLogger(__name__)
@@ -48,30 +52,23 @@ class TaskPlan:
     skip_reason: str | None = None
 
 
-def is_offline_task(name: str, task_cfg) -> bool:
-    """True when ``name`` resolves to prunerep's offline task (see module docstring)."""
-    return name in OFFLINE_TASKS
+def is_offline_task(name: str) -> bool:
+    """True when ``name`` resolves to prunerep's offline lm-eval task (see module docstring)."""
+    return name in TASKS and TASKS[name].yaml is not None
 
 
-def requested_tasks(task_cfg) -> list[str]:
-    """The task names to evaluate, in order, without duplicates; [] for ``task=none``."""
-    if task_cfg is None or task_cfg.name == "none" or not task_cfg.tasks:
-        return []
-    return list(dict.fromkeys(str(t) for t in task_cfg.tasks))
-
-
-def plan_tasks(task_cfg, task_manager=None) -> list[TaskPlan]:
+def plan_tasks(task_cfg: TaskConfig, task_manager=None) -> list[TaskPlan]:
     """Resolve every requested name to an offline or hub task and decide what is skipped."""
     plans = []
-    for name in requested_tasks(task_cfg):
-        if is_offline_task(name, task_cfg):
-            unsafe = OFFLINE_TASKS[name].unsafe_code
+    for name in requested(task_cfg):
+        if is_offline_task(name):
+            unsafe = TASKS[name].unsafe
             source = "offline"
         else:
             if task_cfg.offline:
                 raise ConfigError(
                     f"task {name!r} is an lm-eval hub task but task.offline=true; set task.offline=false "
-                    f"(or task=paper) to evaluate it, or pick offline tasks: {', '.join(OFFLINE_TASKS)}")
+                    f"(or task=paper) to evaluate it, or pick offline tasks: {', '.join(OFFLINE_NAMES)}")
             unsafe = task_manager is not None and _hub_unsafe(task_manager, name)
             source = "hub"
         reason = None
@@ -144,8 +141,6 @@ def _verbosity_kwargs(simple_evaluate) -> dict:
     """No ``verbosity`` for lm-eval releases where it defaults to None: passing one is deprecated
     there (an INFO line) and makes lm-eval reconfigure its logger (own handler and format, no
     propagation). Older releases, whose default is "INFO", get "WARNING"."""
-    import inspect
-
     try:
         param = inspect.signature(simple_evaluate).parameters.get("verbosity")
     except (TypeError, ValueError):
@@ -155,12 +150,55 @@ def _verbosity_kwargs(simple_evaluate) -> dict:
 
 # --------------------------------------------------------------------------- running
 
-def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str | Path, task_manager=None):
+def evaluate(model, tokenizer, task_cfg: TaskConfig, workdir: str | Path) -> dict[str, dict]:
+    """Every task of ``task_cfg`` through lm-eval: {requested name: {result key: entry}} (a group
+    or tag expands to its tasks; a skipped task is one entry saying why)."""
+    plans = plan_tasks(task_cfg)
+    tm = None
+    if any(p.source == "hub" for p in plans):
+        tm = make_task_manager(workdir, include_defaults=True)
+        plans = plan_tasks(task_cfg, tm)
+    for p in plans:
+        if p.skip_reason:
+            log.warning("skipping task %s: %s", p.name, p.skip_reason)
+    runnable = [p for p in plans if not p.skip_reason]
+    results, keys = {}, {}
+    if runnable:
+        res, keys, seconds = run_lm_eval(model, tokenizer, runnable, task_cfg, workdir, tm)
+        results = {k: summarize(res, k, tokenizer, seconds) for ks in keys.values() for k in ks}
+        log.info("evaluated %s in %.1fs", ", ".join(results), seconds)
+    out = {p.name: {p.name: skipped_entry(p)} if p.skip_reason else {k: results[k] for k in keys[p.name]}
+           for p in plans}
+    if task_cfg.mc_debias == "permute":
+        _note_unpermuted(out)
+    return out
+
+
+def _note_unpermuted(out: dict[str, dict]) -> None:
+    """Under task.mc_debias=permute, say on each multiple-choice entry that was NOT permuted why."""
+    hub = []
+    for entries in out.values():
+        for key, e in entries.items():
+            if e.get("type") != MULTIPLE_CHOICE or e.get("skipped") or e.get("debias"):
+                continue
+            if is_offline_task(key):
+                reason = "cloze: the options are the answer texts, their order is not shown to the model"
+            else:
+                reason = "an lm-eval task: scored as lm-eval defines it (only prunerep's lettered tasks are permuted)"
+                hub.append(key)
+            e["debias"] = {"mode": "none", "reason": reason}
+    if hub:
+        log.warning("task.mc_debias=permute: %s scored as lm-eval defines them; only prunerep's lettered "
+                    "offline tasks are permuted", ", ".join(hub))
+
+
+def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg: TaskConfig, workdir: str | Path,
+                task_manager=None):
     """One ``simple_evaluate`` over the runnable tasks.
 
     Returns (lm-eval results dict, {requested name: [result keys]}, seconds). A tag expands
     to its tasks, each reported under its own name."""
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate  # seconds to import: only when evaluating
 
     workdir = Path(workdir)
     hub = any(p.source == "hub" for p in plans)
@@ -170,8 +208,7 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str 
     t0 = time.perf_counter()
     # quiet_third_party: lm-eval's and datasets' INFO lines and small progress bars stay off the
     # console, and whatever lm-eval does to the logging configuration is undone afterwards
-    with quiet_third_party(), hub_offline(task_cfg.offline or not hub), \
-            codeexec.execution_allowed(task_cfg.allow_code_execution):
+    with quiet_third_party(), hub_offline(task_cfg.offline or not hub):
         tm = task_manager or make_task_manager(workdir, include_defaults=hub)
         objs, keys = [], {}
         for p in plans:  # build the tasks here (datasets load now) to set hub generation lengths
@@ -184,7 +221,7 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str 
                     if t.get_config("output_type") == "generate_until":
                         n = task_cfg.code_max_gen_toks if t.get_config("unsafe_code") else task_cfg.max_gen_toks
                         t.set_config(key="generation_kwargs", value={"max_gen_toks": int(n)}, update=True)
-        from prunerep.evals.hflm import BoundedHFLM  # imports lm-eval's HF model code: only when evaluating
+        from prunerep.evals.hflm import BoundedHFLM  # imports lm-eval's HF model code and torch: only when evaluating
 
         lm = BoundedHFLM(model, tokenizer, int(task_cfg.batch_size), task_cfg.logits_memory_mb)
         res = simple_evaluate(
@@ -201,7 +238,7 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg, workdir: str 
 
 def make_task_manager(workdir: str | Path, include_defaults: bool):
     """TaskManager over ``<workdir>/tasks``; lm-eval's own registry (~15 s to index) only if asked."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # seconds to import: only when evaluating
 
     tasks_dir = Path(workdir) / "tasks"
     tasks_dir.mkdir(parents=True, exist_ok=True)
@@ -220,19 +257,21 @@ def _leaves(res: dict, name: str) -> list[str]:
 
 def _type_of(output_type: str) -> str:
     return {"generate_until": GENERATIVE, "multiple_choice": MULTIPLE_CHOICE,
-            "loglikelihood_rolling": "perplexity"}.get(output_type, output_type)
+            "loglikelihood_rolling": PERPLEXITY}.get(output_type, output_type)
 
 
-def _pick_metric(result: dict, preferred: str | None = None) -> tuple[str, str] | None:
-    """(metric, filter) of the headline score among ``"<metric>,<filter>"`` keys."""
+def _pick_metric(result: dict, spec: TaskSpec | None = None) -> tuple[str, str] | None:
+    """(metric, filter) of the headline score among ``"<metric>,<filter>"`` keys: the registered
+    task's, else the first of the preference lists."""
     pairs = [tuple(k.split(",", 1)) for k in result if "," in k and "_stderr" not in k]
     pairs = [(m, f) for m, f in pairs if finite_or_none(result[f"{m},{f}"]) is not None]
     if not pairs:
         return None
+
     def rank(p):
         m, f = p
-        mi = 0 if m == preferred else (1 + _METRIC_PREFERENCE.index(m) if m in _METRIC_PREFERENCE else 99)
-        fi = _FILTER_PREFERENCE.index(f) if f in _FILTER_PREFERENCE else 50
+        mi = 0 if spec and m == spec.metric else (1 + _METRIC_PREFERENCE.index(m) if m in _METRIC_PREFERENCE else 99)
+        fi = 0 if spec and f == spec.filter else (1 + _FILTER_PREFERENCE.index(f) if f in _FILTER_PREFERENCE else 50)
         return mi, fi
     return min(pairs, key=rank)
 
@@ -243,8 +282,8 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
     leaves = _leaves(res, name)
     output_types = {res["configs"][leaf]["output_type"] for leaf in leaves if leaf in res["configs"]}
     ttype = _type_of(sorted(output_types)[0]) if len(output_types) == 1 else "mixed"
-    preferred = OFFLINE_TASKS[name].metric if name in OFFLINE_TASKS else None
-    picked = _pick_metric(result, preferred)
+    spec = TASKS.get(name)
+    picked = _pick_metric(result, spec)
     if picked is None:
         raise RuntimeError(f"lm-eval returned no numeric metric for task {name!r}: {sorted(result)}")
     metric, filt = picked
@@ -270,12 +309,12 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
             entry.update(score=deb["score"], stderr=deb["stderr"], n=deb["n"])
             entry["debias"] = {"mode": "permute", **{k: deb[k] for k in ("n_permutations", "per_rotation",
                                                                          "score_unpermuted")}}
-    if name in OFFLINE_TASKS and OFFLINE_TASKS[name].pairs_with:
-        entry["pairs_with"] = OFFLINE_TASKS[name].pairs_with
+    if spec and spec.pairs_with:
+        entry["pairs_with"] = spec.pairs_with
     if ttype == GENERATIVE:
         entry["generations"] = _generations(samples, metric, filt, tokenizer, several=len(leaves) > 1)
-    if ttype == "perplexity":  # lower is better; token perplexity from the per-document log-likelihoods
-        from prunerep.evals.perplexity import rolling_entry
+    if ttype == PERPLEXITY:  # lower is better; token perplexity from the per-document log-likelihoods
+        from prunerep.evals.perplexity import rolling_entry  # imports torch: not on `import prunerep.evals`
 
         rolling_entry(entry, result, [s for _, s in samples], tokenizer)
     return entry
@@ -306,6 +345,6 @@ def _generations(samples, metric: str, filt: str, tokenizer, several: bool) -> l
 
 
 def skipped_entry(plan: TaskPlan) -> dict:
-    spec = OFFLINE_TASKS.get(plan.name) if plan.source == "offline" else None
-    return {"type": spec.type if spec else GENERATIVE, "metric": spec.metric if spec else None,
+    spec = TASKS.get(plan.name) if plan.source == "offline" else None
+    return {"type": spec.family if spec else GENERATIVE, "metric": spec.metric if spec else None,
             "skipped": True, "reason": plan.skip_reason}

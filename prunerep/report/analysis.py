@@ -9,6 +9,7 @@ import pandas as pd
 
 from prunerep.results.schema import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTEXTS, at_reference_temperature,
                               pick_metric)
+from prunerep.evals.taskspec import FAMILIES, GENERATIVE as GEN, MULTIPLE_CHOICE as MC, PERPLEXITY as PPL, RETRIEVAL as RET
 from prunerep.sparsity import sparsity_key
 
 #: spaces drawn against sparsity (h, z, p, p on the MC options and the full-vocabulary p at the same
@@ -20,9 +21,6 @@ SPACE_VARIANTS = {"logit": ("_centred", "logit_centred")}
 #: the second-order estimates drawn against their exact values (exact, estimate)
 ESTIMATES = (("kl", "kl_est"), ("one_minus_cos", "cos_est"))
 STEP_SPACES = ("embedding", "logit", "probability")
-MC, GEN, RET, PPL = "multiple_choice", "generative", "retrieval", "perplexity"
-#: the task families, in the paper's order of what pruning keeps (perplexity: lower is better)
-FAMILIES = (RET, MC, GEN, PPL)
 #: the families with a 1-pp threshold: scores that are fractions. Perplexity has no "point"
 #: (its retained, dense / pruned, is drawn instead)
 THRESHOLD_FAMILIES = (("retrieval", RET), ("mc", MC), ("generative", GEN))

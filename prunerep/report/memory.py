@@ -1,5 +1,5 @@
 """Equal memory: pruning and quantization on one axis, the effective bits per weight of the
-compressed decoder Linear weights (``compression.json``, :mod:`prunerep.quant.accounting`).
+compressed decoder Linear weights (``compression.json``, :mod:`prunerep.compress.accounting`).
 
 :func:`equal_memory_points` joins each complete run's effective bits with its final-layer KL(p)
 (probability space, prompt context, T = 1: :func:`prunerep.report.analysis.final_layer_points`) and
@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from prunerep.evals.taskspec import FAMILIES, PERPLEXITY
 from prunerep.report.analysis import eval_scores, final_layer_points
 
 POINT_COLUMNS = ["run", "model", "family", "method", "pruner", "quant", "sparsity", "effective_bits", "dense_bits",
                  "panel", "value", "dense"]
 KL_PANEL = "final-layer KL(p)"
 #: task families in the order their panels are drawn (others follow, by name)
-FAMILY_ORDER = ("retrieval", "multiple_choice", "generative", "perplexity")
+FAMILY_ORDER = FAMILIES
 RUN_KEYS = ["run", "model", "family", "method", "pruner", "quant", "sparsity", "effective_bits", "dense_bits"]
 
 
@@ -115,7 +116,7 @@ def plot_equal_memory(points: pd.DataFrame, path: Path) -> Path:
             ax.set_ylabel("KL(p_dense || p) at the last layer")
             if (vals > 0).all() and vals.max() / max(vals.min(), 1e-12) > 100:
                 ax.set_yscale("log")
-        elif panel == "perplexity":
+        elif panel == PERPLEXITY:
             ax.set_ylabel("perplexity (lower is better)")
             if (vals > 0).all() and math.isfinite(vals.max()):
                 ax.set_yscale("log")

@@ -6,7 +6,7 @@ Files of a run directory (each written atomically; summary.json last):
     config.yaml          the resolved config
     pruning.json         what the pruner did, measured on the weights
     compression.json     per perturbation (pruning, quantization) its method, bits, group size, sym and
-                         the effective bits per weight after it (prunerep/quant/accounting.py)
+                         the effective bits per weight after it (prunerep/compress/accounting.py)
     probes.parquet       the tidy probe table, one row per value (:data:`PROBE_COLUMNS`)
     probes_summary.json  headline numbers at the final layer (:data:`HEADLINE`), flat
                          ``{"<context>/<space>/<metric>[@T=<t>]": value}`` plus
@@ -46,7 +46,8 @@ within a prompt, then over prompts, so every prompt weighs the same.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Optional
 
 import pandas as pd
 
@@ -76,7 +77,7 @@ SUMMARY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quan
 IDENTITY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id",
                  "device_slot")
 
-#: compression.json: the effective bits per weight (prunerep/quant/accounting.py) and, per
+#: compression.json: the effective bits per weight (prunerep/compress/accounting.py) and, per
 #: perturbation in the order applied, these keys (pruning: bits = the dtype's, group_size/sym None)
 COMPRESSION_KEYS = ("dense_bits", "effective_bits", "n_weights", "perturbations", "modules", "accounting")
 PERTURBATION_KEYS = ("kind", "method", "bits", "group_size", "sym", "effective_bits")
@@ -105,7 +106,13 @@ PROBE_DTYPES = {"context": "object", "prompt_id": "int32", "prompt_kind": "objec
                 "sublayer": "object", "step": "int32", "space": "object", "metric": "object",
                 "temperature": "float64", "value": "float64"}
 CONTEXTS = ("prompt", "teacher_forced", "free_running")
-STEP_CONTEXTS = ("teacher_forced", "free_running")
+#: the contexts whose rows are per decoding step
+STEP_CONTEXTS = CONTEXTS[1:]
+#: the contexts with transition rows: free-running has none (each model runs its own sequence, so
+#: there is no dense input to patch in)
+TRANSITION_CONTEXTS = CONTEXTS[:2]
+#: ``sublayer`` values of the residual-stream rows: the stream itself and the two sublayers' updates
+SUBLAYERS = ("block", "attn", "mlp")
 #: ``sublayer`` values of the transition rows (probe.transitions): ``<attn|mlp>_<comparison>``
 TRANSITION_COMPARISONS = ("transition_dense", "transition_pruned", "local")
 TRANSITION_SUBLAYERS = tuple(f"{kind}_{c}" for c in TRANSITION_COMPARISONS for kind in ("attn", "mlp"))
@@ -114,9 +121,10 @@ SPACES = ("embedding", "logit", "probability")
 SPACE_ORDER = ("embedding", "logit", "probability", "options", "answer", "tokens")
 #: the "answer" space: the full-vocabulary metrics at the MC answer positions, the rows of the "options" space
 ANSWER_METRICS = ("top1_agree", "kl")
-#: per-row ratios of the second-order estimates to the exact values (space probability, at every
-#: position / step): kl_est / kl and cos_est / (1 − cos p); rows where the exact value is 0 are left out
-RATIO_METRICS = ("kl_est_ratio", "cos_est_ratio")
+#: per-row ratios of the second-order estimates to the exact values they estimate (space probability,
+#: at every position / step): ``{ratio: (estimate, exact)}``; rows where the exact value is 0 are left out
+ESTIMATE_RATIOS = {"kl_est_ratio": ("kl_est", "kl"), "cos_est_ratio": ("cos_est", "one_minus_cos")}
+RATIO_METRICS = tuple(ESTIMATE_RATIOS)
 #: their percentiles in probes_summary.json
 RATIO_PERCENTILES = (10, 50, 90)
 #: probes_summary.json: ``{"<context>/probability/<ratio>@T=<t>": {"layer": [...], "p10": [...],
@@ -135,6 +143,8 @@ HEADLINE = {
     "tokens": ("token_agree", "first_divergence", "diverged"),
 }
 PROBE_SUMMARY_FIELDS = ("final_layer", "n_prompts", "n_rows", "nonfinite_values", "h")
+#: probes.parquet's pandas metadata (``DataFrame.attrs``): which h the last layer's embedding rows are
+PROBE_H_ATTR = "probe_h"
 
 #: preferred similarity / divergence metric per plot, first one present wins (report and W&B)
 SIMILARITY_METRICS = ("cos", "top1_agree", "token_agree", "top5_overlap", "topk_overlap_5")
@@ -186,3 +196,256 @@ def per_prompt_mean(df: pd.DataFrame, by: list[str], skipna: bool = False) -> pd
     keys = [*by, "prompt_id"]
     inner = df.groupby(keys, dropna=False, sort=False)["value"].agg(agg).reset_index()
     return inner.groupby(by, dropna=False, sort=True)["value"].agg(agg).reset_index()
+
+
+# =========================================================================== evals.json
+# Written by :func:`prunerep.evals.compare.compare_evals`: :class:`EvalsReport` and its parts, each
+# ``to_json`` the file's layout. The conventions (signs, chance, families) are the docstring of
+# :mod:`prunerep.evals.compare` and the two strings every file carries.
+
+EVALS_CONVENTIONS = ("rel_change=(pruned-dense)/dense; relative drop=-rel_change; "
+                     "mc_vs_gen_gap=mean drop(generative)-mean drop(multiple_choice), "
+                     ">0: generation hurt more; fidelity at token level, first divergence = "
+                     "common-prefix length averaged over diverging docs")
+FAMILY_CONVENTIONS = (
+    "perplexity: lower is better, abs_change=dense-pruned, rel_change=(dense-pruned)/dense (negative: worse); "
+    "retained=pruned/dense (perplexity dense/pruned); retained_above_chance=(pruned-chance)/(dense-chance) "
+    "(perplexity: log-space vs a uniform guess, chance=vocab size); excluded_at_chance: dense-chance <= "
+    "stderr(dense); gap_above_chance=mean retained_above_chance(multiple_choice)-mean(generative), >0: "
+    "generation kept less; headline: retrieval >= multiple_choice >= generative in retained_above_chance")
+
+
+@dataclass(frozen=True)
+class DensePruned:
+    dense: float | None
+    pruned: float | None
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    dense: float | None
+    pruned: float | None
+    rel_change: float | None
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Token-level agreement of the pruned generations with the dense ones (the same documents)."""
+    n_compared: int
+    identical_frac: float | None
+    mean_first_divergence: float | None  # over the diverging documents: the common prefix's length
+    unit: str = "token"
+
+
+@dataclass(frozen=True)
+class SidePicks:
+    counts: list[int]  # per option position
+    n: int
+    top: str
+    top_frac: float
+    biased: bool  # top_frac >= the threshold
+
+
+@dataclass(frozen=True)
+class OptionPicks:
+    """Which option each side of a multiple-choice task picks (prunerep.evals.bias)."""
+    labels: list[str]
+    threshold: float
+    dense: SidePicks | None
+    pruned: SidePicks | None
+    agreement: float | None  # how often pruned picks what dense picked (written when both sides are)
+
+    @property
+    def sides(self) -> dict[str, SidePicks]:
+        """``{"dense": .., "pruned": ..}``: the sides with picks."""
+        return {side: p for side, p in (("dense", self.dense), ("pruned", self.pruned)) if p is not None}
+
+    @property
+    def biased(self) -> list[str]:
+        """The sides that pick one option at least ``threshold`` of the time."""
+        return [side for side, p in self.sides.items() if p.biased]
+
+    def to_json(self) -> dict:
+        both = {"agreement": self.agreement} if len(self.sides) == 2 else {}
+        return {"labels": self.labels, "threshold": self.threshold, **{s: asdict(p) for s, p in self.sides.items()},
+                "biased": self.biased, **both}
+
+
+@dataclass(frozen=True)
+class Debias:
+    mode: str  # "permute": scored over the rotations of the options; "none"
+    dense_unpermuted: float | None = None  # permute: each side's score on the documents as given
+    pruned_unpermuted: float | None = None
+    reason: str | None = None  # none: why not
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode == "permute":
+            out.update(dense_unpermuted=self.dense_unpermuted, pruned_unpermuted=self.pruned_unpermuted)
+        return {**out, "reason": self.reason} if self.reason else out
+
+
+@dataclass(frozen=True)
+class RetrievalChange:
+    metrics_chance: dict[str, float] | None  # each metric under a random ranking
+    embedding_cosine: dict[str, float] | None  # mean / min cosine of the dense and pruned embedding of a text
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One task of evals.json: dense vs pruned on its headline metric (``skipped``: neither)."""
+    type: str | None  # the family (prunerep.evals.taskspec), or lm-eval's output type
+    metric: str | None
+    skipped: bool = False
+    reason: str | None = None  # why it was skipped
+    dense: float | None = None
+    pruned: float | None = None
+    abs_change: float | None = None
+    rel_change: float | None = None
+    stderr: DensePruned | None = None
+    n: int | None = None
+    higher_is_better: bool = True
+    pruned_over_dense: float | None = None  # lower is better: the plain ratio
+    chance: float | None = None
+    retained: float | None = None
+    retained_above_chance: float | None = None
+    retained_above_chance_stderr: float | None = None
+    excluded_at_chance: bool | None = None
+    fidelity: Fidelity | None = None  # generative
+    option_picks: OptionPicks | None = None  # multiple choice
+    debias: Debias | None = None
+    excluded_option_bias: bool | None = None
+    pairs_with: str | None = None
+    metrics: dict[str, MetricChange] | None = None  # every metric the entries carry
+    retrieval: RetrievalChange | None = None
+    protocol: str | None = None  # perplexity
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"type": self.type, "metric": self.metric}
+        if self.skipped:
+            return {**out, "skipped": True, "reason": self.reason, "dense": None, "pruned": None, "abs_change": None,
+                    "rel_change": None}
+        out.update(dense=self.dense, pruned=self.pruned, abs_change=self.abs_change, rel_change=self.rel_change,
+                   stderr=asdict(self.stderr) if self.stderr else None, n=self.n)
+        if not self.higher_is_better:
+            out.update(higher_is_better=False, pruned_over_dense=self.pruned_over_dense)
+        if self.chance is not None:
+            out["chance"] = self.chance
+        out.update(retained=self.retained, retained_above_chance=self.retained_above_chance,
+                   retained_above_chance_stderr=self.retained_above_chance_stderr,
+                   excluded_at_chance=self.excluded_at_chance)
+        if self.fidelity:
+            out["fidelity"] = asdict(self.fidelity)
+        if self.option_picks:
+            out.update(option_picks=self.option_picks.to_json(), option_bias=self.option_picks.biased)
+            if self.debias:
+                out["debias"] = self.debias.to_json()
+            out["excluded_option_bias"] = self.excluded_option_bias
+        if self.pairs_with:
+            out["pairs_with"] = self.pairs_with
+        if self.metrics is not None:
+            out["metrics"] = {k: asdict(v) for k, v in self.metrics.items()}
+        if self.retrieval:
+            out.update(asdict(self.retrieval))
+        if self.protocol:
+            out["protocol"] = self.protocol
+        return out
+
+
+@dataclass(frozen=True)
+class Family:
+    """A task family's compared tasks and their mean changes (above chance: the kept tasks only)."""
+    tasks: list[str]
+    rel_change: float | None
+    retained: float | None
+    retained_above_chance: float | None
+    retained_above_chance_stderr: float | None
+    excluded_at_chance: list[str]
+    excluded_option_bias: list[str] | None = None  # multiple choice
+
+    def to_json(self) -> dict:
+        out = {"tasks": self.tasks, "n_tasks": len(self.tasks), "rel_change": self.rel_change,
+               "retained": self.retained, "retained_above_chance": self.retained_above_chance,
+               "retained_above_chance_stderr": self.retained_above_chance_stderr,
+               "excluded_at_chance": self.excluded_at_chance}
+        if self.excluded_option_bias is not None:
+            out["excluded_option_bias"] = self.excluded_option_bias
+        return out
+
+
+@dataclass(frozen=True)
+class GapAboveChance:
+    value: float | None  # mean retained_above_chance multiple choice - generative
+    stderr: float | None
+    excluded_at_chance: list[str]
+    excluded_option_bias: list[str]
+
+
+@dataclass(frozen=True)
+class HeadlineStep:
+    higher: str
+    lower: str
+    difference: float
+    stderr: float | None
+    holds: bool
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The paper's ordering of what pruning keeps, checked on retained_above_chance."""
+    expected_order: list[str]
+    compared: list[str]
+    retained_above_chance: dict[str, float | None]
+    steps: list[HeadlineStep]
+    holds: bool | None
+    beyond_stderr: bool | None
+    fails_beyond_stderr: bool | None
+
+
+@dataclass(frozen=True)
+class SameDocs:
+    n: int
+    kept: dict[str, float]
+    difference: float
+    stderr: float | None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A multiple-choice task and the generative task over the same documents, side by side."""
+    multiple_choice: str
+    generative: str
+    rel_change: dict[str, float | None]
+    retained_above_chance: dict[str, float | None]
+    gap_above_chance: float | None
+    stderr: float | None
+    same_docs: SameDocs | None = None
+    excluded: str | None = None  # "at_chance" | "option_bias": the MC side is left out of the means
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("same_docs", "excluded")}
+
+
+@dataclass(frozen=True)
+class EvalsReport:
+    """evals.json: per task dense vs pruned, the MC-vs-generative gap, and -- once any task is
+    compared -- the families, the gap above chance and the headline ordering."""
+    tasks: dict[str, TaskRow]
+    mc_vs_gen_gap: float | None
+    mean_rel_drop: dict[str, float | None]
+    families: dict[str, Family] | None = None
+    gap_above_chance: GapAboveChance | None = None
+    headline: Headline | None = None
+    pairs: dict[str, Pair] | None = None
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"tasks": {n: r.to_json() for n, r in self.tasks.items()},
+                               "mc_vs_gen_gap": self.mc_vs_gen_gap, "mean_rel_drop": self.mean_rel_drop,
+                               "conventions": EVALS_CONVENTIONS}
+        if self.families is not None:
+            out.update(families={f: v.to_json() for f, v in self.families.items()},
+                       gap_above_chance=asdict(self.gap_above_chance), headline=asdict(self.headline),
+                       conventions_families=FAMILY_CONVENTIONS)
+        if self.pairs:
+            out["pairs"] = {k: p.to_json() for k, p in self.pairs.items()}
+        return out
