@@ -11,6 +11,9 @@ from __future__ import annotations
 import random
 
 import torch
+from pydoc_data.topics import topics
+
+from prunerep.errors import ConfigError
 
 
 #: pydoc topics held out of calibration: the offline perplexity text. Prose topics that share
@@ -22,8 +25,6 @@ PYDOC_EVAL_TOPICS = ("conversions", "global", "import", "lambda", "numbers", "ob
 
 def pydoc_topics(split: str = "calibration") -> dict[str, str]:
     """``{topic: text}`` in sorted order: the calibration topics, or the held-out ``"eval"`` ones."""
-    from pydoc_data.topics import topics
-
     if split not in ("calibration", "eval"):
         raise ValueError(f"split must be 'calibration' or 'eval', not {split!r}")
     held = set(PYDOC_EVAL_TOPICS)
@@ -36,7 +37,7 @@ def pydoc_text() -> str:
 
 
 def c4_text(max_docs: int = 2000) -> str:
-    from datasets import load_dataset
+    from datasets import load_dataset  # ~1 s to import, and only calib.source=c4 needs it
 
     ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                       split="validation")
@@ -63,8 +64,6 @@ def calibration_windows(token_ids: list[int], nsamples: int, seqlen: int, seed: 
 
 
 def calibration_batch(ccfg, tokenizer) -> torch.Tensor:
-    from prunerep.errors import ConfigError
-
     text = calibration_text(ccfg)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     try:

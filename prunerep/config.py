@@ -2,8 +2,8 @@
 
 Every YAML file in ``conf/`` is merged onto these dataclasses, so a misspelt key
 (``model.pth=...``) fails at composition time, before any model is loaded. The ``pruner``
-and ``quant`` nodes are typed by the chosen method's own dataclass (``prunerep/pruners/<name>.py``,
-``prunerep/quant/<name>.py``, stored in Hydra's ConfigStore by
+and ``quant`` nodes are typed by the chosen method's own dataclass (``prunerep/compress/pruners/<name>.py``,
+``prunerep/compress/quant/<name>.py``, stored in Hydra's ConfigStore by
 :func:`prunerep.registry.register_configs`), so a setting the chosen method does not have fails
 too. What a type cannot express (sparsity range, paths that must exist) is checked by
 :func:`prunerep.spec.build` before the model loads.
@@ -149,8 +149,8 @@ class WandbConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    pruner: Any = MISSING  # typed by the chosen method's dataclass (prunerep/pruners/<name>.py)
-    quant: Any = MISSING  # typed by the chosen quantizer's dataclass (prunerep/quant/<name>.py)
+    pruner: Any = MISSING  # typed by the chosen method's dataclass (prunerep/compress/pruners/<name>.py)
+    quant: Any = MISSING  # typed by the chosen quantizer's dataclass (prunerep/compress/quant/<name>.py)
     task: TaskConfig = field(default_factory=TaskConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # a ratio in [0, 1) ("0.5", "0.37") or an N:M pattern ("2:4", "4:8");

@@ -13,7 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import submitit
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.experimental.callback import Callback
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf, open_dict
+from submitit.core.utils import FailedJobError
 
 from prunerep.results.index import _get, config_hash
 from prunerep.results.store import atomic_write_json, read_json
@@ -63,13 +69,6 @@ def resilient_launch(self, job_overrides, initial_job_idx):
     points -- a summary.json with the scheduler's state in their run dirs -- and then fails the
     multirun once, naming all of them. The stock launcher raises at the first dead job, in submission
     order, while later jobs still run and nothing records the dead one."""
-    import submitit
-    from submitit.core.utils import FailedJobError
-    from hydra.core.singleton import Singleton
-    from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import open_dict
-
     assert self.config is not None
     params = dict(self.params)
     init_params = {"folder": params["submitit_folder"]}
@@ -143,13 +142,7 @@ def resilient_launch(self, job_overrides, initial_job_idx):
     return results
 
 
-try:  # hydra's callback base class; keep this module importable without Hydra's experimental API
-    from hydra.experimental.callback import Callback as _Callback
-except Exception:  # pragma: no cover
-    _Callback = object  # type: ignore[misc,assignment]
-
-
-class ResilientSubmitit(_Callback):
+class ResilientSubmitit(Callback):
     """Hydra callback (``hydra.callbacks``) that makes hydra-submitit's launchers resilient, see
     :func:`resilient_launch`. Hydra only instantiates launchers from the ``hydra_plugins`` namespace,
     so rather than a launcher subclass, this installs the changed ``launch`` on the submitit launchers
@@ -160,13 +153,11 @@ class ResilientSubmitit(_Callback):
 
 
 def install_resilient_launch() -> bool:
-    """Put :func:`resilient_launch` on hydra-submitit's launchers in this process; False (with a
-    warning) when the plugin is not installed."""
-    try:
-        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-    except ImportError:  # pragma: no cover - the plugin is a dependency
-        log.warning("hydra-submitit-launcher is not installed: jobs that die are not recorded")
-        return False
+    """Put :func:`resilient_launch` on hydra-submitit's launchers in this process."""
+    # imported now, not with this module: Hydra's plugin scan executes the plugin modules again,
+    # and the launcher class it instantiates is the one of that last execution
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
     if BaseSubmititLauncher.launch is not resilient_launch:
         BaseSubmititLauncher.launch = resilient_launch
     return True

@@ -45,7 +45,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+import submitit
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra.errors import HydraException
+from hydra.plugins.launcher import Launcher
+from omegaconf import OmegaConf, open_dict
+
+from prunerep.launcher import JobsFailed, _record_hard_failure
+from prunerep.results.store import atomic_write_json
 
 log = logging.getLogger("prunerep.local_gpu")
 
@@ -83,8 +94,6 @@ class NoDeviceSlots(HydraException):
 
 def _cuda_device_count() -> int:
     try:
-        import torch
-
         return int(torch.cuda.device_count())
     except Exception:  # a broken driver counts as no GPU
         return 0
@@ -151,16 +160,9 @@ def run_point(hydra_context, config, task_function, overrides: list[str], job_nu
     """One point, in the worker process submitit started for it (CUDA_VISIBLE_DEVICES is already the
     slot): what hydra-submitit-launcher's ``BaseSubmititLauncher.__call__`` does, with the slot in
     ``$PRUNEREP_DEVICE_SLOT`` and what this process saw attached to the result for the launcher's record."""
-    import submitit
-    from hydra.core.singleton import Singleton
-    from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict
-
     started = time.time()
     os.environ[SLOT_ENV] = str(slot)
     if threads is not None:
-        import torch
-
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes this point starts
         torch.set_num_threads(threads)
     Singleton.set_state(singleton_state)
@@ -202,19 +204,11 @@ class _Point:
                 "error": self.error, "worker": self.worker}
 
 
-try:  # Hydra's launcher base class
-    from hydra.plugins.launcher import Launcher as _Launcher
-except Exception:  # pragma: no cover
-    _Launcher = object  # type: ignore[misc,assignment]
-
-
-class SlotLauncher(_Launcher):
+class SlotLauncher(Launcher):
     """The points of a multirun at once, one per device slot (see the module's docstring)."""
 
     def __init__(self, devices: Optional[Sequence[int]] = None, cpus_per_point: Optional[int] = None,
                  timeout_min: float = 10080.0, submitit_folder: str = ".submitit/%j", poll_s: float = 0.5) -> None:
-        from omegaconf import OmegaConf
-
         self.devices = OmegaConf.to_container(devices) if OmegaConf.is_config(devices) else devices
         self.cpus_per_point = cpus_per_point
         self.timeout_min = float(timeout_min)
@@ -233,8 +227,6 @@ class SlotLauncher(_Launcher):
 
     # ---------------------------------------------------------------- bookkeeping
     def _run_dir(self, sweep_dir: Path, overrides: list[str], num: int) -> Optional[Path]:
-        from omegaconf import open_dict
-
         try:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(cfg.hydra.job):
@@ -245,8 +237,6 @@ class SlotLauncher(_Launcher):
             return None
 
     def _write_record(self, sweep_dir: Path, started: float, ended: Optional[float] = None) -> None:
-        from prunerep.results.store import atomic_write_json
-
         record = {"launcher": "local_gpu", "devices": self.slots, "devices_from": self.slots_from,
                   "threads_per_point": self._threads, "started": started, "ended": ended,
                   "points": [p.record() for _, p in sorted(self._points.items())]}
@@ -257,11 +247,6 @@ class SlotLauncher(_Launcher):
 
     def _finish(self, p: _Point) -> None:
         """A worker has ended: its point's status, from its result or, without one, a failed summary."""
-        from hydra.core.utils import JobStatus
-        from omegaconf import OmegaConf, open_dict
-
-        from prunerep.launcher import _record_hard_failure
-
         proc = getattr(p.job, "_process", None)
         p.exit_code = proc.poll() if proc is not None else None
         p.state = p.job.state
@@ -295,12 +280,6 @@ class SlotLauncher(_Launcher):
 
     # ---------------------------------------------------------------- launch
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        import submitit
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-
-        from prunerep.launcher import JobsFailed
-
         assert self.config is not None, "setup() first"
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -448,8 +427,6 @@ def _last_line(e: BaseException) -> str:
 def register_config() -> None:
     """Store ``hydra/launcher: prunerep_local_gpu`` in Hydra's ConfigStore (launchers/local_gpu.yaml
     selects it)."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(group="hydra/launcher", name=CONFIG_NAME, node=LocalGpuLauncherConf,
                                  provider="prunerep")
 
@@ -457,13 +434,11 @@ def register_config() -> None:
 def register_plugin() -> Optional[str]:
     """Register the launcher class with Hydra (its scan of ``hydra_plugins`` misses the packages of an
     editable install); returns why it cannot be, or None."""
-    try:
+    try:  # the plugin module imports this one: imported when registered
         from hydra_plugins.prunerep_launcher.local_gpu import LocalGpuLauncher
     except ImportError as e:
         return (f"launcher=local_gpu needs the package hydra_plugins.prunerep_launcher ({e}): run from the "
                 f"repository's root directory, put it on PYTHONPATH, or reinstall prunerep (pip install -e .)")
-    from hydra.core.plugins import Plugins
-
     Plugins.instance().register(LocalGpuLauncher)
     return None
 

@@ -22,18 +22,20 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prunerep import evals, probes, spec as run_spec
+from prunerep import evals, preflight, probes, spec as run_spec
 from prunerep.calibration import calibration_batch
+from prunerep.compress.accounting import model_compression
+from prunerep.compress.measure import measure_sparsity
 from prunerep.errors import ConfigError, ModelUnavailable
-from prunerep.results.store import atomic_write_json, atomic_write_text
-from prunerep.results.index import find_completed, mark_completed, reuse_completed
 from prunerep.model.load import load_model
 from prunerep.model.placement import new_offload_dir, remove_offload_dir
-from prunerep.pruners.common import measure_sparsity
-from prunerep.quant.accounting import model_compression
+from prunerep.results.index import find_completed, mark_completed, reuse_completed
 from prunerep.results.schema import COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
-from prunerep.results.story import format_story, story
+from prunerep.results.store import atomic_write_json, atomic_write_text
+from prunerep.results.story import story
 from prunerep.tracking import Tracker
+from prunerep.viz.console import format_evals_table, format_story
+from prunerep.viz.probes import write_probe_outputs
 
 log = logging.getLogger("prunerep")
 
@@ -114,7 +116,7 @@ def save_pruned_model(model, tokenizer, target: Path) -> None:
 def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
     """Run one experiment point. Bad input (ConfigError, ModelUnavailable) is raised before anything
     is written; the caller reports it."""
-    rs = run_spec.build(cfg, run_dir, sweep_dir)
+    rs = preflight.check(run_spec.build(cfg, run_dir, sweep_dir))
     ident = rs.identity
     if rs.skip_completed and (done := find_completed(ident.config_hash, rs.index_root, ident.model_key)) is not None:
         log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
@@ -140,9 +142,9 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
         summary["loaded_model"] = describe_model(model, rs.model, rs.placement)
         log.info("model: %s", summary["loaded_model"])
         if not rs.checked_before_loading:  # a hub model not cached here: its shape is known only now
-            run_spec.check_against_the_model(model, None, rs.probe, rs.calib, rs.prune, rs.quant)
+            preflight.against_the_model(model, None, rs)
         calib = None
-        if rs.pruner.needs_calibration or rs.quant.needs_calibration:
+        if rs.needs_calibration:
             with timings.stage("calibration_data"):
                 calib = calibration_batch(rs.calib, tokenizer)
     except (ConfigError, ModelUnavailable):
@@ -183,18 +185,17 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
                 save_pruned_model(model, tokenizer, run_dir / "model")
 
         with timings.stage("probe_pruned"):
-            table = probes.compare_to_reference(model, tokenizer, rs.probe, reference)
-            top_tokens = probes.detach_top_tokens(table)
-            probe_summary = probes.write_probe_outputs(table, run_dir, top_tokens=top_tokens)
-        tracker.log_probes(table, probe_summary, top_tokens=top_tokens)
+            probed = probes.compare_to_reference(model, tokenizer, rs.probe, reference)
+            probe_summary = write_probe_outputs(probed, run_dir)
+        tracker.log_probes(probed.table, probe_summary, top_tokens=probed.top_tokens)
 
         with timings.stage("eval_pruned"):
             pruned_scores = evals.evaluate_model(model, tokenizer, rs.task, run_dir / "eval_work")
             eval_report = evals.compare_evals(dense_scores, pruned_scores)
-        if eval_report.get("tasks"):
-            atomic_write_json(run_dir / EVALS_FILE, eval_report)
-            print(evals.format_evals_table(eval_report), flush=True)
-        tracker.log_evals(eval_report)
+        if eval_report.tasks:
+            atomic_write_json(run_dir / EVALS_FILE, eval_report.to_json())
+            print(format_evals_table(eval_report), flush=True)
+        tracker.log_evals(eval_report.to_json())
         run_story = story(probe_summary, eval_report)
         label = f"{ident.pruner} {ident.sparsity}" + (f" + {ident.quant}" if ident.quant != "none" else "")
         if text := format_story(run_story, label=label):
@@ -204,7 +205,7 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
         summary.update(status="complete", error=None, achieved_sparsity=pruning["achieved_sparsity"],
                        effective_bits=compression["effective_bits"],
                        timings_s=dict(timings), peak_memory_mb=timings.peak_memory(),
-                       probes=probe_summary, mc_vs_gen_gap=eval_report.get("mc_vs_gen_gap"), story=run_story)
+                       probes=probe_summary, mc_vs_gen_gap=eval_report.mc_vs_gen_gap, story=run_story)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
         try:  # bookkeeping: a failure here never changes the run's result
             mark_completed(ident.config_hash, run_dir, rs.index_root,

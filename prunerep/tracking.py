@@ -275,9 +275,9 @@ class Tracker:
 
     def _log_transitions(self, df) -> None:
         """Sublayer transitions (``probe.transitions``): the curves of
-        :func:`prunerep.probes.transitions.transition_curves` as a table, and per space and
+        :func:`prunerep.viz.probes.transition_curves` as a table, and per space and
         comparison a line plot of attention vs MLP against the layer (prompt context)."""
-        from prunerep.probes.transitions import PLOT_ROWS, transition_curves
+        from prunerep.viz.probes import TRANSITION_ROWS, transition_curves
 
         if df is None or len(df) == 0:
             return
@@ -287,7 +287,7 @@ class Tracker:
         wandb = self._wandb
         plots: dict[str, Any] = {"probes/transitions": wandb.Table(dataframe=curves.reset_index(drop=True))}
         ctx = "prompt" if (curves["context"] == "prompt").any() else "teacher_forced"
-        for space, metric, _label in PLOT_ROWS:
+        for space, metric, _label in TRANSITION_ROWS:
             for comparison, g in curves[(curves["context"] == ctx) & (curves["space"] == space)
                                         & (curves["metric"] == metric)].groupby("comparison", sort=True):
                 tbl = wandb.Table(dataframe=g[["kind", "layer", "value"]].rename(columns={"value": metric})

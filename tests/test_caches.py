@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CACHE_DIR, make_tiny
-from prunerep import io as pio
+from prunerep.results import store as pio
 from prunerep.results.store import read_json
 from prunerep.config import ProbeConfig, TaskConfig
 from prunerep.evals import dense_scores
@@ -217,7 +217,7 @@ def test_a_probe_file_overwritten_in_place_is_recomputed_not_used(tiny, tok, pro
     cfg = plan(prompts_file, spaces=["embedding"], contexts=["prompt", "teacher_forced", "free_running"])
     pruned = pruned_copy(tiny)
     ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
-    want = compare_to_reference(pruned, tok, cfg, ref)
+    want = compare_to_reference(pruned, tok, cfg, ref).table
     original = {k: v.clone() for k, v in ref.load(1).items()}  # (load_file maps the file)
     victim = ref.file(1)
     size = victim.stat().st_size
@@ -232,9 +232,10 @@ def test_a_probe_file_overwritten_in_place_is_recomputed_not_used(tiny, tok, pro
     assert len(warnings) == 1 and victim.name in warnings[0] and str(again.path) in warnings[0], warnings
     assert not again.from_cache and len(messages(caplog, text=COMPUTED_PROBES)) == 1
     assert all(torch.equal(original[k], v) for k, v in again.load(1).items())
-    got = compare_to_reference(pruned, tok, cfg, again)
+    got = compare_to_reference(pruned, tok, cfg, again).table
     pd.testing.assert_frame_equal(got, want)
-    fresh = compare_to_reference(pruned, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path / "fresh", model_key="tiny"))
+    fresh = compare_to_reference(pruned, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path / "fresh",
+                                                                   model_key="tiny")).table
     pd.testing.assert_frame_equal(got, fresh)
 
     caplog.clear()

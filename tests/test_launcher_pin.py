@@ -10,7 +10,7 @@ import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
-from prunerep import index
+from prunerep.results import index
 from prunerep.results.index import config_hash, index_path, mark_completed
 from prunerep.results.store import read_json
 from prunerep.launcher import ADAPTED_FROM_LAUNCH_SHA256, ADAPTED_FROM_VERSION

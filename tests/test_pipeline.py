@@ -26,7 +26,7 @@ def test_a_failed_index_write_does_not_flip_a_complete_run(tmp_path, monkeypatch
 
 
 def test_a_pruner_that_misses_its_target_fails_the_run(tmp_path, monkeypatch):
-    from prunerep.pruners.magnitude import Magnitude
+    from prunerep.compress.pruners.magnitude import Magnitude
 
     monkeypatch.setattr(Magnitude, "prune", lambda self, model, calib, settings: {"method": "magnitude"})
     with pytest.raises(pipeline.TargetMissed, match="achieved sparsity 0.0000 is 50.00 points from the target 0.5"):

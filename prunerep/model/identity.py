@@ -2,12 +2,15 @@
 completed-points index: replacing the weights under the same ``model.path`` changes it."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import secrets
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from huggingface_hub import HfApi, try_to_load_from_cache
 
 from prunerep.errors import ConfigError, ModelUnavailable
 from prunerep.results.store import stable_hash
@@ -59,15 +62,11 @@ def dir_identity(path: str | os.PathLike) -> dict:
 def _hub_identity(repo: str, revision: str | None) -> dict:
     """The commit a hub id resolves to in the local Hugging Face cache (what ``from_pretrained``
     loads first) and its files; when it is not cached, the commit the Hub would serve."""
-    from huggingface_hub import try_to_load_from_cache
-
     found = try_to_load_from_cache(repo, "config.json", revision=revision)
     if isinstance(found, str):
         snapshot = Path(found).parent
         return {"hub": repo, "commit": snapshot.name, "files": dir_identity(snapshot)}
     if hub_reachable():
-        from huggingface_hub import HfApi
-
         return {"hub": repo, "commit": HfApi().model_info(repo, revision=revision, timeout=10).sha}
     raise ModelUnavailable(f"{repo!r} is neither in the local Hugging Face cache nor reachable")
 
@@ -125,8 +124,6 @@ def model_key(mcfg, where) -> str:
     dtype and device type, and what its files are now (:func:`files_identity`), so new weights
     under the same ``model.path`` get new caches. Where it is placed (device map, offload) is not
     part of it: a placement computes the same values."""
-    import dataclasses
-
     m = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("device", "device_map", "max_memory")}
     m["dtype"] = str(where.dtype)
     m["device_type"] = where.device.type

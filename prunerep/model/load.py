@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prunerep.errors import ConfigError, ModelUnavailable
 from prunerep.results.store import ABSENT, cache_lock, stable_hash, verify_dir_checksums, write_dir_checksums
@@ -72,8 +73,6 @@ def dequantize_gguf_to_cache(gguf: Path, cache_dir, dtype: torch.dtype = torch.f
 
 def _dequantize_into(gguf: Path, out: Path, dtype: torch.dtype) -> None:
     """Load a GGUF through transformers (dequantising it) and save it as safetensors in `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     # the weights are plain floats now: drop the GGUF quantiser so transformers will save them
@@ -87,8 +86,6 @@ def _dequantize_into(gguf: Path, out: Path, dtype: torch.dtype) -> None:
 def load_tokenizer(spec: str, cache_dir, **hub_kw):
     """`package:<pkg>/<file.gguf>`, a `.gguf` path, a local directory or a hub id (then
     `hub_kw`, e.g. revision, go to `from_pretrained`)."""
-    from transformers import AutoTokenizer
-
     if spec.startswith("package:"):
         pkg, _, fname = spec[len("package:"):].partition("/")
         gguf = package_file(pkg, fname)
@@ -123,8 +120,6 @@ def _from_hub(fn, path: str, **kw):
 
 
 def _build_random(mcfg, tokenizer, dtype, device: torch.device) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     arch = dict(mcfg.arch)
     model_type = arch.pop("model_type", "llama")
     seed = int(arch.pop("seed", 0))
@@ -154,8 +149,6 @@ def load_model(mcfg, cache_dir, where: Optional[Placement] = None, offload_dir: 
     """Returns (model in eval mode, tokenizer with a pad token), placed as ``where`` says (default:
     as ``mcfg`` says): on its device, sharded by a device map (disk entries in ``offload_dir``), or
     offloaded to CPU memory."""
-    from transformers import AutoModelForCausalLM
-
     if where is None:
         where = placement(mcfg.device, mcfg.dtype, mcfg.device_map, mcfg.max_memory)
     t0 = time.perf_counter()

@@ -15,15 +15,21 @@ own and accelerate's index points there.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
+from accelerate import cpu_offload, dispatch_model, infer_auto_device_map
+from accelerate.utils import (OffloadedWeightsLoader, convert_file_size_to_int, get_balanced_memory,
+                               offload_weight)
 from torch import nn
 
 from prunerep.errors import ConfigError
+from prunerep.model.anatomy import final_norm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: accelerate's strategies for ``model.device_map``
@@ -119,8 +125,6 @@ def placement(device: str, dtype: str, device_map: Any = None, max_memory: Any =
             raise ConfigError("model.max_memory needs model.device_map=auto|balanced|balanced_low_0|sequential")
         if not isinstance(max_memory, dict) or not max_memory:
             raise ConfigError(f"model.max_memory={max_memory!r}: give {{device: size}}, e.g. {{0: 70GiB, cpu: 200GiB}}")
-        from accelerate.utils import convert_file_size_to_int
-
         checked = {}
         for k, v in max_memory.items():
             key = _map_device(k if not (isinstance(k, str) and k.isdigit()) else int(k), "model.max_memory")
@@ -138,14 +142,10 @@ def dispatch(model: nn.Module, where: Placement, offload_dir: Optional[Path]) ->
     """Put an in-memory model where ``where`` says: on its device, sharded by a device map (disk
     entries written into ``offload_dir``), or offloaded to CPU memory."""
     if where.offload:
-        from accelerate import cpu_offload
-
         model.to("cpu")
         return cpu_offload(model, execution_device=where.device)
     if where.device_map is None:
         return model.to(where.device)
-    from accelerate import dispatch_model
-
     device_map = resolved_device_map(model, where)
     if "disk" in device_map.values() and offload_dir is None:
         raise ValueError("a device map with disk entries needs an offload folder")
@@ -157,9 +157,6 @@ def resolved_device_map(model: nn.Module, where: Placement) -> dict:
     """An explicit device map for ``model``: the given mapping, or accelerate's for the strategy."""
     if isinstance(where.device_map, dict):
         return dict(where.device_map)
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
     no_split = getattr(model, "_no_split_modules", None) or []
     max_memory = where.max_memory
     if where.device_map in ("auto", "balanced", "balanced_low_0"):
@@ -221,8 +218,6 @@ def input_device(model: nn.Module) -> torch.device:
 
 def lens_device(model: nn.Module) -> torch.device:
     """Where the logit lens computes: the device of the model's final norm."""
-    from prunerep.model.anatomy import final_norm
-
     return module_device(final_norm(model))
 
 
@@ -232,8 +227,6 @@ def is_offloaded(model: nn.Module) -> bool:
 
 def _store(module: nn.Module, hook, name: str, value: torch.Tensor) -> None:
     """Write ``module``'s parameter ``name`` where accelerate reads it between forwards."""
-    from accelerate.utils import OffloadedWeightsLoader, offload_weight
-
     wm = hook.weights_map
     key = f"{getattr(wm, 'prefix', '')}{name}"
     ds = getattr(wm, "dataset", wm)
@@ -292,16 +285,12 @@ def iter_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def new_offload_dir(cache_dir: Union[str, os.PathLike]) -> Path:
     """A fresh folder for this process's disk-offloaded weights (removed by :func:`remove_offload_dir`)."""
-    import tempfile
-
     root = Path(os.path.expanduser(str(cache_dir))) / "offload"
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
 
 
 def remove_offload_dir(path: Optional[Path]) -> None:
-    import shutil
-
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunerep.errors import ConfigError
 from prunerep.results.store import verify_dir_checksums
@@ -27,8 +29,6 @@ def model_config(mcfg, cache_dir) -> Optional[object]:
     """The transformers config of the model ``mcfg`` names, read without its weights; None where
     it cannot be known before loading (a hub id not in the local Hugging Face cache). A config
     that cannot be read (truncated JSON, an unknown model_type) is a ConfigError."""
-    from transformers import AutoConfig
-
     try:
         if mcfg.source == "random":
             arch = {k: v for k, v in dict(mcfg.arch).items() if k != "seed"}
@@ -50,8 +50,6 @@ def model_config(mcfg, cache_dir) -> Optional[object]:
             if not (path / "config.json").is_file():
                 raise ConfigError(f"model.path={mcfg.path!r} has no config.json: not a Hugging Face model directory")
             return AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code)
-        from huggingface_hub import try_to_load_from_cache
-
         found = try_to_load_from_cache(mcfg.path, "config.json", revision=mcfg.revision) if mcfg.path else None
         return AutoConfig.from_pretrained(str(Path(found).parent)) if isinstance(found, str) else None
     except ConfigError:
@@ -64,8 +62,6 @@ def model_config(mcfg, cache_dir) -> Optional[object]:
 def skeleton(config) -> nn.Module:
     """The causal LM of ``config`` on the meta device. A config that transformers cannot build
     (hidden_size 0, heads that do not divide it) is a ConfigError."""
-    from transformers import AutoModelForCausalLM
-
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
