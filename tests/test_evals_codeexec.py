@@ -397,3 +397,47 @@ def test_a_flood_of_output_is_read_only_up_to_a_cap(run):
               "sys.stderr.write('END\\n')\n")
     assert res.status == "passed" and res.stderr_tail.endswith("END\n")
     assert len(res.stderr_tail) <= codeexec.STDERR_TAIL_CHARS
+
+
+# --------------------------------------------------------------------------- the whole tree's limits
+
+_FORKED_MEMORY = ("import os, time\n"
+                  "kids = []\n"
+                  "for _ in range(6):\n"
+                  "    pid = os.fork()\n"
+                  "    if pid == 0:\n"
+                  "        b = bytearray(180 << 20)\n"
+                  "        for i in range(0, len(b), 4096):\n"
+                  "            b[i] = 1\n"
+                  "        time.sleep(2)\n"
+                  "        os._exit(0)\n"
+                  "    kids.append(pid)\n"
+                  "for k in kids:\n"
+                  "    os.waitpid(k, 0)\n")
+
+
+@pytest.mark.parametrize("bound", ["cgroup", "polled"])
+def test_the_memory_of_the_whole_process_tree_is_bounded(run, bound, monkeypatch):
+    """Issue #20: six forked children each touched 180 MB under memory_mb=200 (RLIMIT_AS is per
+    process) and all of it was granted."""
+    if bound == "cgroup" and codeexec.memory_bound() == "polled":
+        pytest.skip("no memory cgroup can be created here: the polled bound is the one in use")
+    if bound == "polled":
+        monkeypatch.setattr(codeexec, "_cgroup_parent", lambda: None)
+    res = run(_FORKED_MEMORY, timeout_s=20.0, memory_mb=200)
+    assert res.status == "failed" and "prunerep sandbox: killed:" in res.stderr_tail, res
+    alone = run(_FORKED_MEMORY.replace("range(6)", "range(1)").replace("180 << 20", "60 << 20"), timeout_s=20.0,
+                memory_mb=200)
+    assert alone.status == "passed", alone  # what fits is not killed
+
+
+@pytest.mark.parametrize("bound", ["tmpfs", "polled"])
+def test_the_temp_dir_is_bounded_in_total(run, bound, monkeypatch):
+    """Issue #20: a program wrote 640 MiB into the host's /tmp in 1.6 s (16 MiB per file, any number of files)."""
+    if bound == "polled":
+        monkeypatch.setattr(codeexec._Sandbox, "tmpfs", False)
+    res = run("for i in range(60):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))\n", timeout_s=20.0)
+    assert res.status == "failed", res
+    assert "No space left on device" in res.stderr_tail or "temp dir holds" in res.stderr_tail, res.stderr_tail
+    small = run("for i in range(3):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))\n", timeout_s=20.0)
+    assert small.status == "passed", small

@@ -36,10 +36,24 @@ group, waits for bwrap's PID namespace to be gone (the kernel kills all of it wh
 dies, and bwrap's init dies with bwrap) and SIGKILLs every process of the run's uid (root
 modes), so no ``setsid`` grandchild survives. Every wait has a timeout.
 
-Not limited: the number of files in the temp dir (each at most 16 MiB; it is deleted after
-the run). ``bwrap-userns`` as a non-root user counts ``RLIMIT_NPROC`` per user namespace
-only on Linux >= 5.14. A run costs about 0.1-0.2 s more than a bare ``python`` (bwrap and a
-second interpreter start).
+Memory and temporary files are bounded for the program's whole process tree, not only per
+process (``RLIMIT_AS`` alone would let its :data:`MAX_PROCESSES` processes take that many times
+``memory_mb``):
+
+* **memory**: where this process may create a memory cgroup (cgroup v1 or v2, e.g. root in most
+  containers), the program runs in its own, limited to ``memory_mb`` (swap included where the
+  kernel accounts it): a hard bound on everything it starts, enforced by the kernel. Elsewhere the
+  evaluator sums the resident memory of the program's processes every :data:`POLL_S` seconds and
+  kills them all above ``memory_mb``: a bound up to what they can allocate within one interval.
+  The mode in use is :func:`memory_bound`.
+* **temporary files**: in the bwrap modes the temp dir is a private tmpfs of
+  :data:`TMP_LIMIT` bytes in the program's mount namespace (nothing reaches the host's ``/tmp``);
+  in ``uid-landlock`` it is a host directory whose total size is polled like the memory and the
+  program killed above :data:`TMP_LIMIT`. Each file is at most 16 MiB in every mode.
+
+A program killed for memory or space fails, with the reason on its stderr tail.
+``bwrap-userns`` as a non-root user counts ``RLIMIT_NPROC`` per user namespace only on Linux >=
+5.14. A run costs about 0.1-0.2 s more than a bare ``python`` (bwrap and a second interpreter start).
 """
 from __future__ import annotations
 
@@ -70,6 +84,8 @@ REFUSAL = ("code execution is disabled: task.allow_code_execution=false (set it 
 
 MAX_PROCESSES = 32        # RLIMIT_NPROC of the run's uid: processes and threads together
 FILE_SIZE_LIMIT = 16 << 20
+TMP_LIMIT = 64 << 20      # bytes of the program's temp dir, all files together
+POLL_S = 0.01             # the watch on memory (without a cgroup) and temp-dir size (without a tmpfs)
 OPEN_FILES_LIMIT = 128
 STDERR_TAIL_CHARS = 2000
 _READ_CAP = 8192          # bytes of the program's stderr the evaluator ever reads
@@ -218,7 +234,7 @@ def _seccomp_config() -> dict | None:
 
 @dataclass
 class ExecResult:
-    status: str  # "passed" | "failed" | "timeout"
+    status: str  # "passed" | "failed" (a limit of memory or space included) | "timeout"
     returncode: int | None
     seconds: float
     pid: int  # also the id of the process group that was killed
@@ -278,13 +294,17 @@ class _Sandbox:
     fresh_uid: bool = False     # each run gets its own uid (needs root)
     landlock: str = "optional"  # "required" in uid-landlock
     tmp_base: str | None = None
+    tmpfs: bool = False         # the temp dir is a private tmpfs (bwrap with --size)
 
     # ---- one run
     def run(self, source: str, timeout_s: float, memory_mb: int) -> ExecResult:
         uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if self.fresh_uid else None
         priv = tempfile.mkdtemp(prefix="prunerep-exec-out-")  # the evaluator's only: stderr
         work = tempfile.mkdtemp(prefix="prunerep-exec-", dir=self.tmp_base)  # the program's only
+        limit = int(memory_mb) << 20
+        cgroup = _RunCgroup.make(limit, owner=uid if self.mode == "bwrap-userns" else None)
         proc = info_r = None
+        killed_for = ""
         try:
             os.chmod(work, 0o700)
             prog = os.path.join(work, "program.py")
@@ -295,6 +315,9 @@ class _Sandbox:
                 os.chown(prog, uid, uid)
             err_path = os.path.join(priv, "stderr")
             info_r, info_w = os.pipe() if self.bwrap else (None, None)  # bwrap tells its init's pid
+            argv = self._argv(work, prog, uid, timeout_s, memory_mb, info_w)
+            if cgroup is not None:  # enters its cgroup before anything else runs, then becomes the sandbox
+                argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup.procs, *argv]
             try:
                 with open(err_path, "wb") as err:
                     kw = {}
@@ -302,8 +325,7 @@ class _Sandbox:
                         kw = dict(user=uid, group=uid, extra_groups=[])  # bwrap itself runs unprivileged
                     t0 = time.perf_counter()
                     proc = subprocess.Popen(
-                        self._argv(work, prog, uid, timeout_s, memory_mb, info_w), env={}, cwd="/",
-                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                        argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                         start_new_session=True, close_fds=True,
                         pass_fds=() if info_w is None else (info_w,), **kw)
             finally:
@@ -312,23 +334,25 @@ class _Sandbox:
             # bwrap reports its PID namespace's init as soon as it runs: hold on to it (a pidfd),
             # to see the namespace gone (bwrap itself may return before that)
             ns_init = _namespace_init(info_r, timeout_s)
-            timed_out = False
-            try:
-                proc.wait(timeout=max(0.0, timeout_s - (time.perf_counter() - t0)))
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out, killed_for = self._watch(proc, t0, timeout_s, limit, cgroup, work, uid)
             seconds = time.perf_counter() - t0
             self._kill_all(proc, uid, ns_init)
+            if cgroup is not None and cgroup.oom_killed():
+                killed_for = f"its processes together reached memory_mb={memory_mb} (memory cgroup)"
             tail = _read_tail(err_path)
         finally:
             if proc is not None and proc.returncode is None:
                 self._kill_all(proc, uid, None)
             if info_r is not None:
                 os.close(info_r)
+            if cgroup is not None:
+                cgroup.remove()
             _remove_tree(work)
             _remove_tree(priv)
         rc = proc.returncode
-        if timed_out:
+        if killed_for:
+            status, tail = "failed", (tail + f"\nprunerep sandbox: killed: {killed_for}\n")[-STDERR_TAIL_CHARS:]
+        elif timed_out:
             status = "timeout"
         elif rc == 0:
             status = "passed"
@@ -337,6 +361,25 @@ class _Sandbox:
         else:
             status = "failed"
         return ExecResult(status, rc, seconds, proc.pid, tail)
+
+    def _watch(self, proc: subprocess.Popen, t0: float, timeout_s: float, limit: int,
+               cgroup: "_RunCgroup | None", work: str, uid: int | None) -> tuple[bool, str]:
+        """Wait for the program until ``timeout_s``; without a memory cgroup, watch the resident
+        memory of its processes, without a tmpfs the size of its temp dir. (timed out, why killed)."""
+        watch_memory, watch_disk = cgroup is None, not self.tmpfs
+        while True:
+            left = timeout_s - (time.perf_counter() - t0)
+            if left <= 0:
+                return True, ""
+            try:
+                proc.wait(timeout=min(left, POLL_S) if (watch_memory or watch_disk) else left)
+                return False, ""
+            except subprocess.TimeoutExpired:
+                pass
+            if watch_memory and (rss := _tree_rss(proc.pid, uid)) > limit:
+                return False, f"its processes together used {rss >> 20} MB, over memory_mb={limit >> 20}"
+            if watch_disk and (size := _tree_size(work)) > TMP_LIMIT:
+                return False, f"its temp dir holds {size >> 20} MiB, over {TMP_LIMIT >> 20} MiB"
 
     def _limit_codes(self) -> tuple[int, ...]:
         codes = (-signal.SIGXCPU, -signal.SIGKILL)
@@ -391,7 +434,11 @@ class _Sandbox:
         if os.path.exists("/etc/ld.so.cache"):
             argv += parents("/etc/ld.so.cache") + ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
         argv += ["--proc", "/proc", "--dev", "/dev"]
-        argv += parents(work) + ["--bind", work, work, "--remount-ro", "/"]
+        if self.tmpfs:  # the program's files live in its own namespace, bounded: never on the host
+            argv += parents(work) + ["--size", str(TMP_LIMIT), "--perms", "1777", "--tmpfs", work,
+                                     "--ro-bind", prog, prog, "--remount-ro", "/"]
+        else:
+            argv += parents(work) + ["--bind", work, work, "--remount-ro", "/"]
         return argv + boot
 
     def _kill_all(self, proc: subprocess.Popen, uid: int | None, ns_init: int | None) -> None:
@@ -435,6 +482,163 @@ def _namespace_init(info_r: int | None, timeout_s: float) -> int | None:
             return None
         data += chunk
     return None
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _tree_rss(root: int, uid: int | None) -> int:
+    """Resident bytes of ``root`` and its descendants (bwrap's PID namespace reparents orphans to its
+    init, inside the tree), and of every process of ``uid`` (an orphan outside a namespace)."""
+    seen, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += _children(pid)
+    if uid is not None:
+        seen.update(_live_processes_of(uid))
+    return sum(_rss(pid) for pid in seen)
+
+
+def _tree_size(path: str) -> int:
+    """Bytes allocated under ``path`` (never following a link)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+class _RunCgroup:
+    """A memory cgroup of one run, under the one this process is in (see :func:`_cgroup_parent`)."""
+
+    def __init__(self, path: str, version: str):
+        self.path, self.version = path, version
+        self.procs = os.path.join(path, "cgroup.procs")
+
+    @classmethod
+    def make(cls, limit: int, owner: int | None = None) -> "_RunCgroup | None":
+        parent = _cgroup_parent()
+        if parent is None:
+            return None
+        version, base = parent
+        path = os.path.join(base, f"prunerep-exec-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(path)
+            box = cls(path, version)
+            box._limit(limit)
+            if owner is not None:  # the sandbox starts unprivileged and moves itself in
+                for name in ("cgroup.procs", "tasks"):
+                    if os.path.exists(os.path.join(path, name)):
+                        os.chown(os.path.join(path, name), owner, owner)
+            return box
+        except OSError:
+            _rmdir_quietly(path)
+            return None
+
+    def _limit(self, limit: int) -> None:
+        if self.version == "v2":
+            _write(os.path.join(self.path, "memory.max"), limit)
+            if os.path.exists(os.path.join(self.path, "memory.swap.max")):
+                _write(os.path.join(self.path, "memory.swap.max"), 0)
+        else:
+            _write(os.path.join(self.path, "memory.limit_in_bytes"), limit)
+            if os.path.exists(os.path.join(self.path, "memory.memsw.limit_in_bytes")):
+                _write(os.path.join(self.path, "memory.memsw.limit_in_bytes"), limit)
+
+    def oom_killed(self) -> bool:
+        name = "memory.events" if self.version == "v2" else "memory.oom_control"
+        try:
+            with open(os.path.join(self.path, name)) as f:
+                fields = dict(line.split() for line in f if len(line.split()) == 2)
+            if "oom_kill" in fields:
+                return int(fields["oom_kill"]) > 0
+            with open(os.path.join(self.path, "memory.failcnt")) as f:  # older v1 kernels
+                return int(f.read()) > 0
+        except (OSError, ValueError):
+            return False
+
+    def remove(self) -> None:
+        deadline = time.monotonic() + _KILL_WAIT_S
+        while os.path.isdir(self.path) and time.monotonic() < deadline:
+            if _rmdir_quietly(self.path):
+                return
+            time.sleep(0.005)  # the last processes are still exiting
+
+
+def _write(path: str, value: int) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def _rmdir_quietly(path: str) -> bool:
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+@functools.cache  # probed once per process
+def _cgroup_parent() -> tuple[str, str] | None:
+    """("v1" | "v2", directory) of this process's memory cgroup when it may create limited
+    children in it (tried: a child is made, limited and removed), else None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [ln.strip().split(":", 2) for ln in f if ln.count(":") >= 2]
+    except OSError:
+        return None
+    candidates = []
+    for _id, controllers, rel in lines:
+        if "memory" in controllers.split(","):
+            candidates.append(("v1", f"/sys/fs/cgroup/memory{rel}"))
+        elif controllers == "":
+            for mount in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                if os.path.exists(os.path.join(mount, "cgroup.controllers")):
+                    candidates.append(("v2", f"{mount}{rel}"))
+    for version, base in candidates:
+        probe = os.path.join(base, f"prunerep-probe-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(probe)
+        except OSError:
+            continue
+        try:
+            _RunCgroup(probe, version)._limit(64 << 20)
+            return version, base.rstrip("/")
+        except OSError:
+            continue
+        finally:
+            _rmdir_quietly(probe)
+    return None
+
+
+def memory_bound() -> str:
+    """How the memory of a program's whole process tree is bounded here: ``"cgroup v1"``,
+    ``"cgroup v2"`` (the kernel's hard limit) or ``"polled"`` (see the module's doc)."""
+    parent = _cgroup_parent()
+    return f"cgroup {parent[0]}" if parent else "polled"
 
 
 def _readable(fd: int, timeout_s: float) -> bool:
@@ -519,16 +723,25 @@ def _candidates() -> list[_Sandbox]:
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/bin", "/usr/local/bin"])
     bwrap = shutil.which("bwrap", path=search)
     out: list[_Sandbox] = []
+    tmpfs = bool(bwrap) and _bwrap_sizes_tmpfs(bwrap)
     if bwrap and root:
-        out += [_Sandbox("bwrap-root", py, bwrap, fresh_uid=True) for py in _interpreters(False)]
+        out += [_Sandbox("bwrap-root", py, bwrap, fresh_uid=True, tmpfs=tmpfs) for py in _interpreters(False)]
     if bwrap:
         # as root: the launcher drops to a fresh uid first, so the interpreter must be reachable by it
-        out += [_Sandbox("bwrap-userns", py, bwrap, fresh_uid=root, tmp_base=_tmp_base(root))
+        out += [_Sandbox("bwrap-userns", py, bwrap, fresh_uid=root, tmp_base=_tmp_base(root), tmpfs=tmpfs)
                 for py in _interpreters(root)]
     if root:
         out += [_Sandbox("uid-landlock", py, None, fresh_uid=True, landlock="required",
                          tmp_base=_tmp_base(True)) for py in _interpreters(True)]
     return out
+
+
+def _bwrap_sizes_tmpfs(bwrap: str) -> bool:
+    """Whether this bubblewrap can size a tmpfs (``--size``, bubblewrap >= 0.7)."""
+    try:
+        return "--size" in subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 _PROBE = r'''
