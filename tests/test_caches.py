@@ -182,7 +182,7 @@ def test_a_rerun_on_new_weights_under_the_same_path_does_not_reuse_the_dense_sco
     """The issue's case: the weights under model.path are replaced (same config, same sizes, even the
     mtimes put back) and the same command is run again: neither the completed-point index nor the
     dense caches are reused; the point runs again and its dense side is computed again."""
-    from prunerep import pipeline
+    from prunerep.cli import run_config
 
     d = tmp_path / "model"
     make_tiny("llama", seed=0, vocab_size=len(tok)).save_pretrained(d)
@@ -195,7 +195,7 @@ def test_a_rerun_on_new_weights_under_the_same_path_does_not_reuse_the_dense_sco
     def run(name):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="prunerep"):
-            assert pipeline.run(cfg, tmp_path / name)["status"] == "complete"
+            assert run_config(cfg, tmp_path / name)["status"] == "complete"
         return (len(messages(caplog, text=COMPUTED_EVALS)), len(messages(caplog, text=COMPUTED_PROBES)))
 
     assert run("first") == (1, 1)
@@ -335,6 +335,27 @@ def test_a_truncated_dequantised_model_is_rebuilt(tmp_path, monkeypatch, tok, ca
     ref = make_tiny("llama", vocab_size=len(tok))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # nothing left aside
+
+
+def test_a_dequantisation_killed_midway_leaves_nothing_behind_for_long(tmp_path, monkeypatch, tok):
+    """Issue #20: a killed dequantisation left a 514 MB models/.<name>.<pid>.tmp that no later run removed."""
+    import prunerep.model.load as models
+    from prunerep.model.load import dequantized_cache_dir
+
+    monkeypatch.setattr(models, "_dequantize_into", lambda gguf, out, dtype: (
+        make_tiny("llama", vocab_size=len(tok)).save_pretrained(out), tok.save_pretrained(out)))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    target = dequantized_cache_dir(gguf, tmp_path / "cache")
+    dead = target.with_name(f".{target.name}.999999.tmp")  # a writer that was killed
+    dead.mkdir(parents=True)
+    (dead / "model.safetensors").write_bytes(bytes(4096))
+    other = target.with_name("unrelated-user-file")
+    other.write_text("not prunerep's")
+    dequantize_gguf_to_cache(gguf, tmp_path / "cache")
+    assert not dead.exists() and other.read_text() == "not prunerep's"
+    assert sorted(p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")) == sorted(
+        [target.name, "unrelated-user-file"])
 
 
 def test_checked_json_round_trip_and_failures(tmp_path):

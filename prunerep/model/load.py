@@ -42,7 +42,8 @@ def dequantize_gguf_to_cache(gguf: Path, cache_dir, dtype: torch.dtype = torch.f
     leaves a cache that looks complete. Its ``checksums.json`` records the sha256 of every
     file; a directory that does not match (a truncated or overwritten file) is never used:
     it is named in a warning and rebuilt. Processes needing it at once take its lock
-    (``<dir>.lock``): one dequantises, the others wait."""
+    (``<dir>.lock``): one dequantises, the others wait. The half-built directories of writers
+    that died are removed under the lock (nobody else can be writing one then)."""
     target = dequantized_cache_dir(gguf, cache_dir)
     if verify_dir_checksums(target) is None:
         return target
@@ -56,9 +57,12 @@ def dequantize_gguf_to_cache(gguf: Path, cache_dir, dtype: torch.dtype = torch.f
             shutil.rmtree(bad, ignore_errors=True)
             os.replace(target, bad)
             shutil.rmtree(bad, ignore_errors=True)
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.name.endswith(".tmp") or ".bad." in stale.name:
+                log.info("removing %s, left by a process that died while building it", stale)
+                shutil.rmtree(stale, ignore_errors=True)
         log.info("dequantising %s into %s (once)", gguf.name, target)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             _dequantize_into(gguf, tmp, dtype)
             write_dir_checksums(tmp)

@@ -93,8 +93,12 @@ def context_length(config) -> Optional[int]:
     return getattr(text, "max_position_embeddings", None)
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    """The message's first line (with the next when it ends in ':'), cut at ``limit`` characters
+    (transformers lists every model type it knows after an unknown one)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["model_config", "skeleton", "context_length", "SKELETON_VOCAB"]

@@ -81,6 +81,9 @@ def build_plan(cfg) -> ProbePlan:
     topk = tuple(int(k) for k in cfg.topk)
     if any(k < 1 for k in topk):
         raise ValueError(f"probe.topk={list(topk)}: k must be >= 1")
+    if int(cfg.n_prompts) < 1 or int(cfg.max_prompt_tokens) < 1:
+        raise ValueError(f"probe.n_prompts={cfg.n_prompts} and probe.max_prompt_tokens={cfg.max_prompt_tokens} must "
+                         f"be >= 1 (probe=none probes nothing)")
     if int(cfg.token_chunk) < 1 or int(cfg.max_new_tokens) < 0:
         raise ValueError("probe.token_chunk must be >= 1 and probe.max_new_tokens >= 0")
     threads = cfg.metric_threads
