@@ -120,7 +120,7 @@ def slurm_sweep(locked: bool, points: int = 4) -> dict:
         if p.returncode != 0:
             raise RuntimeError(p.stderr[-3000:])
         dense = [read_json(f)["timings_s"] for f in sweep.glob("*/summary.json")]
-        logs = "".join(f.read_text() for f in sweep.glob("*/__main__.log"))
+        logs = "".join(f.read_text() for f in sweep.glob("*/prunerep.log"))
     return {"wall_s": wall, "dense_stage_s": sum(t.get("probe_dense", 0) + t.get("eval_dense", 0) for t in dense),
             "computed": logs.count("prompts cached in")}
 

@@ -11,9 +11,27 @@ too. What a type cannot express (sparsity range, paths that must exist) is check
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+
+def model_name(group_name: str, group_path: Optional[str], path: Optional[str]) -> str:
+    """``model.name`` of conf/model/*.yaml: the group's name while ``model.path`` is the group's own,
+    else the name of what ``model.path`` names (``/data/Llama-7B`` and ``org/Llama-7B`` -> ``Llama-7B``,
+    ``/x/y.Q4.gguf`` -> ``y.Q4``), so that a run is never labelled with another model's name. An
+    explicit ``model.name=...`` replaces the interpolation and wins."""
+    if not path or path == group_path:
+        return group_name
+    name = PurePosixPath(str(path).rstrip("/")).name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name or group_name
+
+
+# Registered on import, not in a setup call: Hydra's SLURM and local_gpu workers resolve
+# hydra.sweep.subdir (${model.name}) before prunerep's task function runs, and importing the task
+# function imports this module.
+OmegaConf.register_new_resolver("model_name", model_name, replace=True)
 
 
 @dataclass

@@ -21,8 +21,9 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf, open_dict
 from submitit.core.utils import FailedJobError
 
-from prunerep.results.index import _get, config_hash
-from prunerep.results.store import atomic_write_json, read_json
+from prunerep.results.rundir import record_failure
+from prunerep.results.schema import failure_summary
+from prunerep.spec import identity_fields
 
 log = logging.getLogger("prunerep.launcher")
 
@@ -38,25 +39,8 @@ def _record_hard_failure(run_dir: Path, cfg: Any, job_id: str, state: str, error
     """A job killed before it could write its own summary (scancel, OOM killer, node failure,
     time limit): record it, so the sweep's table says failed rather than leaving a hole. `extra`
     adds or replaces keys (launcher=local_gpu: no SLURM job, the local job and the device slot)."""
-    summary_path = run_dir / "summary.json"
-    try:
-        existing = read_json(summary_path)
-        if isinstance(existing, dict) and existing.get("status") in ("complete", "failed"):
-            return
-    except (OSError, ValueError):
-        pass
-    try:
-        chash = config_hash(cfg)
-    except Exception:
-        chash = None
-    summary = {
-        "status": "failed", "error": error, "config_hash": chash,
-        "model": _get(cfg, "model.name"), "pruner": _get(cfg, "pruner.name"), "sparsity": _get(cfg, "sparsity"),
-        "achieved_sparsity": None, "timings_s": {}, "peak_memory_mb": {}, "run_dir": str(run_dir),
-        "slurm_job_id": job_id, "scheduler_state": state, "reused_from": None,
-    }
-    summary.update(extra or {})
-    atomic_write_json(summary_path, summary)
+    identity = dict(identity_fields(cfg, run_dir), slurm_job_id=job_id)
+    record_failure(run_dir, failure_summary(identity, error, scheduler_state=state, **(extra or {})))
 
 
 class JobsFailed(RuntimeError):

@@ -27,11 +27,10 @@ and enforces ``timeout_min``.
 
 Hydra instantiates launchers only from the ``hydra_plugins`` namespace; the class it instantiates is
 ``hydra_plugins.prunerep_launcher.local_gpu.LocalGpuLauncher`` (a subclass of :class:`SlotLauncher`
-with nothing of its own), in the repository's top-level ``hydra_plugins/`` folder. Its config,
-``hydra/launcher: prunerep_local_gpu``, is stored by :func:`register_config` (from
-``prunerep.registry.register_configs``) and the class is registered with Hydra by
-:func:`register_plugin` (from the entrypoint), so neither depends on Hydra's scan of the namespace
-(which does not see packages of an editable install).
+with nothing of its own), in the repository's top-level ``hydra_plugins/`` folder. Its config is
+``conf/hydra/launcher/prunerep_local_gpu.yaml``; the class is registered with Hydra by
+:func:`register_plugin` (from the command line), so it does not depend on Hydra's scan of the
+namespace (which does not see packages of an editable install).
 """
 from __future__ import annotations
 
@@ -43,11 +42,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import submitit
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
@@ -56,36 +54,13 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import OmegaConf, open_dict
 
 from prunerep.launcher import JobsFailed, _record_hard_failure
+from prunerep.results.schema import DEVICE_SLOT_ENV as SLOT_ENV
 from prunerep.results.store import atomic_write_json
 
 log = logging.getLogger("prunerep.local_gpu")
 
-#: the environment variable that tells a point its device slot (the pipeline copies it into summary.json)
-SLOT_ENV = "PRUNEREP_DEVICE_SLOT"
 #: the launcher's record of the points it ran, in the sweep directory
 RECORD_FILE = "local_gpu_slots.json"
-#: the Hydra launcher class and its config name
-PLUGIN_CLASS = "hydra_plugins.prunerep_launcher.local_gpu.LocalGpuLauncher"
-CONFIG_NAME = "prunerep_local_gpu"
-
-
-@dataclass
-class LocalGpuLauncherConf:
-    """``hydra.launcher`` of ``launcher=local_gpu`` (launchers/local_gpu.yaml documents each key)."""
-
-    _target_: str = PLUGIN_CLASS
-    #: device ids, as CUDA_VISIBLE_DEVICES takes them (integers); null: the visible devices
-    devices: Optional[List[int]] = None
-    #: CPU threads per point (torch intra-op, OMP_NUM_THREADS); null: the cores / the slots, unless
-    #: OMP_NUM_THREADS is set in the environment
-    cpus_per_point: Optional[int] = None
-    #: minutes a point may run before submitit kills it (recorded as failed)
-    timeout_min: float = 10080.0
-    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
-    #: seconds between two looks at the running points
-    poll_s: float = 0.5
-
-
 class NoDeviceSlots(HydraException):
     """No device slot to run the points on (raised before any point runs: exit 2, one line)."""
 
@@ -424,13 +399,6 @@ def _last_line(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------- registration
 
-def register_config() -> None:
-    """Store ``hydra/launcher: prunerep_local_gpu`` in Hydra's ConfigStore (launchers/local_gpu.yaml
-    selects it)."""
-    ConfigStore.instance().store(group="hydra/launcher", name=CONFIG_NAME, node=LocalGpuLauncherConf,
-                                 provider="prunerep")
-
-
 def register_plugin() -> Optional[str]:
     """Register the launcher class with Hydra (its scan of ``hydra_plugins`` misses the packages of an
     editable install); returns why it cannot be, or None."""
@@ -443,5 +411,5 @@ def register_plugin() -> Optional[str]:
     return None
 
 
-__all__ = ["SLOT_ENV", "RECORD_FILE", "LocalGpuLauncherConf", "NoDeviceSlots", "resolve_slots", "threads_per_point",
-           "run_point", "SlotLauncher", "register_config", "register_plugin"]
+__all__ = ["SLOT_ENV", "RECORD_FILE", "NoDeviceSlots", "resolve_slots", "threads_per_point",
+           "run_point", "SlotLauncher", "register_plugin"]

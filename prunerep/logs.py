@@ -1,8 +1,8 @@
 """One log format for the whole run; third-party chatter in the run's log file, not the console.
 
-Hydra configures logging before the job starts (``hydra/job_logging/default.yaml``): the root
-logger at INFO with a console handler (stdout) and a file handler (``<run dir>/<job>.log``),
-both ``[time][logger][LEVEL] - message``. Left alone, three things spoil that console:
+A run logs to the console (stdout) and to ``<run dir>/prunerep.log``, both ``[time][logger][LEVEL]
+- message`` (a sweep point's console handler is Hydra's, ``conf/hydra/job_logging/prunerep.yaml``;
+:func:`configure` adds the rest). Left alone, three things spoil that console:
 
 * libraries log INFO through the root logger (lm-eval's ``Building contexts ...``, ``Setting
   random seed ...``) and flood it;
@@ -13,7 +13,7 @@ both ``[time][logger][LEVEL] - message``. Left alone, three things spoil that co
   first lm-eval call on, every lm-eval line looks different); lm-eval's tasks may also call
   ``logging.basicConfig(force=True)``, which replaces the root handlers.
 
-:func:`configure` (called once per run, after Hydra set up logging) puts a filter on the
+:func:`configure` (called once per run) puts a filter on the
 root's console handler(s) that lets through prunerep's (and Hydra's) own records and every
 record at WARNING or above; libraries' INFO still reaches the file handler. It routes the
 libraries of :data:`THIRD_PARTY` through the root logger at INFO (their own console handlers
@@ -43,7 +43,7 @@ THIRD_PARTY = ("lm_eval", "datasets", "transformers", "huggingface_hub", "accele
 KEEP_BARS = ("Running ",)
 #: the format of a log file prunerep adds itself (Hydra's format)
 FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-#: a log file prunerep adds when logging writes to none (outside Hydra)
+#: a run's log file, in its run directory
 LOG_FILE = "prunerep.log"
 
 
@@ -67,6 +67,7 @@ class _State:
     configured: bool = False
     verbose: bool = False
     added: list = field(default_factory=list)  # handlers this module added to the root logger
+    root_level: Optional[int] = None  # the root's level before configure() (reset() puts it back)
     console: list = field(default_factory=list)  # the root's console handlers at configure()
 
 
@@ -116,13 +117,16 @@ def route_third_party() -> None:
 def configure(run_dir: Optional[Path] = None, verbose: bool = False) -> None:
     """Set the run's logging up (idempotent; call once per run, after Hydra configured logging).
 
-    The root logger is put at INFO; a file handler ``<run_dir>/prunerep.log`` is added only
-    when the root has no file handler (outside Hydra, or with Hydra's job logging off)."""
+    The root logger is put at INFO; a file handler ``<run_dir>/prunerep.log`` is added when the
+    root has no file handler, and a console handler (stdout, :data:`FORMAT`) when it has none (a
+    single run, which Hydra does not run)."""
     root = logging.getLogger()
     for h in _STATE.added:
         root.removeHandler(h)
         h.close()
     _STATE.added.clear()
+    if _STATE.root_level is None:
+        _STATE.root_level = root.level
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
     if run_dir is not None and not any(isinstance(h, logging.FileHandler) for h in root.handlers):
@@ -131,6 +135,11 @@ def configure(run_dir: Optional[Path] = None, verbose: bool = False) -> None:
         fh.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(fh)
         _STATE.added.append(fh)
+    if not console_handlers(root):
+        ch = logging.StreamHandler(sys.stdout)
+        ch.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(ch)
+        _STATE.added.append(ch)
     _STATE.configured, _STATE.verbose = True, bool(verbose)
     _STATE.console = console_handlers(root)
     _filter_console(_STATE.verbose)
@@ -139,14 +148,16 @@ def configure(run_dir: Optional[Path] = None, verbose: bool = False) -> None:
 
 
 def reset() -> None:
-    """Undo :func:`configure`'s filters and handlers (tests)."""
+    """Undo :func:`configure`: its filters, handlers and the root's level."""
     root = logging.getLogger()
     for h in _STATE.added:
         root.removeHandler(h)
         h.close()
     _STATE.added.clear()
     _filter_console(True)
-    _STATE.configured, _STATE.verbose, _STATE.console = False, False, []
+    if _STATE.root_level is not None:
+        root.setLevel(_STATE.root_level)
+    _STATE.configured, _STATE.verbose, _STATE.console, _STATE.root_level = False, False, [], None
 
 
 def _quiet_lm_eval_setup() -> None:

@@ -4,15 +4,13 @@ taking typed objects that :func:`prunerep.spec.build` makes once from the config
 orders the stages, times them and writes the results contract (:mod:`prunerep.results.schema`)
 into the run directory.
 
-Each file is written atomically. summary.json is written last, with status "complete" only
-when everything before it succeeded; a failed run writes status "failed" and its error.
+Every file is staged and moved into the run directory when the run completes, the manifest last
+(:mod:`prunerep.results.rundir`); a failed run leaves a summary.json with status "failed" and its error.
 """
 from __future__ import annotations
 
 import logging
-import os
 import resource
-import shutil
 import time
 import traceback
 from contextlib import contextmanager
@@ -20,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from prunerep import evals, preflight, probes, spec as run_spec
 from prunerep.calibration import calibration_batch
@@ -30,8 +28,10 @@ from prunerep.errors import ConfigError, ModelUnavailable
 from prunerep.model.load import load_model
 from prunerep.model.placement import new_offload_dir, remove_offload_dir
 from prunerep.results.index import find_completed, mark_completed, reuse_completed
-from prunerep.results.schema import COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PRUNING_FILE, SUMMARY_FILE
-from prunerep.results.store import atomic_write_json, atomic_write_text
+from prunerep.results.rundir import RunDirectory
+from prunerep.results.schema import (COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PROBE_FILES, PRUNING_FILE, RUN_FILES,
+                                     SUMMARY_FILE, failure_summary)
+from prunerep.results.store import atomic_write_json, atomic_write_text, file_mode
 from prunerep.results.story import story
 from prunerep.tracking import Tracker
 from prunerep.viz.console import format_evals_table, format_story
@@ -58,6 +58,10 @@ class Timings(dict):
             self[name] = round(time.perf_counter() - t0, 3)
             self.memory[name] = peak_memory_mb()
             log.info("stage %s done in %.1fs (peak RSS %.0f MB)", name, self[name], self.memory[name]["cpu_rss"])
+
+    def record(self) -> dict:
+        """summary.json's ``timings_s`` and ``peak_memory_mb``."""
+        return {"timings_s": dict(self), "peak_memory_mb": self.peak_memory()}
 
     def peak_memory(self) -> dict:
         """The run's peak memory: the largest of every stage's and of now, with the stages'."""
@@ -104,33 +108,36 @@ def describe_model(model, mcfg, placement) -> dict:
 
 
 def save_pruned_model(model, tokenizer, target: Path) -> None:
-    """Hugging Face format with safetensors; appears atomically (built aside, renamed)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    """Hugging Face format with safetensors, each file 0666 less the umask like every result
+    (safetensors and tokenizers write some 0600)."""
+    model.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    mode = file_mode()
+    for f in target.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
 
 
-def run(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
-    """Run one experiment point. Bad input (ConfigError, ModelUnavailable) is raised before anything
-    is written; the caller reports it."""
-    rs = preflight.check(run_spec.build(cfg, run_dir, sweep_dir))
+def run(rs: run_spec.RunSpec, rd: RunDirectory) -> dict:
+    """Run one experiment point into the run directory ``rd`` (taken by the caller): every file is
+    staged and moved into place when the run completes (:meth:`RunDirectory.complete`). Bad input
+    found once the model is loaded (ConfigError, ModelUnavailable) is raised with nothing written;
+    any other failure leaves a failed summary.json and is raised."""
     ident = rs.identity
     if rs.skip_completed and (done := find_completed(ident.config_hash, rs.index_root, ident.model_key)) is not None:
         log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
-        return reuse_completed(done, run_dir, rs.index_root)
+        return reuse_completed(done, rd, rs.index_root)
 
     offload_dir = new_offload_dir(rs.cache_dir) if rs.placement.device_map is not None else None
     try:
-        return _run(rs, cfg, run_dir, offload_dir)
+        return _run(rs, rd, offload_dir)
     finally:
         remove_offload_dir(offload_dir)
 
 
-def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Optional[Path]) -> dict:
+def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) -> dict:
     ident = rs.identity
+    out = rd.staging
     timings = Timings()
     summary = dict(ident.summary_fields(), status="running")
     if torch.cuda.is_available():
@@ -150,11 +157,10 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
     except (ConfigError, ModelUnavailable):
         raise
     except BaseException as e:
-        _record_failure(run_dir, summary, e, timings)
+        rd.fail(failure_summary(summary, e, traceback=traceback.format_exc(), **timings.record()))
         raise
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(rs.config)))
     tracker = Tracker(ident, rs.config, rs.wandb)
     try:
         with timings.stage("probe_dense"):
@@ -165,7 +171,7 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
         with timings.stage("prune"):
             method_report = rs.pruner.prune(model, calib, rs.prune)
         pruning = dict(measure_sparsity(model, rs.prune), method=method_report)
-        atomic_write_json(run_dir / PRUNING_FILE, pruning)
+        atomic_write_json(out / PRUNING_FILE, pruning)
         tracker.log_pruning(pruning)
         log.info("pruned: target %s, achieved %.4f", rs.sparsity, pruning["achieved_sparsity"])
         check_target(rs, pruning["achieved_sparsity"])
@@ -175,25 +181,25 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
             with timings.stage("quantize"):
                 quant_report = rs.quant.quantize(model, calib, rs.prune)
         compression = model_compression(model, pruner=rs.pruner, spec=rs.sparsity, pruning=pruning, quant=rs.quant,
-                                         quant_report=quant_report)
-        atomic_write_json(run_dir / COMPRESSION_FILE, compression)
+                                        quant_report=quant_report)
+        atomic_write_json(out / COMPRESSION_FILE, compression)
         log.info("effective bits per weight of the decoder Linear weights: %.4f (dense %d)",
                  compression["effective_bits"], compression["dense_bits"])
 
         if rs.save_model:
             with timings.stage("save_model"):
-                save_pruned_model(model, tokenizer, run_dir / "model")
+                save_pruned_model(model, tokenizer, out / "model")
 
         with timings.stage("probe_pruned"):
             probed = probes.compare_to_reference(model, tokenizer, rs.probe, reference)
-            probe_summary = write_probe_outputs(probed, run_dir)
+            probe_summary = write_probe_outputs(probed, out)
         tracker.log_probes(probed.table, probe_summary, top_tokens=probed.top_tokens)
 
         with timings.stage("eval_pruned"):
-            pruned_scores = evals.evaluate_model(model, tokenizer, rs.task, run_dir / "eval_work")
+            pruned_scores = evals.evaluate_model(model, tokenizer, rs.task, rd.scratch)
             eval_report = evals.compare_evals(dense_scores, pruned_scores)
         if eval_report.tasks:
-            atomic_write_json(run_dir / EVALS_FILE, eval_report.to_json())
+            atomic_write_json(out / EVALS_FILE, eval_report.to_json())
             print(format_evals_table(eval_report), flush=True)
         tracker.log_evals(eval_report.to_json())
         run_story = story(probe_summary, eval_report)
@@ -206,9 +212,11 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
                        effective_bits=compression["effective_bits"],
                        timings_s=dict(timings), peak_memory_mb=timings.peak_memory(),
                        probes=probe_summary, mc_vs_gen_gap=eval_report.mc_vs_gen_gap, story=run_story)
-        atomic_write_json(run_dir / SUMMARY_FILE, summary)
+        atomic_write_json(out / SUMMARY_FILE, summary)
+        rd.complete(expected=RUN_FILES + (PROBE_FILES if len(probed.table) else ())
+                    + ((EVALS_FILE,) if eval_report.tasks else ()))
         try:  # bookkeeping: a failure here never changes the run's result
-            mark_completed(ident.config_hash, run_dir, rs.index_root,
+            mark_completed(ident.config_hash, rd.path, rs.index_root,
                            meta={"model": ident.model, "pruner": ident.pruner, "sparsity": ident.sparsity,
                                  "quant": ident.quant})
         except Exception as e:
@@ -219,7 +227,7 @@ def _run(rs: run_spec.RunSpec, cfg: DictConfig, run_dir: Path, offload_dir: Opti
         return summary
     except BaseException as e:
         timings["total"] = round(time.perf_counter() - t_start, 3)
-        _record_failure(run_dir, summary, e, timings)
+        rd.fail(failure_summary(summary, e, traceback=traceback.format_exc(), **timings.record()))
         tracker.finish(1)
         raise
 
@@ -238,19 +246,3 @@ def check_target(rs: run_spec.RunSpec, achieved: float) -> None:
     if rs.pruner.zeroes_weights and miss_pp > TARGET_TOLERANCE_PP:
         raise TargetMissed(f"achieved sparsity {achieved:.4f} is {miss_pp:.2f} points from the target "
                            f"{rs.sparsity} (more than {TARGET_TOLERANCE_PP}); see pruning.json")
-
-
-def record_bad_input(cfg: DictConfig, run_dir: Path, error: BaseException) -> None:
-    """A point of a multirun rejected before it ran: its summary.json says failed, and why."""
-    try:
-        fields = run_spec.identity(cfg, run_dir).summary_fields()
-    except Exception:  # the identity itself is what was bad
-        fields = {"run_dir": str(run_dir)}
-    _record_failure(run_dir, fields, error, Timings())
-
-
-def _record_failure(run_dir: Path, summary: dict, error: BaseException, timings: Timings) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(),
-                   timings_s=dict(timings), peak_memory_mb=timings.peak_memory())
-    atomic_write_json(run_dir / SUMMARY_FILE, summary)

@@ -23,7 +23,6 @@ from omegaconf import MISSING, OmegaConf
 
 from prunerep.config import Config
 from prunerep.errors import ConfigError
-from prunerep.local_gpu import register_config as register_local_gpu_launcher
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: config group -> the package whose modules hold its methods (its ``BASE`` is their base class)
@@ -89,7 +88,7 @@ def unknown_setting(group: str, cls: type, key: str) -> Optional[str]:
 
 
 def register_configs() -> None:
-    """Store the run's schema, every method's schema and the local_gpu launcher's in Hydra's ConfigStore."""
+    """Store the run's schema and every method's schema in Hydra's ConfigStore."""
     OmegaConf.register_new_resolver(
         "prunerep_config_groups", lambda: "\n".join(f"{g}: {', '.join(o)}" for g, o in config_groups().items()),
         replace=True)
@@ -98,7 +97,6 @@ def register_configs() -> None:
     for group in GROUPS:
         for name, cls in discover(group).items():
             cs.store(group=group, name=f"{name}_schema", node=cls)
-    register_local_gpu_launcher()  # hydra/launcher: prunerep_local_gpu (launchers/local_gpu.yaml)
 
 
 def compose(*overrides: str):

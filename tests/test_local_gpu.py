@@ -168,7 +168,7 @@ def test_four_points_on_two_slots(tmp_path):
     first_done = min(points[:2], key=lambda q: q["end"])
     assert points[2]["slot"] == first_done["slot"] and points[2]["start"] >= first_done["end"]
 
-    logs = [f.read_text(errors="replace") for f in sorted(sweep.glob("*/__main__.log"))]
+    logs = [f.read_text(errors="replace") for f in sorted(sweep.glob("*/prunerep.log"))]
     assert len(logs) == 4
     text = "\n".join(logs)
     assert text.count("prompts cached in") == 1 and text.count("loaded from cache") == 3, text[-4000:]

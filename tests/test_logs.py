@@ -27,7 +27,7 @@ def hydra_like_logging(tmp_path):
     third = {n: logging.getLogger(n) for n in logs.THIRD_PARTY}
     saved = (list(root.handlers), root.level, list(lm.handlers), lm.level, lm.propagate,
              {n: (list(g.handlers), g.level, g.propagate) for n, g in third.items()})
-    log_file = tmp_path / "__main__.log"
+    log_file = tmp_path / "job.log"
     made = []
 
     def setup():
@@ -221,5 +221,5 @@ def test_default_run_console_has_no_warning_noise(tmp_path):
         assert noise not in console, (noise, console[-3000:])
     assert "[prunerep][INFO] - stage eval_pruned done" in proc.stdout
     assert "representation hierarchy (" in proc.stdout  # the story closes the run
-    log_text = (run_dir / "__main__.log").read_text()
+    log_text = (run_dir / "prunerep.log").read_text()
     assert "Building contexts" in log_text  # lm-eval's INFO went to the run's log file

@@ -235,13 +235,13 @@ def test_owl_settings_are_checked_before_the_model_loads():
 def test_owl_run_records_its_layer_targets_and_meets_the_target(tmp_path):
     """The whole pipeline on the tiny model: magnitude + owl loads calibration data, pruning.json
     has the per-block targets, and check_target (0.5 pp) lets it through."""
-    from prunerep import pipeline
+    from prunerep.cli import run_config
     from prunerep.registry import compose
 
     cfg = compose("model=tiny", "task=none", "probe=none", "pruner=magnitude", "pruner.profile=owl", "sparsity=0.6",
                   "calib.nsamples=4", "calib.seqlen=32", "wandb.mode=disabled", "skip_completed=false",
                   f"cache_dir={CACHE_DIR}")
-    summary = pipeline.run(cfg, tmp_path / "run")
+    summary = run_config(cfg, tmp_path / "run")
     assert summary["status"] == "complete"
     pruning = json.loads((tmp_path / "run" / "pruning.json").read_text())
     prof = pruning["method"]["profile"]

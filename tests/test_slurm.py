@@ -275,7 +275,7 @@ def test_a_slurm_sweep_computes_the_dense_reference_once(tmp_path):
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
     s = summaries(sweep)
     assert len(s) == 4 and all(v["status"] == "complete" for v in s.values()), s
-    logs = [f.read_text(errors="replace") for f in sorted(sweep.glob("*/__main__.log"))]  # each job's log
+    logs = [f.read_text(errors="replace") for f in sorted(sweep.glob("*/prunerep.log"))]  # each job's log
     assert len(logs) == 4
     text = "\n".join(logs)
     assert text.count("prompts cached in") == 1 and text.count("loaded from cache") == 3, text[-4000:]

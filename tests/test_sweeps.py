@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from prunerep.config import Config
 from prunerep.results.index import (config_hash, find_completed, index_path, is_complete, mark_completed,
                             reuse_completed)
+from prunerep.results.rundir import RunDirectory, verify
 from prunerep.results.store import atomic_write_json, read_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,17 +45,19 @@ def test_config_hash_ignores_volatile_keys_only():
     assert h != config_hash(cfg_of(pruner={"name": "magnitude"}))
     assert h != config_hash(cfg_of(seed=1))
     assert h != config_hash(cfg_of(probe={"n_prompts": 3}))
-    assert len(h) == 16 and int(h, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{16}", h), h
 
 
 def _complete(run_dir: Path, cfg, status="complete"):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "pruning.json", {"achieved_sparsity": 0.5})
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text("[]\n")
-    (run_dir / "__main__.log").write_text("log of the original run\n")
-    atomic_write_json(run_dir / "summary.json", {"status": status, "error": None, "config_hash": config_hash(cfg),
-                                                "run_dir": str(run_dir), "reused_from": None})
+    """A run directory as a run leaves it: staged files moved into place, the manifest last."""
+    with RunDirectory(run_dir).open() as rd:
+        atomic_write_json(rd.staging / "pruning.json", {"achieved_sparsity": 0.5})
+        (rd.staging / "model").mkdir()
+        (rd.staging / "model" / "config.json").write_text("{}")
+        atomic_write_json(rd.staging / "summary.json", {"status": status, "error": None, "config_hash": config_hash(cfg),
+                                                        "run_dir": str(run_dir), "reused_from": None})
+        rd.complete()
+    (run_dir / "prunerep.log").write_text("log of the original run\n")
 
 
 def test_index_find_mark_reuse(tmp_path):
@@ -68,22 +72,22 @@ def test_index_find_mark_reuse(tmp_path):
     assert find_completed(config_hash(cfg_of(sparsity=0.7)), root) is None
 
     b = tmp_path / "sweep2" / "p0"
-    b.mkdir(parents=True)
-    (b / "__main__.log").write_text("new run's own log\n")
-    summary = reuse_completed(a, b, root)
+    with RunDirectory(b).open() as rd:
+        (b / "prunerep.log").write_text("new run's own log\n")
+        summary = reuse_completed(a, rd, root)
     assert summary["reused_from"] == str(a.resolve()) and summary["run_dir"] == str(b.resolve())
     assert read_json(b / "summary.json") == json.loads(json.dumps(summary))
     assert read_json(b / "pruning.json") == read_json(a / "pruning.json")
-    assert (b / "__main__.log").read_text() == "new run's own log\n"  # per-run files are not copied
-    assert not (b / ".hydra").exists()
+    assert (b / "prunerep.log").read_text() == "new run's own log\n"  # per-run files are not copied
+    assert (b / "model" / "config.json").read_text() == "{}" and verify(b) is None and is_complete(b)
     # the original stays first; when it disappears, the copy serves
     assert read_json(idx)["runs"][:2] == [str(a.resolve()), str(b.resolve())]
     import shutil
 
     shutil.rmtree(a)
     assert find_completed(config_hash(cfg), root) == b.resolve()
-    c = tmp_path / "sweep3" / "p0"
-    assert reuse_completed(b, c, root)["reused_from"] == str(a.resolve())  # the origin is kept
+    with RunDirectory(tmp_path / "sweep3" / "p0").open() as rd:
+        assert reuse_completed(b, rd, root)["reused_from"] == str(a.resolve())  # the origin is kept
 
 
 def test_stale_and_failed_entries_are_ignored(tmp_path):
@@ -94,6 +98,10 @@ def test_stale_and_failed_entries_are_ignored(tmp_path):
     mark_completed(config_hash(cfg), a, root)
     atomic_write_json(a / "summary.json", {"status": "failed", "error": "OOM", "config_hash": config_hash(cfg)})
     assert find_completed(config_hash(cfg), root) is None
+    _complete(a, cfg)
+    (a / "pruning.json").write_text("{}")  # a result file changed since: its manifest no longer holds
+    assert find_completed(config_hash(cfg), root) is None and not is_complete(a)
+    _complete(a, cfg)
     (a / "summary.json").unlink()
     assert find_completed(config_hash(cfg), root) is None and not is_complete(a)
     # a summary of another config in the listed dir does not count either
@@ -105,9 +113,10 @@ def test_reuse_in_place_copies_nothing(tmp_path):
     cfg = cfg_of()
     a = tmp_path / "p"
     _complete(a, cfg)
-    before = {p.name: p.stat().st_mtime_ns for p in a.iterdir()}
-    assert reuse_completed(a, a, tmp_path / "outputs")["status"] == "complete"
-    assert {p.name: p.stat().st_mtime_ns for p in a.iterdir()} == before
+    before = {p.name: p.stat().st_mtime_ns for p in a.iterdir() if not p.name.startswith(".")}
+    with RunDirectory(a).open() as rd:
+        assert reuse_completed(a, rd, tmp_path / "outputs")["status"] == "complete"
+    assert {p.name: p.stat().st_mtime_ns for p in a.iterdir() if not p.name.startswith(".")} == before
 
 
 # --------------------------------------------------------------------------- real local multiruns

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+from omegaconf import OmegaConf
 
+from prunerep.results.rundir import MARKER, is_prunerep_dir, marker, verify
 from prunerep.results.store import read_json
 from prunerep.results.schema import (COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PROBES_FILE, PRUNING_FILE, SUMMARY_FILE,
                               compression_label, quant_label)
@@ -41,10 +43,10 @@ class ReportError(RuntimeError):
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
-    """Run directories under `sweep_dir` (itself included): those holding summary.json, or a
-    config.yaml next to Hydra's .hydra/ (a point that started but never finished)."""
+    """Run directories under `sweep_dir` (itself included): those holding summary.json, or
+    prunerep's marker of a run (a point that started but never finished)."""
     found = {p.parent for p in sweep_dir.rglob(SUMMARY_FILE)}
-    found |= {p.parent.parent for p in sweep_dir.rglob(f".hydra/{CONFIG_FILE}")}
+    found |= {p.parent for p in sweep_dir.rglob(MARKER) if (marker(p.parent) or {}).get("kind") == "run"}
     return sorted(d for d in found if not (set(d.relative_to(sweep_dir).parts) & SKIP_DIRS))
 
 
@@ -62,16 +64,14 @@ def _is_number(v: Any) -> bool:
 
 def _run_identity(run_dir: Path, sweep_dir: Path) -> dict:
     summary = _read_json(run_dir / SUMMARY_FILE) or {}
+    started = (marker(run_dir) or {}).get("point") or {}  # what a point that never ended was
+    summary = {**started, **summary}
     cfg = {}
-    for p in (run_dir / CONFIG_FILE, run_dir / ".hydra" / CONFIG_FILE):
-        if p.is_file():
-            try:
-                from omegaconf import OmegaConf
-
-                cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
-                break
-            except Exception:
-                pass
+    if (run_dir / CONFIG_FILE).is_file():
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=False)
+        except Exception:
+            pass
 
     def pick(key, dotted):
         if summary.get(key) is not None:
@@ -91,7 +91,9 @@ def _run_identity(run_dir: Path, sweep_dir: Path) -> dict:
             for k in ("bits", "group_size", "sym")} if quant != "none" else dict.fromkeys(("bits", "group_size", "sym"))
     pruner = pick("pruner", "pruner.name")
     effective = summary.get("effective_bits", comp.get("effective_bits"))
-    status = summary.get("status") or ("missing" if not summary else "unknown")
+    status = summary.get("status") or "missing"  # started, never ended
+    if status == "complete" and is_prunerep_dir(run_dir) and verify(run_dir) is not None:
+        status = "incomplete"  # killed while its files were moved into place, or a file since removed
     rel = run_dir.relative_to(sweep_dir).as_posix() if run_dir != sweep_dir else run_dir.name
     return {
         "run": rel, "run_dir": str(run_dir), "model": pick("model", "model.name"),
@@ -180,7 +182,7 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise ReportError(f"{sweep_dir}: no such directory")
     dirs = find_runs(sweep_dir)
     if not dirs:
-        raise ReportError(f"{sweep_dir}: no runs found (no run directory with a summary.json or .hydra/config.yaml)")
+        raise ReportError(f"{sweep_dir}: no runs found (no run directory with a summary.json or prunerep's marker)")
     parts, runs = [], []
     for d in dirs:
         ident = _run_identity(d, sweep_dir)

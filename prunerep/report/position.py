@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from prunerep.results.store import read_json
 from prunerep.results.schema import CONFIG_FILE, PRUNING_FILE
@@ -26,16 +27,11 @@ POINT_COLUMNS = ["run", *SERIES, "position", "label", "kind", "family", "task", 
 
 
 def _config(run_dir: Path) -> dict:
-    from omegaconf import OmegaConf
-
-    for p in (run_dir / CONFIG_FILE, run_dir / ".hydra" / CONFIG_FILE):
-        if p.is_file():
-            try:
-                c = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
-                return c if isinstance(c, dict) else {}
-            except Exception:
-                pass
-    return {}
+    try:
+        c = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=False)
+        return c if isinstance(c, dict) else {}
+    except Exception:  # absent or unreadable: the run's position is unknown
+        return {}
 
 
 def _label(blocks: list[int]) -> str:

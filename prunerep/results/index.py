@@ -25,15 +25,15 @@ from typing import Any, Iterable, Optional
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from prunerep.sparsity import sparsity_label
+from prunerep.results.rundir import MANIFEST, RunDirectory, verify
+from prunerep.results.schema import SUMMARY_FILE
 from prunerep.results.store import atomic_write_json, read_json, stable_hash
+from prunerep.sparsity import sparsity_label
 
 log = logging.getLogger("prunerep.index")
 
 #: top-level keys (or dotted paths) that never change a point's results
 VOLATILE_KEYS = ("hydra", "launcher", "cache_dir", "skip_completed", "wandb", "verbose")
-#: what a reused run directory never takes from its source (per-run logs, tracking, scratch)
-NOT_COPIED = {"summary.json", ".hydra", "wandb", "eval_work", ".submitit"}
 #: seconds an index update waits for the entry's lock before it goes on unlocked
 LOCK_TIMEOUT_S = 60.0
 
@@ -88,10 +88,13 @@ def index_path(chash: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def is_complete(run_dir: str | os.PathLike, chash: Optional[str] = None, model_key: Optional[str] = None) -> bool:
-    """summary.json exists, says complete, and (when given) carries this config hash and was run on
-    the dense model files ``model_key`` names (new weights under the same path: not complete)."""
+    """The run's manifest holds (:func:`prunerep.results.rundir.verify`: every file it promises is
+    there, unchanged), its summary.json says complete, and (when given) carries this config hash and
+    was run on the dense model files ``model_key`` names (new weights under the same path: not complete)."""
+    if verify(run_dir) is not None:
+        return False
     try:
-        summary = read_json(Path(run_dir) / "summary.json")
+        summary = read_json(Path(run_dir) / SUMMARY_FILE)
     except (OSError, ValueError):
         return False
     if not isinstance(summary, dict) or summary.get("status") != "complete":
@@ -180,36 +183,28 @@ def _dict_get(d: dict, dotted: str) -> Any:
     return d
 
 
-def reuse_completed(src_dir: str | os.PathLike, run_dir: str | os.PathLike,
+def reuse_completed(src_dir: str | os.PathLike, rd: RunDirectory,
                     outputs_root: str | os.PathLike | None = None) -> dict:
-    """Bring a completed point's results into `run_dir` instead of recomputing them.
+    """Bring a completed point's results into the run directory ``rd`` instead of recomputing them.
 
-    Copies the result files (and any other top-level results, e.g. a saved ``model/``), then writes
-    summary.json last with ``reused_from`` = the source directory and ``run_dir`` = this one, so a
-    kill half-way leaves no complete-looking summary. When `src_dir` is `run_dir` itself (the same
-    sweep re-run in place) nothing is copied. Returns the summary."""
-    src, dst = Path(src_dir).resolve(), Path(run_dir).resolve()
-    summary = read_json(src / "summary.json")
+    The files of the source's manifest but its summary.json (the results, a saved ``model/``) are
+    copied into ``rd``'s staging directory with a summary.json whose ``reused_from`` is the source
+    and ``run_dir`` this one, then ``rd`` completes: a kill half-way leaves nothing complete-looking.
+    When the source is ``rd`` itself (the same sweep re-run in place) nothing is copied. Returns the
+    summary."""
+    src, dst = Path(src_dir).resolve(), rd.path.resolve()
+    summary = read_json(src / SUMMARY_FILE)
     if src == dst:
         return summary
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in sorted(src.iterdir()):
-        if item.name in NOT_COPIED or item.name.startswith(".") or item.suffix == ".log":
+    for rel in (read_json(src / MANIFEST) or {}).get("files", {}):
+        if rel == SUMMARY_FILE:
             continue
-        target = dst / item.name
-        if item.is_dir():
-            tmp = dst / f".{item.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(item, tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-        else:
-            tmp = dst / f".{item.name}.tmp"
-            shutil.copy2(item, tmp)
-            os.replace(tmp, target)
+        (rd.staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, rd.staging / rel)
     origin = summary.get("reused_from") or str(src)
     summary = dict(summary, reused_from=origin, run_dir=str(dst), slurm_job_id=slurm_job_id())
-    atomic_write_json(dst / "summary.json", summary)
+    atomic_write_json(rd.staging / SUMMARY_FILE, summary)
+    rd.complete()
     if summary.get("config_hash"):
         try:  # the copy serves too when the original is deleted later
             _add_to_index(summary["config_hash"], dst, outputs_root)
@@ -229,6 +224,6 @@ def slurm_job_id() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID")
 
 
-__all__ = ["VOLATILE_KEYS", "NOT_COPIED", "LOCK_TIMEOUT_S", "hashable_config", "config_hash",
+__all__ = ["VOLATILE_KEYS", "LOCK_TIMEOUT_S", "hashable_config", "config_hash",
            "outputs_root", "index_path", "is_complete", "find_completed", "mark_completed", "reuse_completed",
            "slurm_job_id"]

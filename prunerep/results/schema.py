@@ -59,8 +59,12 @@ PROBES_FILE = "probes.parquet"
 PROBES_SUMMARY_FILE = "probes_summary.json"
 EVALS_FILE = "evals.json"
 SUMMARY_FILE = "summary.json"
-#: the result files, copied when a completed point is reused
+#: the result files of a run (evals.json when it evaluated something)
 RESULT_FILES = (CONFIG_FILE, PRUNING_FILE, COMPRESSION_FILE, PROBES_FILE, PROBES_SUMMARY_FILE, EVALS_FILE)
+#: the files every complete run has (its manifest lists them and whatever else it wrote); a run
+#: that probed has PROBE_FILES too, one that evaluated evals.json
+RUN_FILES = (CONFIG_FILE, PRUNING_FILE, COMPRESSION_FILE, SUMMARY_FILE)
+PROBE_FILES = (PROBES_FILE, PROBES_SUMMARY_FILE)
 #: the plots of one run
 PROBE_PLOTS = ("probes_similarity.png", "probes_kl.png", "probes_steps.png", "probes_estimates.png",
                "probes_answer.png")
@@ -74,8 +78,20 @@ TOP_TOKENS_PLOT = "probes_top_tokens.png"
 SUMMARY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id",
                 "device_slot", "status", "loaded_model", "error", "achieved_sparsity", "effective_bits", "timings_s",
                 "peak_memory_mb", "probes", "mc_vs_gen_gap", "story")
+#: the environment variable that tells a point its device slot (launcher=local_gpu sets it; the
+#: identity's ``device_slot``)
+DEVICE_SLOT_ENV = "PRUNEREP_DEVICE_SLOT"
 IDENTITY_KEYS = ("config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id",
                  "device_slot")
+
+def failure_summary(identity: dict, error: BaseException | str, **fields: Any) -> dict:
+    """The summary.json of a point that failed, wherever it failed (the pipeline, bad input in a
+    sweep, a job the scheduler killed): its identity, ``status: failed``, the error in one line and
+    what else is known (``traceback``, ``timings_s``, ``peak_memory_mb``, ``scheduler_state``...)."""
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {**{k: None for k in IDENTITY_KEYS}, "achieved_sparsity": None, "timings_s": {}, "peak_memory_mb": {},
+            **identity, **fields, "status": "failed", "error": message}
+
 
 #: compression.json: the effective bits per weight (prunerep/compress/accounting.py) and, per
 #: perturbation in the order applied, these keys (pruning: bits = the dtype's, group_size/sym None)
