@@ -20,8 +20,8 @@ from conftest import REPO
 
 
 def readme_blocks() -> dict[str, str]:
-    """``{target path: code}`` of every block marked ``<!-- toy-method: PATH -->`` in the README."""
-    text = (REPO / "README.md").read_text()
+    """``{target path: code}`` of every block marked ``<!-- toy-method: PATH -->`` in docs/extending.md."""
+    text = (REPO / "docs" / "extending.md").read_text()
     return {m.group(1): m.group(2) for m in re.finditer(
         r"<!-- toy-method: (\S+) -->\s*```\w+\n(.*?)```", text, re.S)}
 
