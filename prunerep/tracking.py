@@ -32,15 +32,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
+from prunerep.results.schema import DIVERGENCE_METRICS, SIMILARITY_METRICS, pick_metric
 from prunerep.sparsity import sparsity_label
-
-from prunerep.results.schema import (DIVERGENCE_METRICS, SIMILARITY_METRICS, STEP_CONTEXTS, at_reference_temperature,
-                              per_prompt_mean, pick_metric)
+from prunerep.viz.probes import TRANSITION_ROWS, probe_curves, transition_curves
 
 log = logging.getLogger("prunerep.tracking")
+
+#: per axis of the probe curves: the line plots drawn per space (kind, metric preferences) and the x label
+LINE_PLOTS = {"layer": ((("similarity", SIMILARITY_METRICS), ("divergence", DIVERGENCE_METRICS)), "layer"),
+              "step": ((("divergence", DIVERGENCE_METRICS),), "decoding step (teacher-forced vs free-running)")}
+EVAL_KEYS = ("dense", "pruned", "abs_change", "rel_change")
 
 
 def _flatten(d: Any, prefix: str = "", out: Optional[dict] = None) -> dict:
@@ -61,6 +67,11 @@ def _flatten(d: Any, prefix: str = "", out: Optional[dict] = None) -> dict:
         except Exception:
             pass
     return out
+
+
+def _numbers(d: Any, prefix: str) -> dict:
+    """The numbers (bools included) of the nested dict ``d``, flattened under ``prefix``."""
+    return {prefix + k: v for k, v in _flatten(d).items() if isinstance(v, (int, float))}
 
 
 class Tracker:
@@ -106,11 +117,11 @@ class Tracker:
         return Path(os.path.expanduser(str(d))) if d else self.run_dir
 
     def _init(self, mode: str) -> None:
-        import wandb
+        import wandb  # here, not at the top: slow to import, and never needed with wandb.mode=disabled
 
         self._wandb = wandb
         if mode != "online":
-            _no_analytics_export()
+            _no_analytics_export(wandb)
         w, ident = self.settings, self.identity
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
         config = dict(self.config, run_dir=str(self.run_dir), config_hash=ident.config_hash,
@@ -131,10 +142,9 @@ class Tracker:
             dir=str(self.wandb_dir), config=config, settings=settings,
         )
         # each family of curves has its own x axis (W&B's step stays monotonic across all of them)
-        self.run.define_metric("layer/index", hidden=True)
-        self.run.define_metric("layer/*", step_metric="layer/index")
-        self.run.define_metric("step/index", hidden=True)
-        self.run.define_metric("step/*", step_metric="step/index")
+        for axis in LINE_PLOTS:
+            self.run.define_metric(f"{axis}/index", hidden=True)
+            self.run.define_metric(f"{axis}/*", step_metric=f"{axis}/index")
         log.info("wandb %s run %s (%s) in %s", mode, self.run.id, self.run.name, self.wandb_dir)
 
     def _warn(self, msg: str, once: bool = True) -> None:
@@ -152,7 +162,8 @@ class Tracker:
                 run.finish(exit_code=1)
             except Exception:
                 pass
-        tear_down_wandb()
+        if self._wandb is not None:
+            _tear_down(self._wandb)
 
     def _log(self, data: dict) -> None:
         """Every log call gets its own explicit step (required for offline runs in wandb >= 0.31)."""
@@ -197,48 +208,34 @@ class Tracker:
             self._warn(f"finish failed ({_one_line(e)})")
 
     # ------------------------------------------------------------------ implementations
+    def _table(self, df) -> Any:
+        return self._wandb.Table(dataframe=df.reset_index(drop=True))
+
     def _log_pruning(self, report: dict) -> None:
         wandb = self._wandb
-        scalars = {f"pruning/{k}": v for k, v in _flatten(
-            {k: v for k, v in report.items() if k not in ("modules", "method")}).items()
-            if isinstance(v, (int, float, bool))}
-        method = report.get("method")
-        if isinstance(method, dict):
-            scalars.update({f"pruning/method/{k}": v for k, v in _flatten(method).items()
-                            if isinstance(v, (int, float, bool))})
-        modules = report.get("modules") or {}
+        scalars = _numbers({k: v for k, v in report.items() if k != "modules"}, "pruning/")  # method/... too
         data = dict(scalars)
+        modules = report.get("modules") or {}
         if modules:
             rows = [[name, _layer_of(name), name.split(".", 2)[-1], float(frac)] for name, frac in modules.items()]
             data["pruning/modules"] = wandb.Table(columns=["module", "layer", "kind", "zero_fraction"], data=rows)
-        dropped = (method or {}).get("dropped") if isinstance(method, dict) else None
+        method = report.get("method")
+        dropped = method.get("dropped") if isinstance(method, dict) else None
         if dropped:
             data["pruning/dropped"] = wandb.Table(columns=["sublayer"], data=[[str(d)] for d in dropped])
         self._log(data)
         self.run.summary.update(scalars)
 
     def _log_probes(self, df, summary: dict) -> None:
-        import pandas as pd
-
-        wandb = self._wandb
+        """The curves of :func:`prunerep.viz.probes.probe_curves`: as history against their own x
+        axis (``<axis>/<context>/<space>/<metric>``, so that the runs of a sweep overlay in W&B's
+        charts), as tables ``probes/by_<axis>`` and, per space, as line plots (one line per context)."""
         if summary:
-            flat = {f"probes/{k}": v for k, v in _flatten(summary).items() if isinstance(v, (int, float))}
-            self.run.summary.update(flat)
+            self.run.summary.update(_numbers(summary, "probes/"))
         if df is None or len(df) == 0:
             return
-        df = pd.DataFrame(df)
-        for col in ("context", "space", "metric", "sublayer"):
-            if col in df:
-                df[col] = df[col].astype("string").fillna("")
-        df["value"] = pd.to_numeric(df["value"], errors="coerce")
-        df = df[df["value"].notna() & df["value"].map(lambda v: math.isfinite(v))]
-        df = at_reference_temperature(df)  # curves at T=1 (else the closest); NaN: T-independent
-
-        by_layer = _curve(df, "layer")
-        by_step = _curve(df, "step")
-
-        # native history with custom x axes: runs of a sweep overlay in W&B's charts
-        for axis, curve in (("layer", by_layer), ("step", by_step)):
+        plots: dict[str, Any] = {}
+        for axis, curve in probe_curves(df).items():
             if curve.empty:
                 continue
             for x, g in curve.groupby(axis, sort=True):
@@ -246,112 +243,80 @@ class Tracker:
                        zip(g["context"], g["space"], g["metric"], g["value"])}
                 row[f"{axis}/index"] = int(x)
                 self._log(row)
-
-        # line plots over tables (one per space: similarity and divergence vs layer, divergence vs step)
-        plots: dict[str, Any] = {}
-        if not by_layer.empty:
-            plots["probes/by_layer"] = wandb.Table(dataframe=by_layer.reset_index(drop=True))
-            for space, g in by_layer.groupby("space", sort=True):
-                for kind, prefs in (("similarity", SIMILARITY_METRICS), ("divergence", DIVERGENCE_METRICS)):
+            plots[f"probes/by_{axis}"] = self._table(curve)
+            kinds, xlabel = LINE_PLOTS[axis]
+            for space, g in curve.groupby("space", sort=True):
+                for kind, prefs in kinds:
                     metric = pick_metric(g["metric"].unique(), prefs)
-                    if metric is None:
+                    if metric is None:  # e.g. the tokens space: agreement only, in the history and table
                         continue
-                    sub = g[g["metric"] == metric][["context", "layer", "value"]].rename(columns={"value": metric})
-                    tbl = wandb.Table(dataframe=sub.reset_index(drop=True))
-                    plots[f"plots/{space}/{kind}_vs_layer"] = wandb.plot.line(
-                        tbl, "layer", metric, stroke="context", title=f"{space}: {metric} vs layer")
-        if not by_step.empty:
-            plots["probes/by_step"] = wandb.Table(dataframe=by_step.reset_index(drop=True))
-            for space, g in by_step.groupby("space", sort=True):
-                metric = pick_metric(g["metric"].unique(), DIVERGENCE_METRICS)
-                if metric is None:  # e.g. the tokens space: agreement only, in the history and table
-                    continue
-                sub = g[g["metric"] == metric][["context", "step", "value"]].rename(columns={"value": metric})
-                tbl = wandb.Table(dataframe=sub.reset_index(drop=True))
-                plots[f"plots/{space}/divergence_vs_step"] = wandb.plot.line(
-                    tbl, "step", metric, stroke="context",
-                    title=f"{space}: {metric} vs decoding step (teacher-forced vs free-running)")
+                    sub = g[g["metric"] == metric][["context", axis, "value"]].rename(columns={"value": metric})
+                    plots[f"plots/{space}/{kind}_vs_{axis}"] = self._wandb.plot.line(
+                        self._table(sub), axis, metric, stroke="context", title=f"{space}: {metric} vs {xlabel}")
         self._log(plots)
 
     def _log_transitions(self, df) -> None:
         """Sublayer transitions (``probe.transitions``): the curves of
         :func:`prunerep.viz.probes.transition_curves` as a table, and per space and
         comparison a line plot of attention vs MLP against the layer (prompt context)."""
-        from prunerep.viz.probes import TRANSITION_ROWS, transition_curves
-
         if df is None or len(df) == 0:
             return
         curves = transition_curves(df)
         if curves.empty:
             return
-        wandb = self._wandb
-        plots: dict[str, Any] = {"probes/transitions": wandb.Table(dataframe=curves.reset_index(drop=True))}
+        plots: dict[str, Any] = {"probes/transitions": self._table(curves)}
         ctx = "prompt" if (curves["context"] == "prompt").any() else "teacher_forced"
         for space, metric, _label in TRANSITION_ROWS:
             for comparison, g in curves[(curves["context"] == ctx) & (curves["space"] == space)
                                         & (curves["metric"] == metric)].groupby("comparison", sort=True):
-                tbl = wandb.Table(dataframe=g[["kind", "layer", "value"]].rename(columns={"value": metric})
-                                  .reset_index(drop=True))
-                plots[f"plots/{space}/transitions_{comparison}_{metric}"] = wandb.plot.line(
+                tbl = self._table(g[["kind", "layer", "value"]].rename(columns={"value": metric}))
+                plots[f"plots/{space}/transitions_{comparison}_{metric}"] = self._wandb.plot.line(
                     tbl, "layer", metric, stroke="kind", title=f"{space}: {metric}, {comparison} (attention vs MLP)")
         self._log(plots)
 
     def _log_top_tokens(self, top) -> None:
-        self._log({"probes/top_tokens": self._wandb.Table(dataframe=top.reset_index(drop=True))})
+        self._log({"probes/top_tokens": self._table(top)})
 
     def _log_evals(self, evals: dict) -> None:
-        wandb = self._wandb
-        tasks = (evals or {}).get("tasks") or {}
+        evals = evals or {}
         data, rows = {}, []
-        for name, t in tasks.items():
+        for name, t in (evals.get("tasks") or {}).items():
             if not isinstance(t, dict):
                 continue
-            for k in ("dense", "pruned", "abs_change", "rel_change"):
-                v = t.get(k)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    data[f"eval/{name}/{k}"] = v
-            rows.append([name, str(t.get("type", "")), str(t.get("metric", "")), _num(t.get("dense")),
-                         _num(t.get("pruned")), _num(t.get("abs_change")), _num(t.get("rel_change"))])
-        gap = (evals or {}).get("mc_vs_gen_gap")
-        for k, v in _flatten({"mc_vs_gen_gap": gap}).items() if gap is not None else ():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                data[f"eval/{k}"] = v
+            data.update({f"eval/{name}/{k}": t[k] for k in EVAL_KEYS if _num(t.get(k)) is not None})
+            rows.append([name, str(t.get("type", "")), str(t.get("metric", "")), *(_num(t.get(k)) for k in EVAL_KEYS)])
+        data.update({f"eval/{k}": v for k, v in _flatten({"mc_vs_gen_gap": evals.get("mc_vs_gen_gap")}).items()
+                     if _num(v) is not None})
         if rows:
-            data["eval/table"] = wandb.Table(
-                columns=["task", "type", "metric", "dense", "pruned", "abs_change", "rel_change"], data=rows)
+            data["eval/table"] = self._wandb.Table(columns=["task", "type", "metric", *EVAL_KEYS], data=rows)
         self._log(data)
         self.run.summary.update({k: v for k, v in data.items() if not k.endswith("/table")})
 
     def _log_summary(self, summary: dict) -> None:
         keep = {k: v for k, v in summary.items() if k not in ("probes", "traceback")}
-        flat = {f"run/{k}": v for k, v in _flatten(keep).items()}
-        self.run.summary.update(flat)
+        self.run.summary.update({f"run/{k}": v for k, v in _flatten(keep).items()})
 
 
 # --------------------------------------------------------------------------- helpers
 
-def tear_down_wandb(timeout_s: float = 10.0) -> None:
-    """After a wandb failure, leave nothing of wandb behind in this process: its import hook
-    (which otherwise runs, and can raise, on every later import) and its service connection.
-    The service shutdown waits at most ``timeout_s`` (a dead service must not hang the run)."""
-    import sys
-    import threading
-
+def _tear_down(wandb, timeout_s: float = 10.0) -> None:
+    """After a wandb failure, leave nothing of wandb behind in this process: its service connection
+    and its import hooks, which otherwise run (and can raise) on every later import.
+    ``wandb.teardown`` removes both, but waits on the service: it runs in a thread given
+    ``timeout_s`` (a dead service must not hang the run), so the hooks go first, here, whatever
+    becomes of that thread."""
     try:
-        from wandb.sdk.lib import import_hooks
-
-        import_hooks.unregister_all_post_import_hooks()
-        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, import_hooks.ImportHookFinder)]
-        import_hooks._post_import_hooks_init = False
-    except Exception:  # pragma: no cover - wandb's internals moved: nothing more to undo
+        hooks = wandb.sdk.lib.import_hooks
+        hooks.unregister_all_post_import_hooks()
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, hooks.ImportHookFinder)]
+        hooks._post_import_hooks_init = False
+    except Exception:  # pragma: no cover - wandb's internals moved: its teardown still clears them
         pass
 
     def teardown():
         try:
-            import wandb
-
             wandb.teardown(exit_code=1)
-        except BaseException:
+        except BaseException:  # its sys.exit with the service's exit code included
             pass
 
     t = threading.Thread(target=teardown, daemon=True, name="wandb-teardown")
@@ -359,16 +324,16 @@ def tear_down_wandb(timeout_s: float = 10.0) -> None:
     t.join(timeout_s)
 
 
-def _no_analytics_export() -> None:
+def _no_analytics_export(wandb) -> None:
     """An offline run must not touch the network. wandb >= 0.31 exports its own usage metrics
     (OpenTelemetry) to its server from a background thread, and at exit, whatever the run's mode
     (it checks the process-wide setup's mode, not the run's): on a compute node without internet
     that is a DNS lookup and a timeout per export. Turn that exporter off for this process."""
     try:
-        from wandb.analytics.opentelemetry import opentelemetry_proxy
-    except Exception:  # pragma: no cover - wandb before 0.31 has no such exporter
+        proxy = wandb.analytics.opentelemetry.opentelemetry_proxy
+    except AttributeError:  # pragma: no cover - wandb before 0.31 has no such exporter
         return
-    opentelemetry_proxy.disable()
+    proxy.disable()
 
 
 def _one_line(e: BaseException) -> str:
@@ -382,36 +347,7 @@ def _num(v: Any) -> Optional[float]:
 
 def _layer_of(name: str) -> int:
     parts = name.split(".")
-    try:
-        return int(parts[1]) if parts[0] == "layers" else -1
-    except (IndexError, ValueError):
-        return -1
-
-
-def _curve(df, axis: str):
-    """Curves along `axis` ("layer" or "step"), one per (context, space, metric), mean over prompts.
-
-    layer: every context, averaged over positions / decoding steps. step: the decoding step of the
-    teacher-forced and free-running contexts (step >= 0; -1 marks per-trajectory or all-position
-    values), at each context's last layer."""
-    import pandas as pd
-
-    cols = ["context", "space", "metric", axis, "value"]
-    if axis not in df or df.empty:
-        return pd.DataFrame(columns=cols)
-    sub = df[df[axis].notna()]
-    if axis == "step":
-        sub = sub[sub["context"].isin(STEP_CONTEXTS) & (sub["step"] >= 0)]
-        if "layer" in sub and sub["layer"].notna().any():
-            last = sub.groupby(["context", "space"])["layer"].transform("max")
-            sub = sub[sub["layer"] == last]
-    if "sublayer" in sub and (sub["sublayer"] == "block").any():
-        sub = sub[sub["sublayer"] == "block"]
-    if sub.empty:
-        return pd.DataFrame(columns=cols)
-    out = per_prompt_mean(sub, ["context", "space", "metric", axis], skipna=True)
-    out[axis] = out[axis].astype(int)
-    return out[cols]
+    return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 and parts[1].isdecimal() else -1
 
 
 __all__ = ["Tracker"]

@@ -26,9 +26,9 @@ from matplotlib.figure import Figure
 
 from prunerep.probes.outputs import ProbeResult, summarize
 from prunerep.results.schema import (CONTEXTS, PROBE_H_ATTR, PROBE_PLOTS, PROBES_FILE, PROBES_SUMMARY_FILE,
-                                     TOP_TOKENS_FILE, TOP_TOKENS_PLOT, TRANSITION_SUBLAYERS, TRANSITIONS_PLOT,
-                                     at_reference_temperature, mean_or_nan as _mean, per_prompt_mean,
-                                     reference_temperature, temperature_label as _t)
+                                     STEP_CONTEXTS, TOP_TOKENS_FILE, TOP_TOKENS_PLOT, TRANSITION_SUBLAYERS,
+                                     TRANSITIONS_PLOT, at_reference_temperature, mean_or_nan as _mean,
+                                     per_prompt_mean, reference_temperature, temperature_label as _t)
 from prunerep.results.store import atomic_write_json, atomic_write_with
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,37 @@ def plot_answer(df: pd.DataFrame, t_ref: float, path: Path) -> bool:
     return True
 
 
+def probe_curves(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The curves of the W&B run, ``{"layer": ..., "step": ...}``: one per (context, space, metric), the
+    mean over prompts of the finite values at the reference temperature (and the temperature-independent
+    rows), on the residual stream (sublayer block) where it was probed.
+
+    layer: every context, averaged over positions / decoding steps. step: the decoding step of the
+    teacher-forced and free-running contexts (step >= 0; -1 marks per-trajectory or all-position
+    values), at each context's last layer."""
+    df = df.assign(**{c: df[c].astype("string").fillna("") for c in ("context", "space", "metric", "sublayer")
+                      if c in df}, value=pd.to_numeric(df["value"], errors="coerce"))
+    df = at_reference_temperature(df[np.isfinite(df["value"])])
+    return {axis: _curve(df, axis) for axis in ("layer", "step")}
+
+
+def _curve(df: pd.DataFrame, axis: str) -> pd.DataFrame:
+    cols = ["context", "space", "metric", axis, "value"]
+    if axis not in df or df.empty:
+        return pd.DataFrame(columns=cols)
+    sub = df[df[axis].notna()]
+    if axis == "step":
+        sub = sub[sub["context"].isin(STEP_CONTEXTS) & (sub["step"] >= 0)]
+        if "layer" in sub and sub["layer"].notna().any():
+            sub = sub[sub["layer"] == sub.groupby(["context", "space"])["layer"].transform("max")]
+    if "sublayer" in sub and (sub["sublayer"] == "block").any():
+        sub = sub[sub["sublayer"] == "block"]
+    if sub.empty:
+        return pd.DataFrame(columns=cols)
+    out = per_prompt_mean(sub, ["context", "space", "metric", axis], skipna=True)
+    return out.astype({axis: int})[cols]
+
+
 #: (space, metric, label) per row of the transitions figure (and of their W&B plots)
 TRANSITION_ROWS = (("embedding", "one_minus_cos", "h: 1 − cos"), ("logit", "one_minus_cos", "z: 1 − cos"),
                    ("probability", "one_minus_cos", "p: 1 − cos"), ("probability", "kl", "p: KL"))
@@ -305,15 +336,11 @@ def write_probe_outputs(result: ProbeResult, run_dir: str | Path) -> dict:
             plot_steps(df, t_ref, steps_png)
     except Exception as e:  # a plot must never cost the numbers
         log.warning("probe plots failed: %s: %s", type(e).__name__, e)
-    for plot, name in ((plot_estimates, estimates_png), (plot_answer, answer_png)):
+    for plot, *args in ((plot_estimates, df, t_ref, estimates_png), (plot_answer, df, t_ref, answer_png),
+                        (plot_transitions, df, run_dir / TRANSITIONS_PLOT),
+                        (plot_top_tokens, result.top_tokens, run_dir / TOP_TOKENS_PLOT)):
         try:
-            plot(df, t_ref, name)
+            plot(*args)
         except Exception as e:
-            log.warning("probe plot %s failed: %s: %s", name.name, type(e).__name__, e)
-    for plot, data, name in ((plot_transitions, df, TRANSITIONS_PLOT), (plot_top_tokens, result.top_tokens,
-                                                                       TOP_TOKENS_PLOT)):
-        try:
-            plot(data, run_dir / name)
-        except Exception as e:
-            log.warning("probe plot %s failed: %s: %s", name, type(e).__name__, e)
+            log.warning("probe plot %s failed: %s: %s", args[-1].name, type(e).__name__, e)
     return summary
