@@ -48,8 +48,7 @@ from prunerep.report.plots import plot_estimates, plot_retained, plot_scores, pl
 from prunerep.sparsity import sparsity_key
 
 __all__ = ["ReportError", "by_method", "equal_memory_points", "estimate_points", "eval_scores", "final_layer_points",
-           "find_runs",
-           "format_thresholds", "load_sweep", "make_report", "sparsity_key", "step_curves", "thresholds"]
+           "find_runs", "format_thresholds", "load_sweep", "make_report", "sparsity_key", "step_curves", "thresholds"]
 
 
 def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, tol_pp: float = 1.0) -> dict:
@@ -60,10 +59,9 @@ def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, tol_pp
     table, runs = load_sweep(sweep_dir)
     out = Path(out_dir) if out_dir else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    files["table_parquet"] = atomic_write_with(out / "sweep.parquet", lambda p: table.to_parquet(p, index=False))
-    files["table_csv"] = atomic_write_with(out / "sweep.csv", lambda p: table.to_csv(p, index=False))
-    files["runs_csv"] = atomic_write_with(out / "runs.csv", lambda p: runs.to_csv(p, index=False))
+    files = {"table_parquet": atomic_write_with(out / "sweep.parquet", lambda p: table.to_parquet(p, index=False)),
+             "table_csv": atomic_write_with(out / "sweep.csv", lambda p: table.to_csv(p, index=False)),
+             "runs_csv": atomic_write_with(out / "runs.csv", lambda p: runs.to_csv(p, index=False))}
     figs = by_method(table)  # quantized runs apart from their pruner's: "wanda+gptq-w4g64"
     scores = eval_scores(figs)
     th = thresholds(scores, tol_pp)

@@ -31,6 +31,19 @@ SCORE_COLUMNS = ["run", "model", "pruner", "sparsity", "task", "task_type", "den
 CURVE_COLUMNS = ["run", "model", "pruner", "sparsity", "space", "metric", "context", "step", "value"]
 
 
+def _run_identity(g: pd.DataFrame) -> dict:
+    return {k: g[k].iloc[0] for k in ("model", "pruner", "sparsity")}
+
+
+def _headline_context(g: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The rows of the prompt context, else of the first context by name (all rows when none is named)."""
+    ctxs = [str(c) for c in g["context"].dropna().unique()]
+    if not ctxs:
+        return g, None
+    ctx = "prompt" if "prompt" in ctxs else sorted(ctxs)[0]
+    return g[g["context"] == ctx], ctx
+
+
 def _residual_at_reference_temperature(g: pd.DataFrame) -> pd.DataFrame:
     """The rows at the reference temperature, on the residual stream (sublayer block) if probed."""
     g = at_reference_temperature(g)
@@ -58,17 +71,10 @@ def final_layer_points(table: pd.DataFrame, kind: str) -> pd.DataFrame:
 
 def _final_point(g: pd.DataFrame, run, space: str, metric: str) -> dict:
     """One run's ``metric`` at the last layer: prompt context (else the first), reference temperature."""
-    g = g[g["metric"] == metric]
-    ctxs = [str(c) for c in g["context"].dropna().unique()]
-    if ctxs:
-        ctx = "prompt" if "prompt" in ctxs else sorted(ctxs)[0]
-        g = g[g["context"] == ctx]
-    g = _residual_at_reference_temperature(g)
+    g = _residual_at_reference_temperature(_headline_context(g[g["metric"] == metric])[0])
     if g["layer"].notna().any():
         g = g[g["layer"] == g["layer"].max()]
-    first = g.iloc[0]
-    return {"run": run, "model": first["model"], "pruner": first["pruner"], "sparsity": first["sparsity"],
-            "space": space, "metric": metric, "value": float(g["value"].mean())}
+    return {"run": run, **_run_identity(g), "space": space, "metric": metric, "value": float(g["value"].mean())}
 
 
 def estimate_points(table: pd.DataFrame) -> pd.DataFrame:
@@ -79,16 +85,14 @@ def estimate_points(table: pd.DataFrame) -> pd.DataFrame:
               & table["value"].notna()]
     out = []
     for run, g in p.groupby("run", sort=False):
-        ctxs = [str(c) for c in g["context"].dropna().unique()]
-        ctx = "prompt" if "prompt" in ctxs else (sorted(ctxs)[0] if ctxs else None)
-        g = _residual_at_reference_temperature(g[g["context"] == ctx] if ctx else g)
-        first = g.iloc[0]
+        g, ctx = _headline_context(g)
+        g = _residual_at_reference_temperature(g)
+        ident = _run_identity(g)
         means = g.groupby(["layer", "metric"])["value"].mean()
         for exact, est in ESTIMATES:
             for layer in sorted({lay for lay, m in means.index if m == exact}):
                 if (layer, est) in means.index:
-                    out.append({"run": run, "model": first["model"], "pruner": first["pruner"],
-                                "sparsity": first["sparsity"], "context": ctx, "layer": layer, "exact_metric": exact,
+                    out.append({"run": run, **ident, "context": ctx, "layer": layer, "exact_metric": exact,
                                 "exact": float(means[(layer, exact)]), "estimate": float(means[(layer, est)])})
     return pd.DataFrame(out, columns=ESTIMATE_COLUMNS)
 
@@ -107,11 +111,7 @@ def step_curves(table: pd.DataFrame) -> pd.DataFrame:
         if g["layer"].notna().any():
             g = g[g["layer"].isna() | (g["layer"] == g["layer"].max())]
         c = g.groupby(["context", "step"], as_index=False)["value"].mean()
-        first = g.iloc[0]
-        for k in ("model", "pruner", "sparsity"):
-            c[k] = first[k]
-        c["run"], c["space"], c["metric"] = run, space, metric
-        out.append(c)
+        out.append(c.assign(**_run_identity(g), run=run, space=space, metric=metric))
     return pd.concat(out, ignore_index=True)[CURVE_COLUMNS] if out else pd.DataFrame(columns=CURVE_COLUMNS)
 
 
@@ -156,22 +156,14 @@ def thresholds(scores: pd.DataFrame, tol_pp: float = 1.0) -> dict:
     ``{model: {pruner: {"retrieval" | "mc" | "generative": {"unstructured": sp | None, "nm": sp | None,
     "tested": [{"sparsity": sp, "worst_drop_pp": x}, ...]}}}}``"""
     out: dict = {}
-    if scores.empty:
-        return out
     for (model, pruner), g in scores.groupby(["model", "pruner"], sort=True):
         res = {}
         for name, ttype in THRESHOLD_FAMILIES:
             gt = g[g["task_type"] == ttype]
-            entry: dict[str, Any] = {"unstructured": None, "nm": None, "tested": []}
-            if gt.empty:
-                res[name] = entry
-                continue
-            by_sp = {}
-            for sp, gs in gt.groupby("sparsity"):
-                drop = (gs["dense"] - gs["pruned"]).max()  # worst task
-                by_sp[str(sp)] = float(drop)
-            entry["tested"] = [{"sparsity": sp, "worst_drop_pp": round(by_sp[sp], 3)}
-                               for sp in sorted(by_sp, key=sparsity_key)]
+            by_sp = {str(sp): float((gs["dense"] - gs["pruned"]).max())  # the worst task
+                     for sp, gs in gt.groupby("sparsity")}
+            entry: dict[str, Any] = {"unstructured": None, "nm": None, "tested": [
+                {"sparsity": sp, "worst_drop_pp": round(by_sp[sp], 3)} for sp in sorted(by_sp, key=sparsity_key)]}
             for family, is_nm in (("unstructured", 0), ("nm", 1)):
                 best = None
                 for sp in sorted((s for s in by_sp if sparsity_key(s)[1] == is_nm), key=sparsity_key):

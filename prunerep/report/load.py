@@ -50,7 +50,8 @@ def find_runs(sweep_dir: Path) -> list[Path]:
     return sorted(d for d in found if not (set(d.relative_to(sweep_dir).parts) & SKIP_DIRS))
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def read_dict(path: Path) -> Optional[dict]:
+    """A JSON file's dict; None when absent, unreadable or not a dict."""
     try:
         d = read_json(path)
         return d if isinstance(d, dict) else None
@@ -58,20 +59,24 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def read_config(run_dir: Path) -> dict:
+    """A run's config.yaml, unresolved; {} when absent or unreadable."""
+    try:
+        c = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=False)
+        return c if isinstance(c, dict) else {}
+    except Exception:
+        return {}
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _run_identity(run_dir: Path, sweep_dir: Path) -> dict:
-    summary = _read_json(run_dir / SUMMARY_FILE) or {}
+    summary = read_dict(run_dir / SUMMARY_FILE) or {}
     started = (marker(run_dir) or {}).get("point") or {}  # what a point that never ended was
     summary = {**started, **summary}
-    cfg = {}
-    if (run_dir / CONFIG_FILE).is_file():
-        try:
-            cfg = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=False)
-        except Exception:
-            pass
+    cfg = read_config(run_dir)
 
     def pick(key, dotted):
         if summary.get(key) is not None:
@@ -83,7 +88,7 @@ def _run_identity(run_dir: Path, sweep_dir: Path) -> dict:
 
     sparsity = sparsity_label(pick("sparsity", "sparsity"))
     ratio, nm, _ = sparsity_key(sparsity)
-    comp = _read_json(run_dir / COMPRESSION_FILE) or {}
+    comp = read_dict(run_dir / COMPRESSION_FILE) or {}
     qentry = next((p for p in comp.get("perturbations") or [] if isinstance(p, dict)
                    and p.get("kind") == "quantization"), {})
     quant = str(pick("quant", "quant.name") or qentry.get("method") or "none")
@@ -128,50 +133,33 @@ def _probe_rows(run_dir: Path) -> pd.DataFrame:
 
 
 def _eval_rows(run_dir: Path) -> pd.DataFrame:
-    ev = _read_json(run_dir / EVALS_FILE) or {}
+    ev = read_dict(run_dir / EVALS_FILE) or {}
     rows = []
     for task, t in (ev.get("tasks") or {}).items():
         if not isinstance(t, dict):
             continue
-        for k in EVAL_VALUES:
-            v = t.get(k)
-            if _is_number(v):
-                rows.append({"source": "eval", "task": task, "task_type": t.get("type"),
-                             "context": t.get("metric"), "metric": k, "value": float(v)})
+        row = {"source": "eval", "task": task, "task_type": t.get("type"), "context": t.get("metric")}
+        rows += [dict(row, metric=k, value=float(t[k])) for k in EVAL_VALUES if _is_number(t.get(k))]
         if any(f in t for f in EXCLUSION_FLAGS):
-            rows.append({"source": "eval", "task": task, "task_type": t.get("type"), "context": t.get("metric"),
-                         "metric": "excluded", "value": float(any(bool(t.get(f)) for f in EXCLUSION_FLAGS))})
+            rows.append(dict(row, metric="excluded", value=float(any(bool(t.get(f)) for f in EXCLUSION_FLAGS))))
     gap = ev.get("mc_vs_gen_gap")
-    if _is_number(gap):
-        rows.append({"source": "eval", "task": "mc_vs_gen_gap", "metric": "mc_vs_gen_gap", "value": float(gap)})
-    elif isinstance(gap, dict):
-        for k, v in gap.items():
-            if _is_number(v):
-                rows.append({"source": "eval", "task": "mc_vs_gen_gap", "metric": str(k), "value": float(v)})
+    rows += [{"source": "eval", "task": "mc_vs_gen_gap", "metric": str(k), "value": float(v)}
+             for k, v in (gap if isinstance(gap, dict) else {"mc_vs_gen_gap": gap}).items() if _is_number(v)]
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
-def _run_rows(ident: dict, run_dir: Path) -> pd.DataFrame:
-    s = ident["_summary"]
-    rows = []
-    if isinstance(ident.get("achieved_sparsity"), (int, float)):
-        rows.append({"source": "pruning", "metric": "achieved_sparsity", "value": float(ident["achieved_sparsity"])})
-    pr = _read_json(run_dir / PRUNING_FILE) or {}
-    for k in ("max_abs_deviation_pp", "lm_head_sparsity"):
-        if isinstance(pr.get(k), (int, float)):
-            rows.append({"source": "pruning", "metric": k, "value": float(pr[k])})
-    for stage, sec in (s.get("timings_s") or {}).items():
-        if isinstance(sec, (int, float)):
-            rows.append({"source": "run", "metric": f"time_s/{stage}", "value": float(sec)})
-    peak = s.get("peak_memory_mb") or {}
-    for kind, mb in peak.items():
-        if isinstance(mb, (int, float)):
-            rows.append({"source": "run", "metric": f"peak_memory_mb/{kind}", "value": float(mb)})
-    for stage, kinds in (peak.get("stages") or {}).items():
-        for kind, mb in (kinds or {}).items():
-            if isinstance(mb, (int, float)):
-                rows.append({"source": "run", "metric": f"peak_memory_mb/{stage}/{kind}", "value": float(mb)})
-    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+def _run_rows(run_dir: Path, ident: dict, summary: dict) -> pd.DataFrame:
+    """Achieved sparsity, pruning.json's deviations, summary.json's timings and peak memory."""
+    pr = read_dict(run_dir / PRUNING_FILE) or {}
+    peak = summary.get("peak_memory_mb") or {}
+    values = [("pruning", "achieved_sparsity", ident.get("achieved_sparsity"))]
+    values += [("pruning", k, pr.get(k)) for k in ("max_abs_deviation_pp", "lm_head_sparsity")]
+    values += [("run", f"time_s/{stage}", sec) for stage, sec in (summary.get("timings_s") or {}).items()]
+    values += [("run", f"peak_memory_mb/{kind}", mb) for kind, mb in peak.items()]
+    values += [("run", f"peak_memory_mb/{stage}/{kind}", mb)
+               for stage, kinds in (peak.get("stages") or {}).items() for kind, mb in (kinds or {}).items()]
+    return pd.DataFrame([{"source": src, "metric": m, "value": float(v)} for src, m, v in values
+                         if isinstance(v, (int, float))], columns=ROW_COLUMNS)
 
 
 def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -192,18 +180,15 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                          total_s=(s.get("timings_s") or {}).get("total")))
         if ident["status"] != "complete":
             continue
-        ident["_summary"] = s
-        rows = pd.concat([x for x in (_probe_rows(d), _eval_rows(d), _run_rows(ident, d)) if not x.empty]
+        rows = pd.concat([x for x in (_probe_rows(d), _eval_rows(d), _run_rows(d, ident, s)) if not x.empty]
                          or [pd.DataFrame(columns=ROW_COLUMNS)], ignore_index=True)
         for k in RUN_COLUMNS:
             rows[k] = ident.get(k)
         parts.append(rows[RUN_COLUMNS + ROW_COLUMNS])
-    runs_df = pd.DataFrame(runs)
-    runs_df = runs_df.iloc[sorted(range(len(runs_df)), key=lambda i: (
-        str(runs_df.iloc[i]["model"]), str(runs_df.iloc[i]["pruner"]), sparsity_key(runs_df.iloc[i]["sparsity"]),
-        str(runs_df.iloc[i]["method"]), str(runs_df.iloc[i]["run"])))].reset_index(drop=True)
+    runs.sort(key=lambda r: (str(r["model"]), str(r["pruner"]), sparsity_key(r["sparsity"]), str(r["method"]),
+                             str(r["run"])))
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=RUN_COLUMNS + ROW_COLUMNS)
-    return _typed(table), runs_df
+    return _typed(table), pd.DataFrame(runs)
 
 
 def _typed(t: pd.DataFrame) -> pd.DataFrame:

@@ -18,12 +18,11 @@ import pandas as pd
 
 from prunerep.evals.taskspec import FAMILIES, PERPLEXITY
 from prunerep.report.analysis import eval_scores, final_layer_points
+from prunerep.report.plots import _empty, _in_order, _log_if_wide, _panels, _save
 
 POINT_COLUMNS = ["run", "model", "family", "method", "pruner", "quant", "sparsity", "effective_bits", "dense_bits",
                  "panel", "value", "dense"]
 KL_PANEL = "final-layer KL(p)"
-#: task families in the order their panels are drawn (others follow, by name)
-FAMILY_ORDER = FAMILIES
 RUN_KEYS = ["run", "model", "family", "method", "pruner", "quant", "sparsity", "effective_bits", "dense_bits"]
 
 
@@ -61,10 +60,9 @@ def equal_memory_points(table: pd.DataFrame) -> pd.DataFrame:
     return out[POINT_COLUMNS].reset_index(drop=True)
 
 
-def _panels(points: pd.DataFrame) -> list[str]:
+def _panel_names(points: pd.DataFrame) -> list[str]:
     present = [str(p) for p in pd.unique(points["panel"])]
-    fams = sorted((p for p in present if p != KL_PANEL),
-                  key=lambda f: (FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER), f))
+    fams = _in_order((p for p in present if p != KL_PANEL), FAMILIES)  # the families' order, others by name
     return ([KL_PANEL] if KL_PANEL in present else []) + fams
 
 
@@ -77,10 +75,8 @@ def plot_equal_memory(points: pd.DataFrame, path: Path) -> Path:
     """The KL and the task scores against effective bits per weight, every method on one figure
     (pruners o, quantizers s, both ^), the dense model at its dtype's bits (KL: a dotted line;
     scores: a star and a dashed line)."""
-    from prunerep.report.plots import _empty, _panels as grid, _save
-
-    panels = _panels(points) if not points.empty else []
-    fig, axes = grid(max(1, len(panels)), "KL and task scores vs effective bits per weight (equal memory)")
+    panels = _panel_names(points) if not points.empty else []
+    fig, axes = _panels(max(1, len(panels)), "KL and task scores vs effective bits per weight (equal memory)")
     if not panels:
         _empty(axes[0], "no run with compression.json and probe or eval results")
         return _save(fig, path)
@@ -114,8 +110,7 @@ def plot_equal_memory(points: pd.DataFrame, path: Path) -> Path:
         vals = g["value"].astype(float)
         if panel == KL_PANEL:
             ax.set_ylabel("KL(p_dense || p) at the last layer")
-            if (vals > 0).all() and vals.max() / max(vals.min(), 1e-12) > 100:
-                ax.set_yscale("log")
+            _log_if_wide(ax, vals)
         elif panel == PERPLEXITY:
             ax.set_ylabel("perplexity (lower is better)")
             if (vals > 0).all() and math.isfinite(vals.max()):

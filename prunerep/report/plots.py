@@ -1,40 +1,55 @@
-"""The report's figures (matplotlib, Agg backend), each written atomically as a PNG. Inputs are the
-frames of :mod:`prunerep.report.analysis`; an empty input gives a figure that says so."""
+"""The report's figures, each written atomically as a PNG, and the helpers the report's other figures
+share. Inputs are the frames of :mod:`prunerep.report.analysis`; an empty input gives a figure that
+says so. Figures are :class:`matplotlib.figure.Figure` objects, as in :mod:`prunerep.viz.probes`: no
+pyplot, so no backend to choose and no global figure registry to close them in."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-from prunerep.results.store import atomic_write_with
-from prunerep.report.analysis import FAMILIES, GEN, MC
+from prunerep.evals.taskspec import FAMILIES, GENERATIVE as GEN, MULTIPLE_CHOICE as MC
 from prunerep.results.schema import SPACE_ORDER
+from prunerep.results.store import atomic_write_with
 from prunerep.sparsity import sparsity_key
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _save(fig: Figure, path: Path) -> Path:
+    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
-def _save(fig, path: Path) -> Path:
-    def writer(tmp: Path) -> None:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+def _colors(keys) -> dict:
+    """A viridis colour per key, in the order given."""
+    keys = list(keys)
+    return {k: colormaps["viridis"](i / max(1, len(keys) - 1)) for i, k in enumerate(keys)}
 
-    atomic_write_with(path, writer)
-    _plt().close(fig)
-    return path
+
+def _log_if_wide(ax, values: pd.Series) -> None:
+    """A log y axis for positive values spanning over two decades."""
+    if (values > 0).all() and values.max() / max(values.min(), 1e-12) > 100:
+        ax.set_yscale("log")
+
+
+def _sparsity_axis(ax, title: str, labels: list[str], ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _in_order(values, order) -> list[str]:
+    """``values`` sorted as in ``order``, the others after them, by name."""
+    return sorted(values, key=lambda v: (order.index(v) if v in order else len(order), v))
 
 
 def _spaces(values) -> list[str]:
-    """The spaces present, in :data:`prunerep.results.schema.SPACE_ORDER` (unknown ones last, by name)."""
-    vals = [str(v) for v in pd.unique(values) if pd.notna(v)]
-    return sorted(vals, key=lambda s: (SPACE_ORDER.index(s) if s in SPACE_ORDER else len(SPACE_ORDER), s))
+    """The spaces present, in :data:`prunerep.results.schema.SPACE_ORDER`."""
+    return _in_order([str(v) for v in pd.unique(values) if pd.notna(v)], SPACE_ORDER)
 
 
 def _x_positions(sparsities) -> tuple[dict, list[str]]:
@@ -42,12 +57,11 @@ def _x_positions(sparsities) -> tuple[dict, list[str]]:
     return {s: i for i, s in enumerate(labels)}, labels
 
 
-def _panels(n: int, title: str, ncols_max: int = 4, height: float = 3.4, width: float = 4.3):
-    plt = _plt()
+def _panels(n: int, title: str, ncols_max: int = 4):
     ncols = max(1, min(n, ncols_max))
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(4.3 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     fig.suptitle(title)
@@ -76,14 +90,9 @@ def plot_vs_sparsity(points: pd.DataFrame, kind: str, path: Path) -> Path:
             gs = gs.sort_values("sparsity", key=lambda c: c.map(sparsity_key))
             lbl = f"{space} ({gs['metric'].iloc[0]})" + (f" {model}" if points["model"].nunique() > 1 else "")
             ax.plot([pos[s] for s in gs["sparsity"]], gs["value"], marker="o", label=lbl)
-        ax.set_title(str(pruner))
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel(kind)
-        if kind == "divergence" and (g["value"] > 0).all() and g["value"].max() / max(g["value"].min(), 1e-12) > 100:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if kind == "divergence":
+            _log_if_wide(ax, g["value"])
+        _sparsity_axis(ax, str(pruner), labels, kind)
     return _save(fig, path)
 
 
@@ -108,12 +117,7 @@ def plot_scores(scores: pd.DataFrame, path: Path) -> Path:
                     label=f"{name} (mean of {gt['task'].nunique()} task(s))")
             ax.axhline(float(m["dense"].mean()), ls="--", color=colors.get(ttype), alpha=0.8,
                        label=f"{name} dense")
-        ax.set_title(str(pruner))
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("score (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _sparsity_axis(ax, str(pruner), labels, "score (%)")
     return _save(fig, path)
 
 
@@ -158,12 +162,7 @@ def plot_retained(scores: pd.DataFrame, path: Path) -> Path:
             ax.plot(x, gp["retained"], ls="--", marker=".", color=color, alpha=0.6,
                     label=f"{pruner} pruned/dense ({int(gp['n_tasks'].max())} task(s))")
         ax.axhline(1.0, ls="--", color="gray", alpha=0.7)
-        ax.set_title(fam + (" (dense / pruned)" if fam == "perplexity" else ""))
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("kept")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _sparsity_axis(ax, fam + (" (dense / pruned)" if fam == "perplexity" else ""), labels, "kept")
     return _save(fig, path)
 
 
@@ -177,10 +176,7 @@ def plot_estimates(points: pd.DataFrame, path: Path) -> Path:
         for ax in axes:
             _empty(ax, "no probability-space probe results")
         return _save(fig, path)
-    plt = _plt()
-    sps = sorted(points["sparsity"].dropna().unique(), key=sparsity_key)
-    cmap = plt.get_cmap("viridis")
-    color = {s: cmap(i / max(1, len(sps) - 1)) for i, s in enumerate(sps)}
+    color = _colors(sorted(points["sparsity"].dropna().unique(), key=sparsity_key))
     markers = dict(zip(sorted(points["pruner"].dropna().unique()), "osd^v<>ph*"))
     for ax, (exact, xlabel, ylabel) in zip(axes, panels):
         g = points[(points["exact_metric"] == exact) & (points["exact"] > 0) & (points["estimate"] > 0)]
@@ -203,19 +199,16 @@ def plot_estimates(points: pd.DataFrame, path: Path) -> Path:
 def plot_steps(curves: pd.DataFrame, path: Path) -> Path:
     """:func:`~prunerep.report.analysis.step_curves`: a grid of pruner x space, one line per
     sparsity (colour) and context (teacher-forced solid, free-running dashed)."""
-    plt = _plt()
     if curves.empty:
         fig, axes = _panels(1, "divergence vs decoding step")
         _empty(axes[0], "no per-step probe results (probe contexts teacher_forced / free_running)")
         return _save(fig, path)
     pruners = sorted(curves["pruner"].dropna().unique())
     spaces = _spaces(curves["space"])
-    fig, axes = plt.subplots(len(pruners), len(spaces), figsize=(4.3 * len(spaces), 3.4 * len(pruners)),
-                             squeeze=False, layout="constrained")
+    fig = Figure(figsize=(4.3 * len(spaces), 3.4 * len(pruners)), layout="constrained")
+    axes = fig.subplots(len(pruners), len(spaces), squeeze=False)
     fig.suptitle("divergence vs decoding step (teacher-forced solid, free-running dashed)")
-    sps = sorted(curves["sparsity"].dropna().unique(), key=sparsity_key)
-    cmap = plt.get_cmap("viridis")
-    color = {s: cmap(i / max(1, len(sps) - 1)) for i, s in enumerate(sps)}
+    color = _colors(sorted(curves["sparsity"].dropna().unique(), key=sparsity_key))
     styles = {"teacher_forced": "-", "free_running": "--", "prompt": ":"}
     for i, pruner in enumerate(pruners):
         for j, space in enumerate(spaces):

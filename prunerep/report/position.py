@@ -12,26 +12,19 @@ position axis at all (the figure is drawn only then)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pandas as pd
-from omegaconf import OmegaConf
 
-from prunerep.results.store import read_json
-from prunerep.results.schema import CONFIG_FILE, PRUNING_FILE
+from prunerep.report.analysis import eval_scores, final_layer_points
+from prunerep.report.load import read_config, read_dict
+from prunerep.report.plots import _empty, _log_if_wide, _panels, _save
+from prunerep.results.schema import PRUNING_FILE
 
 POSITION_COLUMNS = ["run", "model", "target", "selection", "width", "position", "blocks", "label"]
 #: the lines of the figure: runs that differ only in where their blocks sit
 SERIES = ["model", "target", "selection", "width"]
 POINT_COLUMNS = ["run", *SERIES, "position", "label", "kind", "family", "task", "metric", "dense", "value"]
-
-
-def _config(run_dir: Path) -> dict:
-    try:
-        c = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=False)
-        return c if isinstance(c, dict) else {}
-    except Exception:  # absent or unreadable: the run's position is unknown
-        return {}
 
 
 def _label(blocks: list[int]) -> str:
@@ -42,14 +35,10 @@ def _label(blocks: list[int]) -> str:
 
 def run_position(run_dir: Path) -> Optional[dict]:
     """Where a run's dropped blocks sit, or None when its blocks were not chosen by position."""
-    pr = (_config(run_dir).get("pruner") or {})
+    pr = read_config(run_dir).get("pruner") or {}  # no config: the run's position is unknown
     if not isinstance(pr, dict) or (pr.get("layers") is None and pr.get("window_start") is None):
         return None
-    method: Any = {}
-    try:
-        method = (read_json(run_dir / PRUNING_FILE) or {}).get("method") or {}
-    except (OSError, ValueError):
-        pass
+    method = (read_dict(run_dir / PRUNING_FILE) or {}).get("method") or {}
     blocks = method.get("blocks") if isinstance(method, dict) else None
     if not blocks:  # no pruning.json: what the config asked for (negative indices stay as written)
         if pr.get("layers") is not None:
@@ -76,16 +65,12 @@ def layer_positions(runs: pd.DataFrame) -> pd.DataFrame:
 
 def varies(positions: pd.DataFrame) -> bool:
     """True when some line of the figure has two runs or more at different positions."""
-    if positions.empty:
-        return False
     return bool((positions.groupby(SERIES, dropna=False)["label"].nunique() > 1).any())
 
 
 def position_points(table: pd.DataFrame, positions: pd.DataFrame) -> pd.DataFrame:
     """Per positioned run: its eval scores (``kind`` score: one row per task, ``value`` = pruned,
     ``dense`` beside it) and its KL at the last layer (``kind`` kl, probability space)."""
-    from prunerep.report.analysis import eval_scores, final_layer_points
-
     if positions.empty:
         return pd.DataFrame(columns=POINT_COLUMNS)
     keep = ["run", *SERIES, "position", "label"]
@@ -108,7 +93,7 @@ def position_points(table: pd.DataFrame, positions: pd.DataFrame) -> pd.DataFram
     return pd.concat(parts, ignore_index=True)[POINT_COLUMNS]
 
 
-def _series_name(key: tuple, multi: dict) -> str:
+def _series_name(key, multi: dict) -> str:
     model, target, selection, width = key
     bits = [f"{width} block(s)" if selection == "window" else f"{width} listed block(s)"]
     if multi["target"]:
@@ -120,8 +105,6 @@ def _series_name(key: tuple, multi: dict) -> str:
 
 def plot_layer_position(points: pd.DataFrame, path: Path) -> Path:
     """``layer_position.png``: task scores per family and the final-layer KL vs the first dropped block."""
-    from prunerep.report.plots import _empty, _panels, _save
-
     scores = points[points["kind"] == "score"]
     kls = points[points["kind"] == "kl"]
     families = [str(f) for f in pd.unique(scores["family"].dropna())]
@@ -140,7 +123,7 @@ def plot_layer_position(points: pd.DataFrame, path: Path) -> Path:
 
     for ax, fam in zip(axes, families):
         g = scores[scores["family"] == fam]
-        for key, task, gt in _by_series_task(g):
+        for (*key, task), gt in g.groupby([*SERIES, "task"], dropna=False, sort=True):
             gt = gt.groupby("position", as_index=False).agg(value=("value", "mean"), dense=("dense", "mean"))
             line, = ax.plot(gt["position"], gt["value"], marker="o", label=f"{task} {_series_name(key, multi)}")
             ax.axhline(float(gt["dense"].mean()), ls="--", color=line.get_color(), alpha=0.7)
@@ -157,14 +140,7 @@ def plot_layer_position(points: pd.DataFrame, path: Path) -> Path:
             ax.plot(gk["position"], gk["value"], marker="o", label=_series_name(key, multi))
         ax.set_title(f"final layer, probability space ({kls['metric'].iloc[0]})")
         ax.set_ylabel(str(kls["metric"].iloc[0]))
-        v = kls["value"]
-        if (v > 0).all() and v.max() / max(v.min(), 1e-12) > 100:
-            ax.set_yscale("log")
+        _log_if_wide(ax, kls["value"])
         xaxis(ax)
         ax.legend(fontsize=6)
     return _save(fig, path)
-
-
-def _by_series_task(g: pd.DataFrame):
-    for key, gt in g.groupby([*SERIES, "task"], dropna=False, sort=True):
-        yield tuple(key[:len(SERIES)]), key[len(SERIES)], gt

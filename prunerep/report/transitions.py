@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
+from prunerep.report.plots import _colors, _empty, _save
 from prunerep.results.schema import TRANSITION_SUBLAYERS, at_reference_temperature
 from prunerep.sparsity import sparsity_key
 
@@ -43,17 +45,14 @@ def transition_points(table: pd.DataFrame) -> pd.DataFrame:
 
 def plot_sweep_transitions(points: pd.DataFrame, path: Path) -> Path:
     """``transitions_vs_layer.png`` from :func:`transition_points`."""
-    from prunerep.report.plots import _empty, _plt, _save
-
-    plt = _plt()
-    fig, axes = plt.subplots(len(ROWS), len(KINDS), figsize=(5.2 * len(KINDS), 3.3 * len(ROWS)), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(KINDS), 3.3 * len(ROWS)))
+    axes = fig.subplots(len(ROWS), len(KINDS), squeeze=False)
     fig.suptitle("sublayer transitions vs layer: dense (black dashed), pruned (solid), local damage (dotted)")
     fig.subplots_adjust(hspace=0.4, wspace=0.25, top=0.93)
     runs = points[["run", "pruner", "sparsity"]].drop_duplicates()
     runs = runs.iloc[sorted(range(len(runs)), key=lambda i: (str(runs.iloc[i]["pruner"]),
                                                             sparsity_key(runs.iloc[i]["sparsity"])))]
-    cmap = plt.get_cmap("viridis")
-    color = {r: cmap(i / max(1, len(runs) - 1)) for i, r in enumerate(runs["run"])}
+    color = _colors(runs["run"])
     label = dict(zip(runs["run"], [f"{p} {s}" for p, s in zip(runs["pruner"], runs["sparsity"])]))
     models = sorted(points["model"].dropna().unique())
     for r, (space, metric, ylabel) in enumerate(ROWS):
