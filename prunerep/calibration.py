@@ -36,11 +36,16 @@ def pydoc_text() -> str:
     return "\n\n".join(pydoc_topics("calibration").values())
 
 
-def c4_text(max_docs: int = 2000) -> str:
-    from datasets import load_dataset  # ~1 s to import, and only calib.source=c4 needs it
+def load_hub_dataset(*args, **kwargs):
+    """``datasets.load_dataset``: C4 here; WikiText and BEIR SciFact for the evaluations."""
+    from datasets import load_dataset  # ~1 s to import: only where the Hugging Face Hub is used
 
-    ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                      split="validation")
+    return load_dataset(*args, **kwargs)
+
+
+def c4_text(max_docs: int = 2000) -> str:
+    ds = load_hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                          split="validation")
     return "\n\n".join(ds[i]["text"] for i in range(min(max_docs, len(ds))))
 
 

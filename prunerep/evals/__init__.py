@@ -36,8 +36,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from prunerep.config import TaskConfig
-from prunerep.evals import harness
 from prunerep.evals.compare import compare_evals
+from prunerep.evals.perplexity import run_reference
+from prunerep.evals.retrieval import run_task
 from prunerep.evals.taskspec import EMBEDDING_RETRIEVAL, LM_EVAL, REFERENCE_PPL, requested, runner
 from prunerep.evals.validate import validate_tasks
 from prunerep.results.store import ABSENT, CacheInvalid, cache_lock, read_checked_json, stable_hash, write_checked_json
@@ -62,21 +63,17 @@ def evaluate_model(model, tokenizer, task: TaskConfig, workdir) -> dict:
     come back in the requested order. Generated task YAMLs and data go to ``<workdir>/tasks`` and
     ``<workdir>/data``."""
     task = _task_config(task)
-    names = requested(task)
+    if not (names := requested(task)):
+        return {}
+    from prunerep.evals import harness  # imports lm-eval (seconds): not on `import prunerep.evals`, nor for task=none
+
     how = {n: runner(n, task) for n in names}
     lm_names = [n for n in names if how[n] == LM_EVAL]
-    done: dict[str, dict] = {}
-    if lm_names:
-        done.update(harness.evaluate(model, tokenizer, dataclasses.replace(task, tasks=lm_names), workdir))
-    if direct := [n for n in names if how[n] != LM_EVAL]:
-        # both import torch: not on `import prunerep.evals` (the report reads the task registry)
-        from prunerep.evals.perplexity import run_reference
-        from prunerep.evals.retrieval import run_task
-
-        run = {REFERENCE_PPL: run_reference, EMBEDDING_RETRIEVAL: run_task}
-        for name in direct:
-            with harness.hub_offline(task.offline):
-                done[name] = {name: run[how[name]](name, model, tokenizer, task)}
+    done = harness.evaluate(model, tokenizer, dataclasses.replace(task, tasks=lm_names), workdir) if lm_names else {}
+    run = {REFERENCE_PPL: run_reference, EMBEDDING_RETRIEVAL: run_task}
+    for name in (n for n in names if how[n] != LM_EVAL):
+        with harness.hub_offline(task.offline):
+            done[name] = {name: run[how[name]](name, model, tokenizer, task)}
     return {k: v for n in names for k, v in done[n].items()}
 
 

@@ -52,6 +52,7 @@ import math
 from typing import Any
 
 from prunerep.evals.bias import compare_picks
+from prunerep.evals.retrieval import embedding_cosine
 from prunerep.evals.taskspec import FAMILIES, GENERATIVE, MULTIPLE_CHOICE, PERPLEXITY, RETRIEVAL
 from prunerep.results.schema import (Debias, DensePruned, EvalsReport, Family, Fidelity, GapAboveChance, Headline,
                                      HeadlineStep, MetricChange, Pair, RetrievalChange, SameDocs, TaskRow)
@@ -125,8 +126,6 @@ def compare_task(dense: dict | None, pruned: dict | None) -> TaskRow:
                    for k, v in dense["metrics"].items() if k != "n_tokens"}
     retrieval = None
     if ttype == RETRIEVAL:
-        from prunerep.evals.retrieval import embedding_cosine  # imports torch: not on `import prunerep.evals`
-
         retrieval = RetrievalChange(ref.get("metrics_chance"),
                                     embedding_cosine(dense.get("embeddings"), pruned.get("embeddings")))
     return TaskRow(

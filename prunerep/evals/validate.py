@@ -7,27 +7,25 @@
   generated names).
 * Tasks computed on the model directly (retrieval, reference perplexity) are offline or hub
   tasks like the others; the registry (:mod:`prunerep.evals.taskspec`) names their datasets.
-* Hub tasks (``task.offline=false``, ``task=paper``) need huggingface.co: a TCP connect to
-  ``huggingface.co:443`` with a short timeout (immediate where DNS fails) decides, and the
+* Hub tasks (``task.offline=false``, ``task=paper``) need huggingface.co: a short TCP connect
+  (:func:`prunerep.model.sources.hub_reachable`, immediate where DNS fails) decides, and the
   error names the dataset that could not be reached and points at ``task=offline``.
 """
 from __future__ import annotations
 
 import difflib
 import functools
-import importlib.util
 import os
 import re
-import socket
 from pathlib import Path
 
 from prunerep.config import TaskConfig
 from prunerep.errors import ConfigError
 from prunerep.evals.bias import DEBIAS_MODES
-from prunerep.evals.offline import ARITH_KINDS
+from prunerep.evals.offline import ARITH_KINDS, package_dir
 from prunerep.evals.taskspec import LM_EVAL, OFFLINE_NAMES, POOLINGS, PPL_PROTOCOLS, TASKS, hub_dataset, requested, runner
+from prunerep.model.sources import hub_reachable
 
-HUB_HOST = ("huggingface.co", 443)
 _NAME_RX = re.compile(r"^(task|group|tag):\s*(.*)$")
 _DATASET_RX = re.compile(r"^dataset_path:\s*['\"]?([^'\"\s#]+)", re.M)
 _ITEM_RX = re.compile(r"^\s*-\s*['\"]?([A-Za-z0-9_.\-]+)['\"]?\s*$")
@@ -36,10 +34,10 @@ _ITEM_RX = re.compile(r"^\s*-\s*['\"]?([A-Za-z0-9_.\-]+)['\"]?\s*$")
 @functools.lru_cache(maxsize=1)
 def lm_eval_task_names() -> dict[str, str | None]:
     """Cheap listing of lm-eval's registry: ``{task/group/tag name: dataset_path or None}``."""
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or spec.origin is None:
+    try:
+        root = package_dir("lm_eval") / "tasks"
+    except FileNotFoundError:
         return {}
-    root = Path(spec.origin).parent / "tasks"
     names: dict[str, str | None] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
@@ -90,43 +88,27 @@ def unknown_task_error(name: str, hub_names=()) -> ConfigError:
     return ConfigError(f"unknown task {name!r} in task.tasks; {hint}")
 
 
-def hub_reachable(timeout_s: float = 2.0) -> bool:
-    """Whether huggingface.co:443 accepts a TCP connection (False at once where DNS fails)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return False
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+#: task settings with a least value: {key: (least, what null means; None: null is not allowed)}
+_LEAST = {"limit": (1, " for every document"), "num_fewshot": (0, " for each task's default"),
+          **dict.fromkeys(("batch_size", "max_gen_toks", "code_max_gen_toks", "n_arith", "code_memory_mb"), (1, None)),
+          "logits_memory_mb": (1, ": from the free memory"), "ppl_seqlen": (2, " for the model's length"),
+          "ppl_chars": (1, " for all the held-out text"), "retrieval_n": (2, None), "retrieval_max_tokens": (2, None)}
 
 
 def _check_settings(t: TaskConfig) -> None:
-    if t.limit is not None and int(t.limit) < 1:
-        raise ConfigError(f"task.limit={t.limit} must be >= 1 (or null for every document)")
-    if t.num_fewshot is not None and int(t.num_fewshot) < 0:
-        raise ConfigError(f"task.num_fewshot={t.num_fewshot} must be >= 0 (or null for each task's default)")
-    for key in ("batch_size", "max_gen_toks", "code_max_gen_toks", "n_arith", "code_memory_mb"):
-        if int(getattr(t, key)) < 1:
-            raise ConfigError(f"task.{key}={getattr(t, key)} must be >= 1")
+    for key, (least, null) in _LEAST.items():
+        v = getattr(t, key)
+        if (v is not None or null is None) and int(v) < least:
+            raise ConfigError(f"task.{key}={v} must be >= {least}" + (f" (or null{null})" if null else ""))
     bad = [k for k in t.arith_kinds if k not in ARITH_KINDS] or ([] if len(t.arith_kinds) else ["(empty)"])
     if bad:
         raise ConfigError(f"task.arith_kinds: unknown {bad[0]!r}; choose from {', '.join(ARITH_KINDS)}")
-    if t.logits_memory_mb is not None and int(t.logits_memory_mb) < 1:
-        raise ConfigError(f"task.logits_memory_mb={t.logits_memory_mb} must be >= 1 (or null: from the free memory)")
     if not float(t.code_timeout_s) > 0:
         raise ConfigError(f"task.code_timeout_s={t.code_timeout_s} must be > 0 seconds")
     for key, choices in (("ppl_protocol", PPL_PROTOCOLS), ("mc_debias", DEBIAS_MODES),
                          ("retrieval_pooling", POOLINGS)):
         if getattr(t, key) not in choices:
             raise ConfigError(f"task.{key}={getattr(t, key)!r}; choose {' or '.join(choices)}")
-    if t.ppl_seqlen is not None and int(t.ppl_seqlen) < 2:
-        raise ConfigError(f"task.ppl_seqlen={t.ppl_seqlen} must be >= 2 (or null for the model's length)")
-    if t.ppl_chars is not None and int(t.ppl_chars) < 1:
-        raise ConfigError(f"task.ppl_chars={t.ppl_chars} must be >= 1 (or null for all the held-out text)")
-    for key in ("retrieval_n", "retrieval_max_tokens"):
-        if int(getattr(t, key)) < 2:
-            raise ConfigError(f"task.{key}={getattr(t, key)} must be >= 2")
 
 
 def validate_tasks(task: TaskConfig) -> None:
@@ -151,7 +133,7 @@ def validate_tasks(task: TaskConfig) -> None:
             f"task {hub[0]!r} is {'an lm-eval hub' if runner(hub[0], task) == LM_EVAL else 'a Hugging Face Hub'} "
             f"task but task.offline=true; set task.offline=false (or task=paper) where the Hugging Face Hub is "
             f"reachable, or use offline tasks: {', '.join(OFFLINE_NAMES)}")
-    if not hub_reachable():
+    if not hub_reachable(timeout=2.0):
         dataset = hub_dataset(hub[0], task) or listed.get(hub[0]) or "its Hugging Face dataset"
         raise ConfigError(
             f"task {hub[0]!r} needs dataset {dataset!r} from huggingface.co, which cannot be reached "
