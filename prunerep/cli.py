@@ -29,6 +29,7 @@ import typing
 from pathlib import Path
 from typing import Optional
 
+import hydra
 from hydra import initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
@@ -315,8 +316,6 @@ def sweep(command: Command) -> None:
 
 def hydra_command(argv: list[str]) -> None:
     """Hydra's own commands (``--help``, ``--cfg job``, ...), through Hydra's command line."""
-    import hydra
-
     register_configs()
     register_plugin()
 

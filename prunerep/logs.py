@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from tqdm import std
+
 #: loggers whose records reach the console at INFO (and below); others only from WARNING
 OWN = ("prunerep", "hydra", "__main__")
 #: library root loggers routed through the root logger (their INFO to the log file)
@@ -170,11 +172,6 @@ def _quiet_lm_eval_setup() -> None:
 @contextlib.contextmanager
 def _bars_kept(prefixes: tuple[str, ...]) -> Iterator[None]:
     """tqdm bars whose description does not start with one of ``prefixes`` are not drawn."""
-    try:
-        from tqdm import std
-    except ImportError:
-        yield
-        return
     original = std.tqdm.__dict__["__init__"]
 
     def __init__(self, *args, **kwargs):

