@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random-initialised decoders built here, and the embedded SmolLM2."""
+"""Shared fixtures: tiny random-initialised decoders built here, the embedded SmolLM2 and its
+tokenizer, a character tokenizer, the module's prompts as a file. Plain helpers: helpers.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -53,6 +55,40 @@ def calib_ids():
 @pytest.fixture(scope="session")
 def cache_dir() -> str:
     return CACHE_DIR
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok(cache_dir):
+    """The embedded SmolLM2's tokenizer (the real 49k vocabulary), once per test module."""
+    from helpers import SMOLLM2_TOKENIZER
+    from prunerep.model.load import load_tokenizer
+
+    return load_tokenizer(SMOLLM2_TOKENIZER, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    """helpers.CharTokenizer: one token per character, a 256-token vocabulary."""
+    from helpers import CharTokenizer
+
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    """The test module's tiny random Llama (make_tiny's seed 0), once per module: ``TINY_LAYERS``
+    decoder blocks over the vocabulary of the tokenizer fixture that its ``TINY_TOKENIZER`` names
+    (``"smollm2_tok"`` or ``"char_tok"``)."""
+    tok = request.getfixturevalue(request.module.TINY_TOKENIZER)
+    return make_tiny("llama", vocab_size=len(tok), num_hidden_layers=request.module.TINY_LAYERS)
+
+
+@pytest.fixture
+def prompts_file(request, tmp_path) -> Path:
+    """The test module's ``PROMPTS`` (dicts: prompt, options) as a JSONL file, one per test."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in request.module.PROMPTS))
+    return path
 
 
 @pytest.fixture(scope="session")

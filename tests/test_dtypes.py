@@ -6,23 +6,17 @@ import pytest
 import torch
 
 from conftest import make_tiny
+from helpers import prune_settings as settings  # sparsity 0.5, batch_size 8
 from prunerep.model.anatomy import decoder_layers, model_targets
 from prunerep.compress.measure import measure_sparsity
-from prunerep.compress.method import PruneSettings
 from prunerep.compress.stats import RunningHessians
 from prunerep.registry import method_class
-from prunerep.sparsity import parse_sparsity
 
 HALF = [torch.bfloat16, torch.float16]
 
 
 def tiny(dtype):
     return make_tiny("llama").to(dtype)
-
-
-def settings(name: str, sparsity="0.5", **kw) -> PruneSettings:
-    return PruneSettings(spec=parse_sparsity(sparsity), pruner=method_class("pruner", name)(**kw),
-                         device=torch.device("cpu"), batch_size=8)
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -161,7 +161,7 @@ def test_permuted_options_put_the_always_a_model_at_chance_exactly(biased_runs):
 
 def _lm_eval_mmlu_config(subject: str, data_file: str) -> dict:
     """lm-eval's own ``mmlu_<subject>`` config (the installed YAML and its template), on our data."""
-    root = offline._package_dir("lm_eval") / "tasks" / "mmlu" / "default"
+    root = offline.package_dir("lm_eval") / "tasks" / "mmlu" / "default"
     cfg = yaml.safe_load((root / "_default_template_yaml").read_text())
     sub = yaml.safe_load((root / f"mmlu_{subject}.yaml").read_text())
     assert sub.pop("include") == "_default_template_yaml"

@@ -8,26 +8,24 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from conftest import CACHE_DIR, REPO, make_tiny
+from helpers import prune_settings
 from prunerep.errors import ConfigError
 from prunerep.results.store import atomic_write_json
-from prunerep.compress.method import PruneSettings
 from prunerep.registry import compose, method_class
 from prunerep.sparsity import parse_sparsity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def settings(sparsity="0.5", **kw) -> PruneSettings:
-    return PruneSettings(spec=parse_sparsity(sparsity), pruner=method_class("pruner", "layer_drop")(**kw),
-                         device=torch.device("cpu"), batch_size=8)
+settings = partial(prune_settings, "layer_drop")  # sparsity 0.5, batch_size 8
 
 
 class Zero(nn.Module):
@@ -145,7 +143,6 @@ def test_out_of_range_window_is_one_line_and_exit_2(tmp_path):
 
 
 def test_window_run_records_the_dropped_blocks(tmp_path):
-    from prunerep import pipeline
     from prunerep.cli import run_config
 
     cfg = compose("model=tiny", "pruner=layer_drop", "pruner.target=block", "pruner.window=2", "pruner.window_start=1",

@@ -10,12 +10,11 @@ import torch.nn.functional as F
 
 from cli import run_cli
 from conftest import make_tiny
+from helpers import prune_settings as settings  # sparsity 0.5, batch_size 8
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import coverage, decoder_layers, model_targets, routers
 from prunerep.compress.masks import mask_for
 from prunerep.compress.measure import measure_sparsity
-from prunerep.compress.method import PruneSettings
-from prunerep.compress.stats import wanda_score
 from prunerep.registry import method_class
 from prunerep.sparsity import parse_sparsity
 
@@ -29,12 +28,6 @@ FAMILIES = {
 
 def tiny_moe(family: str, **kw):
     return make_tiny(family, **{**FAMILIES[family], **kw})
-
-
-def settings(pruner: str, sparsity="0.5", batch_size=8, **kw) -> PruneSettings:
-    extra = {k: kw.pop(k) for k in ("expert_tokens", "expert_min_tokens") if k in kw}
-    return PruneSettings(spec=parse_sparsity(sparsity), pruner=method_class("pruner", pruner)(**kw),
-                         device=torch.device("cpu"), batch_size=batch_size, **extra)
 
 
 def experts_of(model, block: int = 0):

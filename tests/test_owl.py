@@ -8,24 +8,24 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import CACHE_DIR, REPO, make_tiny
+from helpers import prune_settings
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import decoder_layers
 from prunerep.compress.profile import owl_layer_ratios, owl_outlier_ratios
 from prunerep.compress.measure import measure_sparsity
-from prunerep.compress.method import PruneSettings, targets_of
+from prunerep.compress.method import targets_of
 from prunerep.registry import method_class
 from prunerep.sparsity import parse_sparsity
 
 
-def settings(name: str, sparsity="0.6", batch_size=8, **kw) -> PruneSettings:
-    return PruneSettings(spec=parse_sparsity(sparsity), pruner=method_class("pruner", name)(**kw),
-                         device=torch.device("cpu"), batch_size=batch_size)
+settings = partial(prune_settings, sparsity="0.6")  # batch_size 8
 
 
 def reference_owl(outlier_ratios, target, lam):
@@ -123,7 +123,7 @@ def test_owl_keeps_the_global_target_and_prunes_outlier_blocks_less(name, calib_
     model = make_tiny("llama", num_hidden_layers=4)
     inject_outliers(model)
     dense = copy.deepcopy(model)
-    cfg = settings(name, "0.6", profile="owl")
+    cfg = settings(name, sparsity="0.6", profile="owl")
     assert cfg.pruner.needs_calibration  # even magnitude: the outlier ratios need activations
     report = cfg.pruner.prune(model, calib_ids, cfg)
     prof = report["profile"]
@@ -188,7 +188,7 @@ def masks_of(model) -> dict:
 def test_uniform_wanda_masks_are_todays(sequential, calib_ids):
     model = make_tiny("llama")
     expected = hand_wanda(model, calib_ids, 0.5, sequential)
-    cfg = settings("wanda", "0.5", profile="uniform", sequential=sequential)
+    cfg = settings("wanda", sparsity="0.5", profile="uniform", sequential=sequential)
     report = cfg.pruner.prune(model, calib_ids, cfg)
     assert report["profile"] == {"name": "uniform"}
     got = masks_of(model)
@@ -205,7 +205,7 @@ def test_uniform_magnitude_masks_are_todays():
         flat = torch.zeros(lin.weight.numel(), dtype=torch.bool)
         flat[torch.argsort(lin.weight.abs().flatten())[:k]] = True
         expected[name] = flat.view_as(lin.weight)
-    cfg = settings("magnitude", "0.37")
+    cfg = settings("magnitude", sparsity="0.37")
     assert not cfg.pruner.needs_calibration
     report = cfg.pruner.prune(model, None, cfg)  # uniform magnitude needs no calibration data
     assert report == {"method": "magnitude", "calibration": False, "profile": {"name": "uniform"}}

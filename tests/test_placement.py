@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cli import run_cli
-from conftest import CACHE_DIR, make_tiny
+from conftest import make_tiny
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import decoder_layers
 from prunerep.model.placement import (dispatch, is_offloaded, iter_parameters, onloaded, placement,

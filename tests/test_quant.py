@@ -351,7 +351,7 @@ def test_the_pipeline_quantizes_after_pruning_and_writes_compression_json(tmp_pa
     from prunerep.results.store import read_json
     from prunerep.results.schema import COMPRESSION_FILE, SUMMARY_FILE
 
-    from test_results_schema import SUMMARY_KEYS
+    from helpers import SUMMARY_KEYS
 
     monkeypatch.setenv("PRUNEREP_OUTPUTS", str(tmp_path / "outputs"))
     holder = {}

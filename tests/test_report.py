@@ -2,8 +2,6 @@
 contents (thresholds checked against a direct computation) and on a real small sweep of the tiny model."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cli import run_cli
+from prunerep.registry import compose
+from prunerep.report import eval_scores, final_layer_points, format_thresholds, sparsity_key, step_curves, thresholds
+from prunerep.report.__main__ import main
+from prunerep.report.load import load_sweep
+from prunerep.report.plots import retained_lines
 from prunerep.results.store import atomic_write_json, read_json
-from prunerep.report import eval_scores, format_thresholds, sparsity_key, thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 PNGS = ("similarity_vs_sparsity.png", "kl_vs_sparsity.png", "mc_vs_gen_vs_sparsity.png", "retained_vs_sparsity.png",
@@ -149,8 +152,6 @@ def test_report_on_known_run_dirs(tmp_path, capsys):
             i += 1
     write_run(sweep, "wanda", "0.9", i, status="failed")
 
-    from prunerep.report.__main__ import main
-
     assert main([str(sweep)]) == 0
     printed = capsys.readouterr().out
     out = sweep / "report"
@@ -176,8 +177,6 @@ def test_report_on_known_run_dirs(tmp_path, capsys):
     assert "failed" not in set(table["status"])  # failed runs are listed in runs.csv, not measured
 
     # the plotted points: KL / cos at the last layer of the prompt context, and KL per decoding step
-    from prunerep.report import final_layer_points, step_curves
-
     div = final_layer_points(table, "divergence")
     sim = final_layer_points(table, "similarity")
     steps = step_curves(table)
@@ -237,9 +236,6 @@ SMALL = ["model=tiny", "probe.n_prompts=2", "probe.max_new_tokens=4", "probe.max
 
 
 def test_report_on_a_real_sweep(tmp_path):
-    from cli import run_cli
-    from prunerep.registry import compose
-
     sweep = tmp_path / "multirun"
     p = run_cli("-m", *SMALL, "task=offline", "task.limit=4", "pruner=magnitude,wanda", "sparsity=0.3,2:4",
                 f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=1800,
@@ -332,9 +328,6 @@ def test_the_retained_figure_keeps_the_families_tasks_above_chance(tmp_path):
     """Like for like with evals.json's families: the solid line of retained_vs_sparsity.png is the mean
     kept-above-chance over the tasks the family keeps (a task at chance or letter-biased is left out);
     the dashed one, pruned / dense over every task."""
-    from prunerep.report.load import load_sweep
-    from prunerep.report.plots import retained_lines
-
     sweep = tmp_path / "multirun"
     d, _, _ = write_run(sweep, "wanda", "0.5", 0)
     tasks = {  # by hand: chance 0.25; (pruned - 0.25) / (dense - 0.25)

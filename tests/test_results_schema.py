@@ -1,17 +1,11 @@
 """The results contract, written out by hand: a change to prunerep/results/schema.py that changes a
-column, a file name or a summary key fails here (the integration test checks a real run)."""
+column, a file name or a summary key fails here (the integration test checks a real run). The probe
+columns and summary keys are pinned in helpers.py, which those tests import too."""
 from __future__ import annotations
 
+from helpers import PROBE_COLUMNS, SUMMARY_KEYS  # shared with the end-to-end tests
 from prunerep.results import schema as results
 
-PROBE_COLUMNS = ["context", "prompt_id", "prompt_kind", "layer", "sublayer", "step", "space", "metric",
-                 "temperature", "value"]
-SUMMARY_KEYS = {"config_hash", "model_key", "model", "pruner", "sparsity", "run_dir", "slurm_job_id", "status", "error",
-                "achieved_sparsity", "timings_s", "peak_memory_mb", "probes", "mc_vs_gen_gap",
-                "loaded_model",  # added by the reliability issue (#11): what was actually loaded
-                "story",  # added by the first-hour issue (#12): the console summary's numbers
-                "quant", "effective_bits",  # added by the quantization issue (#9): the quantizer, bits per weight
-                "device_slot"}  # added by #18: launcher=local_gpu's GPU slot of the point
 IDENTITY_KEYS = ["config_hash", "model_key", "model", "pruner", "sparsity", "quant", "run_dir", "slurm_job_id",
                  "device_slot"]
 FILES = ["config.yaml", "pruning.json", "compression.json", "probes.parquet", "probes_summary.json", "evals.json"]

@@ -2,44 +2,23 @@
 position with both models' probabilities, against the models' own logits and a softmax taken here."""
 from __future__ import annotations
 
-import json
+from functools import partial
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny
-from prunerep.config import ProbeConfig
-from prunerep.probes import build_plan, compare_to_reference, dense_reference
+from helpers import CHAR_PROMPTS, probe_plan, prune_modules
+from prunerep.probes import compare_to_reference, dense_reference
 from prunerep.probes import top_tokens as TT
 from prunerep.viz.probes import write_probe_outputs
-from test_transitions import PROMPTS, CharTokenizer, prune_modules
 
+PROMPTS = CHAR_PROMPTS
+TINY_TOKENIZER, TINY_LAYERS = "char_tok", 2  # conftest's tiny
 TEMPS = [0.5, 1.0]
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return CharTokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return make_tiny("llama", num_hidden_layers=2)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
-
-
-def plan(prompts_file, **kw):
-    base = dict(prompts=str(prompts_file), n_prompts=2, max_new_tokens=3, temperatures=TEMPS,
-                contexts=["prompt", "teacher_forced", "free_running"])
-    base.update(kw)
-    return build_plan(ProbeConfig(**base))
+plan = partial(probe_plan, n_prompts=2, max_new_tokens=3, temperatures=TEMPS,
+               contexts=["prompt", "teacher_forced", "free_running"])
 
 
 @torch.no_grad()
@@ -47,11 +26,11 @@ def next_token_logits(model, ids) -> torch.Tensor:
     return model(torch.tensor(ids).unsqueeze(0)).logits[0, -1]
 
 
-def test_the_dense_top_30_in_order_with_both_probabilities(tiny, tok, prompts_file, tmp_path):
+def test_the_dense_top_30_in_order_with_both_probabilities(tiny, char_tok, prompts_file, tmp_path):
     pruned = prune_modules(prune_modules(tiny, 0, "mlp"), 1, "attn")
     cfg = plan(prompts_file)
-    ref = dense_reference(tiny, tok, cfg, tmp_path / "cache", model_key="tiny")
-    result = compare_to_reference(pruned, tok, cfg, ref)
+    ref = dense_reference(tiny, char_tok, cfg, tmp_path / "cache", model_key="tiny")
+    result = compare_to_reference(pruned, char_tok, cfg, ref)
     table = result.top_tokens
     assert list(table.columns) == TT.COLUMNS
     assert set(table["where"]) == {"answer", "first_step"}
@@ -62,7 +41,7 @@ def test_the_dense_top_30_in_order_with_both_probabilities(tiny, tok, prompts_fi
             got = table[(table["prompt_id"] == prompt.id) & (table["temperature"] == t)].sort_values("rank")
             assert got["rank"].tolist() == list(range(30))
             assert got["token_id"].tolist() == want_ids  # the dense top-30, in the dense order
-            assert got["token"].tolist() == [tok.decode([i]) for i in want_ids]
+            assert got["token"].tolist() == [char_tok.decode([i]) for i in want_ids]
             assert (got["position"] == len(prompt.ids) - 1).all()
             assert (got["where"] == ("answer" if prompt.kind == "mc" else "first_step")).all()
             p_dense = torch.softmax(zd.double() / t, dim=-1)[want_ids]
@@ -81,15 +60,15 @@ def test_the_dense_top_30_in_order_with_both_probabilities(tiny, tok, prompts_fi
 
 
 @pytest.mark.parametrize("contexts", [["teacher_forced"], ["free_running"]])
-def test_without_the_prompt_context_the_first_step_still_has_its_top_tokens(tiny, tok, prompts_file, tmp_path,
+def test_without_the_prompt_context_the_first_step_still_has_its_top_tokens(tiny, char_tok, prompts_file, tmp_path,
                                                                            contexts):
     pruned = prune_modules(tiny, 0, "mlp")
     cfg = plan(prompts_file, contexts=contexts, max_new_tokens=2)
-    table = compare_to_reference(pruned, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny")
+    table = compare_to_reference(pruned, char_tok, cfg, dense_reference(tiny, char_tok, cfg, tmp_path, model_key="tiny")
                                  ).top_tokens
     assert set(table["where"]) == {"first_step"}  # the MC prompt has no generated steps here
     gen = next(p for p in PROMPTS if "options" not in p)
-    ids = tok(gen["prompt"])["input_ids"]
+    ids = char_tok(gen["prompt"])["input_ids"]
     got = table[table["temperature"] == 1.0].sort_values("rank")
     zd, zp = next_token_logits(tiny, ids), next_token_logits(pruned, ids)
     assert got["token_id"].tolist() == zd.argsort(descending=True)[:30].tolist()
@@ -97,17 +76,18 @@ def test_without_the_prompt_context_the_first_step_still_has_its_top_tokens(tiny
                                torch.softmax(zp.double(), -1)[got["token_id"].tolist()], rtol=1e-5, atol=1e-9)
 
 
-def test_off_switches(tiny, tok, prompts_file, tmp_path):
+def test_off_switches(tiny, char_tok, prompts_file, tmp_path):
     for cfg in (plan(prompts_file, top_tokens=0), plan(prompts_file, spaces=["embedding", "logit"])):
-        result = compare_to_reference(tiny, tok, cfg, dense_reference(tiny, tok, cfg, tmp_path, model_key="tiny"))
+        ref = dense_reference(tiny, char_tok, cfg, tmp_path, model_key="tiny")
+        result = compare_to_reference(tiny, char_tok, cfg, ref)
         assert result.top_tokens.empty
         write_probe_outputs(result, tmp_path / "run")
         assert not (tmp_path / "run" / "top_tokens.parquet").exists()
     with pytest.raises(ValueError, match="top_tokens"):
         plan(prompts_file, top_tokens=-1)
     small = plan(prompts_file, top_tokens=5, contexts=["prompt"])
-    table = compare_to_reference(tiny, tok, small, dense_reference(tiny, tok, small, tmp_path, model_key="tiny")
-                                 ).top_tokens
+    ref = dense_reference(tiny, char_tok, small, tmp_path, model_key="tiny")
+    table = compare_to_reference(tiny, char_tok, small, ref).top_tokens
     assert table.groupby(["prompt_id", "temperature"]).size().eq(5).all()
     assert (table["p_dense"] == table["p_pruned"]).all()  # dense vs dense
 

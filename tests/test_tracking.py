@@ -13,27 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
+from wandb.sdk.lib import import_hooks
 
-from prunerep.config import Config
 from prunerep.spec import identity
-from prunerep.tracking import Tracker
+
+from helpers import make_cfg, synthetic_probes, tracker
 
 REPO = Path(__file__).resolve().parents[1]
 WANDB = str(Path(sys.executable).with_name("wandb"))
-
-
-def make_cfg(**wandb):
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {
-        "model": {"name": "tiny"}, "pruner": {"name": "wanda"}, "sparsity": "2:4", "cache_dir": "/tmp/unused",
-        "wandb": dict({"mode": "offline", "init_timeout": 30}, **wandb)})
-    return cfg
-
-
-def tracker(run_dir, sweep_dir=None, **wandb) -> Tracker:
-    """A Tracker built from the facts the pipeline gives it: identity, resolved config, wandb settings."""
-    cfg = make_cfg(**wandb)
-    return Tracker(identity(cfg, run_dir, sweep_dir), OmegaConf.to_container(cfg), OmegaConf.to_object(cfg.wandb))
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -52,27 +39,6 @@ def read_runs(path: Path) -> list[dict]:
 
 def history(run: dict) -> list[dict]:
     return [r["history"]["item"] for r in run["records"] if r["type"] == "history"]
-
-
-def synthetic_probes(seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for space, metrics in (("embedding", ("cos", "rel_l2")), ("logit", ("cos", "kl")),
-                           ("probability", ("kl", "js", "top1_agree"))):
-        for metric in metrics:
-            for pid in range(3):
-                for layer in range(5):  # prompt context: step -1 = mean over the prompt's positions
-                    rows.append(("prompt", pid, layer, "block", -1, space, metric, 1.0, rng.random()))
-                for layer in range(5):  # teacher-forced: every layer, every decoding step
-                    for step in range(5):
-                        rows.append(("teacher_forced", pid, layer, "block", step, space, metric, 1.0, rng.random()))
-                for step in range(6 + pid):  # free-running: the last layer, trajectories of their own length
-                    rows.append(("free_running", pid, 4, "block", step, space, metric, 1.0, rng.random()))
-    # a value at another temperature, which the curves (at T=1) must not mix in
-    rows.append(("prompt", 0, 4, "block", -1, "probability", "kl", 2.0, 1e6))
-    df = pd.DataFrame(rows, columns=["context", "prompt_id", "layer", "sublayer", "step", "space", "metric",
-                                     "temperature", "value"])
-    return df.astype({"prompt_id": "int32", "layer": "int16", "step": "int32"})
 
 
 def prompt_mean(df: pd.DataFrame, keys: list[str]) -> pd.Series:
@@ -171,7 +137,7 @@ socket.socket.connect = lambda self, address, _real=socket.socket.connect: (
     _real(self, address) if self.family == socket.AF_UNIX else refuse(address))
 atexit.register(lambda: print("ATTEMPTS", attempts, flush=True))  # registered first, so it runs last
 sys.path.insert(0, sys.argv[2])
-from test_tracking import synthetic_probes, tracker
+from helpers import synthetic_probes, tracker
 tr = tracker(sys.argv[1])
 tr.log_probes(synthetic_probes(), {"probability": {"kl": 0.25}})  # run.log(): what wandb meters
 tr.log_summary({"status": "complete"})
@@ -258,10 +224,7 @@ def test_wandb_crash_mid_run_warns_once_then_noop(tmp_path, caplog):
         tr.log_summary({"status": "complete"})
         tr.finish(0)
     assert len(calls) == 1  # the tracker went quiet after the first failure
-    from wandb.sdk.lib import import_hooks
-
-    assert not any(isinstance(f, import_hooks.ImportHookFinder) for f in sys.meta_path)  # torn down
-    import json as _  # noqa: F401  imports work as before
+    assert not import_hooks._post_import_hooks  # torn down: no wandb hook runs on later imports
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "wandb service died" in warnings[0].getMessage()
 

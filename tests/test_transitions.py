@@ -3,8 +3,8 @@ checked against the sublayers run by hand on captured inputs."""
 from __future__ import annotations
 
 import copy
-import json
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -13,70 +13,20 @@ import torch
 import torch.nn.functional as F
 
 import oracle as O
-from conftest import make_tiny
+from helpers import CHAR_PROMPTS, probe_plan, prune_modules
 from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm, lens_logits, output_head, output_targets, sublayer
-from prunerep.probes import build_plan, compare_to_reference, dense_reference, summarize
+from prunerep.probes import compare_to_reference, dense_reference, summarize
 from prunerep.results.schema import PROBE_COLUMNS, TRANSITION_SUBLAYERS
 from prunerep.viz.probes import plot_transitions, transition_curves, write_probe_outputs
 
-PROMPTS = [
-    {"prompt": "Which city is the capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:",
-     "options": ["A", "B", "C", "D"]},
-    {"prompt": "Question: Tom has 3 apples and buys 4 more. How many?\nAnswer:"},
-]
+PROMPTS = CHAR_PROMPTS
+TINY_TOKENIZER, TINY_LAYERS = "char_tok", 3  # conftest's tiny
 IDENTICAL_ONE = {"cos", "cos_centred", "top1_agree", "top5_overlap", "top10_overlap"}
 NOT_A_DIFFERENCE = {"entropy_dense", "entropy_pruned"}
 
-
-class CharTokenizer:
-    """One token per character (ids 1..255), 0 = end of sequence: a 256-token vocabulary."""
-
-    eos_token_id = 0
-
-    def __call__(self, text):
-        return {"input_ids": [1 + ord(c) % 255 for c in text]}
-
-    def encode(self, text, add_special_tokens=False):
-        return self(text)["input_ids"]
-
-    def decode(self, ids):
-        return "".join(chr(int(i) - 1) if int(i) else "</s>" for i in ids)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return CharTokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return make_tiny("llama", num_hidden_layers=3)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
-
-
-def plan(prompts_file, **kw):
-    base = dict(prompts=str(prompts_file), n_prompts=2, max_new_tokens=4, temperatures=[1.0], transitions=True,
-                contexts=["prompt", "teacher_forced"], sublayers=["block"], token_chunk=256)
-    base.update(kw)
-    return build_plan(ProbeConfig(**base))
-
-
-def prune_modules(model, block: int, kind: str, sparsity: float = 0.5):
-    """A copy whose ``kind`` sublayer of ``block`` loses the smallest |w| of each row of its Linears."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for mod in sublayer(decoder_layers(model)[block], kind).modules():
-            if isinstance(mod, torch.nn.Linear):
-                k = int(mod.weight.shape[1] * sparsity)
-                mod.weight.scatter_(1, mod.weight.abs().argsort(dim=1)[:, :k], 0.0)
-    return model
+plan = partial(probe_plan, n_prompts=2, max_new_tokens=4, temperatures=[1.0], transitions=True,
+               contexts=["prompt", "teacher_forced"], sublayers=["block"], token_chunk=256)
 
 
 def run(dense, pruned, tok, cfg, tmp_path):
@@ -106,14 +56,14 @@ def assert_changed(rows: pd.DataFrame, what):
 
 # --------------------------------------------------------------------------- exact zeros
 
-def test_zeroed_output_projection_is_exactly_no_transition(tiny, tok, prompts_file, tmp_path):
+def test_zeroed_output_projection_is_exactly_no_transition(tiny, char_tok, prompts_file, tmp_path):
     dense = copy.deepcopy(tiny)
     with torch.no_grad():
         output_targets(decoder_layers(dense)[1], "attn")[0].weight.zero_()  # block 1: attn adds 0
     pruned = copy.deepcopy(dense)
     with torch.no_grad():
         output_targets(decoder_layers(pruned)[0], "mlp")[0].weight.zero_()  # block 0: mlp adds 0 too
-    df, _ = run(dense, pruned, tok, plan(prompts_file), tmp_path)
+    df, _ = run(dense, pruned, char_tok, plan(prompts_file), tmp_path)
     assert list(df.columns) == list(PROBE_COLUMNS)
     assert set(df["sublayer"]) == {"block", *TRANSITION_SUBLAYERS}
     assert set(df.loc[df["sublayer"].isin(TRANSITION_SUBLAYERS), "context"]) == {"prompt", "teacher_forced"}
@@ -130,10 +80,10 @@ def test_zeroed_output_projection_is_exactly_no_transition(tiny, tok, prompts_fi
     assert (df.loc[(df["context"] == "prompt") & df["sublayer"].isin(TRANSITION_SUBLAYERS), "step"] == -1).all()
 
 
-def test_local_damage_is_zero_unpruned_and_only_where_pruned(tiny, tok, prompts_file, tmp_path):
+def test_local_damage_is_zero_unpruned_and_only_where_pruned(tiny, char_tok, prompts_file, tmp_path):
     cfg = plan(prompts_file)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    same, _ = run(tiny, tiny, tok, cfg, tmp_path)
+    same, _ = run(tiny, tiny, char_tok, cfg, tmp_path)
     for name in ("attn_local", "mlp_local"):
         assert_identical(transition_rows(same, name), f"{name}, unpruned")
     dense_t = transition_rows(same, "attn_transition_dense")["value"].to_numpy()
@@ -142,7 +92,7 @@ def test_local_damage_is_zero_unpruned_and_only_where_pruned(tiny, tok, prompts_
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.modules()) == 0
 
     pruned = prune_modules(tiny, block=1, kind="mlp")
-    df, _ = run(tiny, pruned, tok, cfg, tmp_path)
+    df, _ = run(tiny, pruned, char_tok, cfg, tmp_path)
     assert_changed(transition_rows(df, "mlp_local", 2), "the pruned mlp (block 1)")
     for layer in (1, 3):
         assert_identical(transition_rows(df, "mlp_local", layer), f"mlp_local at layer {layer}")
@@ -205,10 +155,10 @@ def hand_kl(za, zb):
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["final_norm", "raw"])
-def test_values_match_the_sublayers_run_by_hand(tiny, tok, prompts_file, tmp_path, raw):
+def test_values_match_the_sublayers_run_by_hand(tiny, char_tok, prompts_file, tmp_path, raw):
     pruned = prune_modules(prune_modules(tiny, 0, "attn"), 2, "mlp")
     cfg = plan(prompts_file, lens="raw" if raw else "final_norm", temperatures=[0.5, 1.0])
-    df, ref = run(tiny, pruned, tok, cfg, tmp_path)
+    df, ref = run(tiny, pruned, char_tok, cfg, tmp_path)
     table = {key: g.sort_values("step")["value"].to_numpy() for key, g in df.fillna({"temperature": -1.0}).groupby(
         ["prompt_id", "context", "layer", "sublayer", "space", "metric", "temperature"])}
     checked = 0
@@ -245,10 +195,10 @@ def test_values_match_the_sublayers_run_by_hand(tiny, tok, prompts_file, tmp_pat
     assert (local[local["metric"] == "kl"]["value"] > 0).all()  # the pruned sublayer is a real test
 
 
-def test_raw_lens_skips_the_final_norm(tiny, tok, prompts_file, tmp_path):
+def test_raw_lens_skips_the_final_norm(tiny, char_tok, prompts_file, tmp_path):
     pruned = prune_modules(tiny, 1, "attn")
-    normed, _ = run(tiny, pruned, tok, plan(prompts_file, contexts=["prompt"]), tmp_path)
-    raw, _ = run(tiny, pruned, tok, plan(prompts_file, contexts=["prompt"], lens="raw"), tmp_path)
+    normed, _ = run(tiny, pruned, char_tok, plan(prompts_file, contexts=["prompt"]), tmp_path)
+    raw, _ = run(tiny, pruned, char_tok, plan(prompts_file, contexts=["prompt"], lens="raw"), tmp_path)
     # the lens changes the transition rows in z and p only; h and the residual-stream rows stay
     pd.testing.assert_frame_equal(normed.drop(columns="value"), raw.drop(columns="value"))
     same = (normed["sublayer"] == "block") | (normed["space"] == "embedding")
@@ -264,37 +214,37 @@ def test_raw_lens_skips_the_final_norm(tiny, tok, prompts_file, tmp_path):
 
 # --------------------------------------------------------------------------- settings, cache, chunking, outputs
 
-def test_off_by_default_and_the_cache_keeps_its_key(tiny, tok, prompts_file, tmp_path):
+def test_off_by_default_and_the_cache_keeps_its_key(tiny, char_tok, prompts_file, tmp_path):
     assert ProbeConfig().transitions is False
     off = plan(prompts_file, transitions=False)
-    ref_off = dense_reference(tiny, tok, off, tmp_path, model_key="tiny")
+    ref_off = dense_reference(tiny, char_tok, off, tmp_path, model_key="tiny")
     assert not [k for k in ref_off.load(0) if k.startswith("transitions/")]
-    df = compare_to_reference(tiny, tok, off, ref_off).table
+    df = compare_to_reference(tiny, char_tok, off, ref_off).table
     assert set(df["sublayer"]) == {"block"}
     on = plan(prompts_file)
-    ref_on = dense_reference(tiny, tok, on, tmp_path, model_key="tiny")
+    ref_on = dense_reference(tiny, char_tok, on, tmp_path, model_key="tiny")
     assert ref_on.key != ref_off.key
     assert {k.split("/")[1] for k in ref_on.load(1) if k.startswith("transitions/")} == {"prompt", "teacher_forced"}
     with pytest.raises(ValueError, match="without transitions"):
-        compare_to_reference(tiny, tok, on, ref_off)
+        compare_to_reference(tiny, char_tok, on, ref_off)
 
 
-def test_token_chunk_does_not_change_transition_values(tiny, tok, prompts_file, tmp_path):
+def test_token_chunk_does_not_change_transition_values(tiny, char_tok, prompts_file, tmp_path):
     pruned = prune_modules(tiny, 1, "mlp")
-    small, _ = run(tiny, pruned, tok, plan(prompts_file, token_chunk=128), tmp_path)  # 8 rows of each state
-    large, _ = run(tiny, pruned, tok, plan(prompts_file, token_chunk=4096), tmp_path)
+    small, _ = run(tiny, pruned, char_tok, plan(prompts_file, token_chunk=128), tmp_path)  # 8 rows of each state
+    large, _ = run(tiny, pruned, char_tok, plan(prompts_file, token_chunk=4096), tmp_path)
     labels = [c for c in PROBE_COLUMNS if c != "value"]
     pd.testing.assert_frame_equal(small[labels], large[labels])
     np.testing.assert_allclose(small["value"], large["value"], rtol=1e-12, atol=0)
 
 
-def test_outputs_plot_the_transitions_and_leave_the_summary_alone(tiny, tok, prompts_file, tmp_path):
+def test_outputs_plot_the_transitions_and_leave_the_summary_alone(tiny, char_tok, prompts_file, tmp_path):
     pruned = prune_modules(tiny, 1, "mlp")
     cfg_on = plan(prompts_file)
-    result = compare_to_reference(pruned, tok, cfg_on, dense_reference(tiny, tok, cfg_on, tmp_path / "cache",
+    result = compare_to_reference(pruned, char_tok, cfg_on, dense_reference(tiny, char_tok, cfg_on, tmp_path / "cache",
                                                                        model_key="tiny"))
     on = result.table
-    off, _ = run(tiny, pruned, tok, plan(prompts_file, transitions=False), tmp_path)
+    off, _ = run(tiny, pruned, char_tok, plan(prompts_file, transitions=False), tmp_path)
     s_on = write_probe_outputs(result, tmp_path / "on")
     s_off = summarize(off)
     assert (tmp_path / "on" / "probes_transitions.png").stat().st_size > 0
@@ -308,7 +258,7 @@ def test_outputs_plot_the_transitions_and_leave_the_summary_alone(tiny, tok, pro
     assert set(curves["comparison"]) == {"transition_dense", "transition_pruned", "local"}
 
 
-def test_sweep_report_draws_dense_pruned_and_local_per_layer(tiny, tok, prompts_file, tmp_path):
+def test_sweep_report_draws_dense_pruned_and_local_per_layer(tiny, char_tok, prompts_file, tmp_path):
     from prunerep.results.store import atomic_write_json
     from prunerep.report import by_method, load_sweep
     from prunerep.report.transitions import plot_sweep_transitions, transition_points
@@ -317,7 +267,7 @@ def test_sweep_report_draws_dense_pruned_and_local_per_layer(tiny, tok, prompts_
     for sp, model in (("0.3", prune_modules(tiny, 1, "mlp", 0.3)), ("0.6", prune_modules(tiny, 1, "mlp", 0.6))):
         d = tmp_path / "sweep" / f"tiny_magnitude_{sp}"
         d.mkdir(parents=True)
-        df, _ = run(tiny, model, tok, cfg, tmp_path)
+        df, _ = run(tiny, model, char_tok, cfg, tmp_path)
         df.to_parquet(d / "probes.parquet")
         atomic_write_json(d / "summary.json", {"status": "complete", "model": "tiny", "pruner": "magnitude",
                                                "sparsity": float(sp), "run_dir": str(d)})
