@@ -21,7 +21,9 @@ What is logged
   * the run summary (status, achieved sparsity, timings, peak memory) in ``run.summary``.
 
 Runs of one multirun share a W&B group (``wandb.group``, else the name of the Hydra sweep dir) and
-are named ``<model>/<pruner>/<sparsity>``. ``wandb.mode``: offline (default: a real offline run in
+are named ``<model>/<pruner>/<sparsity>``. The run id is :func:`run_id`: derived from the point's config
+hash and its group (a single run: its run directory), opened with ``resume="allow"``, so a point
+that is requeued or run again continues its own W&B run instead of starting a second one. ``wandb.mode``: offline (default: a real offline run in
 ``<run_dir>/wandb``, upload later with ``wandb sync <run_dir>/wandb/offline-run-*``), online, or
 disabled. Tracking never breaks an experiment: if wandb fails at any point (no network, bad API key,
 a crash of its service), the tracker warns once and every later call is a no-op; the local results
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prunerep.results.schema import DIVERGENCE_METRICS, SIMILARITY_METRICS, pick_metric
+from prunerep.results.store import stable_hash
 from prunerep.sparsity import sparsity_label
 from prunerep.viz.probes import TRANSITION_ROWS, probe_curves, transition_curves
 
@@ -139,8 +142,9 @@ class Tracker:
         self.run = wandb.init(
             mode=mode, project=w.project or "prunerep", entity=w.entity or None,
             group=ident.group, job_type="prune", name=ident.name, tags=sorted(set(tags)),
-            dir=str(self.wandb_dir), config=config, settings=settings,
+            dir=str(self.wandb_dir), config=config, settings=settings, id=run_id(ident), resume="allow",
         )
+        self._step = int(self.run.step or 0)  # a resumed online run: W&B drops steps below its last one
         # each family of curves has its own x axis (W&B's step stays monotonic across all of them)
         for axis in LINE_PLOTS:
             self.run.define_metric(f"{axis}/index", hidden=True)
@@ -299,6 +303,14 @@ class Tracker:
 
 # --------------------------------------------------------------------------- helpers
 
+def run_id(identity) -> str:
+    """The W&B run id of a point: 16 hex digits from its config hash and its group (the sweep;
+    a single run without a group: its run directory). The same point of the same sweep always
+    gets the same id, so W&B resumes its run; the same config in another sweep is another run."""
+    where = identity.group if identity.group is not None else str(Path(identity.run_dir).resolve())
+    return stable_hash("wandb-run", identity.config_hash, where)
+
+
 def _tear_down(wandb, timeout_s: float = 10.0) -> None:
     """After a wandb failure, leave nothing of wandb behind in this process: its service connection
     and its import hooks, which otherwise run (and can raise) on every later import.
@@ -350,4 +362,4 @@ def _layer_of(name: str) -> int:
     return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 and parts[1].isdecimal() else -1
 
 
-__all__ = ["Tracker"]
+__all__ = ["Tracker", "run_id"]

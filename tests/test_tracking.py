@@ -2,6 +2,7 @@
 wandb never break a run, and a real pipeline run leaves an offline run inside its run directory."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -323,3 +324,26 @@ def test_transitions_and_top_tokens_are_logged_as_tables(tmp_path):
     assert logged_top["token"].tolist() == [" A", " B"] and logged_top["p_pruned"].tolist() == [0.2, 0.7]
     summary = read_runs(tmp_path / "wandb")[0]["summary"]["summary"]
     assert "plots/probability/transitions_transition_dense_kl_table" in summary
+
+
+# --------------------------------------------------------------------------- sweeps (issue #23)
+
+def _run_ids(path: Path) -> list[str]:
+    return [next(r["run"] for r in run["records"] if r["type"] == "run")["run_id"] for run in read_runs(path)]
+
+
+def test_a_point_run_twice_continues_one_run(tmp_path):
+    """A requeued or re-run point (same config, same sweep) opens the same W&B run id, derived from
+    its config hash and its group; the same config in another sweep is another run."""
+    sweep = tmp_path / "2026-12-07_10-00-00"
+    for attempt in range(2):
+        tr = tracker(tmp_path / "point", sweep)
+        tr.log_summary({"status": "failed" if attempt == 0 else "complete"})
+        tr.finish(0)
+    ids = _run_ids(tmp_path / "point" / "wandb")
+    chash = identity(make_cfg(), tmp_path / "point", sweep).config_hash
+    by_hand = hashlib.sha256(json.dumps(["wandb-run", chash, sweep.name]).encode()).hexdigest()[:16]
+    assert ids == [by_hand, by_hand]
+    other = tracker(tmp_path / "other", tmp_path / "2026-12-08_10-00-00")
+    other.finish(0)
+    assert _run_ids(tmp_path / "other" / "wandb") != [by_hand]
