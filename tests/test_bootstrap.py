@@ -87,3 +87,17 @@ def test_verdict(lo, hi, above, below, expected):
 def test_verdict_needs_a_bound():
     with pytest.raises(ValueError):
         bs.verdict(bs.Interval(0.0, 0.0, 0.0, 1))
+
+
+def test_strata_keep_their_size():
+    # task A has 3 items, task B 2: each resample draws 3 of A and 2 of B
+    w = bs.resample_weights(5, 1000, seed=0, strata=["A", "A", "A", "B", "B"])
+    assert (w[:, :3].sum(axis=1) == 3).all() and (w[:, 3:].sum(axis=1) == 2).all()
+    # a difference of the two strata's means: A = (0, 0, 0), B = (1, 1) -> always -1
+    a = np.array([1.0, 1.0, 1.0, 0.0, 0.0])
+
+    def stat(w):
+        x = np.array([0.0, 0.0, 0.0, 1.0, 1.0])
+        return (w * x * a).sum(1) / (w * a).sum(1) - (w * x * (1 - a)).sum(1) / (w * (1 - a)).sum(1)
+    iv = bs.bootstrap(stat, 5, strata=["A", "A", "A", "B", "B"])
+    assert (iv.value, iv.lo, iv.hi) == (-1.0, -1.0, -1.0)

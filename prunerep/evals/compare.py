@@ -294,6 +294,31 @@ def _per_doc_correct(entry: dict | None) -> dict[int, bool]:
     return out
 
 
+def item_scores(entry: dict | None) -> dict:
+    """{item: score} of one side of a task, the items the task's score averages: multiple choice
+    1.0 / 0.0 (the picked option is the gold one; rotation 0 only, so nothing under
+    task.mc_debias=permute), generative the per-document metric, retrieval the per-query headline
+    metric. Items are doc ids (``<task>:<doc id>`` for the tasks of a group), retrieval queries
+    their index. {} when the entry carries no per-item outcome."""
+    entry = entry or {}
+    if entry.get("type") == MULTIPLE_CHOICE:
+        docs = (entry.get("option_picks") or {}).get("docs") or []
+        if (entry.get("debias") or {}).get("mode") == "permute":
+            return {}
+        several = len({t for t, *_ in docs}) > 1
+        return {f"{t}:{i}" if several else int(i): float(pick == gold) for t, i, pick, gold in docs if gold is not None}
+    if entry.get("type") == RETRIEVAL:
+        values = (entry.get("per_query") or {}).get(entry.get("metric")) or []
+        return {i: float(v) for i, v in enumerate(values)}
+    metric = entry.get("metric")
+    out = {}
+    for g in entry.get("generations") or []:
+        v = finite_or_none(g.get(metric))
+        if v is not None:
+            out[f"{g['task']}:{g['doc_id']}" if "task" in g else int(g["doc_id"])] = v
+    return out
+
+
 def pair_summary(tasks: dict[str, TaskRow], dense: dict | None = None, pruned: dict | None = None) -> dict[str, Pair]:
     """``pairs``: each multiple-choice task scored on the same documents as a generative one
     (``pairs_with``: arith_cloze and arith_mc with arith_gen -- the same questions), side by side:

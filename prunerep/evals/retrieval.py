@@ -278,6 +278,8 @@ def evaluate_retrieval(model, tokenizer, queries: Sequence[str], passages: Seque
         "num_fewshot": 0, "higher_is_better": True,
         "chance": chance[headline],
         "metrics": dict(metrics), "metrics_stderr": stderrs, "metrics_chance": chance,
+        # per query, in query order: the units a bootstrap resamples (prunerep.results.claims)
+        "per_query": {key: [float(m[key]) for m in per_query] for key in per_query[0]},
         "n_passages": len(passages), "pooling": pooling,
         "instruction": instruction if pooling == "last" else None,
         "all_metrics": dict(metrics),

@@ -53,35 +53,45 @@ class Interval:
 
 
 def resample_weights(n_units: int, n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                     groups: Optional[Sequence] = None) -> np.ndarray:
+                     groups: Optional[Sequence] = None, strata: Optional[Sequence] = None) -> np.ndarray:
     """``[n_resamples, n_units]`` float counts: how often each unit is drawn in each resample. With
     ``groups`` (one label per unit) the distinct labels are drawn with replacement and each unit
-    gets its group's count."""
+    gets its group's count. With ``strata`` (one label per unit; say, the task) each stratum is
+    resampled on its own and keeps its number of groups (a group lies in one stratum)."""
     rng = np.random.default_rng(seed)
-    if groups is None:
-        codes, n_groups = np.arange(n_units), n_units
-    else:
-        if len(groups) != n_units:
-            raise ValueError(f"{len(groups)} group labels for {n_units} units")
-        _, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-        n_groups = int(codes.max()) + 1 if n_units else 0
-    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples) if n_groups else \
-        np.zeros((n_resamples, 0))
-    return counts[:, codes].astype(np.float64)
+    labels = np.arange(n_units).astype(str) if groups is None else np.asarray(groups, dtype=object).astype(str)
+    layers = np.zeros(n_units, dtype=int) if strata is None else \
+        np.unique(np.asarray(strata, dtype=object).astype(str), return_inverse=True)[1]
+    if len(labels) != n_units or len(layers) != n_units:
+        raise ValueError(f"group / stratum labels do not match the {n_units} units")
+    w = np.zeros((n_resamples, n_units))
+    for layer in range(int(layers.max()) + 1 if n_units else 0):
+        members = np.flatnonzero(layers == layer)
+        _, codes = np.unique(labels[members], return_inverse=True)
+        k = int(codes.max()) + 1
+        counts = rng.multinomial(k, np.full(k, 1.0 / k), size=n_resamples)
+        w[:, members] = counts[:, codes]
+    return w
+
+
+def n_independent(n_units: int, groups: Optional[Sequence] = None) -> int:
+    """How many independent units: the distinct groups, else the units."""
+    return len(set(map(str, groups))) if groups is not None else n_units
 
 
 def bootstrap(statistic: Statistic, n_units: int, groups: Optional[Sequence] = None,
-              n_resamples: int = N_RESAMPLES, seed: int = SEED, level: float = LEVEL) -> Interval:
+              n_resamples: int = N_RESAMPLES, seed: int = SEED, level: float = LEVEL,
+              strata: Optional[Sequence] = None) -> Interval:
     """The statistic at every unit once, with its percentile interval over ``n_resamples``
-    resamples of the units (of their groups, when given). A resample where the statistic is not
+    resamples of the units (of their groups, when given; within each stratum). A resample where the statistic is not
     finite (say, a ratio whose denominator was never drawn) is left out; NaN bounds when none is."""
     if not 0 < level < 1:
         raise ValueError(f"level={level} must be in (0, 1)")
-    n = len(set(map(str, groups))) if groups is not None else n_units
+    n = n_independent(n_units, groups)
     if n_units == 0:
         return Interval(math.nan, math.nan, math.nan, 0, n_resamples, level, seed)
     value = float(np.asarray(statistic(np.ones((1, n_units))), dtype=np.float64).reshape(-1)[0])
-    draws = np.asarray(statistic(resample_weights(n_units, n_resamples, seed, groups)), dtype=np.float64)
+    draws = np.asarray(statistic(resample_weights(n_units, n_resamples, seed, groups, strata)), dtype=np.float64)
     draws = draws[np.isfinite(draws)]
     if not len(draws):
         return Interval(value, math.nan, math.nan, n, n_resamples, level, seed)

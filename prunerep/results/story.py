@@ -31,6 +31,10 @@ Keys (all at the final layer, at the reference temperature: 1, else the closest 
 * ``evals/mc_vs_gen_gap``, ``evals/gap_above_chance`` (+ ``_stderr``): see prunerep.evals.compare
 * ``bias/<task>/option``, ``bias/<task>/dense``, ``bias/<task>/pruned``: a multiple-choice task
   where a side picks one option at least 80% of the time (the option, each side's share)
+* ``claim/<name>`` with ``/lo``, ``/hi``, ``/n``, ``/unit``, ``/verdict``, ``claims/n_resamples``,
+  ``claims/level``, ``kl/free_running_matched``, ``kl/free_running_after_divergence`` and
+  ``retrieval/embedding_one_minus_cos`` (+ ``/lo``, ``/hi``): the claims with their bootstrap intervals,
+  :func:`prunerep.results.claims.story_fields`, passed in as ``claims``
 """
 from __future__ import annotations
 
@@ -73,8 +77,9 @@ def _put(out: dict, name: str, value: Any) -> None:
         out[name] = v
 
 
-def story(probes_summary: Optional[dict], evals: Optional[EvalsReport]) -> dict:
-    """The run's headline numbers, in reading order (see the module docstring for the keys)."""
+def story(probes_summary: Optional[dict], evals: Optional[EvalsReport], claims: Optional[dict] = None) -> dict:
+    """The run's headline numbers, in reading order (see the module docstring for the keys);
+    ``claims``: :func:`prunerep.results.claims.story_fields`, appended as they are."""
     probes = probes_summary or {}
     out: dict[str, Any] = {}
     t = reference_temperature(_temperatures(probes))
@@ -116,6 +121,7 @@ def story(probes_summary: Optional[dict], evals: Optional[EvalsReport]) -> dict:
     if evals is not None:
         out.update(_families(evals))
         out.update(_option_bias(evals))
+    out.update(claims or {})
     return out
 
 

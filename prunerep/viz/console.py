@@ -7,6 +7,7 @@ import math
 from typing import Any, Optional
 
 from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE, PERPLEXITY, RETRIEVAL
+from prunerep.results.claims import statement
 from prunerep.results.schema import EvalsReport, OptionPicks
 
 _KIND = {GENERATIVE: "gen", MULTIPLE_CHOICE: "mc", PERPLEXITY: "ppl", RETRIEVAL: "ret"}
@@ -172,6 +173,10 @@ def format_story(s: dict, label: Optional[str] = None) -> str:
         line = f"decoding: KL {' -> '.join(parts)}"
         if has("kl/accumulation"):
             line += f" (x{sig(s['kl/accumulation'])} accumulated)"
+        split = [f"{what} {sig(s[key])}" for what, key in (("before the first divergence", "kl/free_running_matched"),
+                 ("after it", "kl/free_running_after_divergence")) if has(key)]
+        if split:
+            line += f"; free-running {', '.join(split)}"
         lines.append(f"  {line}")
 
     if has("tokens/first_divergence") or has("tokens/agreement"):
@@ -223,4 +228,31 @@ def format_story(s: dict, label: Optional[str] = None) -> str:
         fracs = [f"{s[f'bias/{task}/{side}']:.0%} {side}" for side in ("dense", "pruned") if has(f"bias/{task}/{side}")]
         lines.append(f"  option bias: {task} picks {s[f'bias/{task}/option']} ({', '.join(fracs)}): "
                      f"its dense-pruned agreement is bias, not knowledge")
+    if has("retrieval/embedding_one_minus_cos"):
+        lines.append(f"  retrieval embeddings: 1-cos to dense {_with_interval(s, 'retrieval/embedding_one_minus_cos')}")
+    lines += format_claims(s)
     return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def _with_interval(s: dict, key: str) -> str:
+    """``0.123 [0.100, 0.150]``: a number and, where the story has them, its bounds."""
+    text = sig(s[key])
+    if f"{key}/lo" in s and f"{key}/hi" in s:
+        text += f" [{sig(s[f'{key}/lo'])}, {sig(s[f'{key}/hi'])}]"
+    return text
+
+
+def format_claims(s: dict) -> list[str]:
+    """The claims block of the story: each claim's statistic, interval, units and verdict."""
+    names = [k.split("/", 1)[1] for k in s if k.startswith("claim/") and k.count("/") == 1]
+    if not names:
+        return []
+    head = "  claims"
+    if "claims/level" in s and "claims/n_resamples" in s:
+        head += f" ({s['claims/level']:.0%} bootstrap intervals, {int(s['claims/n_resamples'])} resamples)"
+    lines = [head + ":"]
+    for name in names:
+        key = f"claim/{name}"
+        n = f", n = {int(s[key + '/n'])} {s.get(key + '/unit', '')}".rstrip() if key + "/n" in s else ""
+        lines.append(f"    {statement(name)}: {_with_interval(s, key)}{n}: {s.get(key + '/verdict', '-')}")
+    return lines
