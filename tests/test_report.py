@@ -12,7 +12,9 @@ import pytest
 
 from cli import run_cli
 from prunerep.registry import compose
-from prunerep.report import eval_scores, final_layer_points, format_thresholds, sparsity_key, step_curves, thresholds
+from prunerep.report import (by_method, eval_scores, final_layer_points, format_thresholds, make_report, sparsity_key,
+                             step_curves, thresholds)
+from prunerep.report.claims import claim_bands
 from prunerep.report.__main__ import main
 from prunerep.report.load import load_sweep
 from prunerep.report.plots import retained_lines
@@ -347,3 +349,27 @@ def test_the_retained_figure_keeps_the_families_tasks_above_chance(tmp_path):
     line = retained_lines(scores.reset_index()).iloc[0]
     assert line["kept_above_chance"] == pytest.approx((0.8 + 0.4) / 2) and line["n_kept"] == 2  # the two kept
     assert line["retained"] == pytest.approx((0.77 / 0.9 + 0.45 / 0.75 + 1.0 + 1.0) / 4) and line["n_tasks"] == 4
+
+
+def test_claim_bands_over_sparsity(tmp_path):
+    sweep = tmp_path / "multirun"
+    written = {}
+    for i, (pruner, sp) in enumerate((("wanda", "0.3"), ("wanda", "0.5"), ("magnitude", "0.5"))):
+        d, _, _ = write_run(sweep, pruner, sp, i)
+        summary = read_json(d / "summary.json")
+        v = 0.1 * (i + 1)
+        summary["story"] = {"claim/a_h_z_below_p": v, "claim/a_h_z_below_p/lo": v - 0.05,
+                            "claim/a_h_z_below_p/hi": v + 0.05, "claim/a_h_z_below_p/n": 8,
+                            "claim/a_h_z_below_p/unit": "prompts", "claim/a_h_z_below_p/verdict": "holds",
+                            "claims/n_resamples": 2000}
+        atomic_write_json(d / "summary.json", summary)
+        written[(pruner, sp)] = v
+    result = make_report(sweep)
+    bands = claim_bands(by_method(result["table"]))
+    assert len(bands) == 3 and set(bands["claim"]) == {"a_h_z_below_p"}
+    for (pruner, sp), v in written.items():
+        row = bands[(bands["pruner"] == pruner) & (bands["sparsity"] == sp)].iloc[0]
+        assert (row["value"], row["lo"], row["hi"]) == (pytest.approx(v), pytest.approx(v - 0.05),
+                                                         pytest.approx(v + 0.05))
+    data = (sweep / "report" / "claims_vs_sparsity.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000

@@ -24,6 +24,9 @@ Writes
                                (compression.json): pruners and quantizers on one figure
     transitions_vs_layer.png   (runs with probe.transitions=true only) per space, attention and MLP
                                transitions vs layer: dense, pruned, local damage (report/transitions.py)
+    claims_vs_sparsity.png     each story claim's statistic vs sparsity with its bootstrap interval as a band,
+                               one line per pruner / quantizer, and the bound it is held against
+                               (report/claims.py; the claims: prunerep/results/claims.py)
     layer_position.png         (layer_drop sweeps over pruner.window_start or pruner.layers only) task
                                scores and final-layer KL vs the position of the dropped blocks
 and prints the thresholds. Sparsities sort by their ratio (2:4 sits at 0.5, after unstructured 0.5).
@@ -38,6 +41,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prunerep.results.store import atomic_write_json, atomic_write_text, atomic_write_with
+from prunerep.report.claims import claim_bands, plot_claims
 from prunerep.report.analysis import (estimate_points, eval_scores, final_layer_points, format_thresholds, step_curves,
                                       thresholds)
 from prunerep.report.load import ReportError, by_method, find_runs, load_sweep
@@ -75,6 +79,7 @@ def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, tol_pp
     files["steps_png"] = plot_steps(step_curves(figs), out / "divergence_vs_step.png")
     files["estimates_png"] = plot_estimates(estimate_points(figs), out / "estimates_vs_exact.png")
     files["equal_memory_png"] = plot_equal_memory(equal_memory_points(table), out / "equal_memory.png")
+    files["claims_png"] = plot_claims(claim_bands(figs), out / "claims_vs_sparsity.png")
     transitions = transition_points(figs)
     if not transitions.empty:  # runs with probe.transitions=true
         files["transitions_png"] = plot_sweep_transitions(transitions, out / "transitions_vs_layer.png")

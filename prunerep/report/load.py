@@ -162,6 +162,15 @@ def _run_rows(run_dir: Path, ident: dict, summary: dict) -> pd.DataFrame:
                          if isinstance(v, (int, float))], columns=ROW_COLUMNS)
 
 
+def _claim_rows(summary: dict) -> pd.DataFrame:
+    """summary.json's story: each claim's statistic (metric ``<name>``) and its bounds (``<name>/lo``,
+    ``<name>/hi``), source ``claim`` (:mod:`prunerep.results.claims`)."""
+    story = summary.get("story") or {}
+    rows = [{"source": "claim", "metric": k.split("/", 1)[1], "value": float(v)} for k, v in story.items()
+            if k.startswith("claim/") and not k.endswith(("/n", "/unit", "/verdict")) and _is_number(v)]
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
 def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, runs): the tidy table (one row per run x metric, complete runs only) and one row
     per run (every status). Raises :class:`ReportError` when there is nothing to read."""
@@ -180,7 +189,8 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                          total_s=(s.get("timings_s") or {}).get("total")))
         if ident["status"] != "complete":
             continue
-        rows = pd.concat([x for x in (_probe_rows(d), _eval_rows(d), _run_rows(d, ident, s)) if not x.empty]
+        rows = pd.concat([x for x in (_probe_rows(d), _eval_rows(d), _run_rows(d, ident, s), _claim_rows(s))
+                          if not x.empty]
                          or [pd.DataFrame(columns=ROW_COLUMNS)], ignore_index=True)
         for k in RUN_COLUMNS:
             rows[k] = ident.get(k)

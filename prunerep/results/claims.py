@@ -61,6 +61,12 @@ STATEMENTS = {
 }
 
 
+def bounds(name: str) -> tuple[Optional[float], Optional[float]]:
+    """(above, below): the claim holds when its statistic lies above ``above`` and below ``below``."""
+    return {"b_kl_estimate": ESTIMATE_BAND, "c_accumulation": (1.0, None),
+            "e_retrieval_kept": (RETRIEVAL_KEPT, None)}.get(name, (0.0, None))
+
+
 def statement(name: str) -> str:
     """What claim ``name`` says, in words."""
     if name in STATEMENTS:
@@ -86,7 +92,8 @@ class Claim:
         return {"statement": self.statement, **self.interval.to_json(), "unit": self.unit, "verdict": self.verdict}
 
 
-def _claim(name: str, iv: bs.Interval, unit: str, above=None, below=None) -> Claim:
+def _claim(name: str, iv: bs.Interval, unit: str) -> Claim:
+    above, below = bounds(name)
     return Claim(name, statement(name), iv, bs.verdict(iv, above=above, below=below), unit)
 
 
@@ -129,22 +136,22 @@ def probe_claims(table: Optional[pd.DataFrame], n_resamples: int = bs.N_RESAMPLE
                 s = w.sum(axis=1)
                 return np.minimum(w @ (p - h), w @ (p - z)) / s
             out["a_h_z_below_p"] = _claim("a_h_z_below_p", bs.bootstrap(a, len(p), **kw),
-                                          "prompts", above=0.0)
+                                          "prompts")
         est, kl = _paired(per_prompt(df, context, "probability", "kl_est"),
                           per_prompt(df, context, "probability", "kl"))
         if len(kl):
             out["b_kl_estimate"] = _claim("b_kl_estimate", bs.bootstrap(bs.ratio_of_means(est, kl), len(kl), **kw),
-                                          "prompts", *ESTIMATE_BAND)
+                                          "prompts")
     fr, tf = _paired(per_prompt(df, "free_running", "probability", "kl"),
                      per_prompt(df, "teacher_forced", "probability", "kl"))
     if len(tf):
         out["c_accumulation"] = _claim("c_accumulation", bs.bootstrap(bs.ratio_of_means(fr, tf), len(tf), **kw),
-                                       "prompts", above=1.0)
+                                       "prompts")
     opt, ans = _paired(per_prompt(df, "prompt", "options", "top1_agree"),
                        per_prompt(df, "prompt", "answer", "top1_agree"))
     if len(opt):
         out["d_options_stable"] = _claim("d_options_stable", bs.bootstrap(bs.mean_difference(opt, ans), len(opt), **kw),
-                                         "prompts", above=0.0)
+                                         "prompts")
     return out
 
 
@@ -245,12 +252,12 @@ def item_claims(evals: Optional[EvalsReport], dense: Optional[dict], pruned: Opt
     out: dict[str, Claim] = {}
     if RETRIEVAL in by_family:
         iv = _interval(by_family[RETRIEVAL], lambda w, cols: family_mean(RETRIEVAL, w, cols), n_resamples, seed)
-        out["e_retrieval_kept"] = _claim("e_retrieval_kept", iv, "queries", above=RETRIEVAL_KEPT)
+        out["e_retrieval_kept"] = _claim("e_retrieval_kept", iv, "queries")
     present = [f for f in ORDER if f in by_family]
     for a, b in zip(present, present[1:]):
         iv = _interval(by_family[a] + by_family[b],
                        lambda w, cols, a=a, b=b: family_mean(a, w, cols) - family_mean(b, w, cols), n_resamples, seed)
-        out[f"order_{a}_{b}"] = _claim(f"order_{a}_{b}", iv, "items", above=0.0)
+        out[f"order_{a}_{b}"] = _claim(f"order_{a}_{b}", iv, "items")
     named = {t.name: t for t in tasks}
     for t in tasks:
         g = named.get(evals.tasks[t.name].pairs_with or "")
@@ -259,7 +266,7 @@ def item_claims(evals: Optional[EvalsReport], dense: Optional[dict], pruned: Opt
         def gap(w, cols, t=t, g=g):
             return _retained(t, w[:, cols[t.name]]) - _retained(g, w[:, cols[g.name]])
         iv = _interval([t, g], gap, n_resamples, seed)
-        out[f"pair_{t.name}_{g.name}"] = _claim(f"pair_{t.name}_{g.name}", iv, "questions", above=0.0)
+        out[f"pair_{t.name}_{g.name}"] = _claim(f"pair_{t.name}_{g.name}", iv, "questions")
     return out
 
 
