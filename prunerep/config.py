@@ -111,6 +111,10 @@ class TaskConfig:
     # permute = the mean accuracy over the cyclic rotations of the options (the contents rotate
     # under fixed letters), which a model that always picks one letter scores at chance exactly
     mc_debias: str = "none"
+    # lm-eval's apply_chat_template: auto (on when the tokenizer has a chat template) | true | false
+    # (prunerep/model/chat.py); with it, few-shot examples as alternating turns (fewshot_as_multiturn)
+    apply_chat_template: Any = "auto"
+    fewshot_as_multiturn: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,6 +153,8 @@ class ProbeConfig:
     # raw (the LM head on h without the final norm, as the paper's released code does)
     lens: str = "final_norm"
     top_tokens: int = 30  # top_tokens.parquet: the dense top-k tokens at each answer / first-step position (0: off)
+    # each prompt as the user turn of the tokenizer's chat template: auto (on when it has one) | true | false
+    chat_template: Any = "auto"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from prunerep.calibration import calibration_batch
 from prunerep.compress.accounting import model_compression
 from prunerep.compress.measure import measure_sparsity
 from prunerep.errors import ConfigError, ModelUnavailable
+from prunerep.model import chat
 from prunerep.model.load import load_model
 from prunerep.model.placement import new_offload_dir, remove_offload_dir
 from prunerep.results.index import find_completed, mark_completed, reuse_completed
@@ -148,6 +149,9 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
             model, tokenizer = load_model(rs.model, rs.cache_dir, rs.placement, offload_dir)
         summary["loaded_model"] = describe_model(model, rs.model, rs.placement)
         log.info("model: %s", summary["loaded_model"])
+        log.info("chat template: evals %s, probes %s", *(  # true without a template is bad input, found here
+            "on" if chat.resolve(v, tokenizer, what) else "off" for v, what in (
+                (rs.task.apply_chat_template, "task.apply_chat_template"), (rs.probe.chat_template, "probe.chat_template"))))
         if not rs.checked_before_loading:  # a hub model not cached here: its shape is known only now
             preflight.against_the_model(model, None, rs)
         calib = None

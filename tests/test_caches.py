@@ -248,7 +248,8 @@ def test_a_damaged_probe_cache_entry_is_recomputed(tiny, smollm2_tok, prompts_fi
 
 
 def tiny_tasks(**over) -> TaskConfig:
-    base = dict(name="offline", tasks=["arith_mc"], offline=True, limit=2, num_fewshot=0, batch_size=4, n_arith=4)
+    base = dict(name="offline", tasks=["arith_mc"], offline=True, limit=2, num_fewshot=0, batch_size=4, n_arith=4,
+                apply_chat_template=False)  # the scores edited below are the template-free ones
     return OmegaConf.structured(TaskConfig(**{**base, **over}))
 
 

@@ -47,7 +47,8 @@ def always_a(tok):
 
 
 def _cfg(**over):
-    base = dict(name="offline", tasks=["mmlu_dev"], offline=True, limit=LIMIT, batch_size=8, num_fewshot=0)
+    base = dict(name="offline", tasks=["mmlu_dev"], offline=True, limit=LIMIT, batch_size=8, num_fewshot=0,
+                apply_chat_template=False)  # the " A" the model favours is the option as lm-eval scores it bare
     return TaskConfig(**{**base, **over})
 
 

@@ -31,7 +31,7 @@ def tok():
 
 def _cfg(**over):
     base = dict(name="offline", tasks=[CLOZE, GEN], offline=True, limit=LIMIT, batch_size=8, num_fewshot=0,
-                n_arith=LIMIT, max_gen_toks=4)
+                n_arith=LIMIT, max_gen_toks=4, apply_chat_template=False)  # the contexts as the reference scores them
     return TaskConfig(**{**base, **over})
 
 

@@ -202,7 +202,7 @@ def test_every_eos_id_of_the_generation_config_and_the_tokenizer_stops_decoding(
     assert greedy_decode(model, ids, 8, stop_token_ids(model, smollm2_tok)).tokens.tolist() == free[:second + 1]
     # the dense reference decodes with them: the trajectory ends at the second id, kept
     cfg = plan(prompts_file, spaces=["embedding"], contexts=["teacher_forced"], max_new_tokens=8,
-               max_prompt_tokens=256)
+               max_prompt_tokens=256, chat_template=False)  # the prompt as the ids above
     ref = dense_reference(model, smollm2_tok, cfg, tmp_path, model_key="tiny-eos")
     gen = ref.load(next(p.id for p in ref.prompts if p.text == PROMPTS[1]["prompt"]))["gen_ids"]
     assert gen.tolist() == free[:second + 1]

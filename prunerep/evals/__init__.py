@@ -41,6 +41,7 @@ from prunerep.evals.perplexity import run_reference
 from prunerep.evals.retrieval import run_task
 from prunerep.evals.taskspec import EMBEDDING_RETRIEVAL, LM_EVAL, REFERENCE_PPL, requested, runner
 from prunerep.evals.validate import validate_tasks
+from prunerep.model import chat
 from prunerep.results.store import ABSENT, CacheInvalid, cache_lock, read_checked_json, stable_hash, write_checked_json
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ def evaluate_model(model, tokenizer, task: TaskConfig, workdir) -> dict:
 def dense_scores(model, tokenizer, task: TaskConfig, cache_dir, model_key: str) -> dict:
     """:func:`evaluate_model`, cached as ``<cache_dir>/evals/<hash>.json`` (atomic write).
 
-    The hash covers ``model_key`` (say, the model config and its weights' identity), every
-    task setting, lm-eval's version and :data:`EVAL_FORMAT_VERSION`, so a sweep evaluates
+    The hash (:func:`dense_key`) covers ``model_key`` (say, the model config and its weights'
+    identity), every task setting, lm-eval's version and :data:`EVAL_FORMAT_VERSION`, so a sweep evaluates
     the dense model once. Pass a ``model_key`` that changes when the dense weights change.
 
     The file holds ``{"sha256", "payload"}``: an entry that does not match its checksum (edited,
@@ -91,7 +92,7 @@ def dense_scores(model, tokenizer, task: TaskConfig, cache_dir, model_key: str) 
     task = _task_config(task)
     if not requested(task):
         return {}
-    key = stable_hash(model_key, dataclasses.asdict(task), version("lm_eval"), EVAL_FORMAT_VERSION)
+    key = dense_key(task, tokenizer, model_key)
     path = Path(cache_dir).expanduser() / "evals" / f"{key}.json"
     scores, problem = _read_cached(path)
     if problem is None:
@@ -109,6 +110,19 @@ def dense_scores(model, tokenizer, task: TaskConfig, cache_dir, model_key: str) 
         write_checked_json(path, scores)
     log.info("dense scores computed in %.1fs, cached at %s", time.perf_counter() - t0, path)
     return scores
+
+
+def dense_key(task: TaskConfig, tokenizer, model_key: str) -> str:
+    """The dense scores' cache key: ``model_key``, the task settings, lm-eval's version and
+    :data:`EVAL_FORMAT_VERSION`. The chat-template settings enter as what is done
+    (:func:`prunerep.model.chat.resolve`): with the template off, the key is the one the settings
+    had before they existed, so no cached entry of a model without a template is computed again."""
+    settings = dataclasses.asdict(task)
+    settings.pop("apply_chat_template")
+    multiturn = settings.pop("fewshot_as_multiturn")
+    if chat.resolve(task.apply_chat_template, tokenizer, "task.apply_chat_template"):
+        settings["chat_template"] = {"fewshot_as_multiturn": bool(multiturn)}
+    return stable_hash(model_key, settings, version("lm_eval"), EVAL_FORMAT_VERSION)
 
 
 def _read_cached(path: Path) -> tuple[dict | None, str | None]:

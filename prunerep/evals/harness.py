@@ -42,6 +42,7 @@ from prunerep.evals.perplexity import rolling_entry
 from prunerep.evals.taskfiles import write_task_yaml
 from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE, OFFLINE_NAMES, PERPLEXITY, TASKS, TaskSpec, requested
 from prunerep.logs import quiet_third_party
+from prunerep.model import chat
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +226,13 @@ def run_lm_eval(model, tokenizer, plans: list[TaskPlan], task_cfg: TaskConfig, w
                         n = task_cfg.code_max_gen_toks if t.get_config("unsafe_code") else task_cfg.max_gen_toks
                         t.set_config(key="generation_kwargs", value={"max_gen_toks": int(n)}, update=True)
         lm = BoundedHFLM(model, tokenizer, int(task_cfg.batch_size), task_cfg.logits_memory_mb)
+        templated = chat.resolve(task_cfg.apply_chat_template, tokenizer, "task.apply_chat_template")
         res = simple_evaluate(
             lm, tasks=objs, task_manager=tm,
             # offline YAMLs already carry task.num_fewshot; lm-eval never overrides a task set to 0
             num_fewshot=task_cfg.num_fewshot,
             limit=task_cfg.limit, use_cache=None, cache_requests=False, log_samples=True,
+            apply_chat_template=templated, fewshot_as_multiturn=templated and bool(task_cfg.fewshot_as_multiturn),
             bootstrap_iters=1000, confirm_run_unsafe_code=bool(task_cfg.allow_code_execution),
             random_seed=int(task_cfg.seed), numpy_random_seed=int(task_cfg.seed),
             torch_random_seed=int(task_cfg.seed), fewshot_random_seed=int(task_cfg.seed),

@@ -24,6 +24,7 @@ from prunerep.errors import ConfigError
 from prunerep.evals.bias import DEBIAS_MODES
 from prunerep.evals.offline import ARITH_KINDS, package_dir
 from prunerep.evals.taskspec import LM_EVAL, OFFLINE_NAMES, POOLINGS, PPL_PROTOCOLS, TASKS, hub_dataset, requested, runner
+from prunerep.model import chat
 from prunerep.model.sources import hub_reachable
 
 _NAME_RX = re.compile(r"^(task|group|tag):\s*(.*)$")
@@ -96,6 +97,7 @@ _LEAST = {"limit": (1, " for every document"), "num_fewshot": (0, " for each tas
 
 
 def _check_settings(t: TaskConfig) -> None:
+    chat.check(t.apply_chat_template, "task.apply_chat_template")
     for key, (least, null) in _LEAST.items():
         v = getattr(t, key)
         if (v is not None or null is None) and int(v) < least:

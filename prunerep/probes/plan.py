@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from prunerep.model import chat
 from prunerep.probes.prompts import read_prompts_file
 from prunerep.results.schema import CONTEXTS, SPACES, SUBLAYERS
 
@@ -43,6 +44,7 @@ class ProbePlan:
     transitions: bool = False
     lens: str = ""  # LENSES
     top_tokens: int = 0
+    chat_template: Any = False  # auto | True | False (prunerep.model.chat): the prompts as a chat's user turn
 
     @property
     def empty(self) -> bool:
@@ -116,4 +118,5 @@ def build_plan(cfg) -> ProbePlan:
                      max_prompt_tokens=int(cfg.max_prompt_tokens), max_new_tokens=int(cfg.max_new_tokens),
                      token_chunk=int(cfg.token_chunk), metric_threads=None if threads is None else int(threads),
                      compile=cfg.compile, seed=int(cfg.seed), h=h, transitions=bool(cfg.transitions), lens=lens,
-                     top_tokens=int(cfg.top_tokens))
+                     top_tokens=int(cfg.top_tokens),
+                     chat_template=chat.check(cfg.chat_template, "probe.chat_template"))

@@ -10,6 +10,10 @@ contexts). Both come from :mod:`prunerep.evals.offline` (installed packages, no 
 options is multiple choice (its options' first tokens are the option subspace), one
 without is generative. The first ``n_prompts`` lines are used, in file order.
 
+``probe.chat_template`` (auto: on when the tokenizer has a chat template) puts each prompt in the
+user turn of the tokenizer's chat template, ending at the assistant's turn
+(:func:`prunerep.model.chat.as_user_turn`); the options stay as given.
+
 Token ids are computed here once; the dense reference caches them, so the dense and the
 pruned side always see the same ids. Prompts longer than ``max_prompt_tokens`` keep
 their last tokens (the answer position of a question is at the end).
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunerep.evals.offline import arithmetic_problems, load_mmlu_questions
+from prunerep.model import chat
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +117,12 @@ def _option_ids(tokenizer, options: list[str], where: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int) -> list[Prompt]:
+def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int, chat_template=False) -> list[Prompt]:
     """The first ``n`` probe prompts of ``source`` (``offline`` or a JSONL file), tokenised and cut to
     their last ``max_len`` tokens; deterministic given ``seed`` (probe.prompts, n_prompts, seed,
-    max_prompt_tokens)."""
+    max_prompt_tokens). ``chat_template`` (probe.chat_template: auto, True, False): each prompt as
+    the user turn of the tokenizer's chat template (its text, and so the dense cache's key, then
+    holds the template)."""
     if n <= 0:
         return []
     if source == "offline":
@@ -125,16 +132,19 @@ def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int) -> lis
         if not path.is_file():
             raise FileNotFoundError(f"probe.prompts={source!r}: use 'offline' or a readable .jsonl file")
         items = read_prompts_file(path, n)
+    templated = chat.resolve(chat_template, tokenizer, "probe.chat_template")
     prompts = []
     for i, item in enumerate(items):
-        ids = tokenizer(item["prompt"])["input_ids"]
+        text = chat.as_user_turn(tokenizer, item["prompt"]) if templated else item["prompt"]
+        # the template already holds the special tokens the model's chat format starts with
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if templated else tokenizer(text)["input_ids"]
         if len(ids) > max_len:
             log.warning("probe prompt %d has %d tokens; keeping its last %d (probe.max_prompt_tokens)",
                         i, len(ids), max_len)
             ids = ids[-max_len:]
         options = list(item.get("options") or [])
         prompts.append(Prompt(
-            id=i, kind="mc" if options else "gen", text=item["prompt"], ids=tuple(int(t) for t in ids),
+            id=i, kind="mc" if options else "gen", text=text, ids=tuple(int(t) for t in ids),
             options=tuple(options), option_ids=_option_ids(tokenizer, options, f"prompt {i}") if options else (),
             answer=item.get("answer"), meta=dict(item.get("meta") or {})))
     return prompts

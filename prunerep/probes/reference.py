@@ -3,7 +3,8 @@ model and prompt set and cached on disk.
 
 The entry is ``cache_dir/probes/<key>/``: one safetensors file per prompt, then ``manifest.json``
 last (a directory without a manifest is incomplete and is recomputed). ``<key>`` hashes the model
-identity (``model_key`` or the model's config), a sample of its weights, the prompt token ids, the
+identity (``model_key`` or the model's config), a sample of its weights, the prompts' text and token
+ids (so ``probe.chat_template`` on and off are different entries; off leaves the prompts as they were), the
 probed layers/sublayers/contexts and the decoding settings — not the spaces, temperatures, top-k
 or chunk size, which only change what is computed from the states. A sweep over sparsities
 therefore runs the dense model once, also when its points start at once (SLURM arrays): the first
@@ -120,7 +121,7 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
     array) take its lock, ``probes/<key>.lock``: one computes, the others wait and read it."""
     if p.empty:
         return DenseReference(key="", path=None)
-    prompts = load_prompts(tokenizer, p.prompts, p.n_prompts, p.seed, p.max_prompt_tokens)
+    prompts = load_prompts(tokenizer, p.prompts, p.n_prompts, p.seed, p.max_prompt_tokens, p.chat_template)
     n_layers = num_layers(model)
     layers = resolve_layers(p.layers, n_layers)
     stop = stop_token_ids(model, tokenizer)
