@@ -137,9 +137,10 @@ class ProbeConfig:
     # torch's intra-op threads for the vocabulary-sized metric passes; null = torch's thread
     # count. 1 on a CPU that other jobs keep busy
     metric_threads: Optional[int] = None
-    # fuse the vocabulary-sized metric passes with torch.compile (compiled once per process);
-    # null: on CUDA only, where ~50 eager passes over [tokens x vocab] would dwarf the LM head
-    compile: Optional[bool] = None
+    # how the vocabulary-sized metric passes run: auto | eager | compiled | fused. auto = fused
+    # (one numba kernel, a few passes per row pair) on CPU, torch.compile on CUDA, where ~45
+    # eager passes over [tokens x vocab] would dwarf the LM head (prunerep.probes.plan.KERNELS)
+    kernel: str = "auto"
     seed: int = 0
     # the last layer's embedding-space (h) rows: residual = the residual stream before the final
     # norm (what the logit lens reads); normed = after the final norm (what transformers'
@@ -153,6 +154,9 @@ class ProbeConfig:
     # raw (the LM head on h without the final norm, as the paper's released code does)
     lens: str = "final_norm"
     top_tokens: int = 30  # top_tokens.parquet: the dense top-k tokens at each answer / first-step position (0: off)
+    # items.parquet (prunerep/probes/items.py): the evaluated items probed at their answer position, at most
+    # this many per multiple-choice / generative task (0: off)
+    n_items: int = 40
     # each prompt as the user turn of the tokenizer's chat template: auto (on when it has one) | true | false
     chat_template: Any = "auto"
 

@@ -10,7 +10,7 @@ import pytest
 
 from prunerep.evals import compare_evals
 from prunerep.evals.compare import item_scores
-from prunerep.results.claims import claims, free_running_split, story_fields
+from prunerep.results.claims import claims, free_running_split, item_aurocs, kept_with_large_kl, story_fields
 from prunerep.results.schema import PROBE_COLUMNS
 from prunerep.results.story import story
 from prunerep.viz.console import format_story
@@ -127,3 +127,35 @@ def test_a_claim_against_the_data_fails():
     found = claims(_table(rows))
     assert found["a_h_z_below_p"].verdict == "fails"
     assert found["b_kl_estimate"].verdict == "fails"  # the estimate 5x the KL
+
+
+def _items(rows):
+    cols = ["task", "item", "family", "dense_score", "pruned_score", "lost", "h_one_minus_cos", "answer_kl",
+            "options_kl", "options_top1_agree"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_auroc_of_each_measure_among_dense_right_items():
+    # five dense-right MC items, two lost; h ranks them perfectly, options_kl by halves (one tie)
+    rows = [("t", "0", "multiple_choice", 1.0, 1.0, False, 0.1, 0.2, 0.00, 1.0),
+            ("t", "1", "multiple_choice", 1.0, 1.0, False, 0.2, 0.9, 0.01, 1.0),
+            ("t", "2", "multiple_choice", 1.0, 1.0, False, 0.3, 0.1, 0.30, 1.0),
+            ("t", "3", "multiple_choice", 1.0, 0.0, True, 0.4, 0.6, 0.30, 0.0),
+            ("t", "4", "multiple_choice", 1.0, 0.0, True, 0.5, 0.7, 0.50, 0.0),
+            # dense wrong: not among the ranked items, whatever its measures
+            ("t", "5", "multiple_choice", 0.0, 0.0, False, 9.0, 9.0, 9.00, 1.0)]
+    got = item_aurocs(_items(rows))
+    h, n_lost = got["auroc/multiple_choice/h"]
+    assert (h.value, n_lost, h.n) == (1.0, 2, 5)
+    # options_kl: lost 0.30, 0.50 vs kept 0.00, 0.01, 0.30 -> pairs won: 0.30: 2 + 1/2, 0.50: 3 -> 5.5 / 6
+    assert got["auroc/multiple_choice/p_options"][0].value == pytest.approx(5.5 / 6)
+    # answer_kl: lost 0.6, 0.7 vs kept 0.2, 0.9, 0.1 -> 2 + 2 = 4 / 6
+    assert got["auroc/multiple_choice/p_vocab"][0].value == pytest.approx(4 / 6)
+    assert "auroc/multiple_choice/z" not in got  # not measured
+    # full-vocabulary KL >= 0.5: items 1, 3, 4, 5, of which 1 and 5 keep their answer
+    kept = kept_with_large_kl(_items(rows))
+    assert (kept.value, kept.n) == (0.5, 4)
+    s = story({}, None, story_fields({}, items=_items(rows)))
+    text = format_story(s)
+    assert "AUROC for a lost multiple choice item (2 of 5 dense-right items lost): h 1.00 [" in text
+    assert "multiple-choice items with full-vocabulary KL >= 0.5 whose answer is kept: 0.500 [" in text

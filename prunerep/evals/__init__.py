@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate_model", "dense_scores", "compare_evals", "validate_tasks"]
 
 # bump when the result format or the offline tasks change: old dense caches are then ignored
-EVAL_FORMAT_VERSION = 3  # 2: checksummed cache entries; 3: option_picks of multiple-choice tasks
+EVAL_FORMAT_VERSION = 4  # 2: checksummed cache entries; 3: option_picks of multiple-choice tasks; 4: per_query
 
 
 def _task_config(task) -> TaskConfig:

@@ -67,7 +67,7 @@ def rotations(rows: list[dict], choices_key: str = "choices", answer_key: str = 
     return [rotate(rows, r, choices_key, answer_key) for r in range(ks.pop())]
 
 
-def _option_scores(sample: dict) -> tuple[list[float], list[str]] | None:
+def option_scores(sample: dict) -> tuple[list[float], list[str]] | None:
     """(log-likelihood per option, option continuation) of one lm-eval multiple-choice sample."""
     resps = sample.get("filtered_resps")
     args = sample.get("arguments") or []
@@ -109,7 +109,7 @@ def option_picks(samples: list[tuple[str, dict]], metric: str) -> dict | None:
     pruned agreement). None when the samples carry no option scores."""
     picks, conts_seen, k = [], [], 0
     for task, s in samples:
-        got = _option_scores(s)
+        got = option_scores(s)
         if got is None:
             return None
         lls, conts = got

@@ -313,6 +313,8 @@ def summarize(res: dict, name: str, tokenizer, seconds: float) -> dict:
                                                                          "score_unpermuted")}}
     if spec and spec.pairs_with:
         entry["pairs_with"] = spec.pairs_with
+    if ttype in (MULTIPLE_CHOICE, GENERATIVE) and samples:
+        entry["items"] = item_requests(samples, ttype)
     if ttype == GENERATIVE:
         entry["generations"] = _generations(samples, metric, filt, tokenizer, several=len(leaves) > 1)
     if ttype == PERPLEXITY:  # lower is better; token perplexity from the per-document log-likelihoods
@@ -341,6 +343,30 @@ def _generations(samples, metric: str, filt: str, tokenizer, several: bool) -> l
             rec["task"] = leaf
         out.append(rec)
     out.sort(key=lambda r: (r.get("task", ""), r["doc_id"]))
+    return out
+
+
+#: items per task whose request (context, options and their log-likelihoods) an entry keeps
+MAX_ITEM_REQUESTS = 1000
+
+
+def item_requests(samples, ttype: str) -> list[dict]:
+    """What each document asked of the model, for the item probes (:mod:`prunerep.probes.items`):
+    ``{"task", "doc_id", "context"}`` and, for multiple choice, the option ``continuations`` and
+    their log-likelihoods ``lls`` (what decides the pick); the first :data:`MAX_ITEM_REQUESTS` per
+    task, in document order."""
+    out = []
+    for leaf, s in sorted(samples, key=lambda ls: (ls[0], int(ls[1]["doc_id"])))[:MAX_ITEM_REQUESTS]:
+        args = s.get("arguments") or []
+        if not args or not isinstance(args[0], (list, tuple)) or not isinstance(args[0][0], str):
+            continue
+        rec = {"task": leaf, "doc_id": int(s["doc_id"]), "context": args[0][0]}
+        if ttype == MULTIPLE_CHOICE:
+            got = bias.option_scores(s)
+            if got is None:
+                continue
+            rec["lls"], rec["continuations"] = got
+        out.append(rec)
     return out
 
 

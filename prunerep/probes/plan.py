@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from prunerep.model import chat
+from prunerep.probes import fused
 from prunerep.probes.prompts import read_prompts_file
 from prunerep.results.schema import CONTEXTS, SPACES, SUBLAYERS
 
@@ -19,6 +20,9 @@ from prunerep.results.schema import CONTEXTS, SPACES, SUBLAYERS
 H_STATES = ("residual", "normed")
 #: probe.lens, the transition rows' lens: the final norm then the LM head, or the LM head alone
 LENSES = ("final_norm", "raw")
+#: probe.kernel, how the vocabulary-sized metrics run: auto = fused on CPU where numba imports
+#: (else eager), compiled on CUDA; fused on CUDA is torch.compile's (Triton)
+KERNELS = ("auto", "eager", "compiled", "fused")
 
 
 @dataclass(frozen=True)
@@ -38,21 +42,28 @@ class ProbePlan:
     max_new_tokens: int = 0
     token_chunk: int = 0
     metric_threads: int | None = None
-    compile: bool | None = None  # None: on CUDA only
+    kernel: str = "auto"  # KERNELS
     seed: int = 0
     h: str = ""  # H_STATES
     transitions: bool = False
     lens: str = ""  # LENSES
     top_tokens: int = 0
+    n_items: int = 0  # items.parquet: evaluated items probed per task (prunerep.probes.items)
     chat_template: Any = False  # auto | True | False (prunerep.model.chat): the prompts as a chat's user turn
 
     @property
     def empty(self) -> bool:
         return not self.spaces or not self.contexts
 
-    def compiles(self, device: torch.device) -> bool:
-        """Whether the vocabulary-sized metric passes run through ``torch.compile`` on ``device``."""
-        return device.type == "cuda" if self.compile is None else bool(self.compile)
+    def kernel_on(self, device: torch.device) -> str:
+        """eager | compiled | fused: how the vocabulary-sized metric passes run on ``device``
+        (:func:`~prunerep.probes.metrics.vocab_metrics`; fused is a CPU kernel, so on CUDA it is
+        torch.compile)."""
+        if device.type == "cuda":
+            return "eager" if self.kernel == "eager" else "compiled"
+        if self.kernel == "auto":
+            return "fused" if fused.AVAILABLE else "eager"
+        return self.kernel
 
 
 def _choices(values, allowed, what: str) -> tuple[str, ...]:
@@ -103,6 +114,8 @@ def build_plan(cfg) -> ProbePlan:
     sublayers = _choices(cfg.sublayers, SUBLAYERS, "sublayers")
     if not sublayers:
         raise ValueError(f"probe.sublayers is empty; choose from {list(SUBLAYERS)}")
+    if int(cfg.n_items) < 0:
+        raise ValueError(f"probe.n_items={cfg.n_items} must be >= 0 (0: off)")
     if int(cfg.top_tokens) < 0:
         raise ValueError(f"probe.top_tokens={cfg.top_tokens} must be >= 0 (0: off)")
     h, lens = _choice(cfg.h, H_STATES, "h"), _choice(cfg.lens, LENSES, "lens")
@@ -117,6 +130,6 @@ def build_plan(cfg) -> ProbePlan:
                      layers=layers, prompts=src, n_prompts=int(cfg.n_prompts),
                      max_prompt_tokens=int(cfg.max_prompt_tokens), max_new_tokens=int(cfg.max_new_tokens),
                      token_chunk=int(cfg.token_chunk), metric_threads=None if threads is None else int(threads),
-                     compile=cfg.compile, seed=int(cfg.seed), h=h, transitions=bool(cfg.transitions), lens=lens,
-                     top_tokens=int(cfg.top_tokens),
+                     kernel=_choice(cfg.kernel, KERNELS, "kernel"), seed=int(cfg.seed), h=h, transitions=bool(cfg.transitions), lens=lens,
+                     top_tokens=int(cfg.top_tokens), n_items=int(cfg.n_items),
                      chat_template=chat.check(cfg.chat_template, "probe.chat_template"))

@@ -163,11 +163,13 @@ def _run_rows(run_dir: Path, ident: dict, summary: dict) -> pd.DataFrame:
 
 
 def _claim_rows(summary: dict) -> pd.DataFrame:
-    """summary.json's story: each claim's statistic (metric ``<name>``) and its bounds (``<name>/lo``,
-    ``<name>/hi``), source ``claim`` (:mod:`prunerep.results.claims`)."""
+    """summary.json's story: each claim's statistic (metric ``<name>``), the AUROCs (``auroc/<family>/<measure>``)
+    and ``mc/kept_large_kl``, with their bounds (``<name>/lo``, ``<name>/hi``), source ``claim``
+    (:mod:`prunerep.results.claims`)."""
     story = summary.get("story") or {}
-    rows = [{"source": "claim", "metric": k.split("/", 1)[1], "value": float(v)} for k, v in story.items()
-            if k.startswith("claim/") and not k.endswith(("/n", "/unit", "/verdict")) and _is_number(v)]
+    rows = [{"source": "claim", "metric": k.split("/", 1)[1] if k.startswith("claim/") else k, "value": float(v)}
+            for k, v in story.items() if k.startswith(("claim/", "auroc/", "mc/kept_large_kl"))
+            and not k.endswith(("/n", "/n_lost", "/unit", "/verdict")) and _is_number(v)]
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 

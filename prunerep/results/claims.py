@@ -48,6 +48,8 @@ CONTEXT_PREFERENCE = ("prompt", "teacher_forced", "free_running")
 ESTIMATE_BAND = (0.5, 2.0)
 #: e: "retrieval is kept": at least this share of the dense model's advantage over a random ranking
 RETRIEVAL_KEPT = 0.9
+#: a "large" full-vocabulary KL at a multiple-choice answer position (nats)
+KL_LARGE = 0.5
 #: the paper's order of what pruning keeps, most first
 ORDER = (RETRIEVAL, MULTIPLE_CHOICE, GENERATIVE)
 
@@ -58,11 +60,15 @@ STATEMENTS = {
     "c_accumulation": "(c) free-running KL exceeds teacher-forced (ratio > 1)",
     "d_options_stable": "(d) option subspace more stable than the full vocabulary (top-1 agreement difference)",
     "e_retrieval_kept": f"(e) retrieval kept (retained above chance > {RETRIEVAL_KEPT:g})",
+    "mc/kept_large_kl": f"multiple-choice answers kept where the full-vocabulary KL >= {KL_LARGE:g}",
 }
 
 
 def bounds(name: str) -> tuple[Optional[float], Optional[float]]:
-    """(above, below): the claim holds when its statistic lies above ``above`` and below ``below``."""
+    """(above, below): the claim holds when its statistic lies above ``above`` and below ``below``
+    (an AUROC is held against chance, 1/2)."""
+    if name.startswith("auroc/"):
+        return 0.5, None
     return {"b_kl_estimate": ESTIMATE_BAND, "c_accumulation": (1.0, None),
             "e_retrieval_kept": (RETRIEVAL_KEPT, None)}.get(name, (0.0, None))
 
@@ -75,6 +81,9 @@ def statement(name: str) -> str:
     if kind == "order":
         a, b = next((a, b) for a, b in zip(ORDER, ORDER[1:]) if rest == f"{a}_{b}")
         return f"family order: {a} keeps more than {b} (retained above chance, difference)"
+    if name.startswith("auroc/"):
+        _, family, measure = name.split("/")
+        return f"AUROC of {measure} for 'the pruned model loses a dense-right {family} item'"
     if kind == "pair":
         return f"the same questions ({rest}): multiple choice keeps more than generation (retained above chance)"
     return name
@@ -287,6 +296,54 @@ def retrieval_drift(dense: Optional[dict], pruned: Optional[dict], n_resamples: 
     return None
 
 
+# --------------------------------------------------------------------------- which space predicts which failure
+
+#: per family, the items.parquet measures whose AUROC for "the pruned model loses this item" is
+#: reported, ``{name: (column, sign)}``: sign -1 where a smaller value means more damage
+AUROC_MEASURES = {
+    MULTIPLE_CHOICE: {"h": ("h_one_minus_cos", 1), "z": ("z_one_minus_cos_centred", 1),
+                      "p_vocab": ("answer_kl", 1), "p_options": ("options_kl", 1)},
+    GENERATIVE: {"teacher_forced_kl": ("teacher_forced_kl", 1), "first_divergence": ("first_divergence", -1),
+                 "prompt_kl": ("answer_kl", 1)},
+}
+def item_aurocs(items: Optional[pd.DataFrame], n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED) -> dict:
+    """``{"auroc/<family>/<measure>": (Interval, n_lost)}``: among the items the dense model gets
+    right (score 1) that have the measure, the AUROC of the measure for the label "the pruned
+    model does not" (items resampled within each task). Absent where no item, or every item, is
+    lost: there is nothing to rank."""
+    out: dict = {}
+    if items is None or items.empty:
+        return out
+    for family, measures in AUROC_MEASURES.items():
+        right = items[(items["family"] == family) & (items["dense_score"] == 1.0)]
+        for name, (col, sign) in measures.items():
+            if col not in right:
+                continue
+            sel = right[np.isfinite(right[col].to_numpy(dtype=float))]
+            lost = sel["lost"].to_numpy(dtype=bool)
+            if not 0 < lost.sum() < len(lost):
+                continue
+            iv = bs.bootstrap(bs.auroc(sign * sel[col].to_numpy(dtype=float), lost), len(sel),
+                              strata=sel["task"].tolist(), n_resamples=n_resamples, seed=seed)
+            out[f"auroc/{family}/{name}"] = (iv, int(lost.sum()))
+    return out
+
+
+def kept_with_large_kl(items: Optional[pd.DataFrame], n_resamples: int = bs.N_RESAMPLES,
+                       seed: int = bs.SEED) -> Optional[bs.Interval]:
+    """Among the multiple-choice items whose full-vocabulary KL at the answer position is at least
+    :data:`KL_LARGE`, the share whose answer is kept (the pruned model picks the option the dense
+    one picked): the paper's mechanism, counted. None without such items."""
+    if items is None or items.empty:
+        return None
+    mc = items[(items["family"] == MULTIPLE_CHOICE) & (items["answer_kl"] >= KL_LARGE)
+               & np.isfinite(items["options_top1_agree"].to_numpy(dtype=float))]
+    if mc.empty:
+        return None
+    return bs.bootstrap(bs.mean(mc["options_top1_agree"].to_numpy(dtype=float)), len(mc),
+                        strata=mc["task"].tolist(), n_resamples=n_resamples, seed=seed)
+
+
 def claims(table: Optional[pd.DataFrame], evals: Optional[EvalsReport] = None, dense: Optional[dict] = None,
            pruned: Optional[dict] = None, n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED) -> dict:
     """Every claim the run's units allow, in reading order: ``{name: Claim}``."""
@@ -298,11 +355,14 @@ def claims(table: Optional[pd.DataFrame], evals: Optional[EvalsReport] = None, d
 
 
 def story_fields(found: dict, table: Optional[pd.DataFrame] = None, dense: Optional[dict] = None,
-                 pruned: Optional[dict] = None, n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED) -> dict:
+                 pruned: Optional[dict] = None, items: Optional[pd.DataFrame] = None,
+                 n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED) -> dict:
     """The claims as the story's flat keys: ``claim/<name>`` (the statistic), ``claim/<name>/lo``,
     ``/hi``, ``/n``, ``/unit``, ``/verdict``, and ``claims/n_resamples``, ``claims/level``; the free-running KL
     split (``kl/free_running_matched``, ``kl/free_running_after_divergence``) and the retrieval
-    embeddings' drift (``retrieval/embedding_one_minus_cos`` with ``/lo``, ``/hi``)."""
+    embeddings' drift (``retrieval/embedding_one_minus_cos`` with ``/lo``, ``/hi``); from items.parquet
+    the AUROCs ``auroc/<family>/<measure>`` (+ ``/lo``, ``/hi``, ``/n``: dense-right items, ``/n_lost``)
+    and ``mc/kept_large_kl`` (+ ``/lo``, ``/hi``, ``/n``)."""
     out: dict[str, Any] = {}
     for name, c in found.items():
         iv = c.interval
@@ -319,6 +379,12 @@ def story_fields(found: dict, table: Optional[pd.DataFrame] = None, dense: Optio
     for k, v in free_running_split(table).items():
         if math.isfinite(v):
             out[f"kl/free_running_{k}"] = v
+    for key, (iv, n_lost) in item_aurocs(items, n_resamples, seed).items():
+        out.update({key: iv.value, f"{key}/lo": iv.lo, f"{key}/hi": iv.hi, f"{key}/n": iv.n, f"{key}/n_lost": n_lost})
+    kept = kept_with_large_kl(items, n_resamples, seed)
+    if kept is not None:
+        out.update({"mc/kept_large_kl": kept.value, "mc/kept_large_kl/lo": kept.lo, "mc/kept_large_kl/hi": kept.hi,
+                    "mc/kept_large_kl/n": kept.n})
     drift = retrieval_drift(dense, pruned, n_resamples, seed)
     if drift is not None and math.isfinite(drift.value):
         out.update({"retrieval/embedding_one_minus_cos": drift.value, "retrieval/embedding_one_minus_cos/lo": drift.lo,

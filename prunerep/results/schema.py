@@ -18,6 +18,9 @@ Files of a run directory (each written atomically; summary.json last):
                          answer position / first decoding step with p_dense and p_pruned
                          (:data:`prunerep.probes.top_tokens.COLUMNS`); not in :data:`RESULT_FILES`
                          (not always written)
+    eval_items.parquet   (a task with per-item outcomes evaluated) dense vs pruned per document: answers,
+                         generations, correctness (:data:`prunerep.evals.items.COLUMNS`); not in
+                         :data:`RESULT_FILES` (not always written)
     summary.json         :data:`SUMMARY_KEYS`: status, identity, achieved sparsity, effective bits, timings,
                          memory
 
@@ -72,6 +75,8 @@ PROBE_PLOTS = ("probes_similarity.png", "probes_kl.png", "probes_steps.png", "pr
 TRANSITIONS_PLOT = "probes_transitions.png"
 TOP_TOKENS_FILE = "top_tokens.parquet"
 TOP_TOKENS_PLOT = "probes_top_tokens.png"
+#: written when a task has per-item outcomes: dense vs pruned per document (prunerep.evals.items.COLUMNS)
+EVAL_ITEMS_FILE = "eval_items.parquet"
 
 #: summary.json of a completed run has exactly these keys (a failed one: status, error,
 #: traceback, timings_s, peak_memory_mb and the identity)
@@ -165,6 +170,26 @@ PROBE_H_ATTR = "probe_h"
 #: preferred similarity / divergence metric per plot, first one present wins (report and W&B)
 SIMILARITY_METRICS = ("cos", "top1_agree", "token_agree", "top5_overlap", "topk_overlap_5")
 DIVERGENCE_METRICS = ("kl", "kl_est", "js", "reverse_kl", "one_minus_cos", "rel_l2")
+
+
+# --------------------------------------------------------------------------- items.parquet
+ITEMS_FILE = "items.parquet"
+#: items.parquet (prunerep/probes/items.py): one row per evaluated item, its outcome dense and pruned
+#: (``dense_score``, ``pruned_score``: 1/0 for multiple choice and exact match, nDCG@10 for a query;
+#: ``lost``: right dense, not right pruned) beside its representation measures, dense vs pruned at
+#: the answer position (the context's last token): the option distribution (the option
+#: log-likelihoods, normalised), the full vocabulary, h and the centred z at the last probed layer
+#: and per probed layer (``layers``, ``*_by_layer``); generative: ``teacher_forced_kl``,
+#: ``first_divergence``, ``diverged``; retrieval: the query embedding's ``embedding_one_minus_cos``.
+#: NaN where an item has no such measure.
+ITEM_MEASURES = ("options_kl", "options_top1_agree", "options_one_minus_cos", "answer_kl", "answer_top1_agree",
+                 "answer_one_minus_cos", "h_one_minus_cos", "z_one_minus_cos_centred", "teacher_forced_kl",
+                 "first_divergence", "diverged", "embedding_one_minus_cos")
+ITEM_LIST_COLUMNS = ("layers", "h_one_minus_cos_by_layer", "z_one_minus_cos_centred_by_layer")
+ITEM_COLUMNS = ("task", "item", "family", "dense_score", "pruned_score", "lost", *ITEM_MEASURES, *ITEM_LIST_COLUMNS)
+ITEM_DTYPES = {"task": "object", "item": "object", "family": "object", "dense_score": "float64",
+               "pruned_score": "float64", "lost": "bool", **{m: "float64" for m in ITEM_MEASURES},
+               **{c: "object" for c in ITEM_LIST_COLUMNS}}
 
 
 def empty_probe_table() -> pd.DataFrame:

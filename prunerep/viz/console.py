@@ -7,7 +7,7 @@ import math
 from typing import Any, Optional
 
 from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE, PERPLEXITY, RETRIEVAL
-from prunerep.results.claims import statement
+from prunerep.results.claims import KL_LARGE, statement
 from prunerep.results.schema import EvalsReport, OptionPicks
 
 _KIND = {GENERATIVE: "gen", MULTIPLE_CHOICE: "mc", PERPLEXITY: "ppl", RETRIEVAL: "ret"}
@@ -231,7 +231,27 @@ def format_story(s: dict, label: Optional[str] = None) -> str:
     if has("retrieval/embedding_one_minus_cos"):
         lines.append(f"  retrieval embeddings: 1-cos to dense {_with_interval(s, 'retrieval/embedding_one_minus_cos')}")
     lines += format_claims(s)
+    lines += format_aurocs(s)
     return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def format_aurocs(s: dict) -> list[str]:
+    """Which space predicts which failure: per family the AUROC of each measure for "the pruned
+    model loses a dense-right item", and the multiple-choice answers kept under a large KL."""
+    lines = []
+    keys = [k for k in s if k.startswith("auroc/") and k.count("/") == 2]
+    for family in dict.fromkeys(k.split("/")[1] for k in keys):
+        mine = [k for k in keys if k.split("/")[1] == family]
+        first = mine[0]
+        n = f" ({int(s[first + '/n_lost'])} of {int(s[first + '/n'])} dense-right items lost)" \
+            if first + "/n_lost" in s and first + "/n" in s else ""
+        parts = [f"{k.split('/')[2]} {_with_interval(s, k)}" for k in mine]
+        lines.append(f"  AUROC for a lost {family.replace('_', ' ')} item{n}: {'; '.join(parts)}")
+    if "mc/kept_large_kl" in s:
+        n = f" of {int(s['mc/kept_large_kl/n'])}" if "mc/kept_large_kl/n" in s else ""
+        lines.append(f"  multiple-choice items with full-vocabulary KL >= {KL_LARGE:g} whose answer is kept: "
+                     f"{_with_interval(s, 'mc/kept_large_kl')}{n}")
+    return lines
 
 
 def _with_interval(s: dict, key: str) -> str:
