@@ -19,6 +19,7 @@ from prunerep.model.identity import model_key
 from prunerep.model.skeleton import context_length, model_config, skeleton
 from prunerep.model.sources import hub_reachable, looks_local
 from prunerep.probes.capture import resolve_layers
+from prunerep.results.store import stable_hash
 from prunerep.spec import RunSpec
 
 #: a weight pruner or quantizer must reach at least this share of the decoder blocks' parameters
@@ -31,12 +32,16 @@ def check(rs: RunSpec) -> RunSpec:
     writable_dir(rs.cache_dir, "cache_dir")
     model_files(rs.model)
     calibration_files(rs.calib)
+    # the files a method reads besides the dense model (pruner=external): a new checkpoint under the
+    # same path is another point
+    extra = rs.pruner.files_identity()
     config = model_config(rs.model, rs.cache_dir)
     if config is not None:
         against_the_model(skeleton(config), context_length(config), rs)
     key = model_key(rs.model, rs.placement)
+    chash = rs.identity.config_hash if extra is None else stable_hash(rs.identity.config_hash, extra)
     return dataclasses.replace(rs, model_key=key, checked_before_loading=config is not None,
-                               identity=dataclasses.replace(rs.identity, model_key=key))
+                               identity=dataclasses.replace(rs.identity, model_key=key, config_hash=chash))
 
 
 def writable_dir(d: Path, what: str) -> None:
@@ -99,6 +104,9 @@ def against_the_model(model: nn.Module, context: Optional[int], rs: RunSpec) -> 
                               f"architecture ({type(model).__name__}) is not supported")
     pruner.check(model, rs.prune)
     quant.check(model)
+    if quant.quantizes and pruner.storage() is not None:
+        raise ConfigError(f"the {pruner.name} pruner's weights are already quantized ({pruner.storage()['bits']} bits); "
+                          f"quant={quant.name} would quantize them again: use quant=none")
     if context:
         if rs.needs_calibration and rs.calib.seqlen > context:
             raise ConfigError(f"calib.seqlen={rs.calib.seqlen} is longer than the model's context ({context} tokens)")

@@ -269,7 +269,7 @@ def test_registry_is_the_set_of_method_modules():
     from pathlib import Path
 
     methods = discover("pruner")
-    assert set(methods) == {"none", "magnitude", "wanda", "sparsegpt", "random", "layer_drop"}
+    assert set(methods) == {"none", "magnitude", "wanda", "sparsegpt", "random", "layer_drop", "external"}
     conf = Path(__file__).resolve().parents[1] / "conf" / "pruner"
     assert {p.stem for p in conf.glob("*.yaml")} == set(methods)  # one YAML file per method
     with pytest.raises(ConfigError, match="unknown pruner 'wandaa'"):
@@ -280,7 +280,10 @@ def test_capabilities_are_read_from_the_method():
     methods = discover("pruner")
     assert {n for n, m in methods.items() if m().needs_calibration} == {"wanda", "sparsegpt", "layer_drop"}
     assert {n for n, m in methods.items() if not m.supports_nm} == {"layer_drop"}
-    assert {n for n, m in methods.items() if m.zeroes_weights} == {"magnitude", "wanda", "sparsegpt", "random"}
+    assert {n for n, m in methods.items() if m.zeroes_weights} == {"magnitude", "wanda", "sparsegpt", "random",
+                                                                    "external"}
+    assert {n for n, m in methods.items() if m.zeroes_weights and m.meets_target} == {"magnitude", "wanda", "sparsegpt",
+                                                                                       "random"}
     with pytest.raises(ConfigError, match="does not take an N:M pattern"):
         methods["layer_drop"]().validate(parse_sparsity("2:4"))
     methods["wanda"]().validate(parse_sparsity("2:4"))

@@ -159,10 +159,17 @@ def model_compression(model: nn.Module, *, pruner, spec, pruning: dict, quant, q
     dense = dtype_bits(getattr(first.module, first.param).dtype) if first is not None else 32
     quantized = [f"layers.{i}.{n}" for i, block in enumerate(decoder_layers(model))
                  for n in targets_of(block, quant)] if quant.quantizes else []
+    quant_name, storage, weight_sparsity = quant.name, quant.storage(), bool(pruner.zeroes_weights)
+    carried = (pruning.get("method") or {}).get("quantization") if pruner.storage() is not None else None
+    if carried is not None:  # quantized before prunerep saw it (pruner=external): its own format
+        quant_name, storage, quantized = f"{pruner.name}-quantized", pruner.storage(), carried["modules"]
+        quant_report = {"source": "checkpoint", "n_modules": len(quantized)}
+        # its zeros include weights rounded to zero: pruned weights (a bitmask) only where sparsity > 0 is declared
+        weight_sparsity = weight_sparsity and spec.ratio > 0
     return compression_report(shapes, dense, pruner=pruner.name, sparsity=spec,
-                              weight_sparsity=bool(pruner.zeroes_weights), zero_fractions=pruning.get("modules"),
-                              achieved_sparsity=pruning.get("achieved_sparsity"), quant=quant.name,
-                              storage=quant.storage(), quantized=quantized, quant_report=quant_report)
+                              weight_sparsity=weight_sparsity, zero_fractions=pruning.get("modules"),
+                              achieved_sparsity=pruning.get("achieved_sparsity"), quant=quant_name,
+                              storage=storage, quantized=quantized, quant_report=quant_report)
 
 
 __all__ = ["SCALE_BITS", "ZERO_BITS", "BITMASK_BITS", "nm_index_bits", "bits_per_weight", "mean_bits", "dtype_bits",

@@ -8,8 +8,10 @@ Capabilities, read by the pipeline and the checks and defined nowhere else:
 
 * ``needs_calibration`` (property): calibration samples are loaded for it;
 * ``supports_nm``: takes an N:M pattern as its target;
-* ``zeroes_weights``: sets single weights to zero, to the target -- the run fails when it misses it,
-  and the bits accounting stores its matrices with a bitmask;
+* ``zeroes_weights``: sets single weights to zero -- the bits accounting stores its matrices with a
+  bitmask;
+* ``meets_target``: prunes to the run's ``sparsity`` -- with ``zeroes_weights``, the run fails when it
+  misses it (``external`` reads a checkpoint's sparsity: measured, not promised);
 * ``sets_zeros`` (property): a quantizer after it holds the zeros it left at zero;
 * ``prunes_weights``: works on weight targets (layer_drop works on whole sublayers), so the targets
   it reaches must cover the model;
@@ -103,7 +105,8 @@ class Pruner(Method):
     routers: bool = False
 
     supports_nm: ClassVar[bool] = True  # takes an N:M pattern as its target
-    zeroes_weights: ClassVar[bool] = True  # sets single weights to zero, to the target (the run fails otherwise)
+    zeroes_weights: ClassVar[bool] = True  # sets single weights to zero (stored with a bitmask)
+    meets_target: ClassVar[bool] = True  # prunes to the run's sparsity (the run fails otherwise)
     prunes_weights: ClassVar[bool] = True  # works on weight targets (layer_drop works on whole sublayers)
 
     @property
@@ -125,6 +128,16 @@ class Pruner(Method):
 
     def check_depth(self, n_layers: int) -> None:
         """Checks against the model's number of decoder blocks. Raise ConfigError (one line)."""
+
+    def files_identity(self) -> Optional[str]:
+        """The identity of the files it reads besides the dense model (an external checkpoint), once
+        they are found to be there (ConfigError otherwise): part of the run's identity. None: none."""
+        return None
+
+    def storage(self) -> Optional[dict]:
+        """The quantized format its weights come in (``bits``, ``group_size``, ``sym``), for the bits
+        accounting: a checkpoint quantized elsewhere. None: the model's dtype."""
+        return None
 
     def check(self, model: nn.Module, settings: PruneSettings) -> None:
         """Checks against the model (its skeleton on the meta device will do): the patterns must

@@ -32,8 +32,11 @@ def model_config(mcfg, cache_dir) -> Optional[object]:
     try:
         if mcfg.source == "random":
             arch = {k: v for k, v in dict(mcfg.arch).items() if k != "seed"}
+            guessed = "vocab_size" not in arch
             arch.setdefault("vocab_size", SKELETON_VOCAB)
-            return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+            config = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+            config.vocab_guessed = guessed  # the tokenizer decides it at loading: checks leave it alone
+            return config
         if mcfg.source in ("package", "gguf"):
             gguf = resolve_gguf(mcfg)
             check_gguf(gguf)
