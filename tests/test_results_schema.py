@@ -66,3 +66,14 @@ def test_probe_spaces_headline_and_estimate_ratios():
     assert list(results.PROBE_SUMMARY_FIELDS) == ["final_layer", "n_prompts", "n_rows", "nonfinite_values", "h"]
     assert list(results.PROBE_PLOTS) == ["probes_similarity.png", "probes_kl.png", "probes_steps.png",
                                          "probes_estimates.png", "probes_answer.png"]
+
+
+def test_items_table_columns():
+    """items.parquet (prunerep/probes/items.py): written when a task ran, not in RESULT_FILES."""
+    assert results.ITEMS_FILE == "items.parquet" and results.ITEMS_FILE not in results.RESULT_FILES
+    assert list(results.ITEM_COLUMNS) == [
+        "task", "item", "family", "dense_score", "pruned_score", "lost", "options_kl", "options_top1_agree",
+        "options_one_minus_cos", "answer_kl", "answer_top1_agree", "answer_one_minus_cos", "h_one_minus_cos",
+        "z_one_minus_cos_centred", "teacher_forced_kl", "first_divergence", "diverged", "embedding_one_minus_cos",
+        "layers", "h_one_minus_cos_by_layer", "z_one_minus_cos_centred_by_layer"]
+    assert set(results.ITEM_DTYPES) == set(results.ITEM_COLUMNS) and results.ITEM_DTYPES["lost"] == "bool"
