@@ -21,7 +21,7 @@ import torch
 
 from prunerep.compress.method import Pruner
 from prunerep.errors import ConfigError
-from prunerep.model.anatomy import block_targets, decoder_layers, make_identity, SUBLAYER_KINDS
+from prunerep.model.anatomy import SUBLAYER_KINDS, block_targets, decoder_layers, make_identity
 from prunerep.model.checkpoint import Checkpoint, layer_index, open_checkpoint, renumbered
 from prunerep.model.identity import dir_identity
 from prunerep.model.placement import onloaded
@@ -56,10 +56,10 @@ class External(Pruner):
                 raise ConfigError(f"pruner.layer_map={m} must list the dense index of each kept block, increasing, "
                                   f"from 0")
 
-    def checkpoint(self, download: bool = True) -> Checkpoint:
-        """The checkpoint's headers and config, read once."""
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint's headers and config, read once (a hub id not cached is downloaded)."""
         if getattr(self, "_checkpoint", None) is None:
-            self._checkpoint = open_checkpoint(self.path, self.revision, download)
+            self._checkpoint = open_checkpoint(self.path, self.revision)
         return self._checkpoint
 
     def files_identity(self) -> Optional[str]:
