@@ -159,3 +159,16 @@ def test_auroc_of_each_measure_among_dense_right_items():
     text = format_story(s)
     assert "AUROC for a lost multiple choice item (2 of 5 dense-right items lost): h 1.00 [" in text
     assert "multiple-choice items with full-vocabulary KL >= 0.5 whose answer is kept: 0.500 [" in text
+
+
+def test_items_of_one_source_are_one_unit():
+    # 8 MC items cut from 2 documents: the order claim rests on 2 units, not 8
+    dense = {"word_cloze": _mc([1, 1, 1, 1, 1, 1, 1, 0]), "arith_gen": _gen([1, 1, 1, 1, 0, 0, 0, 0])}
+    dense["word_cloze"].pop("pairs_with")
+    dense["word_cloze"]["items"] = [{"task": "word_cloze", "doc_id": i, "context": "c", "source": str(i // 4)}
+                                    for i in range(8)]
+    pruned = {"word_cloze": _mc([1, 1, 1, 1, 1, 1, 0, 0]), "arith_gen": _gen([1, 0, 0, 0, 0, 0, 0, 0])}
+    pruned["word_cloze"].pop("pairs_with")
+    evals = compare_evals(dense, pruned)
+    c = claims(None, evals, dense, pruned)["order_multiple_choice_generative"]
+    assert c.interval.n == 2 + 8 and c.interval.value == pytest.approx(0.8 - 0.25)

@@ -352,8 +352,8 @@ MAX_ITEM_REQUESTS = 1000
 
 def item_requests(samples, ttype: str) -> list[dict]:
     """What each document asked of the model, for the item probes (:mod:`prunerep.probes.items`):
-    ``{"task", "doc_id", "context"}`` and, for multiple choice, the option ``continuations`` and
-    their log-likelihoods ``lls`` (what decides the pick); the first :data:`MAX_ITEM_REQUESTS` per
+    ``{"task", "doc_id", "context"}`` (``source`` where the document names one) and, for multiple
+    choice, the option ``continuations`` and their log-likelihoods ``lls`` (what decides the pick); the first :data:`MAX_ITEM_REQUESTS` per
     task, in document order."""
     out = []
     for leaf, s in sorted(samples, key=lambda ls: (ls[0], int(ls[1]["doc_id"])))[:MAX_ITEM_REQUESTS]:
@@ -361,6 +361,9 @@ def item_requests(samples, ttype: str) -> list[dict]:
         if not args or not isinstance(args[0], (list, tuple)) or not isinstance(args[0][0], str):
             continue
         rec = {"task": leaf, "doc_id": int(s["doc_id"]), "context": args[0][0]}
+        source = (s.get("doc") or {}).get("source") if isinstance(s.get("doc"), dict) else None
+        if source is not None:  # the document the item was cut from: items of one source are not independent
+            rec["source"] = str(source)
         if ttype == MULTIPLE_CHOICE:
             got = bias.option_scores(s)
             if got is None:

@@ -192,7 +192,9 @@ _WORD = re.compile(r"[A-Za-z]+")
 def next_word_problems(docs: list[str], n: int, seed: int = 0, context_words: int = 40,
                        min_chars: int = 4) -> list[dict]:
     """``n`` next-word problems from English text ``docs``:
-    ``[{id, context, answer, choices (4 words), answer_idx}]``.
+    ``[{id, context, answer, choices (4 words), answer_idx, source}]``; ``source``: the index of the
+    document the problem was cut from (problems of one document share text: a bootstrap resamples
+    the documents, :mod:`prunerep.results.claims`).
 
     The answer is a word of at least ``min_chars`` letters that follows a space; the context is the
     text of the ``context_words`` words before it (cut at a word start, inside one document). The
@@ -206,7 +208,7 @@ def next_word_problems(docs: list[str], n: int, seed: int = 0, context_words: in
     for w in pool:
         by_len.setdefault(len(w), []).append(w)
     out: list[dict] = []
-    for d in docs:
+    for source, d in enumerate(docs):
         words = list(_WORD.finditer(d))
         last = -10**9
         for i in range(context_words, len(words)):
@@ -224,7 +226,7 @@ def next_word_problems(docs: list[str], n: int, seed: int = 0, context_words: in
             options = [w] + r.sample(cands, 3)
             r.shuffle(options)
             out.append({"id": len(out), "context": context, "answer": w, "choices": options,
-                        "answer_idx": options.index(w)})
+                        "answer_idx": options.index(w), "source": source})
             last = i
     return out
 

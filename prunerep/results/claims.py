@@ -26,7 +26,8 @@ claim                                     statistic                             
 
 The units resampled: prompts for a-d; for e, the order and the pairs, the evaluated items, each
 task on its own (a stratum), a multiple-choice task and the generative one over the same questions
-resampled together (the question is the unit). A claim whose units are missing is left out.
+resampled together (the question is the unit), and items cut from one document (word_cloze's
+pydoc topics: the item requests' ``source``) drawn together (the document is the unit). A claim whose units are missing is left out.
 """
 from __future__ import annotations
 
@@ -218,9 +219,20 @@ def _tasks(evals: EvalsReport, dense: dict, pruned: dict) -> list[_Task]:
             if len(docs) < 2:
                 continue
             root = row.pairs_with if row.pairs_with and row.pairs_with in evals.tasks else name
+            src = sources(dense.get(name))
+            units = [f"{root}:source:{src[k]}" if k in src else f"{root}:{k}" for k in docs]
             out.append(_Task(name, fam, float(row.chance), np.array([d[k] for k in docs], dtype=float),
-                             np.array([p[k] for k in docs], dtype=float), [f"{root}:{k}" for k in docs], root))
+                             np.array([p[k] for k in docs], dtype=float), units, root))
     return out
+
+
+def sources(entry: Optional[dict]) -> dict:
+    """{item: the document it was cut from} where the entry's item requests name one (word_cloze:
+    many items per pydoc topic), keyed as :func:`prunerep.evals.compare.item_scores` keys items."""
+    recs = (entry or {}).get("items") or []
+    several = len({r["task"] for r in recs}) > 1
+    return {(f"{r['task']}:{r['doc_id']}" if several else int(r["doc_id"])): r["source"]
+            for r in recs if r.get("source") is not None}
 
 
 def _interval(tasks: list[_Task], statistic, n_resamples: int, seed: int) -> bs.Interval:
