@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate_model", "dense_scores", "compare_evals", "validate_tasks"]
 
 # bump when the result format or the offline tasks change: old dense caches are then ignored
-EVAL_FORMAT_VERSION = 4  # 2: checksummed cache entries; 3: option_picks of multiple-choice tasks; 4: per_query
+EVAL_FORMAT_VERSION = 5  # 2: checksummed cache entries; 3: option_picks of multiple-choice tasks;
+# 4: per_query (retrieval) and items (requests); 5: the items' source
 
 
 def _task_config(task) -> TaskConfig:
