@@ -25,16 +25,17 @@ from prunerep.calibration import calibration_batch
 from prunerep.compress.accounting import model_compression
 from prunerep.compress.measure import measure_sparsity
 from prunerep.errors import ConfigError, ModelUnavailable
+from prunerep.evals.items import item_table
 from prunerep.model import chat
 from prunerep.model.load import load_model
 from prunerep.model.placement import new_offload_dir, remove_offload_dir
 from prunerep.results.index import find_completed, mark_completed, reuse_completed
 from prunerep.results.rundir import RunDirectory
-from prunerep.results.schema import (COMPRESSION_FILE, CONFIG_FILE, EVALS_FILE, PROBE_FILES, PRUNING_FILE, RUN_FILES,
-                                     SUMMARY_FILE, failure_summary)
-from prunerep.results.store import atomic_write_json, atomic_write_text, file_mode
+from prunerep.results.schema import (COMPRESSION_FILE, CONFIG_FILE, EVAL_ITEMS_FILE, EVALS_FILE, PROBE_FILES, PRUNING_FILE,
+                                     RUN_FILES, SUMMARY_FILE, failure_summary)
+from prunerep.results.store import atomic_write_json, atomic_write_text, atomic_write_with, file_mode
 from prunerep.results.story import story
-from prunerep.tracking import Tracker
+from prunerep.tracking import Tracker, logged_before
 from prunerep.viz.console import format_evals_table, format_story
 from prunerep.viz.probes import write_probe_outputs
 
@@ -127,7 +128,13 @@ def run(rs: run_spec.RunSpec, rd: RunDirectory) -> dict:
     ident = rs.identity
     if rs.skip_completed and (done := find_completed(ident.config_hash, rs.index_root, ident.model_key)) is not None:
         log.info("already complete (config %s) in %s: reusing its results", ident.config_hash, done)
-        return reuse_completed(done, rd, rs.index_root)
+        summary = reuse_completed(done, rd, rs.index_root)
+        # another sweep's point: this sweep's W&B group gets it too, once
+        if done.resolve() != rd.path.resolve() and not logged_before(ident, rs.wandb):
+            tracker = Tracker(ident, rs.config, rs.wandb)
+            tracker.log_completed(rd.path)
+            tracker.finish(0)
+        return summary
 
     offload_dir = new_offload_dir(rs.cache_dir) if rs.placement.device_map is not None else None
     try:
@@ -206,6 +213,10 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
             atomic_write_json(out / EVALS_FILE, eval_report.to_json())
             print(format_evals_table(eval_report), flush=True)
         tracker.log_evals(eval_report.to_json())
+        items = item_table(dense_scores, pruned_scores)
+        if len(items):
+            atomic_write_with(out / EVAL_ITEMS_FILE, lambda p: items.to_parquet(p, index=False))
+        tracker.log_eval_items(items)
         run_story = story(probe_summary, eval_report)
         label = f"{ident.pruner} {ident.sparsity}" + (f" + {ident.quant}" if ident.quant != "none" else "")
         if text := format_story(run_story, label=label):
@@ -218,7 +229,7 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
                        probes=probe_summary, mc_vs_gen_gap=eval_report.mc_vs_gen_gap, story=run_story)
         atomic_write_json(out / SUMMARY_FILE, summary)
         rd.complete(expected=RUN_FILES + (PROBE_FILES if len(probed.table) else ())
-                    + ((EVALS_FILE,) if eval_report.tasks else ()))
+                    + ((EVALS_FILE,) if eval_report.tasks else ()) + ((EVAL_ITEMS_FILE,) if len(items) else ()))
         try:  # bookkeeping: a failure here never changes the run's result
             mark_completed(ident.config_hash, rd.path, rs.index_root,
                            meta={"model": ident.model, "pruner": ident.pruner, "sparsity": ident.sparsity,

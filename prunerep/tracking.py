@@ -4,8 +4,10 @@
     tracker.log_pruning(pruning)         # pruning.json: achieved sparsity, per-module zero fractions
     tracker.log_probes(table, summary)   # probes.parquet: divergence curves per space
     tracker.log_evals(evals)             # evals.json: dense vs pruned per task
+    tracker.log_eval_items(items)        # eval_items.parquet: dense vs pruned answers per document
     tracker.log_summary(summary)         # summary.json: status, timings, peak memory
     tracker.finish(exit_code)
+    tracker.log_completed(run_dir)       # instead of the calls above: a completed run dir, from its files
 
 What is logged
   * config: the resolved config, plus config_hash, run_dir and the SLURM job id (as summary.json);
@@ -17,13 +19,16 @@ What is logged
       divergence vs layer (one line per context) and divergence vs decoding step (teacher-forced vs
       free-running), plus the full aggregated curves as tables ``probes/by_layer``, ``probes/by_step``;
   * evals: ``eval/<task>/{dense,pruned,abs_change,rel_change}``, ``eval/mc_vs_gen_gap`` and a table;
+      ``eval/items``: per task and document, the dense and pruned answers, generations and correctness;
   * pruning: ``pruning/achieved_sparsity`` ... and a per-module table;
   * the run summary (status, achieved sparsity, timings, peak memory) in ``run.summary``.
 
 Runs of one multirun share a W&B group (``wandb.group``, else the name of the Hydra sweep dir) and
 are named ``<model>/<pruner>/<sparsity>``. The run id is :func:`run_id`: derived from the point's config
 hash and its group (a single run: its run directory), opened with ``resume="allow"``, so a point
-that is requeued or run again continues its own W&B run instead of starting a second one. ``wandb.mode``: offline (default: a real offline run in
+that is requeued or run again continues its own W&B run instead of starting a second one. A point
+reused from the completed-points index is logged from its files into the new sweep's group
+(:meth:`Tracker.log_completed`). ``wandb.mode``: offline (default: a real offline run in
 ``<run_dir>/wandb``, upload later with ``wandb sync <run_dir>/wandb/offline-run-*``), online, or
 disabled. Tracking never breaks an experiment: if wandb fails at any point (no network, bad API key,
 a crash of its service), the tracker warns once and every later call is a no-op; the local results
@@ -39,8 +44,11 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from prunerep.results.schema import DIVERGENCE_METRICS, SIMILARITY_METRICS, pick_metric
-from prunerep.results.store import stable_hash
+import pandas as pd
+
+from prunerep.results.schema import (DIVERGENCE_METRICS, EVAL_ITEMS_FILE, EVALS_FILE, PROBES_FILE, PROBES_SUMMARY_FILE,
+                                     PRUNING_FILE, SIMILARITY_METRICS, SUMMARY_FILE, TOP_TOKENS_FILE, pick_metric)
+from prunerep.results.store import read_json, stable_hash
 from prunerep.sparsity import sparsity_label
 from prunerep.viz.probes import TRANSITION_ROWS, probe_curves, transition_curves
 
@@ -102,6 +110,8 @@ class Tracker:
                 self._warn(f"could not start an online run ({_one_line(e)}); logging offline instead "
                            f"-- upload later with `wandb sync {self.wandb_dir}/wandb/offline-run-*`", once=False)
                 try:
+                    if self._wandb is not None:  # its service still holds the failed run's id: a fresh one
+                        _tear_down(self._wandb)
                     self._init("offline")
                     self.mode = "offline"
                     return
@@ -199,8 +209,18 @@ class Tracker:
     def log_evals(self, evals: dict) -> None:
         self._guard("log_evals", self._log_evals, evals)
 
+    def log_eval_items(self, items) -> None:
+        """The per-item table of :func:`prunerep.evals.items.item_table` as ``eval/items``."""
+        if items is not None and len(items):
+            self._guard("log_eval_items", self._log_eval_items, items)
+
     def log_summary(self, summary: dict) -> None:
         self._guard("log_summary", self._log_summary, summary)
+
+    def log_completed(self, run_dir) -> None:
+        """Log a completed run directory from its files, as the pipeline logs a run it computes:
+        a point reused from the completed-points index joins the new sweep's group this way."""
+        self._guard("log_completed", self._log_completed, Path(run_dir))
 
     def finish(self, exit_code: int = 0) -> None:
         run, self.run = self.run, None
@@ -296,6 +316,26 @@ class Tracker:
         self._log(data)
         self.run.summary.update({k: v for k, v in data.items() if not k.endswith("/table")})
 
+    def _log_eval_items(self, items) -> None:
+        self._log({"eval/items": self._wandb.Table(dataframe=_plain(items))})
+
+    def _log_completed(self, d: Path) -> None:
+        if (d / PRUNING_FILE).is_file():
+            self._log_pruning(read_json(d / PRUNING_FILE))
+        if (d / PROBES_FILE).is_file():
+            table = pd.read_parquet(d / PROBES_FILE)
+            summary = read_json(d / PROBES_SUMMARY_FILE) if (d / PROBES_SUMMARY_FILE).is_file() else {}
+            self._log_probes(table, summary)
+            self._log_transitions(table)
+        if (d / TOP_TOKENS_FILE).is_file():
+            self._log_top_tokens(pd.read_parquet(d / TOP_TOKENS_FILE))
+        if (d / EVALS_FILE).is_file():
+            self._log_evals(read_json(d / EVALS_FILE))
+        if (d / EVAL_ITEMS_FILE).is_file():
+            self._log_eval_items(pd.read_parquet(d / EVAL_ITEMS_FILE))
+        self._log_summary(read_json(d / SUMMARY_FILE))
+
+
     def _log_summary(self, summary: dict) -> None:
         keep = {k: v for k, v in summary.items() if k not in ("probes", "traceback")}
         self.run.summary.update({f"run/{k}": v for k, v in _flatten(keep).items()})
@@ -309,6 +349,66 @@ def run_id(identity) -> str:
     gets the same id, so W&B resumes its run; the same config in another sweep is another run."""
     where = identity.group if identity.group is not None else str(Path(identity.run_dir).resolve())
     return stable_hash("wandb-run", identity.config_hash, where)
+
+
+def log_report(report: dict, settings, group: str) -> Optional[str]:
+    """The sweep report (:func:`prunerep.report.make_report`'s result) as one W&B run of job type
+    ``report`` in the sweep's group ``group``: every figure as ``report/<figure>`` (an image), the
+    runs table (``report/runs``), the tidy sweep table (``report/sweep``) and the thresholds
+    (``report/thresholds``). Its id is derived from the group, with ``resume="allow"``: a report
+    made again continues the same run. ``settings``: the sweep's :class:`prunerep.config.WandbConfig`
+    (``dir`` null: ``<report dir>/wandb``). Returns the run id; None when W&B is disabled or failed
+    (a warning: the report's files are written regardless)."""
+    if settings.mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    out = Path(report["out_dir"])
+    where = Path(os.path.expanduser(str(settings.dir))) if settings.dir else out
+    wandb = None
+    try:
+        import wandb  # here, not at the top: slow to import, and never needed with wandb.mode=disabled
+
+        if settings.mode != "online":
+            _no_analytics_export(wandb)
+        where.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            mode=settings.mode, project=settings.project or "prunerep", entity=settings.entity or None, group=group,
+            job_type="report", name=f"{group}/report", id=stable_hash("wandb-report", group), resume="allow",
+            dir=str(where), config={"sweep_group": group, "tolerance_pp": report.get("tolerance_pp")},
+            settings=wandb.Settings(init_timeout=float(settings.init_timeout), console="off", silent=True,
+                                    reinit="finish_previous"))
+        data = {f"report/{Path(f).stem}": wandb.Image(str(f)) for f in report["files"].values()
+                if str(f).endswith(".png")}
+        data["report/runs"] = wandb.Table(dataframe=_plain(report["runs"]))
+        data["report/sweep"] = wandb.Table(dataframe=_plain(report["table"]))
+        # thresholds: {model: {pruner: {family: {"unstructured": sp, "nm": sp, ...}}}}, sp a label or None
+        rows = [[str(m), str(p), str(f), *(None if e.get(k) is None else str(e[k]) for k in ("unstructured", "nm"))]
+                for m, pruners in (report.get("thresholds") or {}).items() for p, fams in pruners.items()
+                for f, e in fams.items()]
+        data["report/thresholds"] = wandb.Table(columns=["model", "pruner", "family", "unstructured", "nm"], data=rows)
+        run.log(data, step=int(run.step or 0))
+        run.summary.update({f"report/runs_{k}": int(v) for k, v in (report.get("counts") or {}).items()})
+        run_id = run.id
+        run.finish(exit_code=0)
+        return run_id
+    except Exception as e:
+        log.warning("wandb: logging the report failed (%s); the report's files are unaffected", _one_line(e))
+        if wandb is not None:
+            _tear_down(wandb)
+        return None
+
+
+def _plain(df):
+    """A table W&B takes: missing values as None (not pandas' NA), one index level."""
+    df = df.reset_index(drop=True)
+    return df.astype(object).where(df.notna(), None)
+
+
+def logged_before(identity, settings) -> bool:
+    """Whether the W&B directory of this point already holds its run (:func:`run_id`): a reused
+    point that was logged into this group once is not logged again."""
+    d = settings.dir
+    where = Path(os.path.expanduser(str(d))) if d else Path(identity.run_dir)
+    return any((where / "wandb").glob(f"*run-*-{run_id(identity)}"))
 
 
 def _tear_down(wandb, timeout_s: float = 10.0) -> None:
@@ -362,4 +462,4 @@ def _layer_of(name: str) -> int:
     return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 and parts[1].isdecimal() else -1
 
 
-__all__ = ["Tracker", "run_id"]
+__all__ = ["Tracker", "run_id", "logged_before", "log_report"]

@@ -14,10 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from wandb.sdk.lib import import_hooks
 
+from prunerep.cli import run_config
+from prunerep.registry import compose
+from prunerep.report.__main__ import wandb_target
 from prunerep.spec import identity
+from prunerep.tracking import log_report
 
+from conftest import CACHE_DIR
 from helpers import make_cfg, synthetic_probes, tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,3 +353,71 @@ def test_a_point_run_twice_continues_one_run(tmp_path):
     other = tracker(tmp_path / "other", tmp_path / "2026-12-08_10-00-00")
     other.finish(0)
     assert _run_ids(tmp_path / "other" / "wandb") != [by_hand]
+
+
+def test_a_reused_point_is_logged_into_the_new_group(tmp_path, monkeypatch):
+    """A point completed in one sweep and reused in another (the completed-points index) gets a W&B
+    run in the new group, logged from its files: its summary, curves, eval table and per-item table."""
+    monkeypatch.delenv("PRUNEREP_OUTPUTS", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    point = ("model=tiny", "pruner=magnitude", "sparsity=0.5", "task.tasks=[arith_cloze,arith_gen]", "task.limit=2",
+             "task.n_arith=4", "task.max_gen_toks=4", "probe.n_prompts=2", "probe.max_new_tokens=2",
+             "probe.layers=[-1]", "wandb.mode=offline", "skip_completed=true", f"cache_dir={CACHE_DIR}")
+    first = run_config(compose(*point, "wandb.group=sweep-a"), tmp_path / "runs" / "a")
+    second = run_config(compose(*point, "wandb.group=sweep-b"), tmp_path / "runs" / "b")
+    assert second["reused_from"] == str((tmp_path / "runs" / "a").resolve())
+    (a,), (b,) = read_runs(tmp_path / "runs" / "a" / "wandb"), read_runs(tmp_path / "runs" / "b" / "wandb")
+    rec_a, rec_b = (next(r["run"] for r in run["records"] if r["type"] == "run") for run in (a, b))
+    assert (rec_a["run_group"], rec_b["run_group"]) == ("sweep-a", "sweep-b") and rec_a["run_id"] != rec_b["run_id"]
+    s = b["summary"]["summary"]
+    assert s["run/reused_from"] == second["reused_from"] and s["run/status"] == "complete"
+    assert s["pruning/achieved_sparsity"] == pytest.approx(first["achieved_sparsity"])
+    evals = json.loads((tmp_path / "runs" / "b" / "evals.json").read_text())
+    assert s["eval/arith_cloze/pruned"] == pytest.approx(evals["tasks"]["arith_cloze"]["pruned"])
+    assert history_curves(history(b), "layer") == history_curves(history(a), "layer") != {}
+    items = pd.read_parquet(tmp_path / "runs" / "b" / "eval_items.parquet")
+    assert set(items["task"]) == {"arith_cloze", "arith_gen"} and len(items) == 4
+    for run_dir in ("a", "b"):  # the same per-item table in both runs
+        logged = _logged_table(tmp_path / "runs" / run_dir, "eval/items")
+        assert logged["dense_answer"].tolist() == items["dense_answer"].tolist()
+        assert logged["pruned_correct"].tolist() == items["pruned_correct"].astype(object).tolist()
+    # the same sweep run again in place reuses the point where it is: no second run
+    run_config(compose(*point, "wandb.group=sweep-b"), tmp_path / "runs" / "b")
+    assert len(read_runs(tmp_path / "runs" / "b" / "wandb")) == 1
+
+
+def test_the_sweep_report_is_a_run_in_the_sweeps_group(tmp_path):
+    """The report's figures and tables go to the sweep's W&B group as one run of job type report;
+    making the report again continues that run."""
+    sweep = tmp_path / "2026-12-07_10-00-00"
+    run_dir = sweep / "tiny_wanda_0.5_0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("wandb:\n  mode: offline\n  project: proj\n  group: my-sweep\n")
+    other = tmp_path / "2026-12-08_10-00-00" / "tiny_wanda_0.5_0"
+    other.mkdir(parents=True)
+    out = sweep / "report"
+    out.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(out / "kl_vs_sparsity.png")
+    runs = pd.DataFrame({"run": ["tiny_wanda_0.5_0"], "run_dir": [str(run_dir)], "status": ["complete"],
+                         "achieved_sparsity": [0.5], "error": [None]})
+    table = pd.DataFrame({"run": ["tiny_wanda_0.5_0"] * 2, "metric": ["kl", "cos"], "value": [0.25, float("nan")]})
+    report = {"out_dir": out, "files": {"kl_png": out / "kl_vs_sparsity.png", "table_csv": out / "sweep.csv"},
+              "table": table, "runs": runs, "counts": {"complete": 1},
+              "thresholds": {"tiny": {"wanda": {"mc": {"unstructured": "0.5", "nm": None, "tested": []}}}}}
+    settings, group = wandb_target(sweep, runs)
+    assert (settings.mode, settings.project, group) == ("offline", "proj", "my-sweep")
+    assert wandb_target(other.parent, pd.DataFrame({"run_dir": [str(other)]}))[1] == "2026-12-08_10-00-00"
+    assert wandb_target(sweep, runs, "disabled")[0].mode == "disabled"
+    ids = [log_report(report, settings, group) for _ in range(2)]
+    logged = read_runs(out / "wandb")
+    assert len(logged) == 2 and ids[0] == ids[1] == _run_ids(out / "wandb")[0] == _run_ids(out / "wandb")[1]
+    rec = next(r["run"] for r in logged[0]["records"] if r["type"] == "run")
+    assert (rec["run_group"], rec["job_type"], rec["project"]) == ("my-sweep", "report", "proj")
+    s = logged[0]["summary"]["summary"]
+    assert s["report/kl_vs_sparsity"]["_type"] == "image-file" and s["report/runs_complete"] == 1
+    files = logged[0]["dir"] / "files"
+    sweep_rows = json.loads((files / s["report/sweep"]["path"]).read_text())
+    assert sweep_rows["columns"] == ["run", "metric", "value"] and sweep_rows["data"][0][2] == 0.25
+    th = json.loads((files / s["report/thresholds"]["path"]).read_text())
+    assert th["data"] == [["tiny", "wanda", "mc", "0.5", None]]
+    assert log_report(report, wandb_target(sweep, runs, "disabled")[0], group) is None
