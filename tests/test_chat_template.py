@@ -10,11 +10,13 @@ from importlib.metadata import version
 
 import pytest
 
+from prunerep import spec
 from prunerep.config import TaskConfig
 from prunerep.errors import ConfigError
 from prunerep.evals import EVAL_FORMAT_VERSION, dense_key, dense_scores, harness
 from prunerep.model import chat
 from prunerep.probes import dense_reference
+from prunerep.registry import compose
 
 from conftest import make_tiny
 from helpers import probe_plan
@@ -36,6 +38,12 @@ def test_the_settings_are_checked():
         assert chat.check(good, "probe.chat_template") == good
     with pytest.raises(ConfigError, match="probe.chat_template='yes'; choose auto, true or false"):
         chat.check("yes", "probe.chat_template")
+
+
+@pytest.mark.parametrize("override", ["task.apply_chat_template=yes", "probe.chat_template=1"])
+def test_a_bad_setting_is_one_line_before_the_model_loads(override, tmp_path):
+    with pytest.raises(ConfigError, match=r"chat_template=.*; choose auto, true or false$"):
+        spec.build(compose("model=tiny", override), tmp_path / "run")
 
 
 def test_auto_follows_the_tokenizer_and_true_needs_a_template(smollm2_tok, char_tok):
