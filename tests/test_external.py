@@ -99,6 +99,28 @@ def test_the_declared_sparsity_labels_the_run_and_is_not_enforced(tmp_path):
         check_target(own, 0.5)
 
 
+def test_a_mixture_of_experts_checkpoint_is_read_through_transformers_conversions(tmp_path):
+    """transformers 5 keeps experts fused ([E, 2I, d]) but saves them one matrix per expert; the
+    checkpoint is converted back by transformers' own loading conversions, block by block."""
+    dense = make_tiny("qwen2_moe", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32)
+    s = prune_settings("magnitude", sparsity="0.5")
+    pruned = copy.deepcopy(dense)
+    s.pruner.prune(pruned, None, s)
+    pruned.save_pretrained(tmp_path / "moe")
+    stored = load_file(tmp_path / "moe" / "model.safetensors")
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in stored  # not the model's fused names
+    assert "model.layers.0.mlp.experts.down_proj" not in stored
+    e = prune_settings("external", sparsity="0.5", path=str(tmp_path / "moe"))
+    with torch.device("meta"):
+        e.pruner.check(type(dense)(dense.config), e)
+    external = copy.deepcopy(dense)
+    e.pruner.prune(external, None, e)
+    mine, theirs = pruned.state_dict(), external.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert measure_sparsity(external, e)["n_expert_matrices"] == 3 * 4 * 2
+
+
 # --------------------------------------------------------------------------- compressed-tensors
 
 def compressed_tensors_checkpoint(pruned, path, bits=4, group_size=32):

@@ -6,6 +6,7 @@ package. Only headers and ``config.json`` are read before the dense model loads;
 read one decoder block at a time when they are applied."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -22,6 +23,10 @@ from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.utils.match import match_quantizable_tensors
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model, revert_weight_conversion
+from transformers.modeling_utils import LoadStateDictConfig
 
 from prunerep.errors import ConfigError, ModelUnavailable
 from prunerep.model.sources import hub_reachable, looks_local
@@ -155,6 +160,38 @@ class Checkpoint:
             yield key, groups[key]
 
 
+def meta_model(config, n_layers: Optional[int] = None, dtype: Optional[torch.dtype] = None):
+    """The causal LM of ``config`` on the meta device (no memory), with ``n_layers`` blocks if given."""
+    if n_layers is not None:
+        config = copy.deepcopy(config)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text.num_hidden_layers = n_layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:n_layers]
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def stored_shapes(config) -> dict[str, tuple]:
+    """The tensors a checkpoint of ``config``'s model holds as transformers saves it (its conversions
+    reverted: a fused-experts model is saved one matrix per expert), by name, with their shapes."""
+    model = meta_model(config)
+    return {n: tuple(t.shape) for n, t in revert_weight_conversion(model, model.state_dict()).items()}
+
+
+def to_model_format(config, tensors: dict[str, torch.Tensor], block: Optional[int], dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (of decoder block ``block``, or of none) as the model's own parameters and
+    buffers, by transformers' own loading conversions (renamed keys; per-expert matrices fused),
+    loaded into a one-block twin on the meta device: only what the tensors fill is materialised."""
+    twin = meta_model(config, 1, dtype)
+    here = {renumbered(n, {block: 0}) if block is not None else n: t for n, t in tensors.items()}
+    convert_and_load_state_dict_in_model(twin, here, LoadStateDictConfig(
+        weight_mapping=get_model_conversion_mapping(twin), dtype=dtype))
+    loaded = {n: t for n, t in [*twin.named_parameters(), *twin.named_buffers()] if not t.is_meta}
+    return {renumbered(n, {0: block}) if block is not None else n: t for n, t in loaded.items()}
+
+
 def open_checkpoint(path: str, revision: Optional[str] = None, download: bool = True) -> Checkpoint:
     """The checkpoint at ``path`` (headers and config.json only). Raises ConfigError (one line)
     for what is not a checkpoint prunerep can read."""
@@ -212,4 +249,5 @@ def _read_quantization(ckpt: Checkpoint, qc: dict, what: str) -> None:
                               f"{ckpt.formats[group]!r}") from None
 
 
-__all__ = ["Checkpoint", "open_checkpoint", "resolve_dir", "layer_index", "renumbered"]
+__all__ = ["Checkpoint", "open_checkpoint", "resolve_dir", "layer_index", "renumbered", "meta_model", "stored_shapes",
+           "to_model_format"]

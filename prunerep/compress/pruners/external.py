@@ -22,7 +22,8 @@ import torch
 from prunerep.compress.method import Pruner
 from prunerep.errors import ConfigError
 from prunerep.model.anatomy import SUBLAYER_KINDS, block_targets, decoder_layers, make_identity
-from prunerep.model.checkpoint import Checkpoint, layer_index, open_checkpoint, renumbered
+from prunerep.model.checkpoint import (Checkpoint, layer_index, open_checkpoint, renumbered, stored_shapes,
+                                       to_model_format)
 from prunerep.model.identity import dir_identity
 from prunerep.model.placement import onloaded
 from prunerep.results.store import stable_hash
@@ -86,7 +87,10 @@ class External(Pruner):
             if len(self.layer_map) != n_kept or max(self.layer_map) >= n_dense:
                 raise ConfigError(f"pruner.layer_map={list(self.layer_map)} must give one dense index in 0..{n_dense - 1} "
                                   f"for each of the checkpoint's {n_kept} blocks")
-        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        # the names and shapes a checkpoint of the dense model holds, as transformers saves it (fused
+        # experts one matrix per expert), or in the model's own format
+        stored = stored_shapes(model.config)
+        shapes = {**{n: tuple(t.shape) for n, t in model.state_dict().items()}, **stored}
         at = dict(enumerate(self.layer_map)) if self.layer_map is not None else {j: j for j in range(n_kept)}
         given = ckpt.weight_shapes()
         for name, shape in given.items():
@@ -101,9 +105,12 @@ class External(Pruner):
                                   f"the dense model")
         kept = {renumbered(n, at) for n in given}
         blocks_kept = set(at.values())
-        for name, _ in model.named_parameters():  # tied parameters once
+        tied = set(model.state_dict()) - {n for n, _ in model.named_parameters()} - {n for n, _ in model.named_buffers()}
+        if not kept & stored.keys():  # the model's own format
+            stored = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        for name in stored:
             p = layer_index(name)
-            if name not in kept and (p is None or p[1] in blocks_kept):
+            if name not in kept and name not in tied and (p is None or p[1] in blocks_kept):
                 raise ConfigError(f"{what} has no {name}, which the dense model has")
 
     @torch.no_grad()
@@ -119,7 +126,7 @@ class External(Pruner):
                 p = layer_index(module + ".")
                 if p is not None:
                     quantized.append(f"layers.{at[p[1]]}.{p[2][1:-1]}")
-            for name, t in tensors.items():
+            for name, t in to_model_format(model.config, tensors, j, dtype).items():
                 dense_name = renumbered(name, at)
                 owner_name, _, attr = dense_name.rpartition(".")
                 owner = model.get_submodule(owner_name)
@@ -178,7 +185,8 @@ class External(Pruner):
         theirs = []
         for j in range(ckpt.n_layers):
             tensors, _ = ckpt.read(blocks.get(j, []), dtype)
-            theirs.append({layer_index(n)[2]: sample(t) for n, t in tensors.items() if t.dim() == 2})
+            tensors = to_model_format(model.config, tensors, j, dtype)
+            theirs.append({layer_index(n)[2]: sample(t) for n, t in tensors.items() if t.dim() >= 2})
         cost = [[0.0] * len(layers) for _ in theirs]
         for i, block in enumerate(layers):
             with onloaded(block):
