@@ -54,6 +54,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from prunerep.probes import fused as F
+
 __all__ = ["geometry", "option_metrics", "vocab_metrics", "GEOMETRY_METRICS", "CENTRED"]
 
 GEOMETRY_METRICS = ("cos", "one_minus_cos", "rel_l2", "par_rel", "orth_rel", "orth_par_ratio")
@@ -210,7 +212,7 @@ def option_metrics(z_dense: Tensor, z_pruned: Tensor, option_ids: Sequence[int],
 
 def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[float] = (1.0,),
                   topk: Iterable[int] = (5, 10), logit: bool = True, probability: bool = True,
-                  compiled: bool = False) -> dict[tuple[str, str, float], Tensor]:
+                  compiled: bool = False, fused: bool = False) -> dict[tuple[str, str, float], Tensor]:
     """Every logit- and probability-space metric of a chunk of logits, keyed
     ``(space, metric, T)`` with ``T = nan`` for temperature-free metrics.
 
@@ -236,9 +238,12 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
     (masked tokens) take :func:`_general_block`, which counts ``0 · log 0 = 0``.
     ``compiled=True`` runs the blocks of finite rows through ``torch.compile`` instead
     (compiled once per process, then cached on disk by PyTorch); where the compiler fails, the
-    eager run takes over (warned once).
+    eager run takes over (warned once). ``fused=True`` (CPU tensors, numba installed) computes the
+    sums of all finite rows in one call of :func:`prunerep.probes.fused.block_sums` instead: a
+    few passes per row pair, in float64; the metrics are returned in the eager path's dtype.
     """
     zd, zp = _pair(z_dense, z_pruned)
+    fused = fused and F.AVAILABLE and zd.device.type == "cpu"
     lead, v = zd.shape[:-1], zd.shape[-1]
     zd, zp = zd.reshape(-1, v), zp.reshape(-1, v)
     n = zd.shape[0]
@@ -248,11 +253,19 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
     ks = tuple(sorted({min(int(k), v) for k in topk} | {1}))  # 1 (top-1) first
     if n == 0:  # the keys, with no rows
         return {k: val[:0].reshape(lead) for k, val in vocab_metrics(
-            zd.new_zeros(1, v), zp.new_zeros(1, v), temps, ks, logit, probability, compiled).items()}
+            zd.new_zeros(1, v), zp.new_zeros(1, v), temps, ks, logit, probability, compiled, fused).items()}
     block = max(2, ROW_BLOCK_ELEMENTS // max(v, 1) // 2 * 2)
 
     def blocks(fast: bool, rows: Tensor | None, count: int) -> dict:
         """The rows (all when ``rows`` is None) in padded blocks, through the fast or general path."""
+        if fast and fused:  # every row in one call: each row is one iteration of the kernel's loop
+            bd, bp = (zd, zp) if rows is None else (zd.index_select(0, rows), zp.index_select(0, rows))
+            idx_d, first_d = _top(bd, ks[-1] if probability else 1)
+            idx_p, first_p = _top(bp, ks[-1]) if probability else (None, None)
+            sums = F.block_sums(bd, bp, first_d, first_p, temps, logit, probability)
+            if probability:
+                sums.update(idx_d=idx_d, idx_p=idx_p, first_d=first_d, first_p=first_p)
+            return sums
         scratch, parts = None, []  # one set of buffers for all blocks of this call, made on first use
         for start in range(0, count, block):
             stop = min(start + block, count)
@@ -281,6 +294,7 @@ def _vocab_rows(zd: Tensor, zp: Tensor, n: int, blocks, temps, ks, v: int, logit
     fast_rows = None if bool(finite.all()) else finite.nonzero().squeeze(-1)
     n_fast = n if fast_rows is None else len(fast_rows)
     out = _finish(blocks(True, fast_rows, n_fast), temps, ks, v, logit, probability) if n_fast else {}
+    out = {k: val if val.dtype == torch.bool else val.to(zd.dtype) for k, val in out.items()}  # fused: float64 sums
     retry = out.pop("retry", None)
     general = (~finite).nonzero().squeeze(-1)
     if retry is not None and bool(retry.any()):  # exp overflowed on the fast path: computed again

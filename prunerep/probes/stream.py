@@ -72,7 +72,7 @@ class LensStream:
 
     def __init__(self, model: nn.Module, plan: ProbePlan, memo: dict | None = None):
         self.model, self.device, self.plan, self.memo = model, lens_device(model), plan, memo
-        self.compiled = plan.compiles(self.device)
+        self.kernel = plan.kernel_on(self.device)
         self.blocks: deque = deque()  # pending [h_dense, h_pruned] row blocks, in order
         self.pending = 0
         self.added = self.done = 0  # rows registered / through the lens
@@ -134,7 +134,8 @@ class LensStream:
         plan = self.plan
         with intra_op_threads(plan.metric_threads, self.device):
             per_row = M.vocab_metrics(zd, zp, plan.temperatures, plan.topk, logit="logit" in plan.spaces,
-                                      probability="probability" in plan.spaces, compiled=self.compiled)
+                                      probability="probability" in plan.spaces, compiled=self.kernel == "compiled",
+                                      fused=self.kernel == "fused")
         per_row = {k: v.to("cpu", torch.float64) for k, v in per_row.items()}
         del zd, zp
         self.done += n

@@ -215,9 +215,11 @@ def block_metrics(model: nn.Module, states: dict[str, Tensor], plan: ProbePlan
         z_base = torch.cat([z[base] for _, base, _ in PAIRS])
         z_other = torch.cat([z[other] for _, _, other in PAIRS])
         del z
+        kernel = plan.kernel_on(device)
         with intra_op_threads(plan.metric_threads, device):
             per_row = M.vocab_metrics(z_base, z_other, plan.temperatures, plan.topk, logit="logit" in spaces,
-                                      probability="probability" in spaces, compiled=plan.compiles(device))
+                                      probability="probability" in spaces, compiled=kernel == "compiled",
+                                      fused=kernel == "fused")
         del z_base, z_other
         for j, (name, _, _) in enumerate(PAIRS):
             for k, v in per_row.items():
