@@ -1,8 +1,9 @@
 """Probe cost, as ratios taken in one run (these machines are noisy; ratios travel).
 
   probe / floor        compare_to_reference (the pruned side of probe=all: forwards, logit lens,
-                       every metric, the table) over the time of its floor   (target <= 1.5),
-                       with the eager metric passes and with probe.compile=true. The floor is
+                       every metric, the table) over the time of its floor   (target <= 1.3),
+                       for each probe.kernel: eager, compiled (torch.compile) and fused (the
+                       numba kernel of prunerep/probes/fused.py; on CUDA it is compiled). The floor is
                        the LM-head matmuls the logit lens cannot avoid, 2 sides x (lens rows) x d x V,
                        where the lens rows are every prompt position, teacher-forced step and
                        free-running step at every probed layer. It EXCLUDES the pruned model's own
@@ -14,14 +15,17 @@
                        ever add time, so each least time is the least disturbed; the least of the
                        per-repetition ratios would not be: a disturbed floor lowers it), and the
                        median of the per-repetition ratios
-  where the time goes  (--breakdown) exclusive wall time per stage of one eager probe run
+  where the time goes  (--breakdown) exclusive wall time per stage of one probe run of the
+                       fastest kernel run here (fused, else eager): metrics, lens, forwards...
+  the machine          CPU model, cores, BLAS, torch / numba threads, printed beside the ratios
   peak extra memory    of probing a T-token prompt beyond a plain forward that returns the same
                        hidden states, for T = 256 .. 4096 (flat once the token chunk is full),
                        next to what a [layers x T x V] float32 tensor would take
 
     python benchmarks/bench_probes.py                      # embedded SmolLM2 + a Qwen2.5-7B-shaped head
     python benchmarks/bench_probes.py --skip-7b-head       # quicker
-    python benchmarks/bench_probes.py --quick              # eager only, 2 repetitions, no 7B head, no memory curve
+    python benchmarks/bench_probes.py --quick              # eager and fused, 2 repetitions, no 7B head, no memory curve
+    python benchmarks/bench_probes.py --kernels fused      # one kernel
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from prunerep import probes  # noqa: E402
+from prunerep.probes import fused  # noqa: E402
 from prunerep.results.store import atomic_write_json  # noqa: E402
 from prunerep.model.load import load_model  # noqa: E402
 from prunerep.model.placement import input_device as model_device  # noqa: E402
@@ -161,9 +168,28 @@ class Breakdown:
         return False
 
 
-def time_probe(name: str, mcfg, plan, modes=("eager", "compiled"), repeat: int = 1, breakdown: bool = False) -> dict:
-    """probe / floor with the eager metric passes and with torch.compile (compiled beforehand),
-    ``repeat`` times each, the floor timed right after each probe run."""
+def machine() -> dict:
+    """What the ratios were measured on: the memory-bound metric passes and the compute-bound
+    LM-head floor scale differently from one machine to the next."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    blas = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "blas": blas.group(1) if blas else "unknown", "torch_threads": torch.get_num_threads(),
+            "numba_threads": (min(torch.get_num_threads(), fused.numba.config.NUMBA_NUM_THREADS)
+                              if fused.AVAILABLE else None),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "numba": fused.numba.__version__ if fused.AVAILABLE else None}
+
+
+def time_probe(name: str, mcfg, plan, modes=("eager", "compiled", "fused"), repeat: int = 1,
+               breakdown: bool = False) -> dict:
+    """probe / floor with each metric kernel (probe.kernel; compiled beforehand), ``repeat``
+    times each, the floor timed right after each probe run."""
     model, tok = load_model(mcfg, CACHE)
     device = model_device(model)
     ratios: dict[str, list] = {m: [] for m in modes}
@@ -175,12 +201,12 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled"), repeat: int =
         ref = probes.dense_reference(model, tok, plan, d)
         perturb_(model)
         for mode in modes:
-            cfg = dataclasses.replace(plan, compile=mode == "compiled")
+            cfg = dataclasses.replace(plan, kernel=mode)
             warm = dataclasses.replace(cfg, n_prompts=1)
             probes.compare_to_reference(model, tok, warm, probes.dense_reference(model, tok, warm, d))  # warm-up
         for _ in range(repeat):
             for mode in modes:
-                cfg = dataclasses.replace(plan, compile=mode == "compiled")
+                cfg = dataclasses.replace(plan, kernel=mode)
                 sync(device)
                 t0 = time.perf_counter()
                 df = probes.compare_to_reference(model, tok, cfg, ref).table
@@ -195,14 +221,15 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled"), repeat: int =
                 t_probe[mode].append(t)
                 ratios[mode].append(t / floor)
         if breakdown:
+            kernel = "fused" if "fused" in modes else "eager"
             with Breakdown() as b:
                 sync(device)
                 t0 = time.perf_counter()
-                probes.compare_to_reference(model, tok, dataclasses.replace(plan, compile=False), ref)
+                probes.compare_to_reference(model, tok, dataclasses.replace(plan, kernel=kernel), ref)
                 sync(device)
                 total = time.perf_counter() - t0
             floor = floor_seconds(model, 2 * rows, plan.token_chunk)
-            parts = {"total_s": total, "floor_s": floor, "stages_s": dict(b.times),
+            parts = {"kernel": kernel, "total_s": total, "floor_s": floor, "stages_s": dict(b.times),
                      "other_s": total - sum(b.times.values())}
     out = {"model": name, "device": str(device), "hidden": model.config.hidden_size,
            "vocab": model.config.vocab_size, "layers_probed": int(n_lens_layers), "lens_rows_per_side": rows,
@@ -294,24 +321,25 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--skip-7b-head", action="store_true", help="only the embedded SmolLM2")
-    ap.add_argument("--skip-compiled", action="store_true", help="eager metric passes only (no torch.compile)")
+    ap.add_argument("--kernels", default="eager,compiled,fused", help="the probe.kernel values to time")
     ap.add_argument("--repeat", type=int, default=3, help="probe + floor timings per mode (min and median printed)")
-    ap.add_argument("--breakdown", action="store_true", help="also time each stage of one eager probe run")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each stage of one probe run (fused, else eager)")
     ap.add_argument("--lengths", default="256,1024,4096", help="prompt lengths of the memory curve ('' = none)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch's intra-op threads for everything, probe and floor alike (default: torch's)")
     ap.add_argument("--quick", action="store_true",
-                    help="eager only, 2 repetitions, with the breakdown, no 7B head, no memory curve")
+                    help="eager and fused, 2 repetitions, with the breakdown, no 7B head, no memory curve")
     ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "probes.json"))
     args = ap.parse_args()
     if args.quick:
-        args.skip_7b_head, args.skip_compiled, args.repeat, args.breakdown, args.lengths = True, True, 2, True, ""
+        args.skip_7b_head, args.kernels, args.repeat, args.breakdown, args.lengths = True, "eager,fused", 2, True, ""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    modes = ("eager",) if args.skip_compiled else ("eager", "compiled")
+    modes = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
     plan = probe_plan(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens)
-    results = {"torch_threads": torch.get_num_threads(), "speed": []}
+    results = {"torch_threads": torch.get_num_threads(), "machine": machine(), "speed": []}
     results["speed"].append(time_probe("smollm2", model_cfg("smollm2"), plan, modes, args.repeat, args.breakdown))
     if not args.skip_7b_head:
         # Qwen2.5-7B's hidden size and vocabulary (the LM head, where the probe's cost is), 2 blocks
@@ -329,17 +357,22 @@ def main() -> None:
     print(f"  table. probe / floor: least probe time / least floor time of {args.repeat} repetitions (median of the")
     print("  per-repetition ratios); a busy machine only adds time;")
     print(f"  {torch.get_num_threads()} torch thread(s) for the probe and the floor alike")
+    m = results["machine"]
+    print(f"  machine: {m['cpu']}, {m['usable_cores']} of {m['cores']} cores, BLAS {m['blas']}, torch "
+          f"{m['torch']} ({m['torch_threads']} threads), numba {m['numba']} ({m['numba_threads']} threads)"
+          + (f", GPU {m['gpu']}" if m["gpu"] else ""))
     for r in results["speed"]:
         ratios = ", ".join(f"{m} {r[f'probe_{m}_over_floor']:.2f} ({r[f'probe_{m}_over_floor_median']:.2f})"
                            for m in modes)
         print(f"  {r['model']:28s} d={r['hidden']:5d} V={r['vocab']:6d} on {r['device']}: floor {r['floor_s']:.2f} s; "
-              f"probe / floor: {ratios}   (target <= 1.5)")
+              f"probe / floor: {ratios}   (target <= 1.3)")
         if "breakdown" in r:
             b = r["breakdown"]
-            print(f"    where the time goes (one eager run, {b['total_s']:.2f} s; its floor {b['floor_s']:.2f} s):")
+            print(f"    where the time goes (one {b['kernel']} run, {b['total_s']:.2f} s; its floor {b['floor_s']:.2f} s):")
             for label, s in sorted(b["stages_s"].items(), key=lambda kv: -kv[1]):
-                print(f"      {label:44s} {s:7.2f} s  {s / b['floor_s']:5.2f} x floor")
-            print(f"      {'everything else':44s} {b['other_s']:7.2f} s  {b['other_s'] / b['floor_s']:5.2f} x floor")
+                print(f"      {label:44s} {s:7.2f} s  {s / b['floor_s']:5.2f} x floor  {s / b['total_s']:4.0%} of the probe")
+            print(f"      {'everything else':44s} {b['other_s']:7.2f} s  {b['other_s'] / b['floor_s']:5.2f} x floor  "
+                  f"{b['other_s'] / b['total_s']:4.0%} of the probe")
     if results["memory"]:
         print("peak extra memory of probing one prompt (tiny model, V=49152, token_chunk=256):")
     for r in results["memory"]:

@@ -18,7 +18,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     runs = [[HERE / "bench_pruning.py"] + (["--nsamples", "8"] if args.quick else []),
-            [HERE / "bench_probes.py"] + (["--skip-7b-head", "--lengths", "256,2048"] if args.quick else []),
+            [HERE / "bench_probes.py", "--breakdown"] + (["--skip-7b-head", "--lengths", "256,2048"] if args.quick else []),
             [HERE / "bench_caches.py"],
             [HERE / "bench_memory.py"] + (["--only", "embedded"] if args.quick else [])]
     failed = 0

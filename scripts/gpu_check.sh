@@ -33,7 +33,7 @@
 #   2_probe_7b_shape   probe=all on model=qwen2.5-shape (Qwen2.5-7B's shape, random weights), task=none
 #   3_local_gpu_sweep  a 2-point launcher=local_gpu sweep of model=tiny (the visible GPUs are the slots)
 #   4_probe_bench      benchmarks/bench_probes.py's time_probe on the 7B-shaped head (2 blocks): probe /
-#                      floor, eager then probe.compile=true
+#                      floor, eager then probe.kernel=compiled
 #   5_peak_memory      peak_memory_mb of the runs of steps 1-3 (per stage when the pipeline records it)
 # =====================================================================================================
 set -u -o pipefail
