@@ -155,8 +155,8 @@ class ProbeConfig:
     lens: str = "final_norm"
     top_tokens: int = 30  # top_tokens.parquet: the dense top-k tokens at each answer / first-step position (0: off)
     # items.parquet (prunerep/probes/items.py): the evaluated items probed at their answer position, at most
-    # this many per multiple-choice / generative task (0: off)
-    n_items: int = 40
+    # this many per multiple-choice / generative task (0: off); one forward per item and side
+    n_items: int = 16
     # each prompt as the user turn of the tokenizer's chat template: auto (on when it has one) | true | false
     chat_template: Any = "auto"
 

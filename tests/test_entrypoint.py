@@ -326,6 +326,16 @@ def test_default_entrypoint_on_the_embedded_model(tmp_path):
     evals = json.loads((run_dir / "evals.json").read_text())
     assert set(ev_tasks := evals["tasks"]) == set(OmegaConf.load(REPO / "conf" / "task" / "offline.yaml").tasks), ev_tasks
     assert list(run_dir.glob("wandb/offline-run-*")), "no offline wandb run"
+    # the evaluated items beside their measures, and the story's claims with intervals and verdicts
+    items = pd.read_parquet(run_dir / "items.parquet")
+    mc = items[items["task"] == "arith_cloze"]
+    assert len(mc) == 8 and mc["options_kl"].notna().all() and mc["answer_kl"].notna().all()
+    assert (mc["options_kl"] >= 0).all() and len(mc["layers"].iloc[0]) == 31
+    story = summary["story"]
+    for claim in ("a_h_z_below_p", "b_kl_estimate", "c_accumulation", "d_options_stable",
+                  "order_multiple_choice_generative", "pair_arith_cloze_arith_gen"):
+        assert story[f"claim/{claim}/lo"] <= story[f"claim/{claim}"] <= story[f"claim/{claim}/hi"], claim
+        assert story[f"claim/{claim}/verdict"].startswith(("holds", "fails", "inconclusive at n = ")), claim
 
 
 def test_the_preflight_never_believes_an_edited_cached_config(tmp_path):

@@ -137,3 +137,23 @@ def test_the_dense_model_against_itself_is_zero(run):
     assert not table["lost"].any() and (table["options_kl"].fillna(0) == 0).all()
     frame = pd.DataFrame(table)
     assert frame.to_parquet() is not None  # the list columns and NaNs write as parquet
+
+
+def test_the_dense_side_is_cached_and_an_edited_entry_recomputed(run, tmp_path):
+    tok, dense, pruned, d_scores, _, _ = run
+    plan = build_plan(ProbeConfig(n_items=2, max_new_tokens=4))
+    first = dense_items(dense, tok, plan, d_scores, tmp_path, model_key="k")
+    files = list((tmp_path / "items").glob("*.safetensors"))
+    assert len(files) == 1 and len(first.requests) == 4
+    again = dense_items(pruned, tok, plan, d_scores, tmp_path, model_key="k")  # another model: another key
+    assert len(list((tmp_path / "items").glob("*.safetensors"))) == 2
+    cached = dense_items(dense, tok, plan, d_scores, tmp_path, model_key="k")
+    for a, b in zip(first.answer + first.steps, cached.answer + cached.steps):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert not torch.equal(again.answer[0], first.answer[0])
+    data = bytearray(files[0].read_bytes())
+    data[-1] ^= 0xFF
+    files[0].write_bytes(bytes(data))  # no longer its sha256: computed again, the same states
+    redone = dense_items(dense, tok, plan, d_scores, tmp_path, model_key="k")
+    for a, b in zip(first.answer + first.steps, redone.answer + redone.steps):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -24,20 +24,27 @@ and ``lost``: right dense (score 1), not right pruned. The table's schema is
 :data:`prunerep.results.schema.ITEM_COLUMNS`.
 
 Bounds: ``probe.n_items`` items per task, contexts cut to their last ``probe.max_prompt_tokens``
-tokens, generations to ``probe.max_new_tokens``; one forward per item and side at the answer
-position (the probed layers, block only) and one per generative item for the teacher-forced steps
-(the last layer only). The dense side is kept in memory (hidden states at the answer position
-only) between the dense and the pruned pass.
+tokens, generations to ``probe.max_new_tokens``; one forward per item and side, the probed layers
+(block only) read at the answer position; for a generative item that forward runs over the context
+and the dense generation (teacher-forced), whose steps are read at the last layer. The
+dense side (hidden states at those positions only) is cached on disk, keyed by the dense model and
+the items, so a sweep computes it once.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from prunerep.evals.compare import common_prefix_len, item_scores
 from prunerep.evals.retrieval import unpack_embeddings
@@ -47,7 +54,15 @@ from prunerep.probes.capture import resolve_layers
 from prunerep.probes.contexts import prompt_states, teacher_forced_states
 from prunerep.probes.metrics import geometry, option_metrics, vocab_metrics
 from prunerep.probes.plan import ProbePlan
+from prunerep.probes.reference import derived_model_key, weights_fingerprint
 from prunerep.results.schema import ITEM_COLUMNS, ITEM_DTYPES, ITEM_LIST_COLUMNS, reference_temperature
+from prunerep.results.store import (CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
+                                    sha256_file, stable_hash, write_checked_json)
+
+log = logging.getLogger(__name__)
+
+#: bump when what the dense item cache holds changes
+ITEMS_CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -99,29 +114,73 @@ def item_requests(tokenizer, dense_scores: dict, p: ProbePlan) -> list[ItemReque
     return out
 
 
-def _answer_states(model: nn.Module, req: ItemRequest, layers: list[int]) -> Tensor:
-    states = prompt_states(model, torch.tensor(req.ids), layers, ("block",))
-    return torch.stack([states[(la, "block")][-1] for la in layers]).float().cpu()
-
-
-def _step_states(model: nn.Module, req: ItemRequest, last: int) -> Tensor | None:
-    if not req.gen_ids:
-        return None
-    states = teacher_forced_states(model, torch.tensor(req.ids), torch.tensor(req.gen_ids), [last], ("block",))
-    return states[(last, "block")].float().cpu()
+def _states(model: nn.Module, req: ItemRequest, layers: list[int]) -> tuple[Tensor, Tensor | None]:
+    """The hidden states at the answer position ``[layers, d]`` and, for a generation, the last
+    layer's at its teacher-forced steps ``[n, d]``: one forward (the teacher-forced sequence starts
+    with the answer position; a causal model's state there does not see what follows)."""
+    ids = torch.tensor(req.ids)
+    if req.gen_ids:
+        states = teacher_forced_states(model, ids, torch.tensor(req.gen_ids), layers, ("block",))
+        answer = torch.stack([states[(la, "block")][0] for la in layers])
+        return answer.float().cpu(), states[(layers[-1], "block")].float().cpu()
+    states = prompt_states(model, ids, layers, ("block",))
+    return torch.stack([states[(la, "block")][-1] for la in layers]).float().cpu(), None
 
 
 @torch.inference_mode()
-def dense_items(model: nn.Module, tokenizer, p: ProbePlan, dense_scores: dict) -> DenseItems:
+def dense_items(model: nn.Module, tokenizer, p: ProbePlan, dense_scores: dict, cache_dir=None,
+                model_key: str | None = None) -> DenseItems:
     """The dense model's side of the item probes (empty when the plan probes nothing or
-    ``probe.n_items`` is 0)."""
+    ``probe.n_items`` is 0), cached in ``<cache_dir>/items/<key>.safetensors`` when ``cache_dir``
+    is given. The key covers the dense model (``model_key`` and a weight sample), the items' token
+    ids and the layers; the file's sha256 is kept beside it (``<key>.json``), and an entry that does
+    not match it is computed again."""
     if p.empty or p.n_items < 1:
         return DenseItems()
     requests = item_requests(tokenizer, dense_scores, p)
     layers = resolve_layers(p.layers, num_layers(model))
-    answer = [_answer_states(model, r, layers) for r in requests]
-    steps = [_step_states(model, r, layers[-1]) for r in requests]
-    return DenseItems(requests, layers, answer, steps)
+    if not requests:
+        return DenseItems(requests, layers)
+    if cache_dir is None:
+        return _compute(model, requests, layers)
+    key = stable_hash(ITEMS_CACHE_VERSION, model_key or derived_model_key(model), weights_fingerprint(model),
+                      [dataclasses.astuple(r) for r in requests], layers, str(next(model.parameters()).dtype))
+    path = Path(os.path.expanduser(str(cache_dir))) / "items" / f"{key}.safetensors"
+    got = _read(path, requests, layers)
+    if got is not None:
+        log.info("item probes: the dense side of %d items from %s", len(requests), path)
+        return got
+    with cache_lock(path, what=f"dense item states {key}"):
+        got = _read(path, requests, layers)  # another process may have written it meanwhile
+        if got is not None:
+            return got
+        dense = _compute(model, requests, layers)
+        tensors = {f"answer/{i}": a.contiguous() for i, a in enumerate(dense.answer)}
+        tensors.update({f"steps/{i}": s.contiguous() for i, s in enumerate(dense.steps) if s is not None})
+        digest = atomic_write_checked_bytes(path, save(tensors))
+        write_checked_json(path.with_suffix(".json"), {"sha256": digest, "n_items": len(requests)})
+    return dense
+
+
+def _compute(model: nn.Module, requests: list[ItemRequest], layers: list[int]) -> DenseItems:
+    got = [_states(model, r, layers) for r in tqdm(requests, desc="probe: dense items", unit="item", leave=False)]
+    return DenseItems(requests, layers, [a for a, _ in got], [s for _, s in got])
+
+
+def _read(path: Path, requests: list[ItemRequest], layers: list[int]) -> DenseItems | None:
+    """The cached dense side, or None where there is none or it does not match its sha256."""
+    try:
+        want = read_checked_json(path.with_suffix(".json"))["sha256"]
+        if sha256_file(path) != want:
+            raise CacheInvalid("does not match its sha256")
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, CacheInvalid, KeyError, TypeError) as e:
+        log.warning("dense item states %s are not intact (%s): computing them again", path, e)
+        return None
+    return DenseItems(requests, layers, [tensors[f"answer/{i}"] for i in range(len(requests))],
+                      [tensors.get(f"steps/{i}") for i in range(len(requests))])
 
 
 def _lens(model: nn.Module, *states: Tensor) -> list[Tensor]:
@@ -139,7 +198,7 @@ def compare_items(model: nn.Module, dense: DenseItems, p: ProbePlan) -> pd.DataF
     t = 1.0 if t != t else t
     rows = []
     for req, hd, sd in zip(dense.requests, dense.answer, dense.steps):
-        hp = _answer_states(model, req, dense.layers)
+        hp, sp = _states(model, req, dense.layers)
         zd, zp = _lens(model, hd, hp)
         h_geo, z_geo = geometry(hd, hp), vocab_metrics(zd, zp, temperatures=(t,), topk=(), probability=False)
         final = vocab_metrics(zd[-1:], zp[-1:], temperatures=(t,), topk=(), logit=False)
@@ -152,7 +211,6 @@ def compare_items(model: nn.Module, dense: DenseItems, p: ProbePlan) -> pd.DataF
         row["h_one_minus_cos"] = row["h_one_minus_cos_by_layer"][-1]
         row["z_one_minus_cos_centred"] = row["z_one_minus_cos_centred_by_layer"][-1]
         if sd is not None:
-            sp = _step_states(model, req, dense.layers[-1])
             zsd, zsp = _lens(model, sd, sp)
             kl = vocab_metrics(zsd, zsp, temperatures=(t,), topk=(), logit=False)[("probability", "kl", t)]
             row["teacher_forced_kl"] = float(kl.mean())
