@@ -29,10 +29,12 @@ from prunerep.evals.items import item_table
 from prunerep.model import chat
 from prunerep.model.load import load_model
 from prunerep.model.placement import new_offload_dir, remove_offload_dir
+from prunerep.probes import items as item_probes
+from prunerep.results.claims import claims, story_fields
 from prunerep.results.index import find_completed, mark_completed, reuse_completed
 from prunerep.results.rundir import RunDirectory
-from prunerep.results.schema import (COMPRESSION_FILE, CONFIG_FILE, EVAL_ITEMS_FILE, EVALS_FILE, PROBE_FILES, PRUNING_FILE,
-                                     RUN_FILES, SUMMARY_FILE, failure_summary)
+from prunerep.results.schema import (COMPRESSION_FILE, CONFIG_FILE, EVAL_ITEMS_FILE, EVALS_FILE, ITEMS_FILE,
+                                     PROBE_FILES, PRUNING_FILE, RUN_FILES, SUMMARY_FILE, failure_summary)
 from prunerep.results.store import atomic_write_json, atomic_write_text, atomic_write_with, file_mode
 from prunerep.results.story import story
 from prunerep.tracking import Tracker, logged_before
@@ -178,6 +180,9 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
             reference = probes.dense_reference(model, tokenizer, rs.probe, rs.cache_dir, model_key=rs.model_key)
         with timings.stage("eval_dense"):
             dense_scores = evals.dense_scores(model, tokenizer, rs.task, rs.cache_dir, model_key=rs.model_key)
+        with timings.stage("probe_items_dense"):
+            item_reference = item_probes.dense_items(model, tokenizer, rs.probe, dense_scores, rs.cache_dir,
+                                                     model_key=rs.model_key)
 
         with timings.stage("prune"):
             method_report = rs.pruner.prune(model, calib, rs.prune)
@@ -217,7 +222,15 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
         if len(items):
             atomic_write_with(out / EVAL_ITEMS_FILE, lambda p: items.to_parquet(p, index=False))
         tracker.log_eval_items(items)
-        run_story = story(probe_summary, eval_report)
+        with timings.stage("probe_items_pruned"):
+            probed_items = item_probes.item_table(item_probes.compare_items(model, item_reference, rs.probe),
+                                                  dense_scores, pruned_scores)
+        if len(probed_items):
+            atomic_write_with(out / ITEMS_FILE, lambda p: probed_items.to_parquet(p, index=False))
+        tracker.log_items(probed_items)
+        found = claims(probed.table, eval_report, dense_scores, pruned_scores)
+        run_story = story(probe_summary, eval_report,
+                          story_fields(found, probed.table, dense_scores, pruned_scores, probed_items))
         label = f"{ident.pruner} {ident.sparsity}" + (f" + {ident.quant}" if ident.quant != "none" else "")
         if text := format_story(run_story, label=label):
             print(text, flush=True)
@@ -229,7 +242,8 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
                        probes=probe_summary, mc_vs_gen_gap=eval_report.mc_vs_gen_gap, story=run_story)
         atomic_write_json(out / SUMMARY_FILE, summary)
         rd.complete(expected=RUN_FILES + (PROBE_FILES if len(probed.table) else ())
-                    + ((EVALS_FILE,) if eval_report.tasks else ()) + ((EVAL_ITEMS_FILE,) if len(items) else ()))
+                    + ((EVALS_FILE,) if eval_report.tasks else ()) + ((EVAL_ITEMS_FILE,) if len(items) else ())
+                    + ((ITEMS_FILE,) if len(probed_items) else ()))
         try:  # bookkeeping: a failure here never changes the run's result
             mark_completed(ident.config_hash, rd.path, rs.index_root,
                            meta={"model": ident.model, "pruner": ident.pruner, "sparsity": ident.sparsity,

@@ -46,8 +46,9 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from prunerep.results.schema import (DIVERGENCE_METRICS, EVAL_ITEMS_FILE, EVALS_FILE, PROBES_FILE, PROBES_SUMMARY_FILE,
-                                     PRUNING_FILE, SIMILARITY_METRICS, SUMMARY_FILE, TOP_TOKENS_FILE, pick_metric)
+from prunerep.results.schema import (DIVERGENCE_METRICS, EVAL_ITEMS_FILE, EVALS_FILE, ITEM_LIST_COLUMNS, PROBES_FILE,
+                                     PROBES_SUMMARY_FILE, PRUNING_FILE, SIMILARITY_METRICS, SUMMARY_FILE, TOP_TOKENS_FILE,
+                                     pick_metric)
 from prunerep.results.store import read_json, stable_hash
 from prunerep.sparsity import sparsity_label
 from prunerep.viz.probes import TRANSITION_ROWS, probe_curves, transition_curves
@@ -214,6 +215,12 @@ class Tracker:
         if items is not None and len(items):
             self._guard("log_eval_items", self._log_eval_items, items)
 
+    def log_items(self, items) -> None:
+        """items.parquet (:mod:`prunerep.probes.items`): each evaluated item's outcome beside its
+        measures, as the table ``items``."""
+        if items is not None and len(items):
+            self._guard("log_items", self._log_items, items)
+
     def log_summary(self, summary: dict) -> None:
         self._guard("log_summary", self._log_summary, summary)
 
@@ -335,6 +342,9 @@ class Tracker:
             self._log_eval_items(pd.read_parquet(d / EVAL_ITEMS_FILE))
         self._log_summary(read_json(d / SUMMARY_FILE))
 
+    def _log_items(self, items) -> None:
+        flat = items.drop(columns=[c for c in ITEM_LIST_COLUMNS if c in items])  # W&B tables take scalars
+        self._log({"items": self._table(flat.astype(object).where(flat.notna(), None))})
 
     def _log_summary(self, summary: dict) -> None:
         keep = {k: v for k, v in summary.items() if k not in ("probes", "traceback")}

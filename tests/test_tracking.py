@@ -332,6 +332,21 @@ def test_transitions_and_top_tokens_are_logged_as_tables(tmp_path):
     assert "plots/probability/transitions_transition_dense_kl_table" in summary
 
 
+def test_items_are_logged_as_a_table(tmp_path):
+    """Issue #21: items.parquet as the W&B table ``items``, its per-layer list columns left out."""
+    items = pd.DataFrame({"task": ["arith_cloze", "arith_gen"], "item": ["0", "0"],
+                          "family": ["multiple_choice", "generative"], "dense_score": [1.0, 1.0],
+                          "pruned_score": [0.0, 1.0], "lost": [True, False], "options_kl": [0.25, np.nan],
+                          "layers": [[0, 1], [0, 1]], "h_one_minus_cos_by_layer": [[0.0, 0.1], [0.0, 0.2]]})
+    tr = tracker(tmp_path)
+    tr.log_items(items)
+    tr.finish(0)
+    logged = _logged_table(tmp_path, "items")
+    assert list(logged.columns) == ["task", "item", "family", "dense_score", "pruned_score", "lost", "options_kl"]
+    assert logged["options_kl"].tolist()[0] == 0.25 and pd.isna(logged["options_kl"].tolist()[1])
+    assert logged["lost"].tolist() == [True, False]
+
+
 # --------------------------------------------------------------------------- sweeps (issue #23)
 
 def _run_ids(path: Path) -> list[str]:
