@@ -228,7 +228,7 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
         if len(probed_items):
             atomic_write_with(out / ITEMS_FILE, lambda p: probed_items.to_parquet(p, index=False))
         tracker.log_items(probed_items)
-        found = claims(probed.table, eval_report, dense_scores, pruned_scores)
+        found = claims(probed.table, eval_report, dense_scores, pruned_scores, items=probed_items)
         run_story = story(probe_summary, eval_report,
                           story_fields(found, probed.table, dense_scores, pruned_scores, probed_items))
         label = f"{ident.pruner} {ident.sparsity}" + (f" + {ident.quant}" if ident.quant != "none" else "")

@@ -172,3 +172,19 @@ def test_items_of_one_source_are_one_unit():
     evals = compare_evals(dense, pruned)
     c = claims(None, evals, dense, pruned)["order_multiple_choice_generative"]
     assert c.interval.n == 2 + 8 and c.interval.value == pytest.approx(0.8 - 0.25)
+
+
+def test_claims_a_and_d_on_the_evaluated_items():
+    items = pd.DataFrame({
+        "task": ["c", "c", "c", "g"], "item": ["0", "1", "2", "0"],
+        "family": ["multiple_choice"] * 3 + ["generative"],
+        "answer_one_minus_cos": [0.5, 0.4, 0.3, 0.6], "h_one_minus_cos": [0.1, 0.1, 0.1, 0.2],
+        "z_one_minus_cos_centred": [0.2, 0.1, 0.2, 0.1],
+        "options_top1_agree": [1.0, 1.0, 0.0, np.nan], "answer_top1_agree": [0.0, 1.0, 0.0, np.nan]})
+    found = claims(None, items=items)
+    a, d = found["a_h_z_below_p_items"], found["d_options_stable_items"]
+    # p - h: 0.4, 0.3, 0.2, 0.4 -> 0.325; p - z: 0.3, 0.3, 0.1, 0.5 -> 0.3
+    assert a.interval.value == pytest.approx(0.3) and a.interval.n == 4 and a.verdict == "holds"
+    assert d.interval.value == pytest.approx(1 / 3) and d.interval.n == 3 and d.unit == "items"
+    assert d.verdict == "inconclusive at n = 3"  # a resample of items 1 and 2 only gives 0
+    assert "on the evaluated items" in d.statement

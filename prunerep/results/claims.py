@@ -27,7 +27,9 @@ claim                                     statistic                             
 The units resampled: prompts for a-d; for e, the order and the pairs, the evaluated items, each
 task on its own (a stratum), a multiple-choice task and the generative one over the same questions
 resampled together (the question is the unit), and items cut from one document (word_cloze's
-pydoc topics: the item requests' ``source``) drawn together (the document is the unit). A claim whose units are missing is left out.
+pydoc topics: the item requests' ``source``) drawn together (the document is the unit). A claim
+whose units are missing is left out. Claims a and d are also measured on the evaluated items
+(items.parquet, at each item's answer position): ``a_h_z_below_p_items``, ``d_options_stable_items``.
 """
 from __future__ import annotations
 
@@ -65,19 +67,26 @@ STATEMENTS = {
 }
 
 
+#: the suffix of a claim measured on the evaluated items (items.parquet) instead of the probe prompts
+ON_ITEMS = "_items"
+
+
 def bounds(name: str) -> tuple[Optional[float], Optional[float]]:
     """(above, below): the claim holds when its statistic lies above ``above`` and below ``below``
     (an AUROC is held against chance, 1/2)."""
     if name.startswith("auroc/"):
         return 0.5, None
+    base = name[: -len(ON_ITEMS)] if name.endswith(ON_ITEMS) else name
     return {"b_kl_estimate": ESTIMATE_BAND, "c_accumulation": (1.0, None),
-            "e_retrieval_kept": (RETRIEVAL_KEPT, None)}.get(name, (0.0, None))
+            "e_retrieval_kept": (RETRIEVAL_KEPT, None)}.get(base, (0.0, None))
 
 
 def statement(name: str) -> str:
     """What claim ``name`` says, in words."""
     if name in STATEMENTS:
         return STATEMENTS[name]
+    if name.endswith(ON_ITEMS) and name[: -len(ON_ITEMS)] in STATEMENTS:
+        return STATEMENTS[name[: -len(ON_ITEMS)]] + ", on the evaluated items at their answer position"
     kind, _, rest = name.partition("_")
     if kind == "order":
         a, b = next((a, b) for a, b in zip(ORDER, ORDER[1:]) if rest == f"{a}_{b}")
@@ -356,12 +365,43 @@ def kept_with_large_kl(items: Optional[pd.DataFrame], n_resamples: int = bs.N_RE
                         strata=mc["task"].tolist(), n_resamples=n_resamples, seed=seed)
 
 
+def items_probe_claims(items: Optional[pd.DataFrame], n_resamples: int = bs.N_RESAMPLES,
+                       seed: int = bs.SEED) -> dict:
+    """Claims a and d on the evaluated items (items.parquet), at each item's answer position:
+    ``a_h_z_below_p_items`` (every probed item: 1−cos of p there against h and the centred z) and
+    ``d_options_stable_items`` (multiple-choice items: the option distribution's top-1 agreement
+    against the full vocabulary's); items resampled within each task."""
+    out: dict[str, Claim] = {}
+    if items is None or items.empty:
+        return out
+    kw = dict(n_resamples=n_resamples, seed=seed)
+    cols = ["answer_one_minus_cos", "h_one_minus_cos", "z_one_minus_cos_centred"]
+    sel = items.dropna(subset=cols)
+    if len(sel):
+        p, h, z = (sel[c].to_numpy(dtype=float) for c in cols)
+
+        def a(w):
+            return np.minimum(w @ (p - h), w @ (p - z)) / w.sum(axis=1)
+        out["a_h_z_below_p" + ON_ITEMS] = _claim("a_h_z_below_p" + ON_ITEMS,
+                                                 bs.bootstrap(a, len(sel), strata=sel["task"].tolist(), **kw), "items")
+    mc = items[items["family"] == MULTIPLE_CHOICE].dropna(subset=["options_top1_agree", "answer_top1_agree"])
+    if len(mc):
+        iv = bs.bootstrap(bs.mean_difference(mc["options_top1_agree"], mc["answer_top1_agree"]), len(mc),
+                          strata=mc["task"].tolist(), **kw)
+        out["d_options_stable" + ON_ITEMS] = _claim("d_options_stable" + ON_ITEMS, iv, "items")
+    return out
+
+
 def claims(table: Optional[pd.DataFrame], evals: Optional[EvalsReport] = None, dense: Optional[dict] = None,
-           pruned: Optional[dict] = None, n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED) -> dict:
-    """Every claim the run's units allow, in reading order: ``{name: Claim}``."""
+           pruned: Optional[dict] = None, n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED,
+           items: Optional[pd.DataFrame] = None) -> dict:
+    """Every claim the run's units allow, in reading order: ``{name: Claim}`` (``items``:
+    items.parquet, for claims a and d on the evaluated items too)."""
     out = probe_claims(table, n_resamples, seed)
+    out.update(items_probe_claims(items, n_resamples, seed))
     items = item_claims(evals, dense, pruned, n_resamples, seed)
-    order = ["a_h_z_below_p", "b_kl_estimate", "c_accumulation", "d_options_stable", "e_retrieval_kept"]
+    order = ["a_h_z_below_p", "a_h_z_below_p_items", "b_kl_estimate", "c_accumulation", "d_options_stable",
+             "d_options_stable_items", "e_retrieval_kept"]
     merged = {**out, **items}
     return {k: merged[k] for k in [*order, *(k for k in merged if k not in order)] if k in merged}
 
