@@ -254,8 +254,9 @@ def _interval(tasks: list[_Task], statistic, n_resamples: int, seed: int) -> bs.
         groups += t.docs
         strata += [t.stratum] * len(t.docs)
         start += len(t.docs)
-    return bs.bootstrap(lambda w: statistic(w, cols), len(groups), groups=groups, strata=strata,
-                        n_resamples=n_resamples, seed=seed)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample with dense at chance: left out
+        return bs.bootstrap(lambda w: statistic(w, cols), len(groups), groups=groups, strata=strata,
+                            n_resamples=n_resamples, seed=seed)
 
 
 def _retained(t: _Task, w: np.ndarray) -> np.ndarray:
