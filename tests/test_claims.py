@@ -158,6 +158,8 @@ def test_auroc_of_each_measure_among_dense_right_items():
     s = story({}, None, story_fields({}, items=_items(rows)))
     text = format_story(s)
     assert "AUROC for a lost multiple choice item (2 of 5 dense-right items lost): h 1.00 [" in text
+    s2 = dict(s, **{"auroc/multiple_choice/p_options/n": 9, "auroc/multiple_choice/p_options/n_lost": 3})
+    assert "p_options 0.917 [" in format_story(s2) and "] (3 of 9)" in format_story(s2)
     assert "multiple-choice items with full-vocabulary KL >= 0.5 whose answer is kept: 0.500 [" in text
 
 

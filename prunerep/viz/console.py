@@ -245,7 +245,10 @@ def format_aurocs(s: dict) -> list[str]:
         first = mine[0]
         n = f" ({int(s[first + '/n_lost'])} of {int(s[first + '/n'])} dense-right items lost)" \
             if first + "/n_lost" in s and first + "/n" in s else ""
-        parts = [f"{k.split('/')[2]} {_with_interval(s, k)}" for k in mine]
+        counts = {k: (s.get(k + "/n_lost"), s.get(k + "/n")) for k in mine}
+        parts = [f"{k.split('/')[2]} {_with_interval(s, k)}"  # items without the measure are not ranked
+                 + (f" ({int(counts[k][0])} of {int(counts[k][1])})" if counts[k] != counts[first] else "")
+                 for k in mine]
         lines.append(f"  AUROC for a lost {family.replace('_', ' ')} item{n}: {'; '.join(parts)}")
     if "mc/kept_large_kl" in s:
         n = f" of {int(s['mc/kept_large_kl/n'])}" if "mc/kept_large_kl/n" in s else ""
