@@ -321,6 +321,7 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--skip-7b-head", action="store_true", help="only the embedded SmolLM2")
+    ap.add_argument("--skip-smollm2", action="store_true", help="only the Qwen2.5-7B-shaped head")
     ap.add_argument("--kernels", default="eager,compiled,fused", help="the probe.kernel values to time")
     ap.add_argument("--repeat", type=int, default=3, help="probe + floor timings per mode (min and median printed)")
     ap.add_argument("--breakdown", action="store_true",
@@ -340,7 +341,8 @@ def main() -> None:
     modes = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
     plan = probe_plan(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens)
     results = {"torch_threads": torch.get_num_threads(), "machine": machine(), "speed": []}
-    results["speed"].append(time_probe("smollm2", model_cfg("smollm2"), plan, modes, args.repeat, args.breakdown))
+    if not args.skip_smollm2:
+        results["speed"].append(time_probe("smollm2", model_cfg("smollm2"), plan, modes, args.repeat, args.breakdown))
     if not args.skip_7b_head:
         # Qwen2.5-7B's hidden size and vocabulary (the LM head, where the probe's cost is), 2 blocks
         mcfg = model_cfg("qwen2.5-shape", arch=dict(num_hidden_layers=2, intermediate_size=1024), dtype="float32"
@@ -356,7 +358,7 @@ def main() -> None:
     print("  free-running decode's own per-step LM head), the metrics, the options, the table and the top-token")
     print(f"  table. probe / floor: least probe time / least floor time of {args.repeat} repetitions (median of the")
     print("  per-repetition ratios); a busy machine only adds time;")
-    print(f"  {torch.get_num_threads()} torch thread(s) for the probe and the floor alike")
+    print(f"  {results['torch_threads']} torch thread(s) for the probe and the floor alike")
     m = results["machine"]
     print(f"  machine: {m['cpu']}, {m['usable_cores']} of {m['cores']} cores, BLAS {m['blas']}, torch "
           f"{m['torch']} ({m['torch_threads']} threads), numba {m['numba']} ({m['numba_threads']} threads)"
