@@ -92,6 +92,20 @@ def test_onloaded_writes_back_only_what_changed(calib_ids):
         assert not bool((block.mlp.up_proj.weight == 0).all())
 
 
+def test_disk_offloaded_weights_can_be_read_inside_inference_mode(tmp_path):
+    """Probes run under torch.inference_mode; reading disk-offloaded weights there (to fingerprint
+    them for a cache key) must give the same values as outside it."""
+    where = placement("cpu", "float32", "auto", _half_on_disk(make_tiny("llama", num_hidden_layers=4)))
+    model = dispatch(make_tiny("llama", num_hidden_layers=4), where, tmp_path)
+    assert decoder_layers(model)[3].self_attn.q_proj.weight.device.type == "meta"
+    plain = make_tiny("llama", num_hidden_layers=4)
+    with torch.inference_mode():
+        got = {n: p.clone() for n, p in iter_parameters(model)}
+    assert got.keys() == dict(plain.named_parameters()).keys()
+    for name, p in plain.named_parameters():
+        assert torch.equal(got[name], p), name
+
+
 TINY_RUN = ["model=tiny", "pruner=wanda", "task=offline", "task.tasks=[arith_cloze,arith_gen]", "task.limit=4",
             "probe.n_prompts=2", "probe.max_new_tokens=4", "wandb.mode=disabled", "skip_completed=false"]
 

@@ -251,10 +251,13 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
     leaves = [(m, h) for m in module.modules() if (h := _offload_hook(m)) is not None]
     versions = []
     try:
-        for m, h in leaves:
-            h.pre_forward(m)
-            h.offload = False
-            versions.append({n: p._version for n, p in m.named_parameters(recurse=False)})
+        # Weights loaded under a caller's inference_mode would be inference tensors, which keep no
+        # version counter: load them as normal tensors so an in-place change is still seen.
+        with torch.inference_mode(False):
+            for m, h in leaves:
+                h.pre_forward(m)
+                h.offload = False
+                versions.append({n: p._version for n, p in m.named_parameters(recurse=False)})
         yield module
     finally:
         for (m, h), before in zip(leaves, versions):

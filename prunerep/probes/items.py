@@ -50,6 +50,7 @@ from prunerep.evals.compare import common_prefix_len, item_scores
 from prunerep.evals.retrieval import unpack_embeddings
 from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE, RETRIEVAL
 from prunerep.model.anatomy import lens_rows, num_layers
+from prunerep.model.placement import lens_device
 from prunerep.probes.capture import resolve_layers
 from prunerep.probes.contexts import prompt_states, teacher_forced_states
 from prunerep.probes.metrics import geometry, option_metrics, vocab_metrics
@@ -184,8 +185,8 @@ def _read(path: Path, requests: list[ItemRequest], layers: list[int]) -> DenseIt
 
 
 def _lens(model: nn.Module, *states: Tensor) -> list[Tensor]:
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype  # a meta (offloaded) weight still has its dtype
+    device = lens_device(model)
     return [z.float().cpu() for z in lens_rows(model, [s.to(device=device, dtype=dtype) for s in states])]
 
 
