@@ -59,6 +59,7 @@ def test_accumulation_and_the_split_at_the_first_divergence():
             rows.append(("teacher_forced", pid, "gen", 4, "block", s, "probability", "kl", 1.0, 0.5))
             rows.append(("free_running", pid, "gen", 4, "block", s, "probability", "kl", 1.0, 0.5 if s < first else 3.0))
         rows.append(("free_running", pid, "gen", 4, "block", -1, "tokens", "first_divergence", math.nan, float(first)))
+        rows.append(("free_running", pid, "gen", 4, "block", -1, "tokens", "diverged", math.nan, 1.0))
     df = _table(rows)
     c = claims(df)["c_accumulation"]
     # prompt 0: free-running mean (0.5+0.5+3+3)/4 = 1.75, prompt 1: (1.5+3)/4 = 1.125; teacher-forced 0.5 each
@@ -67,6 +68,21 @@ def test_accumulation_and_the_split_at_the_first_divergence():
     assert c.verdict == "holds"
     split = free_running_split(df)
     assert split == {"matched": pytest.approx(0.5), "after_divergence": pytest.approx(3.0)}
+
+
+def test_accumulation_without_a_divergence_is_not_measured():
+    """No trajectory diverged: the free-running contexts are the teacher-forced ones, so a ratio a
+    hair above 1 (the KV cache's rounding) is no evidence of accumulation."""
+    rows = []
+    for pid in (0, 1):
+        for s in range(4):
+            rows.append(("teacher_forced", pid, "gen", 4, "block", s, "probability", "kl", 1.0, 0.5))
+            rows.append(("free_running", pid, "gen", 4, "block", s, "probability", "kl", 1.0, 0.5001))
+        rows.append(("free_running", pid, "gen", 4, "block", -1, "tokens", "first_divergence", math.nan, 4.0))
+        rows.append(("free_running", pid, "gen", 4, "block", -1, "tokens", "diverged", math.nan, 0.0))
+    c = claims(_table(rows))["c_accumulation"]
+    assert c.interval.lo > 1.0
+    assert c.verdict == "not measured: no free-running trajectory diverged"
 
 
 def _mc(correct, chance=0.25):

@@ -34,7 +34,7 @@ whose units are missing is left out. Claims a and d are also measured on the eva
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -164,14 +164,21 @@ def probe_claims(table: Optional[pd.DataFrame], n_resamples: int = bs.N_RESAMPLE
     fr, tf = _paired(per_prompt(df, "free_running", "probability", "kl"),
                      per_prompt(df, "teacher_forced", "probability", "kl"))
     if len(tf):
-        out["c_accumulation"] = _claim("c_accumulation", bs.bootstrap(bs.ratio_of_means(fr, tf), len(tf), **kw),
-                                       "prompts")
+        c = _claim("c_accumulation", bs.bootstrap(bs.ratio_of_means(fr, tf), len(tf), **kw), "prompts")
+        if not _any_diverged(df):  # same contexts both ways: the ratio is float noise around 1, not a finding
+            c = replace(c, verdict=f"{bs.NOT_MEASURED}: no free-running trajectory diverged")
+        out["c_accumulation"] = c
     opt, ans = _paired(per_prompt(df, "prompt", "options", "top1_agree"),
                        per_prompt(df, "prompt", "answer", "top1_agree"))
     if len(opt):
         out["d_options_stable"] = _claim("d_options_stable", bs.bootstrap(bs.mean_difference(opt, ans), len(opt), **kw),
                                          "prompts")
     return out
+
+
+def _any_diverged(df: pd.DataFrame) -> bool:
+    d = df[(df["context"] == "free_running") & (df["space"] == "tokens") & (df["metric"] == "diverged")]
+    return bool((d["value"] > 0).any())
 
 
 def free_running_split(table: Optional[pd.DataFrame]) -> dict:
