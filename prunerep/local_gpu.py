@@ -354,20 +354,43 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _start_time(pid: int) -> Optional[int]:
+    """The process's start time (clock ticks since boot), or None when it is gone: with the pid it
+    names one process, never a later one that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
 def _stop_workers(jobs: list, grace_s: float = 5.0) -> None:
     """Stop running points: submitit's cancel (SIGINT to its controller, which stops the point), then,
-    for a controller still there after `grace_s` (SIGINT is ignored by processes a non-interactive
-    shell started in the background), SIGKILL to the point's processes and the controller."""
-    procs = []
+    for what is still there after `grace_s` (SIGINT is ignored by processes a non-interactive shell
+    started in the background, and a point busy in native code may outlive its controller),
+    SIGKILL to the point's processes and the controller. The processes are listed before the cancel:
+    a point whose controller exited is an orphan, no longer found below it."""
+    procs = [getattr(job, "_process", None) for job in jobs]
+    tree = {pid: t for p in procs if p is not None for pid in _descendants(p.pid)
+            if (t := _start_time(pid)) is not None}
     for job in jobs:
         try:
             job.cancel(check=False)
         except Exception:
             pass
-        procs.append(getattr(job, "_process", None))
+
+    def left() -> list[int]:
+        return [pid for pid, t in tree.items() if _start_time(pid) == t]
+
     deadline = time.time() + grace_s
-    while time.time() < deadline and any(p is not None and p.poll() is None for p in procs):
+    while time.time() < deadline and (left() or any(p is not None and p.poll() is None for p in procs)):
         time.sleep(0.1)
+    for pid in left():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     for p in procs:
         if p is not None and p.poll() is None:
             for pid in _descendants(p.pid):
