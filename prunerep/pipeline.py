@@ -176,10 +176,11 @@ def _run(rs: run_spec.RunSpec, rd: RunDirectory, offload_dir: Optional[Path]) ->
     atomic_write_text(out / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(rs.config)))
     tracker = Tracker(ident, rs.config, rs.wandb)
     try:
-        with timings.stage("probe_dense"):
-            reference = probes.dense_reference(model, tokenizer, rs.probe, rs.cache_dir, model_key=rs.model_key)
-        with timings.stage("eval_dense"):
+        with timings.stage("eval_dense"):  # first: probe.prompts=tasks probes the items it evaluated
             dense_scores = evals.dense_scores(model, tokenizer, rs.task, rs.cache_dir, model_key=rs.model_key)
+        with timings.stage("probe_dense"):
+            reference = probes.dense_reference(model, tokenizer, rs.probe, rs.cache_dir, model_key=rs.model_key,
+                                               dense_scores=dense_scores)
         with timings.stage("probe_items_dense"):
             item_reference = item_probes.dense_items(model, tokenizer, rs.probe, dense_scores, rs.cache_dir,
                                                      model_key=rs.model_key)

@@ -14,10 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from prunerep.compress.method import PruneSettings, Pruner, Quantizer
 from prunerep.config import CalibConfig, ModelConfig, TaskConfig, WandbConfig
 from prunerep.errors import ConfigError
+from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE, TASKS, requested
 from prunerep.evals.validate import validate_tasks
 from prunerep.model.anatomy import EXPERT_TOKENS
 from prunerep.model.placement import Placement, placement
 from prunerep.probes.plan import ProbePlan, build_plan
+from prunerep.probes.prompts import FROM_TASKS, OFFLINE
 from prunerep.registry import build_method
 from prunerep.results.index import config_hash, slurm_job_id
 from prunerep.results.schema import DEVICE_SLOT_ENV, quant_label as label
@@ -131,6 +133,7 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
         plan = build_plan(cfg.probe)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_task_prompts(plan, task)
     settings = PruneSettings(spec=spec, pruner=pruner, device=where.device,
                              batch_size=calib.batch_size or calib.nsamples, seed=int(cfg.seed),
                              expert_tokens=calib.expert_tokens, expert_min_tokens=calib.expert_min_tokens)
@@ -139,6 +142,17 @@ def build(cfg: DictConfig, run_dir: Path, sweep_dir: Optional[Path] = None) -> R
                    probe=plan, task=task, wandb=wandb, cache_dir=Path(os.path.expanduser(cfg.cache_dir)),
                    index_root=index_root(run_dir, sweep_dir), save_model=bool(cfg.save_model),
                    skip_completed=bool(cfg.skip_completed))
+
+
+def check_task_prompts(plan: ProbePlan, task: TaskConfig) -> None:
+    """``probe.prompts=tasks`` needs a multiple-choice or generative task to take its items from
+    (a task lm-eval names may be either: it is found out when its items come back)."""
+    if plan.empty or plan.prompts != FROM_TASKS:
+        return
+    names = requested(task)
+    if not any(n not in TASKS or TASKS[n].family in (MULTIPLE_CHOICE, GENERATIVE) for n in names):
+        raise ConfigError(f"probe.prompts={FROM_TASKS} probes the evaluated multiple-choice and generative items, "
+                          f"but the tasks are {names or 'none'}; add such a task or use probe.prompts={OFFLINE}")
 
 
 def index_root(run_dir: Path, sweep_dir: Optional[Path] = None) -> Path:

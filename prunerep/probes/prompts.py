@@ -5,6 +5,11 @@
 problems used generatively (greedy continuation: teacher-forced and free-running
 contexts). Both come from :mod:`prunerep.evals.offline` (installed packages, no network).
 
+``probe.prompts=tasks``: the run's own evaluated items (:func:`task_prompts`): the contexts lm-eval
+and the offline tasks sent the dense model, identified by task and document id, half from the
+multiple-choice tasks (the options are the task's own continuations) and half from the
+generative ones, taken in turn from each task.
+
 ``probe.prompts=path/to/file.jsonl``: one JSON object per line,
 ``{"prompt": str, "options": [str, ...]}`` with ``options`` optional; a prompt with
 options is multiple choice (its options' first tokens are the option subspace), one
@@ -20,6 +25,7 @@ their last tokens (the answer position of a question is at the end).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -27,11 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunerep.evals.offline import arithmetic_problems, load_mmlu_questions
+from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE
 from prunerep.model import chat
 
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCD"
+#: probe.prompts: the fixed offline prompts, or the run's evaluated items
+OFFLINE, FROM_TASKS = "offline", "tasks"
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,11 @@ class Prompt:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def to_json(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "text": self.text, "ids": list(self.ids),
-                "options": list(self.options), "option_ids": list(self.option_ids), "answer": self.answer}
+        out = {"id": self.id, "kind": self.kind, "text": self.text, "ids": list(self.ids),
+               "options": list(self.options), "option_ids": list(self.option_ids), "answer": self.answer}
+        if "task" in self.meta:  # an evaluated item (probe.prompts=tasks): which one
+            out.update(task=self.meta["task"], doc_id=self.meta["doc_id"])
+        return out
 
 
 def format_mc(question: str, choices: list[str]) -> str:
@@ -148,3 +160,56 @@ def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int, chat_t
             options=tuple(options), option_ids=_option_ids(tokenizer, options, f"prompt {i}") if options else (),
             answer=item.get("answer"), meta=dict(item.get("meta") or {})))
     return prompts
+
+
+def _first_tokens(tokenizer, options: list[str]) -> tuple[int, ...] | None:
+    try:
+        return _option_ids(tokenizer, options, "item")
+    except ValueError:  # options that start alike (or encode to nothing) have no option subspace
+        return None
+
+
+def task_prompts(tokenizer, dense_scores: dict, n: int, max_len: int) -> list[Prompt]:
+    """``probe.prompts=tasks``: ``n`` of the evaluated items (``dense_scores``: the dense entries,
+    each keeping its requests), half multiple choice and half generative (all of one family where
+    the other has none), taken in turn from each task in document order; tokenised as lm-eval
+    did (no special tokens added: the context holds the chat template when the evals used one),
+    cut to the last ``max_len`` tokens. A multiple-choice item whose options do not start with
+    distinct tokens is passed over: the probes' option subspace is the options' first tokens
+    (numbers such as " 56" and " 58" share " 5" in many vocabularies; the item probes' option
+    distribution, from the summed log-likelihoods, covers those items)."""
+    per_family: dict[str, list[list[Prompt]]] = {MULTIPLE_CHOICE: [], GENERATIVE: []}
+    for name, entry in (dense_scores or {}).items():
+        family, recs = entry.get("type"), entry.get("items") or []
+        if family not in per_family or entry.get("skipped") or len({r["task"] for r in recs}) > 1:
+            continue  # several leaves: the rotations of a permuted task, whose items are not the scored ones
+        got, passed_over = [], 0
+        for rec in recs:
+            options = list(rec.get("continuations") or []) if family == MULTIPLE_CHOICE else []
+            option_ids = _first_tokens(tokenizer, options) if options else ()
+            if family == MULTIPLE_CHOICE and not option_ids:
+                passed_over += 1
+                continue
+            ids = tokenizer(rec["context"], add_special_tokens=False)["input_ids"][-max_len:]
+            if ids:
+                got.append(Prompt(id=0, kind="mc" if options else "gen", text=rec["context"],
+                                  ids=tuple(int(t) for t in ids), options=tuple(options), option_ids=option_ids,
+                                  meta={"task": name, "doc_id": int(rec["doc_id"])}))
+        if passed_over:
+            log.info("probe.prompts=tasks: %d of %s's %d items passed over: their options do not start with "
+                     "distinct tokens (items.parquet keeps their option distribution)", passed_over, name, len(recs))
+        if got:
+            per_family[family].append(got)
+    mc, gen = (_in_turn(per_family[f]) for f in (MULTIPLE_CHOICE, GENERATIVE))
+    n_mc = n // 2 if gen else n
+    n_mc = min(n_mc, len(mc))
+    picked = mc[:n_mc] + gen[:n - n_mc]
+    return [dataclasses.replace(pr, id=i) for i, pr in enumerate(picked)]
+
+
+def _in_turn(tasks: list[list[Prompt]]) -> list[Prompt]:
+    """The items of several tasks taken one from each task in turn."""
+    out = []
+    for i in range(max((len(t) for t in tasks), default=0)):
+        out += [t[i] for t in tasks if i < len(t)]
+    return out

@@ -26,13 +26,14 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prunerep.errors import ConfigError
 from prunerep.model.anatomy import final_norm, num_layers, output_head
 from prunerep.model.placement import iter_parameters, onloaded
 from prunerep.probes import transitions
 from prunerep.probes.capture import resolve_layers
 from prunerep.probes.contexts import greedy_decode, prompt_states, stop_token_ids, teacher_forced_states
 from prunerep.probes.plan import ProbePlan
-from prunerep.probes.prompts import Prompt, load_prompts
+from prunerep.probes.prompts import FROM_TASKS, Prompt, load_prompts, task_prompts
 from prunerep.results.schema import STEP_CONTEXTS
 from prunerep.results.store import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
                                     sha256_file, stable_hash, write_checked_json)
@@ -107,8 +108,10 @@ def _states_to_cpu(prefix: str, states: dict) -> dict[str, Tensor]:
 
 
 def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | os.PathLike,
-                    model_key: str | None = None) -> DenseReference:
+                    model_key: str | None = None, dense_scores: dict | None = None) -> DenseReference:
     """Run the dense model over the probe prompts once and cache its hidden states.
+    ``probe.prompts=tasks`` takes the prompts from the evaluated items of ``dense_scores``
+    (:func:`~prunerep.probes.prompts.task_prompts`); none found there is an error, not an empty probe.
 
     ``model_key`` names the dense model (the pipeline passes one, built from its resolved files:
     :func:`prunerep.model.identity.files_identity`); without it the key is derived from ``model.config``.
@@ -121,7 +124,15 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
     array) take its lock, ``probes/<key>.lock``: one computes, the others wait and read it."""
     if p.empty:
         return DenseReference(key="", path=None)
-    prompts = load_prompts(tokenizer, p.prompts, p.n_prompts, p.seed, p.max_prompt_tokens, p.chat_template)
+    if p.prompts == FROM_TASKS:
+        prompts = task_prompts(tokenizer, dense_scores or {}, p.n_prompts, p.max_prompt_tokens)
+        if not prompts:
+            raise ConfigError(f"probe.prompts={FROM_TASKS}: the tasks {sorted(dense_scores or {})} kept no multiple-"
+                             f"choice or generative item to probe; use probe.prompts=offline")
+        log.info("probe prompts: the evaluated items %s (prompt id: task:document)",
+                 ", ".join(f"{pr.id}={pr.meta['task']}:{pr.meta['doc_id']}" for pr in prompts))
+    else:
+        prompts = load_prompts(tokenizer, p.prompts, p.n_prompts, p.seed, p.max_prompt_tokens, p.chat_template)
     n_layers = num_layers(model)
     layers = resolve_layers(p.layers, n_layers)
     stop = stop_token_ids(model, tokenizer)
