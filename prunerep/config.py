@@ -129,7 +129,7 @@ class ProbeConfig:
     sublayers: list[str] = field(default_factory=lambda: ["block"])  # block | attn | mlp
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     topk: list[int] = field(default_factory=lambda: [5, 10])
-    prompts: str = "offline"  # offline | path/to/prompts.jsonl
+    prompts: str = "auto"  # auto (tasks when a task has items, else offline) | tasks | offline | path/to/prompts.jsonl
     n_prompts: int = 8  # offline: half multiple choice, half generative
     max_prompt_tokens: int = 256  # longer prompts keep their last tokens
     max_new_tokens: int = 32  # greedy continuation (teacher_forced / free_running)

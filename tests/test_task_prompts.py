@@ -1,6 +1,8 @@
 """probe.prompts=tasks: the probes run on the run's own evaluated items."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from prunerep.probes.prompts import task_prompts
@@ -71,8 +73,21 @@ def test_a_run_probes_the_items_it_evaluated(tmp_path):
                   "probe.prompts=tasks", "probe.n_prompts=4", "probe.max_new_tokens=4", "wandb.mode=disabled",
                   f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # the first 4 word_cloze items are cut from one pydoc topic: one of them is probed (one per source)
+    (entry,) = [json.loads(f.read_text())["payload"] for f in (tmp_path / "cache" / "evals").glob("*.json")]
+    assert [r["source"] for r in entry["word_cloze"]["items"]] == ["0"] * 4
     df = pd.read_parquet(run / "probes.parquet")
     kinds = df.groupby("prompt_id")["prompt_kind"].first()
-    assert kinds.to_dict() == {0: "mc", 1: "mc", 2: "gen", 3: "gen"}
+    assert kinds.to_dict() == {0: "mc", 1: "gen", 2: "gen", 3: "gen"}
     log = (run / "prunerep.log").read_text()
-    assert "the evaluated items 0=word_cloze:0, 1=word_cloze:1, 2=arith_gen:0, 3=arith_gen:1" in log
+    assert "the evaluated items 0=word_cloze:0, 1=arith_gen:0, 2=arith_gen:1, 3=arith_gen:2" in log
+
+
+def test_auto_takes_the_offline_prompts_when_no_task_runs(tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("model=tiny", "task=none", "probe.n_prompts=2", "probe.max_new_tokens=4", "wandb.mode=disabled",
+                  f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "probe prompts: the offline prompts (probe.prompts=auto" in (run / "prunerep.log").read_text()
+    kinds = pd.read_parquet(run / "probes.parquet").groupby("prompt_id")["prompt_kind"].first()
+    assert kinds.to_dict() == {0: "mc", 1: "gen"}

@@ -11,7 +11,7 @@ import torch
 
 from prunerep.model import chat
 from prunerep.probes import fused
-from prunerep.probes.prompts import FROM_TASKS, OFFLINE, read_prompts_file
+from prunerep.probes.prompts import AUTO, FROM_TASKS, OFFLINE, read_prompts_file
 from prunerep.results.schema import CONTEXTS, SPACES, SUBLAYERS
 
 #: probe.h: which state the last layer's embedding-space rows compare: the residual stream
@@ -121,9 +121,9 @@ def build_plan(cfg) -> ProbePlan:
     h, lens = _choice(cfg.h, H_STATES, "h"), _choice(cfg.lens, LENSES, "lens")
     src = str(cfg.prompts)
     contexts = _choices(cfg.contexts, CONTEXTS, "contexts")
-    if spaces and contexts and src not in (OFFLINE, FROM_TASKS):
+    if spaces and contexts and src not in (AUTO, FROM_TASKS, OFFLINE):
         if not Path(src).expanduser().is_file():
-            raise ValueError(f"probe.prompts={src!r}: use '{OFFLINE}', '{FROM_TASKS}' or a readable .jsonl file")
+            raise ValueError(f"probe.prompts={src!r}: use '{AUTO}', '{FROM_TASKS}', '{OFFLINE}' or a readable .jsonl file")
         if not read_prompts_file(Path(src).expanduser(), int(cfg.n_prompts)):
             raise ValueError(f"probe.prompts={src!r} holds no prompt")
     return ProbePlan(spaces=spaces, contexts=contexts, sublayers=sublayers, temperatures=temps, topk=topk,

@@ -1,6 +1,6 @@
 """The prompts the probes run on: multiple-choice questions and generative problems.
 
-``probe.prompts=offline`` (default): half MMLU questions formatted as multiple choice
+``probe.prompts=offline``: half MMLU questions formatted as multiple choice
 (option tokens " A" " B" " C" " D", probed at the answer position), half arithmetic word
 problems used generatively (greedy continuation: teacher-forced and free-running
 contexts). Both come from :mod:`prunerep.evals.offline` (installed packages, no network).
@@ -8,7 +8,8 @@ contexts). Both come from :mod:`prunerep.evals.offline` (installed packages, no 
 ``probe.prompts=tasks``: the run's own evaluated items (:func:`task_prompts`): the contexts lm-eval
 and the offline tasks sent the dense model, identified by task and document id, half from the
 multiple-choice tasks (the options are the task's own continuations) and half from the
-generative ones, taken in turn from each task.
+generative ones, taken in turn from each task. ``probe.prompts=auto`` (the default): those where
+the run evaluates such items, else the offline prompts.
 
 ``probe.prompts=path/to/file.jsonl``: one JSON object per line,
 ``{"prompt": str, "options": [str, ...]}`` with ``options`` optional; a prompt with
@@ -39,8 +40,9 @@ from prunerep.model import chat
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCD"
-#: probe.prompts: the fixed offline prompts, or the run's evaluated items
-OFFLINE, FROM_TASKS = "offline", "tasks"
+#: probe.prompts: the evaluated items where the run has some, else the offline prompts (auto); the
+#: evaluated items (tasks); the fixed offline prompts (offline)
+AUTO, FROM_TASKS, OFFLINE = "auto", "tasks", "offline"
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int, chat_t
     holds the template)."""
     if n <= 0:
         return []
-    if source == "offline":
+    if source == OFFLINE:
         items = _offline_items(n, seed)
     else:
         path = Path(source).expanduser()
@@ -174,7 +176,8 @@ def task_prompts(tokenizer, dense_scores: dict, n: int, max_len: int) -> list[Pr
     each keeping its requests), half multiple choice and half generative (all of one family where
     the other has none), taken in turn from each task in document order; tokenised as lm-eval
     did (no special tokens added: the context holds the chat template when the evals used one),
-    cut to the last ``max_len`` tokens. A multiple-choice item whose options do not start with
+    cut to the last ``max_len`` tokens; one item per source document where the items name one
+    (word_cloze's passages of one pydoc topic share their text). A multiple-choice item whose options do not start with
     distinct tokens is passed over: the probes' option subspace is the options' first tokens
     (numbers such as " 56" and " 58" share " 5" in many vocabularies; the item probes' option
     distribution, from the summed log-likelihoods, covers those items)."""
@@ -183,8 +186,12 @@ def task_prompts(tokenizer, dense_scores: dict, n: int, max_len: int) -> list[Pr
         family, recs = entry.get("type"), entry.get("items") or []
         if family not in per_family or entry.get("skipped") or len({r["task"] for r in recs}) > 1:
             continue  # several leaves: the rotations of a permuted task, whose items are not the scored ones
-        got, passed_over = [], 0
+        got, passed_over, sources = [], 0, set()
         for rec in recs:
+            if "source" in rec:  # items cut from one document are not independent units: one per document
+                if rec["source"] in sources:
+                    continue
+                sources.add(rec["source"])
             options = list(rec.get("continuations") or []) if family == MULTIPLE_CHOICE else []
             option_ids = _first_tokens(tokenizer, options) if options else ()
             if family == MULTIPLE_CHOICE and not option_ids:

@@ -33,7 +33,7 @@ from prunerep.probes import transitions
 from prunerep.probes.capture import resolve_layers
 from prunerep.probes.contexts import greedy_decode, prompt_states, stop_token_ids, teacher_forced_states
 from prunerep.probes.plan import ProbePlan
-from prunerep.probes.prompts import FROM_TASKS, Prompt, load_prompts, task_prompts
+from prunerep.probes.prompts import AUTO, FROM_TASKS, OFFLINE, Prompt, load_prompts, task_prompts
 from prunerep.results.schema import STEP_CONTEXTS
 from prunerep.results.store import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
                                     sha256_file, stable_hash, write_checked_json)
@@ -124,15 +124,21 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
     array) take its lock, ``probes/<key>.lock``: one computes, the others wait and read it."""
     if p.empty:
         return DenseReference(key="", path=None)
-    if p.prompts == FROM_TASKS:
+    prompts = []
+    if p.prompts in (AUTO, FROM_TASKS):
         prompts = task_prompts(tokenizer, dense_scores or {}, p.n_prompts, p.max_prompt_tokens)
-        if not prompts:
+        if not prompts and p.prompts == FROM_TASKS:
             raise ConfigError(f"probe.prompts={FROM_TASKS}: the tasks {sorted(dense_scores or {})} kept no multiple-"
                              f"choice or generative item to probe; use probe.prompts=offline")
+    if prompts:
         log.info("probe prompts: the evaluated items %s (prompt id: task:document)",
                  ", ".join(f"{pr.id}={pr.meta['task']}:{pr.meta['doc_id']}" for pr in prompts))
     else:
-        prompts = load_prompts(tokenizer, p.prompts, p.n_prompts, p.seed, p.max_prompt_tokens, p.chat_template)
+        source = OFFLINE if p.prompts == AUTO else p.prompts
+        if p.prompts == AUTO:
+            log.info("probe prompts: the offline prompts (probe.prompts=auto: no evaluated multiple-choice or "
+                     "generative item)")
+        prompts = load_prompts(tokenizer, source, p.n_prompts, p.seed, p.max_prompt_tokens, p.chat_template)
     n_layers = num_layers(model)
     layers = resolve_layers(p.layers, n_layers)
     stop = stop_token_ids(model, tokenizer)
