@@ -105,11 +105,11 @@ def test_resolve_layers():
 # --------------------------------------------------------------------------- prompts
 
 def test_offline_prompts_are_deterministic_and_half_multiple_choice(smollm2_tok):
-    cfg = build_plan(ProbeConfig(n_prompts=6, seed=3))
+    cfg = build_plan(ProbeConfig(prompts="offline", n_prompts=6, seed=3))
     prompts = prompts_of(cfg, smollm2_tok)
     assert [p.kind for p in prompts] == ["mc"] * 3 + ["gen"] * 3
     assert [p.ids for p in prompts] == [p.ids for p in prompts_of(cfg, smollm2_tok)]
-    other = build_plan(ProbeConfig(n_prompts=6, seed=4))
+    other = build_plan(ProbeConfig(prompts="offline", n_prompts=6, seed=4))
     assert [p.text for p in prompts] != [p.text for p in prompts_of(other, smollm2_tok)]
     mc = prompts[0]
     assert mc.text.endswith("\nD. " + mc.text.split("\nD. ")[1].split("\n")[0] + "\nAnswer:")

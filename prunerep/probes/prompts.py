@@ -139,7 +139,7 @@ def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int, chat_t
     holds the template)."""
     if n <= 0:
         return []
-    if source == OFFLINE:
+    if source in (OFFLINE, AUTO):  # auto without evaluated items (they are task_prompts's) is offline
         items = _offline_items(n, seed)
     else:
         path = Path(source).expanduser()
