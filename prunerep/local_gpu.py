@@ -332,6 +332,15 @@ class SlotLauncher(Launcher):
         return results
 
 
+def _stat(pid) -> Optional[list[str]]:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _descendants(pid: int) -> list[int]:
     """The processes below `pid` (Linux /proc; elsewhere none)."""
     children: dict[int, list[int]] = {}
@@ -340,12 +349,9 @@ def _descendants(pid: int) -> list[int]:
     except OSError:
         return []
     for d in entries:
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
+        fields = _stat(d)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(d))
     out, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(), [])
@@ -357,12 +363,8 @@ def _descendants(pid: int) -> list[int]:
 def _start_time(pid: int) -> Optional[int]:
     """The process's start time (clock ticks since boot), or None when it is gone: with the pid it
     names one process, never a later one that reuses the pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
+    fields = _stat(pid)
+    return None if fields is None or fields[0] == "Z" else int(fields[19])
 
 
 def _stop_workers(jobs: list, grace_s: float = 5.0) -> None:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from prunerep.probes.prompts import task_prompts
 from tests.cli import run_cli
@@ -41,6 +43,13 @@ def test_items_are_taken_in_turn_half_per_family(smollm2_tok):
     assert first.option_ids == tuple(smollm2_tok.encode(o, add_special_tokens=False)[0] for o in (" blue", " green"))
     assert first.to_json()["task"] == "cloze_a" and first.to_json()["doc_id"] == 0
     assert task_prompts(smollm2_tok, scores, 3, 2)[0].ids == first.ids[-2:]
+
+
+def test_a_generative_group_of_several_leaves_names_each_items_leaf(smollm2_tok):
+    group = _gen("leaf_a", ["Question: 1+1?\nAnswer:"])
+    group["items"] += _gen("leaf_b", ["Question: 2+2?\nAnswer:"])["items"]
+    got = task_prompts(smollm2_tok, {"group": group}, 2, 64)
+    assert [(p.meta["task"], p.meta["doc_id"]) for p in got] == [("leaf_a", 0), ("leaf_b", 0)]
 
 
 def test_options_without_distinct_first_tokens_are_passed_over(smollm2_tok):
@@ -91,3 +100,21 @@ def test_auto_takes_the_offline_prompts_when_no_task_runs(tmp_path):
     assert "probe prompts: the offline prompts (probe.prompts=auto" in (run / "prunerep.log").read_text()
     kinds = pd.read_parquet(run / "probes.parquet").groupby("prompt_id")["prompt_kind"].first()
     assert kinds.to_dict() == {0: "mc", 1: "gen"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_mixture_of_experts_run_probes_its_evaluated_items(tmp_path, dtype):
+    run = tmp_path / "run"
+    res = run_cli("model=tiny", "model.arch.model_type=mixtral", "+model.arch.num_local_experts=4",
+                  "+model.arch.num_experts_per_tok=2", f"model.dtype={dtype}", "pruner=wanda", "task=offline",
+                  "task.tasks=[word_cloze,arith_gen]", "task.limit=4", "probe.prompts=tasks", "probe.n_prompts=2",
+                  "probe.n_items=2", "probe.max_new_tokens=4", "wandb.mode=disabled", f"cache_dir={tmp_path / 'cache'}",
+                  f"hydra.run.dir={run}", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    probed = pd.read_parquet(run / "probes.parquet")
+    assert probed.groupby("prompt_id")["prompt_kind"].first().to_dict() == {0: "mc", 1: "gen"}
+    assert json.loads((run / "summary.json").read_text())["probes"]["nonfinite_values"] == 0
+    items = pd.read_parquet(run / "items.parquet")
+    measured = items.dropna(subset=["h_one_minus_cos"])  # probe.n_items=2 of each task's 4 evaluated items
+    assert sorted(measured["task"]) == ["arith_gen", "arith_gen", "word_cloze", "word_cloze"]
+    assert (measured["h_one_minus_cos"] > 0).all() and np.isfinite(measured["answer_kl"]).all()

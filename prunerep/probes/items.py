@@ -55,6 +55,7 @@ from prunerep.probes.capture import resolve_layers
 from prunerep.probes.contexts import prompt_states, teacher_forced_states
 from prunerep.probes.metrics import geometry, option_metrics, vocab_metrics
 from prunerep.probes.plan import ProbePlan
+from prunerep.probes.prompts import context_ids, scored_requests
 from prunerep.probes.reference import derived_model_key, weights_fingerprint
 from prunerep.results.schema import ITEM_COLUMNS, ITEM_DTYPES, ITEM_LIST_COLUMNS, reference_temperature
 from prunerep.results.store import (CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
@@ -94,24 +95,17 @@ def item_requests(tokenizer, dense_scores: dict, p: ProbePlan) -> list[ItemReque
     """The first ``p.n_items`` items of every multiple-choice and generative task of the dense
     entries that kept their requests, tokenised as lm-eval does (no special tokens added)."""
     out = []
-    for name, entry in (dense_scores or {}).items():
-        family = entry.get("type")
-        if family not in (MULTIPLE_CHOICE, GENERATIVE) or entry.get("skipped") or not entry.get("items"):
-            continue
-        recs = entry["items"]
-        several = len({r["task"] for r in recs}) > 1
-        if family == MULTIPLE_CHOICE and several:  # rotations of a permuted task: its item scores are none
-            continue
-        gens = {(g.get("task", name), int(g["doc_id"])): g for g in entry.get("generations") or []}
+    for name, family, recs, several in scored_requests(dense_scores):
+        gens = {(g.get("task", name), int(g["doc_id"])): g for g in dense_scores[name].get("generations") or []}
         for rec in recs[: p.n_items]:
-            ids = tokenizer(rec["context"], add_special_tokens=False)["input_ids"][-p.max_prompt_tokens:]
+            ids = context_ids(tokenizer, rec["context"], p.max_prompt_tokens)
             if not ids:
                 continue
             gen_ids: tuple[int, ...] = ()
             if family == GENERATIVE:
                 g = gens.get((rec["task"] if several else name, int(rec["doc_id"]))) or {}
                 gen_ids = tuple(int(t) for t in (g.get("tokens") or [])[: p.max_new_tokens])
-            out.append(ItemRequest(name, _item_key(rec, several), family, tuple(int(t) for t in ids), gen_ids))
+            out.append(ItemRequest(name, _item_key(rec, several), family, ids, gen_ids))
     return out
 
 

@@ -33,6 +33,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prunerep.errors import ConfigError
 from prunerep.evals.offline import arithmetic_problems, load_mmlu_questions
 from prunerep.evals.taskspec import GENERATIVE, MULTIPLE_CHOICE
 from prunerep.model import chat
@@ -139,7 +140,7 @@ def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int, chat_t
     holds the template)."""
     if n <= 0:
         return []
-    if source in (OFFLINE, AUTO):  # auto without evaluated items (they are task_prompts's) is offline
+    if source == OFFLINE:
         items = _offline_items(n, seed)
     else:
         path = Path(source).expanduser()
@@ -164,6 +165,28 @@ def load_prompts(tokenizer, source: str, n: int, seed: int, max_len: int, chat_t
     return prompts
 
 
+def scored_requests(dense_scores: dict | None) -> list[tuple[str, str, list[dict], bool]]:
+    """``(task, family, requests, several leaves)`` of every multiple-choice and generative dense
+    entry that kept the requests of its scored items (:func:`prunerep.evals.harness.item_requests`).
+    A multiple-choice entry of several leaves is left out: those are the rotations of a permuted
+    task, whose items are not the scored ones."""
+    out = []
+    for name, entry in (dense_scores or {}).items():
+        family, recs = entry.get("type"), entry.get("items")
+        if family not in (MULTIPLE_CHOICE, GENERATIVE) or entry.get("skipped") or not recs:
+            continue
+        several = len({r["task"] for r in recs}) > 1
+        if not (family == MULTIPLE_CHOICE and several):
+            out.append((name, family, recs, several))
+    return out
+
+
+def context_ids(tokenizer, context: str, max_len: int) -> tuple[int, ...]:
+    """An item's context tokenised as lm-eval did (no special tokens added: the context holds the
+    chat template when the evaluation used one), cut to its last ``max_len`` tokens."""
+    return tuple(int(t) for t in tokenizer(context, add_special_tokens=False)["input_ids"][-max_len:])
+
+
 def _first_tokens(tokenizer, options: list[str]) -> tuple[int, ...] | None:
     try:
         return _option_ids(tokenizer, options, "item")
@@ -172,20 +195,16 @@ def _first_tokens(tokenizer, options: list[str]) -> tuple[int, ...] | None:
 
 
 def task_prompts(tokenizer, dense_scores: dict, n: int, max_len: int) -> list[Prompt]:
-    """``probe.prompts=tasks``: ``n`` of the evaluated items (``dense_scores``: the dense entries,
-    each keeping its requests), half multiple choice and half generative (all of one family where
-    the other has none), taken in turn from each task in document order; tokenised as lm-eval
-    did (no special tokens added: the context holds the chat template when the evals used one),
-    cut to the last ``max_len`` tokens; one item per source document where the items name one
-    (word_cloze's passages of one pydoc topic share their text). A multiple-choice item whose options do not start with
-    distinct tokens is passed over: the probes' option subspace is the options' first tokens
-    (numbers such as " 56" and " 58" share " 5" in many vocabularies; the item probes' option
-    distribution, from the summed log-likelihoods, covers those items)."""
+    """``probe.prompts=tasks``: ``n`` of the evaluated items (:func:`scored_requests`), half
+    multiple choice and half generative (all of one family where the other has none), taken in
+    turn from each task in document order, tokenised by :func:`context_ids`; one item per source
+    document where the items name one (word_cloze's passages of one pydoc topic share their text).
+    A multiple-choice item whose options do not start with distinct tokens is passed over: the
+    probes' option subspace is the options' first tokens (numbers such as " 56" and " 58" share
+    " 5" in many vocabularies; the item probes' option distribution, from the summed
+    log-likelihoods, covers those items)."""
     per_family: dict[str, list[list[Prompt]]] = {MULTIPLE_CHOICE: [], GENERATIVE: []}
-    for name, entry in (dense_scores or {}).items():
-        family, recs = entry.get("type"), entry.get("items") or []
-        if family not in per_family or entry.get("skipped") or len({r["task"] for r in recs}) > 1:
-            continue  # several leaves: the rotations of a permuted task, whose items are not the scored ones
+    for name, family, recs, several in scored_requests(dense_scores):
         got, passed_over, sources = [], 0, set()
         for rec in recs:
             if "source" in rec:  # items cut from one document are not independent units: one per document
@@ -197,21 +216,19 @@ def task_prompts(tokenizer, dense_scores: dict, n: int, max_len: int) -> list[Pr
             if family == MULTIPLE_CHOICE and not option_ids:
                 passed_over += 1
                 continue
-            ids = tokenizer(rec["context"], add_special_tokens=False)["input_ids"][-max_len:]
+            ids = context_ids(tokenizer, rec["context"], max_len)
             if ids:
-                got.append(Prompt(id=0, kind="mc" if options else "gen", text=rec["context"],
-                                  ids=tuple(int(t) for t in ids), options=tuple(options), option_ids=option_ids,
-                                  meta={"task": name, "doc_id": int(rec["doc_id"])}))
+                got.append(Prompt(id=0, kind="mc" if options else "gen", text=rec["context"], ids=ids,
+                                  options=tuple(options), option_ids=option_ids,
+                                  meta={"task": rec["task"] if several else name, "doc_id": int(rec["doc_id"])}))
         if passed_over:
             log.info("probe.prompts=tasks: %d of %s's %d items passed over: their options do not start with "
                      "distinct tokens (items.parquet keeps their option distribution)", passed_over, name, len(recs))
         if got:
             per_family[family].append(got)
     mc, gen = (_in_turn(per_family[f]) for f in (MULTIPLE_CHOICE, GENERATIVE))
-    n_mc = n // 2 if gen else n
-    n_mc = min(n_mc, len(mc))
-    picked = mc[:n_mc] + gen[:n - n_mc]
-    return [dataclasses.replace(pr, id=i) for i, pr in enumerate(picked)]
+    n_mc = min(n // 2 if gen else n, len(mc))
+    return [dataclasses.replace(pr, id=i) for i, pr in enumerate(mc[:n_mc] + gen[:n - n_mc])]
 
 
 def _in_turn(tasks: list[list[Prompt]]) -> list[Prompt]:
@@ -220,3 +237,23 @@ def _in_turn(tasks: list[list[Prompt]]) -> list[Prompt]:
     for i in range(max((len(t) for t in tasks), default=0)):
         out += [t[i] for t in tasks if i < len(t)]
     return out
+
+
+def probe_prompts(tokenizer, source: str, n: int, seed: int, max_len: int, chat_template=False,
+                  dense_scores: dict | None = None) -> list[Prompt]:
+    """The prompts ``probe.prompts=source`` names: :func:`task_prompts` of ``dense_scores`` for
+    ``tasks`` (none is bad input) and for ``auto`` where there are some, else :func:`load_prompts`
+    (the offline prompts for ``auto``). The choice is logged, the evaluated items by task and document."""
+    if source in (AUTO, FROM_TASKS):
+        prompts = task_prompts(tokenizer, dense_scores or {}, n, max_len)
+        if prompts:
+            log.info("probe prompts: the evaluated items %s (prompt id: task:document)",
+                     ", ".join(f"{pr.id}={pr.meta['task']}:{pr.meta['doc_id']}" for pr in prompts))
+            return prompts
+        if source == FROM_TASKS:
+            raise ConfigError(f"probe.prompts={FROM_TASKS}: the tasks {sorted(dense_scores or {})} kept no multiple-"
+                              f"choice or generative item to probe; use probe.prompts={OFFLINE}")
+        log.info("probe prompts: the offline prompts (probe.prompts=auto: no evaluated multiple-choice or "
+                 "generative item)")
+        source = OFFLINE
+    return load_prompts(tokenizer, source, n, seed, max_len, chat_template)

@@ -26,14 +26,13 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prunerep.errors import ConfigError
 from prunerep.model.anatomy import final_norm, num_layers, output_head
 from prunerep.model.placement import iter_parameters, onloaded
 from prunerep.probes import transitions
 from prunerep.probes.capture import resolve_layers
 from prunerep.probes.contexts import greedy_decode, prompt_states, stop_token_ids, teacher_forced_states
 from prunerep.probes.plan import ProbePlan
-from prunerep.probes.prompts import AUTO, FROM_TASKS, OFFLINE, Prompt, load_prompts, task_prompts
+from prunerep.probes.prompts import Prompt, probe_prompts
 from prunerep.results.schema import STEP_CONTEXTS
 from prunerep.results.store import (ABSENT, CacheInvalid, atomic_write_checked_bytes, cache_lock, read_checked_json,
                                     sha256_file, stable_hash, write_checked_json)
@@ -110,8 +109,8 @@ def _states_to_cpu(prefix: str, states: dict) -> dict[str, Tensor]:
 def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | os.PathLike,
                     model_key: str | None = None, dense_scores: dict | None = None) -> DenseReference:
     """Run the dense model over the probe prompts once and cache its hidden states.
-    ``probe.prompts=tasks`` takes the prompts from the evaluated items of ``dense_scores``
-    (:func:`~prunerep.probes.prompts.task_prompts`); none found there is an error, not an empty probe.
+    The prompts are :func:`~prunerep.probes.prompts.probe_prompts` (``dense_scores``: the evaluated
+    items, for ``probe.prompts=auto | tasks``).
 
     ``model_key`` names the dense model (the pipeline passes one, built from its resolved files:
     :func:`prunerep.model.identity.files_identity`); without it the key is derived from ``model.config``.
@@ -124,21 +123,8 @@ def dense_reference(model: nn.Module, tokenizer, p: ProbePlan, cache_dir: str | 
     array) take its lock, ``probes/<key>.lock``: one computes, the others wait and read it."""
     if p.empty:
         return DenseReference(key="", path=None)
-    prompts = []
-    if p.prompts in (AUTO, FROM_TASKS):
-        prompts = task_prompts(tokenizer, dense_scores or {}, p.n_prompts, p.max_prompt_tokens)
-        if not prompts and p.prompts == FROM_TASKS:
-            raise ConfigError(f"probe.prompts={FROM_TASKS}: the tasks {sorted(dense_scores or {})} kept no multiple-"
-                             f"choice or generative item to probe; use probe.prompts=offline")
-    if prompts:
-        log.info("probe prompts: the evaluated items %s (prompt id: task:document)",
-                 ", ".join(f"{pr.id}={pr.meta['task']}:{pr.meta['doc_id']}" for pr in prompts))
-    else:
-        source = OFFLINE if p.prompts == AUTO else p.prompts
-        if p.prompts == AUTO:
-            log.info("probe prompts: the offline prompts (probe.prompts=auto: no evaluated multiple-choice or "
-                     "generative item)")
-        prompts = load_prompts(tokenizer, source, p.n_prompts, p.seed, p.max_prompt_tokens, p.chat_template)
+    prompts = probe_prompts(tokenizer, p.prompts, p.n_prompts, p.seed, p.max_prompt_tokens, p.chat_template,
+                            dense_scores)
     n_layers = num_layers(model)
     layers = resolve_layers(p.layers, n_layers)
     stop = stop_token_ids(model, tokenizer)
