@@ -172,6 +172,26 @@ def test_topk_overlaps_match_sets_counted_by_hand():
     assert out[("probability", "top1_agree", math.nan)].tolist() == [0.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("v", [500, 64 * 48 + 7])  # a full selection, and group maxima first (k=10)
+def test_topk_ties_keep_the_lower_index_in_both_kernels(v):
+    """Ties at the k-th place (common in bf16 logits) keep the lower index, in the eager top-k
+    and in the kernel's, so that both count the same overlaps; the first maximum is the argmax."""
+    z = torch.zeros(3, v)
+    tied = [v - 1, 17, v // 2 + 3, 64, 300, 5, v - 40, 48, 250, 1, v // 3, 333, 100, 2]  # 14 at the top
+    z[0, tied] = 5.0
+    z[1, 400] = 9.0  # a unique maximum, then 12 tied: the 9 lowest of those join it
+    z[1, tied[:12]] = 4.0
+    z[2, [v - 1, v - 2, 3]] = 7.0  # three tied maxima, then the 7 lowest-indexed zeros
+    want = [sorted(tied)[:10], [400] + sorted(tied[:12])[:9], [3, v - 2, v - 1, 0, 1, 2, 4, 5, 6, 7]]
+    idx, first = M._top(z, 10)
+    assert idx.tolist() == want
+    assert first.tolist() == [min(tied), 400, 3]
+    sums = fused.block_sums(z, z.roll(1, dims=0), 10, (1.0,), logit=True, probability=True)
+    assert sums["idx_d"].tolist() == want
+    assert sums["first_d"].tolist() == [min(tied), 400, 3]
+    assert sums["idx_p"].tolist() == [want[2], want[0], want[1]]
+
+
 def test_rows_do_not_depend_on_batch_or_threads():
     zd = _rand(7, 5000, seed=16, scale=3.0)
     zd, zp = zd.float(), (zd + _rand(7, 5000, seed=17, scale=0.5)).float()

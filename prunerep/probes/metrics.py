@@ -260,12 +260,7 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
         """The rows (all when ``rows`` is None) in padded blocks, through the fast or general path."""
         if fast and fused:  # every row in one call: each row is one iteration of the kernel's loop
             bd, bp = (zd, zp) if rows is None else (zd.index_select(0, rows), zp.index_select(0, rows))
-            idx_d, first_d = _top(bd, ks[-1] if probability else 1)
-            idx_p, first_p = _top(bp, ks[-1]) if probability else (None, None)
-            sums = F.block_sums(bd, bp, first_d, first_p, temps, logit, probability)
-            if probability:
-                sums.update(idx_d=idx_d, idx_p=idx_p, first_d=first_d, first_p=first_p)
-            return sums
+            return F.block_sums(bd, bp, ks[-1], temps, logit, probability)
         scratch, parts = None, []  # one set of buffers for all blocks of this call, made on first use
         for start in range(0, count, block):
             stop = min(start + block, count)
@@ -283,14 +278,17 @@ def vocab_metrics(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[floa
             parts.append({k: val[:stop - start] for k, val in part.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
-    out = _vocab_rows(zd, zp, n, blocks, temps, ks, v, logit, probability)
+    out = _vocab_rows(zd, zp, n, blocks, temps, ks, v, logit, probability, fused)
     return {k: val.reshape(lead) for k, val in out.items()}
 
 
-def _vocab_rows(zd: Tensor, zp: Tensor, n: int, blocks, temps, ks, v: int, logit: bool, probability: bool) -> dict:
+def _vocab_rows(zd: Tensor, zp: Tensor, n: int, blocks, temps, ks, v: int, logit: bool, probability: bool,
+                fused: bool) -> dict:
     """:func:`vocab_metrics` of ``[n, V]`` rows: finite rows on the fast path, the others (and
-    the fast path's overflows) on the general one."""
-    finite = torch.isfinite(zd.sum(dim=-1)) & torch.isfinite(zp.sum(dim=-1))
+    the fast path's overflows) on the general one. The fused kernel finds the non-finite rows
+    itself (in its first pass), so every row goes to it."""
+    finite = (torch.ones(n, dtype=torch.bool, device=zd.device) if fused
+              else torch.isfinite(zd.sum(dim=-1)) & torch.isfinite(zp.sum(dim=-1)))
     fast_rows = None if bool(finite.all()) else finite.nonzero().squeeze(-1)
     n_fast = n if fast_rows is None else len(fast_rows)
     out = _finish(blocks(True, fast_rows, n_fast), temps, ks, v, logit, probability) if n_fast else {}
@@ -326,30 +324,41 @@ _FAST_BUFFERS = ("dz", "y", "o", "p", "q", "u", "d")
 
 
 def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(indices of a top-k of each row, sorted by value; the row's argmax, its first maximum).
+    """(indices of the top-k of each row, by value and then by index: of equal values the lower
+    index comes first and is the one kept at the k-th place; the row's argmax, its first maximum).
 
     For a large vocabulary: the logits fall into G groups by index modulo G (G = V // TOPK_GROUP,
     so each group has TOPK_GROUP members), the maxima of the groups come from one vectorised
     pass (the element-wise max of TOPK_GROUP contiguous slices), then the top-k of the members of
-    the k best groups (every element of a top-k set lies in a top-k group)."""
+    every group whose maximum reaches the k-th largest group maximum (k groups, more on a tie):
+    every element at least as large as the k-th largest element lies in one of them."""
     b, v = z.shape
     m = TOPK_GROUP
     groups = v // m
     if groups < 4 * k:
-        cand = None
-        vals = z
+        cand = torch.arange(v, device=z.device).expand(b, -1)
     else:
         gmax = z[:, :groups * m].view(b, m, groups).amax(dim=1)
-        gidx = gmax.topk(k, dim=-1).indices
+        kth = gmax.topk(k, dim=-1).values[:, -1:]
+        wide = int((gmax >= kth).sum(dim=-1).max())  # > k only where group maxima tie at the k-th
+        gidx = gmax.topk(wide, dim=-1).indices
         cand = (gidx.unsqueeze(-1) + groups * torch.arange(m, device=z.device)).flatten(1)
         if groups * m < v:
             cand = torch.cat([cand, torch.arange(groups * m, v, device=z.device).expand(b, -1)], dim=1)
-        vals = z.gather(1, cand)
+    vals = z.gather(1, cand)
     top = vals.topk(k, dim=-1)
-    pos = torch.arange(vals.shape[-1], device=z.device).expand(b, -1) if cand is None else cand
-    first = torch.where(vals == top.values[:, :1], pos, v).amin(dim=-1)  # argmax: the first maximum
-    idx = top.indices if cand is None else cand.gather(1, top.indices)
-    return idx, first
+    idx, top_vals = cand.gather(1, top.indices), top.values
+    tied = (vals >= top_vals[:, -1:]).sum(dim=-1) > k  # a tie across the k-th place: which to keep
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(-1)
+        c = cand[rows].sort(dim=-1).values  # by index, so that the stable sort keeps the lower first
+        order = z[rows].gather(1, c).sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        idx[rows] = c.gather(1, order)
+        top_vals[rows] = z[rows].gather(1, idx[rows])
+    # within the k: by value, equal values by index
+    idx, perm = idx.sort(dim=-1)
+    idx = idx.gather(1, top_vals.gather(1, perm).sort(dim=-1, descending=True, stable=True).indices)
+    return idx, idx[:, 0]
 
 
 def _block_sums(zd: Tensor, zp: Tensor, temperatures: tuple[float, ...], ks: tuple[int, ...], logit: bool,
@@ -471,6 +480,8 @@ def _finish_slab(s: dict[str, Tensor], temperatures: tuple[float, ...], ks: tupl
                  probability: bool) -> dict[tuple[str, str, float], Tensor]:
     nan = math.nan
     out: dict[tuple[str, str, float], Tensor] = {}
+    if "retry" in s:
+        out["retry"] = s["retry"]
     var_u = ((s["syy"] - s["sy"] * s["sy"] / v) / v).clamp(min=0)  # Var_u(Δz) = ‖Δz_c‖² / V
     if logit:
         nx = s["sxx"].sqrt()
@@ -511,7 +522,6 @@ def _finish_slab(s: dict[str, Tensor], temperatures: tuple[float, ...], ks: tupl
         res.update(var_p=var_p, var_r=var_r, kl_est=var_p / two_t2, cos_est=var_r / two_t2, unif_est=var_u / two_t2)
         for m, val in res.items():
             out[("probability", m, t)] = val
-    out["retry"] = s["retry"]
     return out
 
 
