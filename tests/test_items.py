@@ -157,3 +157,25 @@ def test_the_dense_side_is_cached_and_an_edited_entry_recomputed(run, tmp_path):
     redone = dense_items(dense, tok, plan, d_scores, tmp_path, model_key="k")
     for a, b in zip(first.answer + first.steps, redone.answer + redone.steps):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_the_item_measures_run_on_the_plans_metric_kernel(run, monkeypatch):
+    """probe.kernel reaches the item probes: the fused kernel computes them (its calls counted)
+    and agrees with its oracle, the eager path on the same logits in float64, to its stated 1e-6."""
+    from prunerep.probes import fused, items
+    tok, dense, pruned, d_scores, _, _ = run
+    calls = []
+    block_sums, lens = fused.block_sums, items._lens
+    monkeypatch.setattr(fused, "block_sums", lambda *a, **k: calls.append(1) or block_sums(*a, **k))
+    measures = {}
+    for kernel in ("eager", "fused"):
+        plan = build_plan(ProbeConfig(n_items=LIMIT, max_new_tokens=4, kernel=kernel))
+        calls.clear()
+        as_oracle = kernel == "eager"
+        monkeypatch.setattr(items, "_lens", lambda *a: [z.double() if as_oracle else z for z in lens(*a)])
+        measures[kernel] = compare_items(pruned, dense_items(dense, tok, plan, d_scores), plan)
+        assert len(calls) == (0 if kernel == "eager" else 2 * LIMIT * 2 + LIMIT)  # 2 per item, 1 per generative
+    eager, fused_ = measures["eager"], measures["fused"]
+    for col in ("answer_kl", "answer_one_minus_cos", "h_one_minus_cos", "z_one_minus_cos_centred", "teacher_forced_kl"):
+        np.testing.assert_allclose(fused_[col].to_numpy(float), eager[col].to_numpy(float), rtol=1e-6, atol=1e-12)
+    assert (fused_["answer_top1_agree"] == eager["answer_top1_agree"]).all()

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -191,12 +192,14 @@ def compare_items(model: nn.Module, dense: DenseItems, p: ProbePlan) -> pd.DataF
     :func:`item_table`). One row per request."""
     t = reference_temperature(p.temperatures) if p.temperatures else 1.0
     t = 1.0 if t != t else t
+    kernel = p.kernel_on(torch.device("cpu"))  # the lens rows come back to the CPU (_lens)
+    metrics = partial(vocab_metrics, temperatures=(t,), topk=(), compiled=kernel == "compiled", fused=kernel == "fused")
     rows = []
     for req, hd, sd in zip(dense.requests, dense.answer, dense.steps):
         hp, sp = _states(model, req, dense.layers)
         zd, zp = _lens(model, hd, hp)
-        h_geo, z_geo = geometry(hd, hp), vocab_metrics(zd, zp, temperatures=(t,), topk=(), probability=False)
-        final = vocab_metrics(zd[-1:], zp[-1:], temperatures=(t,), topk=(), logit=False)
+        h_geo, z_geo = geometry(hd, hp), metrics(zd, zp, probability=False)
+        final = metrics(zd[-1:], zp[-1:], logit=False)
         row = {"task": req.task, "item": req.item, "family": req.family, "layers": list(dense.layers),
                "h_one_minus_cos_by_layer": h_geo["one_minus_cos"].tolist(),
                "z_one_minus_cos_centred_by_layer": z_geo[("logit", "one_minus_cos_centred", math.nan)].tolist(),
@@ -207,7 +210,7 @@ def compare_items(model: nn.Module, dense: DenseItems, p: ProbePlan) -> pd.DataF
         row["z_one_minus_cos_centred"] = row["z_one_minus_cos_centred_by_layer"][-1]
         if sd is not None:
             zsd, zsp = _lens(model, sd, sp)
-            kl = vocab_metrics(zsd, zsp, temperatures=(t,), topk=(), logit=False)[("probability", "kl", t)]
+            kl = metrics(zsd, zsp, logit=False)[("probability", "kl", t)]
             row["teacher_forced_kl"] = float(kl.mean())
         rows.append(row)
     return pd.DataFrame(rows)
