@@ -5,6 +5,7 @@
                        for each probe.kernel: eager, compiled (torch.compile) and fused (the
                        numba kernel of prunerep/probes/fused.py; on CUDA it is compiled). The floor is
                        the LM-head matmuls the logit lens cannot avoid, 2 sides x (lens rows) x d x V,
+                       timed as the probe runs them (token_chunk row pairs, both sides in one matmul),
                        where the lens rows are every prompt position, teacher-forced step and
                        free-running step at every probed layer. It EXCLUDES the pruned model's own
                        forwards (prompt, teacher-forced, free-running decode with its per-step LM
@@ -84,17 +85,18 @@ def perturb_(model, scale=0.02, seed=0):
 
 @torch.inference_mode()
 def floor_seconds(model, rows: int, chunk: int) -> float:
-    """The LM-head matmuls of `rows` lens rows, chunk by chunk, as the probe does them."""
+    """The LM-head matmuls of `rows` lens rows per side, as the probe does them: a chunk of
+    `chunk` row pairs, both sides in one matmul (prunerep.model.anatomy.lens_rows)."""
     head = model.get_output_embeddings()
     device = model_device(model)
-    h = torch.randn(chunk, model.config.hidden_size, device=device, dtype=head.weight.dtype)
+    h = torch.randn(2 * chunk, model.config.hidden_size, device=device, dtype=head.weight.dtype)
     torch.nn.functional.linear(h, head.weight)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     done = 0
     while done < rows:
         n = min(chunk, rows - done)
-        torch.nn.functional.linear(h[:n], head.weight)
+        torch.nn.functional.linear(h[:2 * n], head.weight)
         done += n
     sync(device)
     return time.perf_counter() - t0
@@ -216,7 +218,7 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled", "fused"), repe
                     prompt_tokens = sum(len(p.ids) for p in ref.prompts)
                     n_lens_layers = df[(df["context"] == "prompt") & (df["space"] == "logit")]["layer"].nunique()
                     rows = lens_row_count(df) + n_lens_layers * prompt_tokens
-                floor = floor_seconds(model, 2 * rows, plan.token_chunk)
+                floor = floor_seconds(model, rows, plan.token_chunk)
                 floors[mode].append(floor)
                 t_probe[mode].append(t)
                 ratios[mode].append(t / floor)
@@ -228,7 +230,7 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled", "fused"), repe
                 probes.compare_to_reference(model, tok, dataclasses.replace(plan, kernel=kernel), ref)
                 sync(device)
                 total = time.perf_counter() - t0
-            floor = floor_seconds(model, 2 * rows, plan.token_chunk)
+            floor = floor_seconds(model, rows, plan.token_chunk)
             parts = {"kernel": kernel, "total_s": total, "floor_s": floor, "stages_s": dict(b.times),
                      "other_s": total - sum(b.times.values())}
     out = {"model": name, "device": str(device), "hidden": model.config.hidden_size,
