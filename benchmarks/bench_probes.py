@@ -5,7 +5,7 @@
                        for each probe.kernel: eager, compiled (torch.compile) and fused (the
                        numba kernel of prunerep/probes/fused.py; on CUDA it is compiled). The floor is
                        the LM-head matmuls the logit lens cannot avoid, 2 sides x (lens rows) x d x V,
-                       timed as the probe runs them (token_chunk row pairs, both sides in one matmul),
+                       timed as the probe runs them (token_chunk row pairs, both sides in one matmul, into one buffer),
                        where the lens rows are every prompt position, teacher-forced step and
                        free-running step at every probed layer. It EXCLUDES the pruned model's own
                        forwards (prompt, teacher-forced, free-running decode with its per-step LM
@@ -86,17 +86,19 @@ def perturb_(model, scale=0.02, seed=0):
 @torch.inference_mode()
 def floor_seconds(model, rows: int, chunk: int) -> float:
     """The LM-head matmuls of `rows` lens rows per side, as the probe does them: a chunk of
-    `chunk` row pairs, both sides in one matmul (prunerep.model.anatomy.lens_rows)."""
+    `chunk` row pairs, both sides in one matmul, into one reused buffer
+    (prunerep.model.anatomy.lens_rows, lens_buffer)."""
     head = model.get_output_embeddings()
     device = model_device(model)
     h = torch.randn(2 * chunk, model.config.hidden_size, device=device, dtype=head.weight.dtype)
-    torch.nn.functional.linear(h, head.weight)  # warm-up
+    out = torch.empty(2 * chunk, head.weight.shape[0], device=device, dtype=head.weight.dtype)
+    torch.mm(h, head.weight.t(), out=out)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     done = 0
     while done < rows:
         n = min(chunk, rows - done)
-        torch.nn.functional.linear(h[:2 * n], head.weight)
+        torch.mm(h[:2 * n], head.weight.t(), out=out[:2 * n])
         done += n
     sync(device)
     return time.perf_counter() - t0

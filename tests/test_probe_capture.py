@@ -19,7 +19,7 @@ from conftest import make_tiny
 from helpers import probe_plan, pruned_copy
 from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm
-from prunerep.model.anatomy import lens_logits
+from prunerep.model.anatomy import lens_buffer, lens_logits, lens_rows, output_head
 from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, load_prompts, resolve_layers
 from prunerep.viz.probes import write_probe_outputs
 from prunerep.results.schema import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
@@ -57,6 +57,32 @@ def count_forwards(model):
 
 
 # --------------------------------------------------------------------------- hooks and lens
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lens_into_a_reused_buffer_is_bit_identical_and_a_hooked_head_keeps_its_call(dtype):
+    """The logit lens writes into one reused buffer where the head is a plain Linear: the
+    logits are those of the head's own call bit for bit, whatever was in the buffer. A head with
+    a hook (offload, a user's) is called as a module, with its hook, and gets no buffer."""
+    model = make_tiny("llama", num_hidden_layers=2).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    hd, hp = (torch.randn(n, model.config.hidden_size, generator=g).to(dtype) for n in (13, 13))
+    want = [output_head(model)(final_norm(model)(h)) for h in (hd, hp)]
+    buf = lens_buffer(model, 32)
+    assert buf.shape == (32, model.config.vocab_size) and buf.dtype == dtype
+    buf.fill_(float("nan"))
+    got = lens_rows(model, [hd, hp], out=buf)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].data_ptr() == buf.data_ptr()  # written into the buffer, not fresh memory
+    calls = []
+    handle = output_head(model).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert lens_buffer(model, 32) is None
+        got = lens_rows(model, [hd, hp], out=buf)
+    finally:
+        handle.remove()
+    assert calls == [1] and got[0].data_ptr() != buf.data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
 def test_hooks_match_output_hidden_states_and_lens_matches_logits(model_type):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 SUBLAYER_KINDS = ("attn", "mlp")
 _SUBLAYER_NAMES = {"attn": ("self_attn", "attention", "attn", "self_attention"),
@@ -143,28 +144,56 @@ def hooked(post: Iterable[tuple[nn.Module, Callable]] = (), pre: Iterable[tuple[
 
 # --------------------------------------------------------------------------- the logit lens
 
-def lens_logits(model: nn.Module, h: Tensor, raw: bool = False) -> Tensor:
+def lens_logits(model: nn.Module, h: Tensor, raw: bool = False, out: Tensor | None = None) -> Tensor:
     """z = LM head(final norm(h)) with the model's own modules, or LM head(h) with ``raw`` (the
     paper's released code). For the last block's raw output this is exactly the model's logits;
-    a final-logit soft-cap (Gemma2) applies either way."""
-    z = output_head(model)(h if raw else final_norm(model)(h))
+    a final-logit soft-cap (Gemma2) applies either way. ``out`` (:func:`lens_buffer`, reused
+    from call to call): where it holds h's rows on h's device and in its dtype, the head's matmul
+    writes there (the module's own kernel, bit for bit) instead of into fresh memory, whose page
+    faults cost ~25% of a CPU matmul of this shape; the logits are then a view of ``out``."""
+    x = h if raw else final_norm(model)(h)
+    head = output_head(model)
+    if (out is not None and x.dim() == 2 and out.shape[0] >= x.shape[0] and _plain_linear(head)
+            and out.shape[1] == head.weight.shape[0]
+            and head.weight.device == x.device == out.device and head.weight.dtype == x.dtype == out.dtype):
+        z = torch.mm(x, head.weight.t(), out=out[:x.shape[0]])
+    else:
+        z = head(x)
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     if cap:
         z = torch.tanh(z / cap) * cap
     return z
 
 
-def lens_rows(model: nn.Module, states: Sequence[Tensor], raw: bool = False) -> list[Tensor]:
+def _plain_linear(head: nn.Module) -> bool:
+    """``head(x)`` is ``x @ head.weight.T`` and nothing else: no bias, hook, offload or subclass."""
+    return (type(head) is nn.Linear and head.bias is None and head.weight.device.type != "meta"
+            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook")
+                     or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))
+
+
+def lens_buffer(model: nn.Module, rows: int) -> Tensor | None:
+    """A buffer for :func:`lens_logits`'s ``out``: ``[rows, V]`` on the head's device and in its
+    dtype, or None where the head is not a plain ``nn.Linear`` (its own call is used then)."""
+    head = output_head(model)
+    if not _plain_linear(head):
+        return None
+    return torch.empty(rows, head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
+
+
+def lens_rows(model: nn.Module, states: Sequence[Tensor], raw: bool = False, out: Tensor | None = None
+              ) -> list[Tensor]:
     """:func:`lens_logits` of several ``[n, d]`` matrices in ONE LM-head matmul (the head, a GB
     read for a 7B model, is read once), each zero-padded to a multiple of
-    :data:`LENS_ROW_MULTIPLE` rows, so a row's logits never depend on what it was batched with."""
+    :data:`LENS_ROW_MULTIPLE` rows, so a row's logits never depend on what it was batched with.
+    ``out``: as in :func:`lens_logits` (the rows returned are then views of it)."""
     parts, spans, at = [], [], 0
     for s in states:
         pad = -s.shape[0] % LENS_ROW_MULTIPLE
         parts += [s, s.new_zeros(pad, s.shape[-1])] if pad else [s]
         spans.append((at, at + s.shape[0]))
         at += s.shape[0] + pad
-    z = lens_logits(model, torch.cat(parts), raw)
+    z = lens_logits(model, torch.cat(parts), raw, out)
     return [z[a:b] for a, b in spans]
 
 
@@ -407,6 +436,6 @@ def make_identity(block: nn.Module, kind: str) -> None:
 
 __all__ = ["SUBLAYER_KINDS", "EXPERT_TOKENS", "LENS_ROW_MULTIPLE", "base_model", "decoder_layers", "num_layers",
            "final_norm", "output_head", "sublayer", "residual_update", "first_output", "with_first_output", "hooked",
-           "lens_logits", "lens_rows", "Target", "is_experts", "expert_targets", "routers", "all_targets", "select",
+           "lens_logits", "lens_rows", "lens_buffer", "Target", "is_experts", "expert_targets", "routers", "all_targets", "select",
            "block_targets", "model_targets", "coverage", "expert_down_input", "feeding", "output_targets",
            "make_identity"]

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from prunerep.model.anatomy import lens_rows
+from prunerep.model.anatomy import LENS_ROW_MULTIPLE, lens_buffer, lens_rows
 from prunerep.model.placement import lens_device
 from prunerep.probes import metrics as M
 from prunerep.probes.plan import ProbePlan
@@ -48,15 +48,17 @@ def _row(parts: list[Tensor], i: int) -> Tensor:
     raise IndexError(i)
 
 
-def lens_pair(model: nn.Module, hd: Tensor, hp: Tensor, memo: dict | None = None) -> tuple[Tensor, Tensor]:
+def lens_pair(model: nn.Module, hd: Tensor, hp: Tensor, memo: dict | None = None, out: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
     """:func:`~prunerep.model.anatomy.lens_rows` of both sides in ONE LM-head matmul (the [V, d]
-    head, 2 GB for a 7B model in float32, is read once, not twice); a single row pair that
-    :class:`LensStream` kept in ``memo`` comes from there."""
+    head, 2 GB for a 7B model in float32, is read once, not twice), into ``out`` where given
+    (:func:`~prunerep.model.anatomy.lens_buffer`); a single row pair that :class:`LensStream`
+    kept in ``memo`` comes from there."""
     if memo is not None and hd.shape[0] == 1 == hp.shape[0]:
         got = memo.get(_lens_key(hd[0], hp[0]))
         if got is not None:
             return got
-    zd, zp = lens_rows(model, [hd, hp])
+    zd, zp = lens_rows(model, [hd, hp], out=out)
     return zd, zp
 
 
@@ -77,6 +79,9 @@ class LensStream:
         self.pending = 0
         self.added = self.done = 0  # rows registered / through the lens
         self.segments: deque = deque()  # [start, n, parts, callback, options, keep]
+        # the LM head writes every chunk's logits into this one buffer (views of it live until the
+        # chunk's metrics are taken); False: the head takes its own call (lens_buffer's None)
+        self.buffer: Tensor | None | bool = False
 
     def add(self, h_dense: Tensor, h_pruned: Tensor, callback, options=None, keep: Sequence[int] = ()) -> None:
         """``callback(per_row)`` with ``{(space, metric, T): [n]}`` once the rows are through.
@@ -121,7 +126,11 @@ class LensStream:
                 self.blocks[0] = [bd[k:], bp[k:]]
         self.pending -= n
         start = self.done
-        zd, zp = lens_pair(self.model, torch.cat(hd).to(self.device), torch.cat(hp).to(self.device), self.memo)
+        if self.buffer is False:
+            chunk = self.plan.token_chunk + -self.plan.token_chunk % LENS_ROW_MULTIPLE
+            self.buffer = lens_buffer(self.model, 2 * chunk)
+        zd, zp = lens_pair(self.model, torch.cat(hd).to(self.device), torch.cat(hp).to(self.device), self.memo,
+                           self.buffer)
         for seg_start, seg_n, _parts, _cb, options, keep in self.segments:
             if seg_start >= start + n:
                 break
