@@ -1,11 +1,14 @@
 """The vocabulary metrics' per-row sums in one fused kernel per block of row pairs (CPU, numba).
 
 :func:`block_sums` returns what :func:`prunerep.probes.metrics._block_sums` returns (the same
-keys and definitions, given the rows' argmaxima), so :func:`prunerep.probes.metrics._finish`
-turns either into the metrics. The eager torch path makes ~45 vocabulary-sized passes per row
-pair; here a row pair is read from memory once and then re-read from the core's cache:
+keys and definitions), so :func:`prunerep.probes.metrics._finish` turns either into the
+metrics. The eager torch path makes ~45 vocabulary-sized passes per row pair; here a row pair is
+read from memory once and then re-read from the core's cache:
 
-1. the plain sums (Σz_d, Σz_d², Σz_d Δz, ‖Δz‖², Σz_p, Σz_p², and of y = Δz − Δz[argmax z_d]);
+0. the top-k of each side, ranked as :func:`prunerep.probes.metrics._top` ranks them (group
+   maxima, then the members of the groups that can hold a top-k element);
+1. the plain sums (Σz_d, Σz_d², Σz_d Δz, ‖Δz‖², Σz_p, Σz_p², and of y = Δz − Δz[argmax z_d]); a
+   NaN/inf logit makes them non-finite, and the row is flagged for the general path there;
 2. (logit) the orthogonal parts of Δz and of the centred Δz, whose coefficients pass 1 gave;
 3. per temperature, the unnormalised p̃ = exp((z_d − max) / T), u = expm1(y / T) and
    q̃ ∝ p̃ e^{y/T} (one polynomial gives e^g and expm1 g), with every sum over them; p̃, q̃, u
@@ -143,7 +146,7 @@ def _ratio(num, den):
     return num / den
 
 
-#: the top-k scan reads the maxima of groups of this many logits first (as metrics.TOPK_GROUP)
+#: the top-k scan reads the maxima of groups of this many logits first (any size gives the same top-k)
 _TOPK_GROUP = 64
 
 
