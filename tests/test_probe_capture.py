@@ -82,6 +82,12 @@ def test_lens_into_a_reused_buffer_is_bit_identical_and_a_hooked_head_keeps_its_
         handle.remove()
     assert calls == [1] and got[0].data_ptr() != buf.data_ptr()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # a head that autograd tracks keeps its own call too (out= takes no gradient)
+    output_head(model).weight.requires_grad_(True)
+    with torch.enable_grad():
+        got = lens_rows(model, [hd, hp], out=buf)
+    assert got[0].requires_grad and got[0].data_ptr() != buf.data_ptr()
+    assert all(torch.equal(a.detach(), b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])

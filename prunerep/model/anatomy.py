@@ -155,7 +155,8 @@ def lens_logits(model: nn.Module, h: Tensor, raw: bool = False, out: Tensor | No
     head = output_head(model)
     if (out is not None and x.dim() == 2 and out.shape[0] >= x.shape[0] and _plain_linear(head)
             and out.shape[1] == head.weight.shape[0]
-            and head.weight.device == x.device == out.device and head.weight.dtype == x.dtype == out.dtype):
+            and head.weight.device == x.device == out.device and head.weight.dtype == x.dtype == out.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad))):  # out=: no autograd
         z = torch.mm(x, head.weight.t(), out=out[:x.shape[0]])
     else:
         z = head(x)
