@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 from prunerep import probes  # noqa: E402
 from prunerep.probes import fused  # noqa: E402
 from prunerep.results.store import atomic_write_json  # noqa: E402
+from prunerep.model.anatomy import lens_buffer  # noqa: E402
 from prunerep.model.load import load_model  # noqa: E402
 from prunerep.model.placement import input_device as model_device  # noqa: E402
 from prunerep.registry import compose  # noqa: E402
@@ -91,7 +92,7 @@ def floor_seconds(model, rows: int, chunk: int) -> float:
     head = model.get_output_embeddings()
     device = model_device(model)
     h = torch.randn(2 * chunk, model.config.hidden_size, device=device, dtype=head.weight.dtype)
-    out = torch.empty(2 * chunk, head.weight.shape[0], device=device, dtype=head.weight.dtype)
+    out = lens_buffer(model, chunk, sides=2)
     torch.mm(h, head.weight.t(), out=out)  # warm-up
     sync(device)
     t0 = time.perf_counter()

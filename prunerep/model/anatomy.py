@@ -173,13 +173,15 @@ def _plain_linear(head: nn.Module) -> bool:
                      or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))
 
 
-def lens_buffer(model: nn.Module, rows: int) -> Tensor | None:
-    """A buffer for :func:`lens_logits`'s ``out``: ``[rows, V]`` on the head's device and in its
-    dtype, or None where the head is not a plain ``nn.Linear`` (its own call is used then)."""
+def lens_buffer(model: nn.Module, rows: int, sides: int = 1) -> Tensor | None:
+    """A buffer for :func:`lens_rows`'s ``out``: room for ``sides`` matrices of up to ``rows`` rows
+    each, padded as :func:`lens_rows` pads them, on the head's device and in its dtype; None where
+    the head is not a plain ``nn.Linear`` (its own call is used then)."""
     head = output_head(model)
     if not _plain_linear(head):
         return None
-    return torch.empty(rows, head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
+    padded = sides * (rows + -rows % LENS_ROW_MULTIPLE)
+    return torch.empty(padded, head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
 
 
 def lens_rows(model: nn.Module, states: Sequence[Tensor], raw: bool = False, out: Tensor | None = None

@@ -146,8 +146,10 @@ def _ratio(num, den):
     return num / den
 
 
-#: the top-k scan reads the maxima of groups of this many logits first (any size gives the same top-k)
-_TOPK_GROUP = 64
+#: top-k over a vocabulary, here and in metrics._top: the maxima of groups of this many logits first
+#: (index mod V // TOPK_GROUP), then the members of the groups that can hold a top-k element (one cheap
+#: pass instead of a selection over V; any size gives the same top-k)
+TOPK_GROUP = 64
 
 
 @_jit(inline="always")
@@ -181,10 +183,10 @@ def _topk(z, k, idx, gmax, vals):
     logits (an element of the top-k is at least as large as the k-th largest group maximum, so
     it lies in such a group)."""
     v = z.shape[0]
-    g = v // _TOPK_GROUP
+    g = v // TOPK_GROUP
     for i in range(g):
         gmax[i] = z[i]
-    for s in range(1, _TOPK_GROUP):
+    for s in range(1, TOPK_GROUP):
         off = s * g
         for i in range(g):
             x = z[off + i]
@@ -196,9 +198,9 @@ def _topk(z, k, idx, gmax, vals):
     count = 0
     for i in range(g):
         if gmax[i] >= kth:
-            for j in range(i, g * _TOPK_GROUP, g):
+            for j in range(i, g * TOPK_GROUP, g):
                 count = _insert(np.float64(z[j]), j, k, vals, idx, count)
-    for j in range(g * _TOPK_GROUP, v):
+    for j in range(g * TOPK_GROUP, v):
         count = _insert(np.float64(z[j]), j, k, vals, idx, count)
     for i in range(count, k):  # fewer than k comparable elements (NaN): the row is flagged bad
         idx[i] = 0
@@ -384,7 +386,7 @@ def _kernel(zd, zp, k, inv_t, logit, probability, out, idx_d, idx_p):
     v = zd.shape[1]
     for r in prange(zd.shape[0]):
         scratch = np.empty((3, v if probability else 0), dtype=np.float64)
-        gmax = np.empty_like(zd[r, :v // _TOPK_GROUP])
+        gmax = np.empty_like(zd[r, :v // TOPK_GROUP])
         vals = np.empty(k, dtype=np.float64)
         _row(zd[r], zp[r], k, inv_t, logit, probability, out[r], idx_d[r], idx_p[r], scratch, gmax, vals)
 

@@ -68,9 +68,6 @@ CENTRED = "_centred"
 # make each row's result independent of how the rows were batched (bit-identical for any
 # token_chunk on CPU).
 ROW_BLOCK_ELEMENTS = 1 << 19
-# top-k over a vocabulary: the maxima of groups of TOPK_GROUP logits first (index mod V // TOPK_GROUP),
-# then the top-k of the k best groups' members (one cheap pass instead of a selection over V)
-TOPK_GROUP = 64
 # per-row scalar arithmetic (the last, O(rows) stage) runs on slabs of this many rows, padded:
 # the same SIMD path for every row whatever the batch size
 FINISH_ROWS = 256
@@ -327,13 +324,13 @@ def _top(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(indices of the top-k of each row, by value and then by index: of equal values the lower
     index comes first and is the one kept at the k-th place; the row's argmax, its first maximum).
 
-    For a large vocabulary: the logits fall into G groups by index modulo G (G = V // TOPK_GROUP,
-    so each group has TOPK_GROUP members), the maxima of the groups come from one vectorised
-    pass (the element-wise max of TOPK_GROUP contiguous slices), then the top-k of the members of
+    For a large vocabulary: the logits fall into G groups by index modulo G (G = V // F.TOPK_GROUP,
+    so each group has F.TOPK_GROUP members), the maxima of the groups come from one vectorised
+    pass (the element-wise max of F.TOPK_GROUP contiguous slices), then the top-k of the members of
     every group whose maximum reaches the k-th largest group maximum (k groups, more on a tie):
     every element at least as large as the k-th largest element lies in one of them."""
     b, v = z.shape
-    m = TOPK_GROUP
+    m = F.TOPK_GROUP
     groups = v // m
     if groups < 4 * k:
         cand = torch.arange(v, device=z.device).expand(b, -1)

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from prunerep.model.anatomy import LENS_ROW_MULTIPLE, lens_buffer, lens_rows
+from prunerep.model.anatomy import lens_buffer, lens_rows
 from prunerep.model.placement import lens_device
 from prunerep.probes import metrics as M
 from prunerep.probes.plan import ProbePlan
@@ -127,8 +127,7 @@ class LensStream:
         self.pending -= n
         start = self.done
         if self.buffer is False:
-            chunk = self.plan.token_chunk + -self.plan.token_chunk % LENS_ROW_MULTIPLE
-            self.buffer = lens_buffer(self.model, 2 * chunk)
+            self.buffer = lens_buffer(self.model, self.plan.token_chunk, sides=2)
         zd, zp = lens_pair(self.model, torch.cat(hd).to(self.device), torch.cat(hp).to(self.device), self.memo,
                            self.buffer)
         for seg_start, seg_n, _parts, _cb, options, keep in self.segments:
