@@ -21,6 +21,7 @@ from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm
 from prunerep.model.anatomy import lens_buffer, lens_logits, lens_rows, output_head
 from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, load_prompts, resolve_layers
+from prunerep.probes.contexts import run_contexts
 from prunerep.viz.probes import write_probe_outputs
 from prunerep.results.schema import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
 
@@ -106,6 +107,39 @@ def test_hooks_match_output_hidden_states_and_lens_matches_logits(model_type):
     for i in range(1, n + 1):  # the sublayers are the updates of the residual stream
         assert torch.equal(acts[(i - 1, "block")] + acts[(i, "attn")] + acts[(i, "mlp")], acts[(i, "block")])
     assert (0, "attn") not in acts and (0, "mlp") not in acts
+
+
+@pytest.mark.parametrize("model_type, kw", [("llama", {}), ("qwen2", {}), ("gemma2", {"sliding_window": 4}),
+                                           ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2})])
+def test_one_prefill_gives_each_context_what_its_own_forward_gives(model_type, kw):
+    """run_contexts reads the prompt once, and each context's states are those of a plain forward
+    over that context's whole sequence (to float32 rounding: a KV cache sums in another order);
+    the free-running tokens are those of greedy decoding without a cache."""
+    model = make_tiny(model_type, **kw)
+    n = len(decoder_layers(model))
+    g = torch.Generator().manual_seed(2)
+    ids, forced = torch.randint(0, 256, (9,), generator=g), torch.randint(0, 256, (5,), generator=g)
+    with count_forwards(model) as calls:
+        got = run_contexts(model, ids, range(n + 1), ["block"], prompt=True, decode_steps=5, teacher_forced=True,
+                           forced=forced)
+    assert len(calls) == 1 + 4 + 1  # the prefill, 4 decoding steps, one teacher-forced continuation
+
+    def assert_states(states, seq, rows):  # layers 0..L-1 raw; transformers gives L after the final norm
+        with torch.inference_mode():
+            hs = model(seq.unsqueeze(0), output_hidden_states=True).hidden_states
+        for layer, h in states.items():
+            h = final_norm(model)(h) if layer == n else h
+            torch.testing.assert_close(h, hs[layer][0, rows], rtol=1e-5, atol=1e-5)
+
+    assert_states({la: got.prompt[(la, "block")] for la in range(n + 1)}, ids, slice(0, 9))
+    assert_states({la: got.teacher_forced[(la, "block")] for la in range(n + 1)}, torch.cat([ids, forced[:4]]),
+                  slice(8, 13))
+    seq = ids
+    with torch.inference_mode():
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq.unsqueeze(0)).logits[0, -1].argmax().view(1)])
+    assert got.free_running.tokens.tolist() == seq[9:].tolist()
+    assert_states({n: got.free_running.h_last}, seq[:13], slice(8, 13))
 
 
 def test_hooks_are_removed_on_exit_even_after_an_error():

@@ -22,7 +22,7 @@ from prunerep.model.anatomy import final_norm, num_layers
 from prunerep.model.placement import lens_device
 from prunerep.probes import metrics as M, transitions
 from prunerep.probes.capture import resolve_layers
-from prunerep.probes.contexts import greedy_decode, prompt_states, teacher_forced_states
+from prunerep.probes.contexts import run_contexts
 from prunerep.probes.outputs import ProbeResult
 from prunerep.probes.plan import ProbePlan
 from prunerep.probes.reference import DenseReference, lens_fingerprint
@@ -126,23 +126,25 @@ def _residual_stream_table(model: nn.Module, p: ProbePlan, ref: DenseReference, 
         cached = ref.load(prompt.id)
         ids = cached["prompt_ids"]
         keep = keep_top  # this prompt's top-token row is still to be kept
-        if "prompt" in p.contexts:
-            states = prompt_states(model, ids, layers, p.sublayers, memo)
+        gen = cached.get("gen_ids")
+        gen = gen if gen is not None and len(gen) else None
+        got = run_contexts(model, ids, layers, p.sublayers, prompt="prompt" in p.contexts,
+                           decode_steps=len(gen) if gen is not None and "free_running" in p.contexts else 0,
+                           teacher_forced=gen is not None and "teacher_forced" in p.contexts, forced=gen, memo=memo)
+        if got.prompt is not None:
             mc = prompt.kind == "mc" and want_options and bool(prompt.option_ids)
-            context_rows("prompt", prompt, cached, states, np.arange(len(ids)),
+            context_rows("prompt", prompt, cached, got.prompt, np.arange(len(ids)),
                          options=prompt.option_ids if mc else None, answer=len(ids) - 1,
                          keep_layer_row=(n_layers, len(ids) - 1) if keep else None)
             keep = keep and "block" not in p.sublayers  # kept above
-        gen = cached.get("gen_ids")
-        if gen is not None and len(gen):
+        if gen is not None:
             steps = np.arange(len(gen))
-            if "teacher_forced" in p.contexts:
-                states = teacher_forced_states(model, ids, gen, layers, p.sublayers, memo)
-                context_rows("teacher_forced", prompt, cached, states, steps,
+            if got.teacher_forced is not None:
+                context_rows("teacher_forced", prompt, cached, got.teacher_forced, steps,
                              keep_layer_row=(n_layers, 0) if keep else None)
                 keep = False
-            if "free_running" in p.contexts:
-                traj = greedy_decode(model, ids, len(gen))  # exactly as many steps as the dense model
+            if got.free_running is not None:
+                traj = got.free_running  # exactly as many steps as the dense model
                 n = min(len(gen), len(traj.tokens))
                 hd, hp = cached["free_running/h_last"][:n], traj.h_last[:n]
                 if "embedding" in p.spaces:

@@ -12,17 +12,19 @@
 The gap between ``teacher_forced`` and ``free_running`` is the measured error
 accumulation of autoregressive decoding.
 
-All functions run one unbatched sequence (no padding, so no masking subtleties) and are
-deterministic: the same model on the same ids gives bit-identical states, which is what
-makes a dense-vs-dense comparison exactly zero.
+:func:`run_contexts` reads a prompt once for all three (its forward's KV cache starts the decode
+and, copied, the teacher-forced continuation). All functions run one unbatched sequence (no
+padding, so no masking subtleties) and are deterministic: the same model on the same ids gives
+bit-identical states, which is what makes a dense-vs-dense comparison exactly zero.
 
 A ``memo`` (a dict the caller owns, for as long as the model does not change) lets a later call
-reuse what an earlier one computed: :func:`prompt_states` and :func:`teacher_forced_states` keep
-the last layer's residual-stream states of each sequence they run there, and a call that asks
-for nothing else is answered from them without a forward.
+reuse what an earlier one computed: :func:`run_contexts`, :func:`prompt_states` and
+:func:`teacher_forced_states` keep the last layer's residual-stream states of each sequence they
+run there, and a call that asks for nothing else is answered from them without a forward.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from dataclasses import dataclass
@@ -118,28 +120,84 @@ class Trajectory:
     h_last: Tensor  # [n, d] raw last-layer state (before the final norm) that predicted each token
 
 
+@dataclass
+class Contexts:
+    """One prompt's states in the contexts asked for (None: not asked)."""
+    prompt: dict[Key, Tensor] | None = None  # [P, d] per (layer, sublayer)
+    teacher_forced: dict[Key, Tensor] | None = None  # [n, d]
+    free_running: Trajectory | None = None
+
+
 @torch.inference_mode()
+def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers: Sequence[str], *,
+                 prompt: bool = False, decode_steps: int = 0, stop_ids: Iterable[int] = (),
+                 teacher_forced: bool = False, forced: Tensor | None = None, memo: dict | None = None) -> Contexts:
+    """The states of one prompt in each context, from ONE forward over the prompt.
+
+    That prefill's states are the ``prompt`` context; its state at P − 1 is the first
+    teacher-forced and the first free-running step; its KV cache starts the free-running decode
+    (``decode_steps`` greedy tokens, stopping after one in ``stop_ids``) and, copied, the
+    teacher-forced continuation along ``forced`` (the dense trajectory), or along the decoded
+    tokens where ``forced`` is None (the dense reference). The prompt is read once instead of
+    three times; a prompt with nothing to generate takes :func:`prompt_states`' forward, without
+    the LM head or a cache. The dense reference and the comparison both come through here, so a
+    model compared with itself gives bit-identical states."""
+    n_forced = len(forced) if forced is not None else decode_steps
+    teacher_forced = teacher_forced and n_forced > 0
+    if not (decode_steps > 0 or teacher_forced):
+        return Contexts(prompt=prompt_states(model, ids, layers, sublayers, memo) if prompt else None)
+    last = num_layers(model)
+    key = tuple(int(t) for t in ids.tolist())
+    states: dict[Key, Tensor] = {}
+    with capture(model, [last], ["block"]) as last_acts:
+        with capture(model, layers if prompt or teacher_forced else [], sublayers) as acts:
+            out = _forward(model, ids, use_cache=True)
+        states = {k: v[0] for k, v in acts.items()}
+        h_prompt = last_acts[(last, "block")][0]  # the decode's steps overwrite last_acts
+        cache = _kv_cache(model, out)
+        # the decode extends the cache: the teacher-forced continuation takes a copy of the prompt's
+        forced_cache = copy.deepcopy(cache) if teacher_forced and n_forced > 1 else None
+        traj = _decode(model, out, cache, last_acts, decode_steps, stop_ids) if decode_steps > 0 else None
+    _remember(model, memo, ("prompt", key), {(last, "block"): h_prompt})
+    result = Contexts(prompt=states if prompt else None, free_running=traj)
+    if teacher_forced:
+        gen = forced if forced is not None else traj.tokens
+        tf = {k: v[-1:] for k, v in states.items()}
+        if forced_cache is not None:
+            with capture(model, layers, sublayers) as acts:
+                _forward(model, gen.cpu()[: len(gen) - 1], use_cache=True,
+                         **{_cache_kwarg(type(model)): forced_cache})
+            tf = {k: torch.cat([v, acts[k][0]]) for k, v in tf.items()}
+        _remember(model, memo, ("teacher_forced", key, tuple(int(t) for t in gen.tolist())), tf)
+        result.teacher_forced = tf
+    return result
+
+
+def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_ids: Iterable[int]) -> Trajectory:
+    """Greedy decoding on from a prefill's output ``out`` and its KV ``cache``, the last layer's
+    state at every step read from ``last_acts`` (a :func:`capture` of it)."""
+    stop = set(int(t) for t in stop_ids)
+    last = num_layers(model)
+    tokens, states = [], []
+    for step in range(n_steps):
+        states.append(last_acts[(last, "block")][0, -1])
+        tok = out.logits[0, -1].argmax()
+        tokens.append(tok)
+        if step + 1 == n_steps or int(tok) in stop:
+            break
+        out = _forward(model, tok.view(1), use_cache=True, **{_cache_kwarg(type(model)): cache})
+        cache = _kv_cache(model, out)
+    return Trajectory(torch.stack(tokens).cpu(), torch.stack(states).cpu())
+
+
 def greedy_decode(model: nn.Module, prompt_ids: Tensor, n_steps: int, stop_ids: Iterable[int] = ()
                   ) -> Trajectory:
     """Greedy decoding with the KV cache, recording the last layer's state at every step.
 
     Stops after ``n_steps`` tokens, or right after a token in ``stop_ids`` (kept)."""
-    stop = set(int(t) for t in stop_ids)
-    last = num_layers(model)
-    tokens, states = [], []
-    with capture(model, [last], ["block"]) as acts:
-        out = _forward(model, prompt_ids, use_cache=True)
-        for step in range(n_steps):
-            states.append(acts[(last, "block")][0, -1])
-            tok = out.logits[0, -1].argmax()
-            tokens.append(tok)
-            if step + 1 == n_steps or int(tok) in stop:
-                break
-            out = _forward(model, tok.view(1), use_cache=True, **{_cache_kwarg(type(model)): _kv_cache(model, out)})
-    d = model.config.hidden_size
-    if not tokens:
-        return Trajectory(torch.empty(0, dtype=torch.long), torch.empty(0, d))
-    return Trajectory(torch.stack(tokens).cpu(), torch.stack(states).cpu())
+    if n_steps <= 0:
+        return Trajectory(torch.empty(0, dtype=torch.long), torch.empty(0, model.config.hidden_size))
+    return run_contexts(model, prompt_ids, [], ["block"], decode_steps=n_steps, stop_ids=stop_ids).free_running
 
 
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:

@@ -30,7 +30,7 @@ from prunerep.model.anatomy import final_norm, num_layers, output_head
 from prunerep.model.placement import iter_parameters, onloaded
 from prunerep.probes import transitions
 from prunerep.probes.capture import resolve_layers
-from prunerep.probes.contexts import greedy_decode, prompt_states, stop_token_ids, teacher_forced_states
+from prunerep.probes.contexts import run_contexts, stop_token_ids
 from prunerep.probes.plan import ProbePlan
 from prunerep.probes.prompts import Prompt, probe_prompts
 from prunerep.results.schema import STEP_CONTEXTS
@@ -39,7 +39,7 @@ from prunerep.results.store import (ABSENT, CacheInvalid, atomic_write_checked_b
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: checksummed entries (sha256 of every file in the manifest)
+CACHE_VERSION = 3  # raised whenever the entry's format or the way its states are computed changes
 MANIFEST = "manifest.json"
 
 
@@ -190,16 +190,17 @@ def _compute_reference(model: nn.Module, ref: DenseReference, p: ProbePlan, stop
     for prompt in tqdm(ref.prompts, desc="probe: dense reference", unit="prompt", leave=False):
         ids = torch.tensor(prompt.ids, dtype=torch.long)
         tensors = {"prompt_ids": ids}
-        if "prompt" in p.contexts:
-            tensors.update(_states_to_cpu("prompt", prompt_states(model, ids, ref.layers, p.sublayers)))
-        if prompt.kind == "gen" and generative and p.max_new_tokens > 0:
-            traj = greedy_decode(model, ids, p.max_new_tokens, stop)
-            tensors["gen_ids"] = traj.tokens
+        decode = p.max_new_tokens if prompt.kind == "gen" and generative else 0
+        got = run_contexts(model, ids, ref.layers, p.sublayers, prompt="prompt" in p.contexts, decode_steps=decode,
+                           stop_ids=stop, teacher_forced="teacher_forced" in p.contexts)
+        if got.prompt is not None:
+            tensors.update(_states_to_cpu("prompt", got.prompt))
+        if got.free_running is not None:
+            tensors["gen_ids"] = got.free_running.tokens
             if "free_running" in p.contexts:
-                tensors["free_running/h_last"] = traj.h_last.contiguous()
-            if "teacher_forced" in p.contexts:
-                tensors.update(_states_to_cpu("teacher_forced", teacher_forced_states(
-                    model, ids, traj.tokens, ref.layers, p.sublayers)))
+                tensors["free_running/h_last"] = got.free_running.h_last.contiguous()
+        if got.teacher_forced is not None:
+            tensors.update(_states_to_cpu("teacher_forced", got.teacher_forced))
         if p.transitions:  # the sublayers' dense inputs and updates (prunerep/probes/transitions.py)
             tensors.update(transitions.dense_states(model, ids, tensors.get("gen_ids"), ref.layers, p.contexts))
         f = ref.file(prompt.id)
