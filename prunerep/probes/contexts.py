@@ -148,7 +148,6 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
         return Contexts(prompt=prompt_states(model, ids, layers, sublayers, memo) if prompt else None)
     last = num_layers(model)
     key = tuple(int(t) for t in ids.tolist())
-    states: dict[Key, Tensor] = {}
     with capture(model, [last], ["block"]) as last_acts:
         with capture(model, layers if prompt or teacher_forced else [], sublayers) as acts:
             out = _forward(model, ids, use_cache=True)
