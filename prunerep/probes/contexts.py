@@ -60,14 +60,17 @@ def _kv_cache(model: nn.Module, out):
     return getattr(out, _cache_kwarg(type(model)))
 
 
-def states_forward(model: nn.Module, ids: Tensor) -> None:
+def states_forward(model: nn.Module, ids: Tensor, cache=None) -> None:
     """A forward for its hidden states only: through the decoder without the LM head where
-    the model exposes it (the head of a 7B model is ~1 GB read per call, even for one row)."""
+    the model exposes it (the head of a 7B model is ~1 GB read per call, even for one row);
+    ``cache``: a KV cache the forward continues (and extends)."""
     decoder = base_model(model)
+    target = decoder if decoder is not model else model
+    kw = {"use_cache": True, _cache_kwarg(type(target)): cache} if cache is not None else {"use_cache": False}
     if decoder is not model:
-        decoder(input_ids=ids.to(input_device(model)).unsqueeze(0), use_cache=False)
+        decoder(input_ids=ids.to(input_device(model)).unsqueeze(0), **kw)
     else:
-        _forward(model, ids, use_cache=False)
+        _forward(model, ids, **kw)
 
 
 def _recall(memo: dict | None, key, layers: Sequence[int], sublayers: Sequence[str]) -> dict[Key, Tensor] | None:
@@ -164,8 +167,7 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
         tf = {k: v[-1:] for k, v in states.items()}
         if forced_cache is not None:
             with capture(model, layers, sublayers) as acts:
-                _forward(model, gen.cpu()[: len(gen) - 1], use_cache=True,
-                         **{_cache_kwarg(type(model)): forced_cache})
+                states_forward(model, gen.cpu()[: len(gen) - 1], forced_cache)
             tf = {k: torch.cat([v, acts[k][0]]) for k, v in tf.items()}
         _remember(model, memo, ("teacher_forced", key, tuple(int(t) for t in gen.tolist())), tf)
         result.teacher_forced = tf
