@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import pkgutil
 from pathlib import Path
 from typing import Any, Optional
@@ -36,17 +37,24 @@ def _concrete(obj: Any, base: type, module: str) -> bool:
     return obj.__module__ == module and isinstance(default, str) and default != MISSING
 
 
+def method_modules(group: str) -> list[str]:
+    """The names of the group's method modules, sorted, without importing them: every module of
+    its package but those whose name starts with "_" and the shared ``common`` module."""
+    package = GROUPS[group]
+    return [f"{package}.{info.name}"
+            for info in sorted(pkgutil.iter_modules(importlib.util.find_spec(package).submodule_search_locations),
+                               key=lambda i: i.name)
+            if not info.name.startswith("_") and info.name != "common"]
+
+
 def discover(group: str) -> dict[str, type]:
     """``{name: method class}`` for every method module in the group's package (modules whose
     name starts with "_" and the shared ``common`` module are skipped). Found anew each call:
     a module dropped into the package is seen without a restart of anything but the process."""
-    package = importlib.import_module(GROUPS[group])
-    base = package.BASE
+    base = importlib.import_module(GROUPS[group]).BASE
     found: dict[str, type] = {}
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name == "common":
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+    for name in method_modules(group):
+        module = importlib.import_module(name)
         for obj in vars(module).values():
             if _concrete(obj, base, module.__name__):
                 name = {f.name: f.default for f in dataclasses.fields(obj)}["name"]

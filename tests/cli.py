@@ -17,26 +17,15 @@ import tempfile
 from pathlib import Path
 
 from conftest import CACHE_DIR, REPO
+from prunerep.registry import GROUPS, method_modules
 
 CLI_ENV = {"PRUNEREP_CACHE": str(CACHE_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-
-def _method_modules() -> list[str]:
-    """The method modules the registry imports at every compose (:func:`prunerep.registry.discover`),
-    found without importing them: left to the children, the external pruner's compressed-tensors
-    import alone cost each call ~1.8 s of its ~2 s."""
-    import importlib.util
-    import pkgutil
-
-    from prunerep.registry import GROUPS
-
-    return [f"{pkg}.{m.name}" for pkg in GROUPS.values()
-            for m in pkgutil.iter_modules(importlib.util.find_spec(pkg).submodule_search_locations)
-            if not m.name.startswith("_")]
-
-
-_PRELOAD = ["prunerep.cli", "prunerep.pipeline", "torch", "transformers", "hydra", "lm_eval", *_method_modules()]
+# the method modules too: each compose imports them (prunerep.registry.discover), and left to the
+# children, the external pruner's compressed-tensors import alone cost each call ~1.8 s of its ~2 s
+_PRELOAD = ["prunerep.cli", "prunerep.pipeline", "torch", "transformers", "hydra", "lm_eval",
+            *(module for group in GROUPS for module in method_modules(group))]
 _ctx = None
 
 

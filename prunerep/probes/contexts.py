@@ -65,8 +65,7 @@ def states_forward(model: nn.Module, ids: Tensor, cache=None) -> None:
     the model exposes it (the head of a 7B model is ~1 GB read per call, even for one row);
     ``cache``: a KV cache the forward continues (and extends)."""
     decoder = base_model(model)
-    target = decoder if decoder is not model else model
-    kw = {"use_cache": True, _cache_kwarg(type(target)): cache} if cache is not None else {"use_cache": False}
+    kw = {"use_cache": True, _cache_kwarg(type(decoder)): cache} if cache is not None else {"use_cache": False}
     if decoder is not model:
         decoder(input_ids=ids.to(input_device(model)).unsqueeze(0), **kw)
     else:
