@@ -109,13 +109,17 @@ def test_hooks_match_output_hidden_states_and_lens_matches_logits(model_type):
     assert (0, "attn") not in acts and (0, "mlp") not in acts
 
 
-@pytest.mark.parametrize("model_type, kw", [("llama", {}), ("qwen2", {}), ("gemma2", {"sliding_window": 4}),
-                                           ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2})])
-def test_one_prefill_gives_each_context_what_its_own_forward_gives(model_type, kw):
+@pytest.mark.parametrize("model_type, kw, dtype", [
+    ("llama", {}, torch.float32), ("qwen2", {}, torch.float32), ("gemma2", {"sliding_window": 4}, torch.float32),
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, torch.float32),
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, torch.bfloat16),
+    ("qwen2_moe", {}, torch.float16)])
+def test_one_prefill_gives_each_context_what_its_own_forward_gives(model_type, kw, dtype):
     """run_contexts reads the prompt once, and each context's states are those of a plain forward
-    over that context's whole sequence (to float32 rounding: a KV cache sums in another order);
+    over that context's whole sequence (to the dtype's rounding: a KV cache sums in another order);
     the free-running tokens are those of greedy decoding without a cache."""
-    model = make_tiny(model_type, **kw)
+    model = make_tiny(model_type, **kw).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5 * torch.finfo(dtype).eps
     n = len(decoder_layers(model))
     g = torch.Generator().manual_seed(2)
     ids, forced = torch.randint(0, 256, (9,), generator=g), torch.randint(0, 256, (5,), generator=g)
@@ -129,7 +133,7 @@ def test_one_prefill_gives_each_context_what_its_own_forward_gives(model_type, k
             hs = model(seq.unsqueeze(0), output_hidden_states=True).hidden_states
         for layer, h in states.items():
             h = final_norm(model)(h) if layer == n else h
-            torch.testing.assert_close(h, hs[layer][0, rows], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h, hs[layer][0, rows], rtol=tol, atol=tol)
 
     assert_states({la: got.prompt[(la, "block")] for la in range(n + 1)}, ids, slice(0, 9))
     assert_states({la: got.teacher_forced[(la, "block")] for la in range(n + 1)}, torch.cat([ids, forced[:4]]),
