@@ -146,6 +146,68 @@ def test_one_prefill_gives_each_context_what_its_own_forward_gives(model_type, k
     assert_states({n: got.free_running.h_last}, seq[:13], slice(8, 13))
 
 
+def _greedy_without_cache(model, ids, n):
+    seq = ids
+    with torch.inference_mode():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq.unsqueeze(0)).logits[0, -1].argmax().view(1)])
+    return seq[len(ids):]
+
+
+@pytest.mark.parametrize("model_type, kw", [
+    ("llama", {}), ("qwen2", {}), ("gemma2", {"sliding_window": 4}),
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2})])
+@pytest.mark.parametrize("part_at", [None, 0, 3])
+def test_free_running_follows_the_teacher_forced_forward_until_the_tokens_part(model_type, kw, part_at):
+    """The free-running decode is read off the teacher-forced forward for as long as the model's
+    greedy tokens are the forced ones, and decoded one token at a time only after they part: a
+    forced trajectory that is the model's own costs 2 forwards (prefill, continuation) for any
+    length; one that parts at step k costs 2 + 1 + (n − k − 2) forwards. Either way the tokens are
+    greedy decoding without a cache and the states those of a plain forward (float32 rounding)."""
+    model = make_tiny(model_type, **kw)
+    n_layers, n = len(decoder_layers(model)), 6
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(3))
+    own = _greedy_without_cache(model, ids, n)
+    forced = own.clone()
+    if part_at is not None:
+        forced[part_at] = (own[part_at] + 1) % 256
+    with count_forwards(model) as calls:
+        got = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n, teacher_forced=True, forced=forced)
+    want_calls = {None: 2, 0: 2 + 1 + 4, 3: 2 + 1 + 1}[part_at]
+    assert len(calls) == want_calls
+    assert got.free_running.tokens.tolist() == own.tolist()
+    seq = torch.cat([ids, own[: n - 1]])
+    with torch.inference_mode():
+        hs = model(seq.unsqueeze(0), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(final_norm(model)(got.free_running.h_last), hs[n_layers][0, 8:14], rtol=1e-5, atol=1e-5)
+    tf_seq = torch.cat([ids, forced[: n - 1]])
+    with torch.inference_mode():
+        hs = model(tf_seq.unsqueeze(0), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(final_norm(model)(got.teacher_forced[(n_layers, "block")]), hs[n_layers][0, 8:14],
+                               rtol=1e-5, atol=1e-5)
+    assert got.continuation.tolist() == forced.tolist()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_the_dense_trajectory_is_its_own_greedy_decode_followed_in_one_forward(model_type):
+    """Without a forced trajectory (the dense reference), the model decodes its own greedy tokens
+    step by step (one prefill, n − 1 steps), then follows them in one continuation forward; a
+    stop token ends the trajectory (kept) and the continuation is along what was decoded."""
+    model = make_tiny(model_type)
+    n_layers, n = len(decoder_layers(model)), 6
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4))
+    own = _greedy_without_cache(model, ids, n)
+    with count_forwards(model) as calls:
+        got = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n, teacher_forced=True)
+    assert len(calls) == 1 + (n - 1) + 1
+    assert got.free_running.tokens.tolist() == own.tolist() == got.continuation.tolist()
+    stop = int(own[2])
+    got = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n, stop_ids=[stop], teacher_forced=True)
+    first = own.tolist().index(stop)
+    assert got.free_running.tokens.tolist() == own[: first + 1].tolist() == got.continuation.tolist()
+    assert got.teacher_forced[(n_layers, "block")].shape[0] == first + 1
+
+
 def test_hooks_are_removed_on_exit_even_after_an_error():
     model = make_tiny("qwen2")
     before = n_hooks(model)

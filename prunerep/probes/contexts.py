@@ -12,10 +12,14 @@
 The gap between ``teacher_forced`` and ``free_running`` is the measured error
 accumulation of autoregressive decoding.
 
-:func:`run_contexts` reads a prompt once for all three (its forward's KV cache starts the decode
-and, copied, the teacher-forced continuation). All functions run one unbatched sequence (no
-padding, so no masking subtleties) and are deterministic: the same model on the same ids gives
-bit-identical states, which is what makes a dense-vs-dense comparison exactly zero.
+:func:`run_contexts` reads a prompt once for all three (its forward's KV cache, copied, starts the
+teacher-forced continuation and the decode). A model's free-running steps are read off its
+teacher-forced continuation for as long as its greedy tokens are the dense ones (the history is
+then the same), so only the steps after the two trajectories part are decoded one token at a
+time: a lightly compressed model that keeps the dense trajectory costs one forward, not one per
+token. All functions run one unbatched sequence (no padding, so no masking subtleties) and are
+deterministic: the same model on the same ids gives bit-identical states, which is what makes a
+dense-vs-dense comparison exactly zero.
 
 A ``memo`` (a dict the caller owns, for as long as the model does not change) lets a later call
 reuse what an earlier one computed: :func:`run_contexts`, :func:`prompt_states` and
@@ -38,9 +42,10 @@ from prunerep.model.placement import input_device
 from prunerep.probes.capture import Key, capture
 
 
-def _forward(model: nn.Module, ids: Tensor, **kw):
-    # logits_to_keep=1: the probes recompute logits through the lens where they need them
-    return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
+def _forward(model: nn.Module, ids: Tensor, keep: int = 1, **kw):
+    """``keep``: the logits of the last ``keep`` positions (0: all); the probes recompute logits
+    through the lens where they need them."""
+    return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=keep, **kw)
 
 
 @functools.cache  # inspect.signature once per model class, not at every decoding step
@@ -128,6 +133,7 @@ class Contexts:
     prompt: dict[Key, Tensor] | None = None  # [P, d] per (layer, sublayer)
     teacher_forced: dict[Key, Tensor] | None = None  # [n, d]
     free_running: Trajectory | None = None
+    continuation: Tensor | None = None  # the tokens the teacher-forced continuation follows (the dense trajectory)
 
 
 @torch.inference_mode()
@@ -137,40 +143,93 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
     """The states of one prompt in each context, from ONE forward over the prompt.
 
     That prefill's states are the ``prompt`` context; its state at P − 1 is the first
-    teacher-forced and the first free-running step; its KV cache starts the free-running decode
-    (``decode_steps`` greedy tokens, stopping after one in ``stop_ids``) and, copied, the
-    teacher-forced continuation along ``forced`` (the dense trajectory), or along the decoded
-    tokens where ``forced`` is None (the dense reference). The prompt is read once instead of
-    three times; a prompt with nothing to generate takes :func:`prompt_states`' forward, without
-    the LM head or a cache. The dense reference and the comparison both come through here, so a
-    model compared with itself gives bit-identical states."""
+    teacher-forced and the first free-running step. Its KV cache, copied, starts the
+    teacher-forced continuation along ``forced`` (the dense trajectory); with ``decode_steps``,
+    that continuation is also the free-running decode as far as the model's own greedy tokens
+    follow ``forced`` (:func:`_follow`): only the steps after they part are decoded one token at
+    a time. The dense model (``forced`` None) decodes its own trajectory first and is then
+    followed along it in the same way, so a model compared with itself gives bit-identical
+    states. A prompt with nothing to generate takes :func:`prompt_states`' forward, without the
+    LM head or a cache."""
     n_forced = len(forced) if forced is not None else decode_steps
     teacher_forced = teacher_forced and n_forced > 0
     if not (decode_steps > 0 or teacher_forced):
         return Contexts(prompt=prompt_states(model, ids, layers, sublayers, memo) if prompt else None)
     last = num_layers(model)
     key = tuple(int(t) for t in ids.tolist())
+    tf_layers = layers if teacher_forced else []
     with capture(model, [last], ["block"]) as last_acts:
         with capture(model, layers if prompt or teacher_forced else [], sublayers) as acts:
             out = _forward(model, ids, use_cache=True)
         states = {k: v[0] for k, v in acts.items()}
-        h_prompt = last_acts[(last, "block")][0]  # the decode's steps overwrite last_acts
-        cache = _kv_cache(model, out)
-        # the decode extends the cache: the teacher-forced continuation takes a copy of the prompt's
-        forced_cache = copy.deepcopy(cache) if teacher_forced and n_forced > 1 else None
-        traj = _decode(model, out, cache, last_acts, decode_steps, stop_ids) if decode_steps > 0 else None
+        h_prompt = last_acts[(last, "block")][0]  # later forwards overwrite last_acts
+        prefill = _Prefill(out, _kv_cache(model, out), h_prompt[-1:])
+        traj, tf = None, {}
+        if decode_steps == 0:  # the teacher-forced continuation alone: no LM head
+            if n_forced > 1:
+                with capture(model, tf_layers, sublayers) as acts:
+                    states_forward(model, forced.cpu()[: n_forced - 1], prefill.cache)
+                tf = {k: v[0] for k, v in acts.items()}
+            draft = forced
+        elif forced is not None:
+            draft = forced
+            tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
+        else:
+            # the dense trajectory is the fixed point of _follow: its stepwise greedy tokens, followed
+            # again where the batched continuation's argmax parts from them (a near-tie, rounding)
+            draft = _decode(model, out, copy.deepcopy(prefill.cache), last_acts, decode_steps, stop_ids).tokens
+            tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
+            for _ in range(decode_steps - 1):  # each pass extends the agreement by at least one step
+                if torch.equal(traj.tokens, draft):
+                    break
+                draft = traj.tokens
+                tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
     _remember(model, memo, ("prompt", key), {(last, "block"): h_prompt})
-    result = Contexts(prompt=states if prompt else None, free_running=traj)
+    result = Contexts(prompt=states if prompt else None, free_running=traj, continuation=draft.cpu())
     if teacher_forced:
-        gen = forced if forced is not None else traj.tokens
-        tf = {k: v[-1:] for k, v in states.items()}
-        if forced_cache is not None:
-            with capture(model, layers, sublayers) as acts:
-                states_forward(model, gen.cpu()[: len(gen) - 1], forced_cache)
-            tf = {k: torch.cat([v, acts[k][0]]) for k, v in tf.items()}
-        _remember(model, memo, ("teacher_forced", key, tuple(int(t) for t in gen.tolist())), tf)
+        tf = {k: torch.cat([v[-1:], tf[k]]) if k in tf else v[-1:] for k, v in states.items()}
+        _remember(model, memo, ("teacher_forced", key, tuple(int(t) for t in draft.tolist())), tf)
         result.teacher_forced = tf
     return result
+
+
+@dataclass
+class _Prefill:
+    out: object  # the prompt forward's output: logits at P − 1
+    cache: object  # its KV cache (copied before each use: it is read again)
+    h_last: Tensor  # [1, d] the last layer's state at P − 1
+
+
+def _follow(model: nn.Module, prefill: _Prefill, draft: Tensor, n_steps: int, stop_ids: Iterable[int],
+            tf_layers: Sequence[int], sublayers: Sequence[str], last_acts: dict) -> tuple[dict, Trajectory]:
+    """The teacher-forced continuation along ``draft`` (states at ``tf_layers``) and the model's
+    free-running trajectory, read off that one forward for as long as the model's greedy token
+    at each step is the draft's (its history is then the draft's, so the continuation's state
+    and logits at that step are the decode's), and decoded one token at a time from the first
+    step where they part (the prompt's cache, then the draft up to that step and the model's
+    own token, in one forward). A draft that the model follows to the end costs one forward
+    instead of ``len(draft) − 1``."""
+    stop = set(int(t) for t in stop_ids)
+    last = num_layers(model)
+    n = len(draft)
+    logits, h_last, tf = prefill.out.logits[0, -1:], prefill.h_last, {}
+    if n > 1:
+        with capture(model, tf_layers, sublayers) as acts:
+            out = _forward(model, draft.cpu()[: n - 1], keep=0, use_cache=True,
+                           **{_cache_kwarg(type(model)): copy.deepcopy(prefill.cache)})
+        tf = {k: v[0] for k, v in acts.items()}
+        logits = torch.cat([logits, out.logits[0]])
+        h_last = torch.cat([h_last, last_acts[(last, "block")][0]])
+    greedy, h_last = logits.argmax(-1).cpu(), h_last.cpu()
+    for t in range(min(n_steps, n)):
+        if t + 1 == n_steps or int(greedy[t]) in stop:
+            return tf, Trajectory(greedy[: t + 1], h_last[: t + 1])
+        if t + 1 == n or greedy[t] != draft[t]:
+            history = torch.cat([draft.cpu()[:t], greedy[t: t + 1]])
+            out = _forward(model, history, use_cache=True, **{_cache_kwarg(type(model)): copy.deepcopy(prefill.cache)})
+            rest = _decode(model, out, _kv_cache(model, out), last_acts, n_steps - t - 1, stop)
+            return tf, Trajectory(torch.cat([greedy[: t + 1], rest.tokens]), torch.cat([h_last[: t + 1], rest.h_last]))
+    raise AssertionError("unreachable: the last step returns")
 
 
 def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_ids: Iterable[int]) -> Trajectory:

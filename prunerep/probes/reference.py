@@ -39,7 +39,7 @@ from prunerep.results.store import (ABSENT, CacheInvalid, atomic_write_checked_b
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # raised whenever the entry's format or the way its states are computed changes
+CACHE_VERSION = 4  # raised whenever the entry's format or the way its states are computed changes
 MANIFEST = "manifest.json"
 
 
@@ -196,7 +196,7 @@ def _compute_reference(model: nn.Module, ref: DenseReference, p: ProbePlan, stop
         if got.prompt is not None:
             tensors.update(_states_to_cpu("prompt", got.prompt))
         if got.free_running is not None:
-            tensors["gen_ids"] = got.free_running.tokens
+            tensors["gen_ids"] = got.continuation
             if "free_running" in p.contexts:
                 tensors["free_running/h_last"] = got.free_running.h_last.contiguous()
         if got.teacher_forced is not None:
