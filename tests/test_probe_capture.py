@@ -21,6 +21,7 @@ from prunerep.config import ProbeConfig
 from prunerep.model.anatomy import decoder_layers, final_norm
 from prunerep.model.anatomy import lens_buffer, lens_logits, lens_rows, output_head
 from prunerep.probes import build_plan, capture, compare_to_reference, dense_reference, load_prompts, resolve_layers
+from prunerep.probes import contexts
 from prunerep.probes.contexts import run_contexts
 from prunerep.viz.probes import write_probe_outputs
 from prunerep.results.schema import PROBE_COLUMNS as COLUMNS, RATIO_METRICS
@@ -206,6 +207,33 @@ def test_the_dense_trajectory_is_its_own_greedy_decode_followed_in_one_forward(m
     first = own.tolist().index(stop)
     assert got.free_running.tokens.tolist() == own[: first + 1].tolist() == got.continuation.tolist()
     assert got.teacher_forced[(n_layers, "block")].shape[0] == first + 1
+
+
+def test_a_dense_trajectory_the_followed_lens_parts_from_is_followed_to_a_fixed_point(monkeypatch):
+    """Where the lens's argmax of a followed state differs from the stepwise decode's (a near-tie
+    in real models; here every followed step's lens is made to prefer one token), the dense
+    trajectory becomes what following gives: its first token (the prefill's own logits), then
+    that token at every later step. The model compared with itself along it gives the same tokens
+    and bit-identical states."""
+    model = make_tiny("llama")
+    n_layers, n, boosted = len(decoder_layers(model)), 6, 7
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(5))
+    own = _greedy_without_cache(model, ids, n)
+    assert own[1:].tolist() != [boosted] * (n - 1)
+
+    def preferring(model, h, **kw):
+        z = lens_logits(model, h, **kw).clone()
+        z[:, boosted] += 1e3
+        return z
+
+    monkeypatch.setattr(contexts, "lens_logits", preferring)
+    dense = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n, teacher_forced=True)
+    again = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n, teacher_forced=True,
+                         forced=dense.continuation)
+    assert dense.free_running.tokens.tolist() == dense.continuation.tolist() == [int(own[0])] + [boosted] * (n - 1)
+    assert torch.equal(again.free_running.tokens, dense.free_running.tokens)
+    assert torch.equal(again.free_running.h_last, dense.free_running.h_last)
+    assert torch.equal(again.teacher_forced[(n_layers, "block")], dense.teacher_forced[(n_layers, "block")])
 
 
 def test_hooks_are_removed_on_exit_even_after_an_error():

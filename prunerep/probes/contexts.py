@@ -37,15 +37,14 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from prunerep.model.anatomy import base_model, num_layers
+from prunerep.model.anatomy import base_model, lens_logits, num_layers
 from prunerep.model.placement import input_device
 from prunerep.probes.capture import Key, capture
 
 
-def _forward(model: nn.Module, ids: Tensor, keep: int = 1, **kw):
-    """``keep``: the logits of the last ``keep`` positions (0: all); the probes recompute logits
-    through the lens where they need them."""
-    return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=keep, **kw)
+def _forward(model: nn.Module, ids: Tensor, **kw):
+    # logits_to_keep=1: the probes recompute logits through the lens where they need them
+    return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
 
 
 @functools.cache  # inspect.signature once per model class, not at every decoding step
@@ -165,18 +164,16 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
         h_prompt = last_acts[(last, "block")][0]  # later forwards overwrite last_acts
         prefill = _Prefill(out, _kv_cache(model, out), h_prompt[-1:])
         traj, tf = None, {}
-        if decode_steps == 0:  # the teacher-forced continuation alone: no LM head
-            if n_forced > 1:
-                with capture(model, tf_layers, sublayers) as acts:
-                    states_forward(model, forced.cpu()[: n_forced - 1], prefill.cache)
-                tf = {k: v[0] for k, v in acts.items()}
+        if decode_steps == 0:
             draft = forced
+            tf = _continuation(model, prefill, draft, tf_layers, sublayers)
         elif forced is not None:
             draft = forced
             tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
         else:
             # the dense trajectory is the fixed point of _follow: its stepwise greedy tokens, followed
-            # again where the batched continuation's argmax parts from them (a near-tie, rounding)
+            # again where the lens's argmax of the followed states parts from them (a near-tie that
+            # rounding decides)
             draft = _decode(model, out, copy.deepcopy(prefill.cache), last_acts, decode_steps, stop_ids).tokens
             tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
             for _ in range(decode_steps - 1):  # each pass extends the agreement by at least one step
@@ -200,35 +197,46 @@ class _Prefill:
     h_last: Tensor  # [1, d] the last layer's state at P − 1
 
 
+def _continuation(model: nn.Module, prefill: _Prefill, draft: Tensor, layers: Sequence[int],
+                  sublayers: Sequence[str]) -> dict[Key, Tensor]:
+    """The states ``[n − 1, d]`` of the forward over ``draft[:-1]`` on from the prompt (a copy of
+    its cache), through the decoder without the LM head; empty for a draft of one token."""
+    if len(draft) < 2:
+        return {}
+    with capture(model, layers, sublayers) as acts:
+        states_forward(model, draft.cpu()[: len(draft) - 1], copy.deepcopy(prefill.cache))
+    return {k: v[0] for k, v in acts.items()}
+
+
 def _follow(model: nn.Module, prefill: _Prefill, draft: Tensor, n_steps: int, stop_ids: Iterable[int],
             tf_layers: Sequence[int], sublayers: Sequence[str], last_acts: dict) -> tuple[dict, Trajectory]:
     """The teacher-forced continuation along ``draft`` (states at ``tf_layers``) and the model's
     free-running trajectory, read off that one forward for as long as the model's greedy token
-    at each step is the draft's (its history is then the draft's, so the continuation's state
-    and logits at that step are the decode's), and decoded one token at a time from the first
-    step where they part (the prompt's cache, then the draft up to that step and the model's
-    own token, in one forward). A draft that the model follows to the end costs one forward
-    instead of ``len(draft) − 1``."""
+    at each step is the draft's (its history is then the draft's, so the continuation's state at
+    that step is the decode's), and decoded one token at a time from the first step where they
+    part (the prompt's cache, then the draft up to that step and the model's own token, in one
+    forward). The greedy tokens of the followed steps come from the logit lens of the last
+    layer's states, which is the model's own LM head: for 1, 2, 4, ... rows at a time, so a
+    trajectory that parts early costs a head call or none, and one followed to the end costs
+    one forward instead of ``len(draft) − 1``."""
     stop = set(int(t) for t in stop_ids)
     last = num_layers(model)
     n = len(draft)
-    logits, h_last, tf = prefill.out.logits[0, -1:], prefill.h_last, {}
+    tf, h_last = _continuation(model, prefill, draft, tf_layers, sublayers), prefill.h_last
     if n > 1:
-        with capture(model, tf_layers, sublayers) as acts:
-            out = _forward(model, draft.cpu()[: n - 1], keep=0, use_cache=True,
-                           **{_cache_kwarg(type(model)): copy.deepcopy(prefill.cache)})
-        tf = {k: v[0] for k, v in acts.items()}
-        logits = torch.cat([logits, out.logits[0]])
         h_last = torch.cat([h_last, last_acts[(last, "block")][0]])
-    greedy, h_last = logits.argmax(-1).cpu(), h_last.cpu()
+    greedy = prefill.out.logits[0, -1:].argmax(-1).cpu()
     for t in range(min(n_steps, n)):
+        if t == len(greedy):
+            greedy = torch.cat([greedy, lens_logits(model, h_last[t: min(n, 2 * t)]).argmax(-1).cpu()])
         if t + 1 == n_steps or int(greedy[t]) in stop:
-            return tf, Trajectory(greedy[: t + 1], h_last[: t + 1])
+            return tf, Trajectory(greedy[: t + 1], h_last[: t + 1].cpu())
         if t + 1 == n or greedy[t] != draft[t]:
             history = torch.cat([draft.cpu()[:t], greedy[t: t + 1]])
             out = _forward(model, history, use_cache=True, **{_cache_kwarg(type(model)): copy.deepcopy(prefill.cache)})
             rest = _decode(model, out, _kv_cache(model, out), last_acts, n_steps - t - 1, stop)
-            return tf, Trajectory(torch.cat([greedy[: t + 1], rest.tokens]), torch.cat([h_last[: t + 1], rest.h_last]))
+            return tf, Trajectory(torch.cat([greedy[: t + 1], rest.tokens]),
+                                  torch.cat([h_last[: t + 1].cpu(), rest.h_last]))
     raise AssertionError("unreachable: the last step returns")
 
 
