@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from prunerep.model.anatomy import base_model, lens_logits, num_layers
-from prunerep.model.placement import input_device
+from prunerep.model.placement import input_device, lens_device
 from prunerep.probes.capture import Key, capture
 
 
@@ -228,7 +228,8 @@ def _follow(model: nn.Module, prefill: _Prefill, draft: Tensor, n_steps: int, st
     greedy = prefill.out.logits[0, -1:].argmax(-1).cpu()
     for t in range(min(n_steps, n)):
         if t == len(greedy):
-            greedy = torch.cat([greedy, lens_logits(model, h_last[t: min(n, 2 * t)]).argmax(-1).cpu()])
+            rows = h_last[t: min(n, 2 * t)].to(lens_device(model))
+            greedy = torch.cat([greedy, lens_logits(model, rows).argmax(-1).cpu()])
         if t + 1 == n_steps or int(greedy[t]) in stop:
             return tf, Trajectory(greedy[: t + 1], h_last[: t + 1].cpu())
         if t + 1 == n or greedy[t] != draft[t]:
