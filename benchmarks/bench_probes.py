@@ -123,8 +123,8 @@ class Breakdown:
     STAGES = (("metrics (vocabulary passes)", "prunerep.probes.metrics", "vocab_metrics"),
               ("logit lens (LM-head matmuls + final norm)", "prunerep.probes.stream", "lens_pair"),
               ("logit lens (LM-head matmuls + final norm)", "prunerep.probes.top_tokens", "lens_pair"),
-              ("pruned forwards: prompt + teacher-forced", "prunerep.probes.compare", "run_contexts"),
-              ("pruned forwards: free-running decode", "prunerep.probes.contexts", "_decode"),
+              ("pruned forwards: prompt, teacher-forced, followed", "prunerep.probes.compare", "run_contexts"),
+              ("pruned forwards: decode after parting", "prunerep.probes.contexts", "_decode"),
               ("embedding geometry", "prunerep.probes.metrics", "geometry"),
               ("option subspace", "prunerep.probes.metrics", "option_metrics"),
               ("table", "prunerep.probes.table", "Rows.frame"),
@@ -383,8 +383,8 @@ def main() -> None:
             b = r["breakdown"]
             print(f"    where the time goes (one {b['kernel']} run, {b['total_s']:.2f} s; its floor {b['floor_s']:.2f} s):")
             for label, s in sorted(b["stages_s"].items(), key=lambda kv: -kv[1]):
-                print(f"      {label:44s} {s:7.2f} s  {s / b['floor_s']:5.2f} x floor  {s / b['total_s']:4.0%} of the probe")
-            print(f"      {'everything else':44s} {b['other_s']:7.2f} s  {b['other_s'] / b['floor_s']:5.2f} x floor  "
+                print(f"      {label:50s} {s:7.2f} s  {s / b['floor_s']:5.2f} x floor  {s / b['total_s']:4.0%} of the probe")
+            print(f"      {'everything else':50s} {b['other_s']:7.2f} s  {b['other_s'] / b['floor_s']:5.2f} x floor  "
                   f"{b['other_s'] / b['total_s']:4.0%} of the probe")
     if results["memory"]:
         print("peak extra memory of probing one prompt (tiny model, V=49152, token_chunk=256):")
