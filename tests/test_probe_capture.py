@@ -155,17 +155,20 @@ def _greedy_without_cache(model, ids, n):
     return seq[len(ids):]
 
 
-@pytest.mark.parametrize("model_type, kw", [
-    ("llama", {}), ("qwen2", {}), ("gemma2", {"sliding_window": 4}),
-    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2})])
+@pytest.mark.parametrize("model_type, kw, dtype", [
+    ("llama", {}, torch.float32), ("qwen2", {}, torch.float32), ("gemma2", {"sliding_window": 4}, torch.float32),
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, torch.float32),
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, torch.bfloat16),
+    ("qwen2_moe", {}, torch.float16)])
 @pytest.mark.parametrize("part_at", [None, 0, 3])
-def test_free_running_follows_the_teacher_forced_forward_until_the_tokens_part(model_type, kw, part_at):
+def test_free_running_follows_the_teacher_forced_forward_until_the_tokens_part(model_type, kw, dtype, part_at):
     """The free-running decode is read off the teacher-forced forward for as long as the model's
     greedy tokens are the forced ones, and decoded one token at a time only after they part: a
     forced trajectory that is the model's own costs 2 forwards (prefill, continuation) for any
     length; one that parts at step k costs 2 + 1 + (n − k − 2) forwards. Either way the tokens are
-    greedy decoding without a cache and the states those of a plain forward (float32 rounding)."""
-    model = make_tiny(model_type, **kw)
+    greedy decoding without a cache and the states those of a plain forward (the dtype's rounding)."""
+    model = make_tiny(model_type, **kw).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5 * torch.finfo(dtype).eps
     n_layers, n = len(decoder_layers(model)), 6
     ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(3))
     own = _greedy_without_cache(model, ids, n)
@@ -180,12 +183,12 @@ def test_free_running_follows_the_teacher_forced_forward_until_the_tokens_part(m
     seq = torch.cat([ids, own[: n - 1]])
     with torch.inference_mode():
         hs = model(seq.unsqueeze(0), output_hidden_states=True).hidden_states
-    torch.testing.assert_close(final_norm(model)(got.free_running.h_last), hs[n_layers][0, 8:14], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final_norm(model)(got.free_running.h_last), hs[n_layers][0, 8:14], rtol=tol, atol=tol)
     tf_seq = torch.cat([ids, forced[: n - 1]])
     with torch.inference_mode():
         hs = model(tf_seq.unsqueeze(0), output_hidden_states=True).hidden_states
     torch.testing.assert_close(final_norm(model)(got.teacher_forced[(n_layers, "block")]), hs[n_layers][0, 8:14],
-                               rtol=1e-5, atol=1e-5)
+                               rtol=tol, atol=tol)
     assert got.continuation.tolist() == forced.tolist()
 
 
