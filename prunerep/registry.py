@@ -48,8 +48,7 @@ def method_modules(group: str) -> list[str]:
 
 
 def discover(group: str) -> dict[str, type]:
-    """``{name: method class}`` for every method module in the group's package (modules whose
-    name starts with "_" and the shared ``common`` module are skipped). Found anew each call:
+    """``{name: method class}`` for every module :func:`method_modules` names. Found anew each call:
     a module dropped into the package is seen without a restart of anything but the process."""
     base = importlib.import_module(GROUPS[group]).BASE
     found: dict[str, type] = {}

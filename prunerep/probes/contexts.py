@@ -175,12 +175,11 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
             # again where the lens's argmax of the followed states parts from them (a near-tie that
             # rounding decides)
             draft = _decode(model, out, copy.deepcopy(prefill.cache), last_acts, decode_steps, stop_ids).tokens
-            tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
-            for _ in range(decode_steps - 1):  # each pass extends the agreement by at least one step
-                if torch.equal(traj.tokens, draft):
+            for passes in range(1, decode_steps + 1):  # each pass extends the agreement by at least one step
+                tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
+                if torch.equal(traj.tokens, draft) or passes == decode_steps:
                     break
                 draft = traj.tokens
-                tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
     _remember(model, memo, ("prompt", key), {(last, "block"): h_prompt})
     result = Contexts(prompt=states if prompt else None, free_running=traj, continuation=draft.cpu())
     if teacher_forced:
