@@ -239,7 +239,7 @@ def time_probe(name: str, mcfg, plan, modes=("eager", "compiled", "fused"), repe
            "vocab": model.config.vocab_size, "layers_probed": int(n_lens_layers), "lens_rows_per_side": rows,
            "floor_s": min(min(f) for f in floors.values()), "table_rows": len(df), "repeat": repeat,
            "torch_threads": torch.get_num_threads()}
-    # the pruned decode runs one token at a time only after its trajectory parts from the dense one
+    # the pruned side decodes only after its trajectory parts from the dense one
     tokens = df[(df["context"] == "free_running") & (df["space"] == "tokens")]
     out["free_running_steps"] = int((tokens["metric"] == "token_agree").sum())
     out["free_running_steps_on_dense_trajectory"] = int(tokens.loc[tokens["metric"] == "first_divergence", "value"].sum())
@@ -378,7 +378,7 @@ def main() -> None:
               f"probe / floor: {ratios}   (target <= 1.3)")
         print(f"    free-running: the pruned side keeps the dense trajectory for "
               f"{r['free_running_steps_on_dense_trajectory']} of its {r['free_running_steps']} steps (read off the "
-              f"teacher-forced forward; only the steps after a parting are decoded one at a time)")
+              f"teacher-forced forward; only the steps after a parting are decoded)")
         if "breakdown" in r:
             b = r["breakdown"]
             print(f"    where the time goes (one {b['kernel']} run, {b['total_s']:.2f} s; its floor {b['floor_s']:.2f} s):")

@@ -161,12 +161,15 @@ def _greedy_without_cache(model, ids, n):
     ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, torch.bfloat16),
     ("qwen2_moe", {}, torch.float16)])
 @pytest.mark.parametrize("part_at", [None, 0, 3])
-def test_free_running_follows_the_teacher_forced_forward_until_the_tokens_part(model_type, kw, dtype, part_at):
+def test_free_running_follows_the_teacher_forced_forward_until_the_tokens_part(model_type, kw, dtype, part_at,
+                                                                              monkeypatch):
     """The free-running decode is read off the teacher-forced forward for as long as the model's
-    greedy tokens are the forced ones, and decoded one token at a time only after they part: a
-    forced trajectory that is the model's own costs 2 forwards (prefill, continuation) for any
-    length; one that parts at step k costs 2 + 1 + (n − k − 2) forwards. Either way the tokens are
-    greedy decoding without a cache and the states those of a plain forward (the dtype's rounding)."""
+    greedy tokens are the forced ones, and decoded one token at a time only after they part
+    (drafts off): a forced trajectory that is the model's own costs 2 forwards (prefill,
+    continuation) for any length; one that parts at step k costs 2 + 1 + (n − k − 2) forwards.
+    Either way the tokens are greedy decoding without a cache and the states those of a plain
+    forward (the dtype's rounding)."""
+    monkeypatch.setattr(contexts, "DRAFT_TOKENS", 0)
     model = make_tiny(model_type, **kw).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 5 * torch.finfo(dtype).eps
     n_layers, n = len(decoder_layers(model)), 6
@@ -193,10 +196,11 @@ def test_free_running_follows_the_teacher_forced_forward_until_the_tokens_part(m
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
-def test_the_dense_trajectory_is_its_own_greedy_decode_followed_in_one_forward(model_type):
+def test_the_dense_trajectory_is_its_own_greedy_decode_followed_in_one_forward(model_type, monkeypatch):
     """Without a forced trajectory (the dense reference), the model decodes its own greedy tokens
-    step by step (one prefill, n − 1 steps), then follows them in one continuation forward; a
-    stop token ends the trajectory (kept) and the continuation is along what was decoded."""
+    step by step (drafts off: one prefill, n − 1 steps), then follows them in one continuation
+    forward; a stop token ends the trajectory (kept) and the continuation is along what was decoded."""
+    monkeypatch.setattr(contexts, "DRAFT_TOKENS", 0)
     model = make_tiny(model_type)
     n_layers, n = len(decoder_layers(model)), 6
     ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4))
@@ -210,6 +214,77 @@ def test_the_dense_trajectory_is_its_own_greedy_decode_followed_in_one_forward(m
     first = own.tolist().index(stop)
     assert got.free_running.tokens.tolist() == own[: first + 1].tolist() == got.continuation.tolist()
     assert got.teacher_forced[(n_layers, "block")].shape[0] == first + 1
+
+
+@pytest.mark.parametrize("model_type, kw, dtype", [
+    ("llama", {}, torch.float32), ("gemma2", {"sliding_window": 4}, torch.float32),
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, torch.bfloat16),
+    ("qwen2_moe", {}, torch.float16)])
+@pytest.mark.parametrize("draft_tokens, wrong_at, want_calls", [
+    (4, None, 1 + 3 + 1),  # 4 draft tokens confirmed per forward: steps 1-5, 6-10, then 11 alone
+    (4, 1, 1 + 6 + 1),  # the draft's second token wrong: 2 steps per forward (5 of them), then step 11 alone
+    (4, 0, 1 + 11 + 1),  # every draft wrong at once: one step per forward, the cache cropped by 4 each time
+    (2, None, 1 + 4 + 1)])  # 2 draft tokens: steps 1-3, 4-6, 7-9, 10-11
+def test_a_draft_of_the_next_tokens_is_checked_in_one_forward_and_cropped_past_the_first_wrong_one(
+        model_type, kw, dtype, draft_tokens, wrong_at, want_calls, monkeypatch):
+    """The stepwise decode feeds a draft of the next tokens with each token (here the model's own
+    greedy tokens, one of them made wrong): the steps the model's greedy tokens confirm are read
+    off that forward, and the cache is cropped back past the first wrong draft token, a sliding
+    window's included. The tokens are greedy decoding without a cache and the states a plain
+    forward's, whatever the draft; the forwards are the prefill, the decoding forwards and the
+    continuation the dense trajectory is followed in."""
+    monkeypatch.setattr(contexts, "DRAFT_TOKENS", draft_tokens)
+    model = make_tiny(model_type, **kw).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5 * torch.finfo(dtype).eps
+    n_layers, n = len(decoder_layers(model)), 12
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(6))
+    own = _greedy_without_cache(model, ids, n)
+    drafts = []
+
+    def oracle_draft(seq, k):
+        done = len(seq) - len(ids)  # the prompt, then the tokens decoded so far
+        draft = own[done: done + k].tolist()
+        if wrong_at is not None and len(draft) > wrong_at:
+            draft[wrong_at] = (draft[wrong_at] + 1) % 256
+        drafts.append(draft)
+        return draft
+
+    monkeypatch.setattr(contexts, "_draft", oracle_draft)
+    with count_forwards(model) as calls:
+        got = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n)
+    assert len(calls) == want_calls
+    assert max(len(d) for d in drafts) == draft_tokens
+    assert got.free_running.tokens.tolist() == own.tolist()
+    with torch.inference_mode():
+        hs = model(torch.cat([ids, own[: n - 1]]).unsqueeze(0), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(final_norm(model)(got.free_running.h_last), hs[n_layers][0, 8:8 + n],
+                               rtol=tol, atol=tol)
+
+
+def test_a_cache_that_cannot_be_rolled_back_decodes_one_token_per_forward(monkeypatch):
+    """A cache whose ``crop`` cannot restore it (a recurrent state) is never fed a draft."""
+    import transformers
+    monkeypatch.setattr(transformers.DynamicCache, "is_croppable", property(lambda self: False))
+    monkeypatch.setattr(contexts, "_draft", lambda seq, k: pytest.fail("drafted on a cache that cannot be cropped"))
+    model = make_tiny("llama")
+    n_layers, n = len(decoder_layers(model)), 8
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(6))
+    with count_forwards(model) as calls:
+        got = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n)
+    assert len(calls) == 1 + (n - 1) + 1
+    assert got.free_running.tokens.tolist() == _greedy_without_cache(model, ids, n).tolist()
+
+
+@pytest.mark.parametrize("seq, k, want", [
+    ([5, 1, 2, 3, 9, 8, 7, 1, 2, 3], 4, [9, 8, 7, 1]),  # the last 3-gram's earlier occurrence
+    ([2, 3, 4, 0, 3, 6, 1, 2, 3], 4, [4, 0, 3, 6]),  # the longest suffix that occurred: [2, 3], not [3]
+    ([1, 9, 1, 8, 1], 2, [8, 1]),  # the latest earlier occurrence
+    ([7, 1, 2, 7], 4, [1, 2, 7]),  # fewer than k tokens follow it
+    ([4, 5, 4, 5], 0, []),  # no room for a draft
+    ([1, 2, 3], 4, []),  # no suffix occurred before
+    ([1], 4, [])])
+def test_a_draft_is_what_followed_the_last_n_gram_where_it_occurred_before(seq, k, want):
+    assert contexts._draft(seq, k) == want
 
 
 def test_a_dense_trajectory_the_followed_lens_parts_from_is_followed_to_a_fixed_point(monkeypatch):

@@ -4,8 +4,7 @@
 * ``teacher_forced`` — one forward over ``prompt + dense greedy continuation``; the
   positions ``P−1 … P+n−2`` (those that predict generated tokens ``0 … n−1``) are
   compared, so both models are scored along the *dense* model's trajectory.
-* ``free_running`` — each model decodes greedily on its own (KV cache, one token per
-  step); step t compares the two next-token distributions, each conditioned on its own
+* ``free_running`` — each model decodes greedily on its own (KV cache); step t compares the two next-token distributions, each conditioned on its own
   history. The dense trajectory stops after an end-of-sequence token (kept) or
   ``max_new_tokens``; the pruned model decodes exactly as many steps, whatever it emits.
 
@@ -15,9 +14,11 @@ accumulation of autoregressive decoding.
 :func:`run_contexts` reads a prompt once for all three (its forward's KV cache, copied, starts the
 teacher-forced continuation and the decode). A model's free-running steps are read off its
 teacher-forced continuation for as long as its greedy tokens are the dense ones (the history is
-then the same), so only the steps after the two trajectories part are decoded one token at a
-time: a lightly compressed model that keeps the dense trajectory costs one forward, not one per
-token. All functions run one unbatched sequence (no padding, so no masking subtleties) and are
+then the same), so only the steps after the two trajectories part are decoded: a lightly
+compressed model that keeps the dense trajectory costs one forward, not one per token. The
+decode feeds each token with a prompt-lookup draft of the next ones and keeps the steps the
+model's greedy tokens confirm (:func:`_decode`), so a generation collapsed into repetition costs
+one forward per few tokens. All functions run one unbatched sequence (no padding, so no masking subtleties) and are
 deterministic: the same model on the same ids gives bit-identical states, which is what makes a
 dense-vs-dense comparison exactly zero.
 
@@ -34,6 +35,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -42,9 +44,9 @@ from prunerep.model.placement import input_device, lens_device
 from prunerep.probes.capture import Key, capture
 
 
-def _forward(model: nn.Module, ids: Tensor, **kw):
-    # logits_to_keep=1: the probes recompute logits through the lens where they need them
-    return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=1, **kw)
+def _forward(model: nn.Module, ids: Tensor, keep: int = 1, **kw):
+    # the logits of the last ``keep`` positions: the probes recompute logits through the lens where they need them
+    return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=keep, **kw)
 
 
 @functools.cache  # inspect.signature once per model class, not at every decoding step
@@ -162,7 +164,7 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
             out = _forward(model, ids, use_cache=True)
         states = {k: v[0] for k, v in acts.items()}
         h_prompt = last_acts[(last, "block")][0]  # later forwards overwrite last_acts
-        prefill = _Prefill(out, _kv_cache(model, out), h_prompt[-1:])
+        prefill = _Prefill(ids.cpu(), out, _kv_cache(model, out), h_prompt[-1:])
         traj, tf = None, {}
         if decode_steps == 0:
             draft = forced
@@ -174,7 +176,7 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
             # the dense trajectory is the fixed point of _follow: its stepwise greedy tokens, followed
             # again where the lens's argmax of the followed states parts from them (a near-tie that
             # rounding decides)
-            draft = _decode(model, out, copy.deepcopy(prefill.cache), last_acts, decode_steps, stop_ids).tokens
+            draft = _decode(model, out, copy.deepcopy(prefill.cache), last_acts, decode_steps, stop_ids, prefill.ids).tokens
             for passes in range(1, decode_steps + 1):  # each pass extends the agreement by at least one step
                 tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
                 if torch.equal(traj.tokens, draft) or passes == decode_steps:
@@ -191,6 +193,7 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
 
 @dataclass
 class _Prefill:
+    ids: Tensor  # the prompt
     out: object  # the prompt forward's output: logits at P − 1
     cache: object  # its KV cache (copied before each use: it is read again)
     h_last: Tensor  # [1, d] the last layer's state at P − 1
@@ -212,7 +215,7 @@ def _follow(model: nn.Module, prefill: _Prefill, draft: Tensor, n_steps: int, st
     """The teacher-forced continuation along ``draft`` (states at ``tf_layers``) and the model's
     free-running trajectory, read off that one forward for as long as the model's greedy token
     at each step is the draft's (its history is then the draft's, so the continuation's state at
-    that step is the decode's), and decoded one token at a time from the first step where they
+    that step is the decode's), and decoded (:func:`_decode`) from the first step where they
     part (the prompt's cache, then the draft up to that step and the model's own token, in one
     forward). The greedy tokens of the followed steps come from the logit lens of the last
     layer's states, which is the model's own LM head: for 1, 2, 4, ... rows at a time, so a
@@ -234,27 +237,73 @@ def _follow(model: nn.Module, prefill: _Prefill, draft: Tensor, n_steps: int, st
         if t + 1 == n or greedy[t] != draft[t]:
             history = torch.cat([draft.cpu()[:t], greedy[t: t + 1]])
             out = _forward(model, history, use_cache=True, **{_cache_kwarg(type(model)): copy.deepcopy(prefill.cache)})
-            rest = _decode(model, out, _kv_cache(model, out), last_acts, n_steps - t - 1, stop)
+            rest = _decode(model, out, _kv_cache(model, out), last_acts, n_steps - t - 1, stop,
+                           torch.cat([prefill.ids, history]))
             return tf, Trajectory(torch.cat([greedy[: t + 1], rest.tokens]),
                                   torch.cat([h_last[: t + 1].cpu(), rest.h_last]))
     raise AssertionError("unreachable: the last step returns")
 
 
-def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_ids: Iterable[int]) -> Trajectory:
-    """Greedy decoding on from a prefill's output ``out`` and its KV ``cache``, the last layer's
-    state at every step read from ``last_acts`` (a :func:`capture` of it)."""
+#: prompt-lookup drafts (Saxena 2023, transformers' ``prompt_lookup_num_tokens``): up to this many
+#: tokens, those that followed the latest earlier occurrence of the sequence's last n-gram (n <= DRAFT_NGRAM).
+#: 2: a forward over 3 tokens costs 1.1x one over 1 token on a CPU (MKL), over 4 tokens 1.5x
+DRAFT_TOKENS, DRAFT_NGRAM = 2, 3
+
+
+def _draft(seq: Sequence[int], k: int) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of
+    ``seq`` of at most :data:`DRAFT_NGRAM` tokens that occurred before; [] where none did. Written
+    here rather than taken from transformers' ``PromptLookupCandidateGenerator``, which is part
+    of ``generate``'s internals (batched tensors, its own stopping rules)."""
+    arr = np.asarray(seq, dtype=np.int64)
+    for n in range(min(DRAFT_NGRAM, len(arr) - 1) if k > 0 else 0, 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # every n-gram that has a successor
+        hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return arr[start: start + k].tolist()
+    return []
+
+
+def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_ids: Iterable[int],
+            history: Tensor) -> Trajectory:
+    """Greedy decoding on from the output ``out`` of a forward over ``history``'s last tokens and
+    its KV ``cache``, the last layer's state at every step read from ``last_acts`` (a
+    :func:`capture` of it).
+
+    Where the cache can be rolled back (transformers' ``crop``: every attention cache, not a
+    recurrent state), each forward also feeds a prompt-lookup draft of the next tokens
+    (:func:`_draft` of the history and the tokens so far): the draft tokens the model's own
+    greedy tokens confirm are its next steps, read off that forward, and the cache is cropped
+    back past the first wrong one. A compressed model whose generation has collapsed into
+    repetition then costs one forward per few tokens; each state is, to rounding, the stepwise
+    decode's (the same history, in a forward over several tokens)."""
     stop = set(int(t) for t in stop_ids)
     last = num_layers(model)
-    tokens, states = [], []
-    for step in range(n_steps):
-        states.append(last_acts[(last, "block")][0, -1])
-        tok = out.logits[0, -1].argmax()
-        tokens.append(tok)
-        if step + 1 == n_steps or int(tok) in stop:
-            break
-        out = _forward(model, tok.view(1), use_cache=True, **{_cache_kwarg(type(model)): cache})
+    drafting = n_steps > 1 and DRAFT_TOKENS > 0 and bool(getattr(cache, "is_croppable", False)) \
+        and hasattr(cache, "activate_past_recording")
+    if drafting:
+        cache.activate_past_recording()  # a sliding-window layer keeps what a crop may need back
+    seen = [int(t) for t in history.tolist()]
+    tokens, states, draft = [], [], []
+    logits, h = out.logits[0, -1:], last_acts[(last, "block")][0, -1:]
+    while True:
+        greedy = logits.argmax(-1)
+        for i in range(len(greedy)):  # row i predicts the step after the i-th fed token
+            tokens.append(greedy[i])
+            states.append(h[i])
+            seen.append(int(greedy[i]))
+            if len(tokens) == n_steps or seen[-1] in stop:
+                return Trajectory(torch.stack(tokens).cpu(), torch.stack(states).cpu())
+            if i == len(draft) or seen[-1] != draft[i]:
+                break
+        if drafting:
+            cache.crop(-(len(draft) - i))  # the fed draft tokens after the first wrong one
+        draft = _draft(seen, min(DRAFT_TOKENS, n_steps - len(tokens) - 1)) if drafting else []
+        feed = torch.tensor([seen[-1], *draft])
+        out = _forward(model, feed, keep=len(feed), use_cache=True, **{_cache_kwarg(type(model)): cache})
         cache = _kv_cache(model, out)
-    return Trajectory(torch.stack(tokens).cpu(), torch.stack(states).cpu())
+        logits, h = out.logits[0], last_acts[(last, "block")][0]
 
 
 def greedy_decode(model: nn.Module, prompt_ids: Tensor, n_steps: int, stop_ids: Iterable[int] = ()

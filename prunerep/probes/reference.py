@@ -39,7 +39,7 @@ from prunerep.results.store import (ABSENT, CacheInvalid, atomic_write_checked_b
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # raised whenever the entry's format or the way its states are computed changes
+CACHE_VERSION = 5  # raised whenever the entry's format or the way its states are computed changes
 MANIFEST = "manifest.json"
 
 
