@@ -4,9 +4,10 @@
 * ``teacher_forced`` — one forward over ``prompt + dense greedy continuation``; the
   positions ``P−1 … P+n−2`` (those that predict generated tokens ``0 … n−1``) are
   compared, so both models are scored along the *dense* model's trajectory.
-* ``free_running`` — each model decodes greedily on its own (KV cache); step t compares the two next-token distributions, each conditioned on its own
-  history. The dense trajectory stops after an end-of-sequence token (kept) or
-  ``max_new_tokens``; the pruned model decodes exactly as many steps, whatever it emits.
+* ``free_running`` — each model decodes greedily on its own (KV cache); step t compares the
+  two next-token distributions, each conditioned on its own history. The dense trajectory
+  stops after an end-of-sequence token (kept) or ``max_new_tokens``; the pruned model decodes
+  exactly as many steps, whatever it emits.
 
 The gap between ``teacher_forced`` and ``free_running`` is the measured error
 accumulation of autoregressive decoding.
@@ -18,9 +19,9 @@ then the same), so only the steps after the two trajectories part are decoded: a
 compressed model that keeps the dense trajectory costs one forward, not one per token. The
 decode feeds each token with a prompt-lookup draft of the next ones and keeps the steps the
 model's greedy tokens confirm (:func:`_decode`), so a generation collapsed into repetition costs
-one forward per few tokens. All functions run one unbatched sequence (no padding, so no masking subtleties) and are
-deterministic: the same model on the same ids gives bit-identical states, which is what makes a
-dense-vs-dense comparison exactly zero.
+one forward per few tokens. All functions run one unbatched sequence (no padding, so no masking
+subtleties) and are deterministic: the same model on the same ids gives bit-identical states,
+which is what makes a dense-vs-dense comparison exactly zero.
 
 A ``memo`` (a dict the caller owns, for as long as the model does not change) lets a later call
 reuse what an earlier one computed: :func:`run_contexts`, :func:`prompt_states` and
@@ -176,7 +177,8 @@ def run_contexts(model: nn.Module, ids: Tensor, layers: Sequence[int], sublayers
             # the dense trajectory is the fixed point of _follow: its stepwise greedy tokens, followed
             # again where the lens's argmax of the followed states parts from them (a near-tie that
             # rounding decides)
-            draft = _decode(model, out, copy.deepcopy(prefill.cache), last_acts, decode_steps, stop_ids, prefill.ids).tokens
+            draft = _decode(model, out, copy.deepcopy(prefill.cache), last_acts, decode_steps, stop_ids,
+                            prefill.ids).tokens
             for passes in range(1, decode_steps + 1):  # each pass extends the agreement by at least one step
                 tf, traj = _follow(model, prefill, draft, decode_steps, stop_ids, tf_layers, sublayers, last_acts)
                 if torch.equal(traj.tokens, draft) or passes == decode_steps:
@@ -293,7 +295,7 @@ def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_id
             tokens.append(greedy[i])
             states.append(h[i])
             seen.append(int(greedy[i]))
-            if len(tokens) == n_steps or seen[-1] in stop:
+            if len(tokens) >= n_steps or seen[-1] in stop:
                 return Trajectory(torch.stack(tokens).cpu(), torch.stack(states).cpu())
             if i == len(draft) or seen[-1] != draft[i]:
                 break
