@@ -261,10 +261,15 @@ def test_a_draft_of_the_next_tokens_is_checked_in_one_forward_and_cropped_past_t
                                rtol=tol, atol=tol)
 
 
-def test_a_cache_that_cannot_be_rolled_back_decodes_one_token_per_forward(monkeypatch):
-    """A cache whose ``crop`` cannot restore it (a recurrent state) is never fed a draft."""
+@pytest.mark.parametrize("how", ["not croppable", "a recurrent state"])
+def test_a_cache_that_cannot_be_rolled_back_decodes_one_token_per_forward(monkeypatch, how):
+    """A cache whose ``crop`` cannot restore it, or one holding a linear-attention layer's
+    recurrent state, is never fed a draft."""
     import transformers
-    monkeypatch.setattr(transformers.DynamicCache, "is_croppable", property(lambda self: False))
+    if how == "not croppable":
+        monkeypatch.setattr(transformers.DynamicCache, "is_croppable", property(lambda self: False))
+    else:
+        monkeypatch.setattr(transformers.cache_utils.DynamicLayer, "recurrent_states", None, raising=False)
     monkeypatch.setattr(contexts, "_draft", lambda seq, k: pytest.fail("drafted on a cache that cannot be cropped"))
     model = make_tiny("llama")
     n_layers, n = len(decoder_layers(model)), 8

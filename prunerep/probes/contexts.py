@@ -267,14 +267,24 @@ def _draft(seq: Sequence[int], k: int) -> list[int]:
     return []
 
 
+def _rolls_back(cache) -> bool:
+    """Whether ``crop`` puts ``cache`` back as it was before a forward: attention keys and values
+    (a sliding window's too, once it records its past). A linear-attention layer's recurrent state
+    rolls back only from a history of states that ``generate`` sizes to its draft, so a cache
+    holding one is decoded without drafts."""
+    layers = getattr(cache, "layers", None)
+    return (layers is not None and bool(getattr(cache, "is_croppable", False))
+            and hasattr(cache, "activate_past_recording")
+            and not any(hasattr(layer, "recurrent_states") for layer in layers))
+
+
 def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_ids: Iterable[int],
             history: Tensor) -> Trajectory:
     """Greedy decoding on from the output ``out`` of a forward over ``history``'s last tokens and
     its KV ``cache``, the last layer's state at every step read from ``last_acts`` (a
     :func:`capture` of it).
 
-    Where the cache can be rolled back (transformers' ``crop``: every attention cache, not a
-    recurrent state), each forward also feeds a prompt-lookup draft of the next tokens
+    Where the cache can be rolled back (:func:`_rolls_back`), each forward also feeds a prompt-lookup draft of the next tokens
     (:func:`_draft` of the history and the tokens so far): the draft tokens the model's own
     greedy tokens confirm are its next steps, read off that forward, and the cache is cropped
     back past the first wrong one. A compressed model whose generation has collapsed into
@@ -282,8 +292,7 @@ def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_id
     decode's (the same history, in a forward over several tokens)."""
     stop = set(int(t) for t in stop_ids)
     last = num_layers(model)
-    drafting = n_steps > 1 and DRAFT_TOKENS > 0 and bool(getattr(cache, "is_croppable", False)) \
-        and hasattr(cache, "activate_past_recording")
+    drafting = n_steps > 1 and DRAFT_TOKENS > 0 and _rolls_back(cache)
     if drafting:
         cache.activate_past_recording()  # a sliding-window layer keeps what a crop may need back
     seen = [int(t) for t in history.tolist()]
