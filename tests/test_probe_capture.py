@@ -261,6 +261,38 @@ def test_a_draft_of_the_next_tokens_is_checked_in_one_forward_and_cropped_past_t
                                rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("model_type, kw", [("llama", {}), ("gemma2", {"sliding_window": 4})])
+def test_the_decode_after_a_parting_drafts_on_from_the_prompt_and_the_tokens_so_far(model_type, kw, monkeypatch):
+    """A forced trajectory that parts at step 3 of 12: steps 0-2 are read off the continuation,
+    step 3 comes from one forward over the forced tokens before it and the model's own token,
+    and the 8 steps after it are decoded with drafts that see the prompt and all 4 tokens so far
+    (the model's own here, all right): 4, 5-9 and 10-11, two decoding forwards."""
+    model = make_tiny(model_type, **kw)
+    n_layers, n = len(decoder_layers(model)), 12
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(7))
+    own = _greedy_without_cache(model, ids, n)
+    forced = own.clone()
+    forced[3] = (own[3] + 1) % 256
+    seen = []
+
+    def oracle_draft(seq, k):
+        seen.append(list(seq))
+        done = len(seq) - len(ids)
+        return own[done: done + k].tolist()
+
+    monkeypatch.setattr(contexts, "DRAFT_TOKENS", 4)
+    monkeypatch.setattr(contexts, "_draft", oracle_draft)
+    with count_forwards(model) as calls:
+        got = run_contexts(model, ids, [n_layers], ["block"], decode_steps=n, teacher_forced=True, forced=forced)
+    assert len(calls) == 1 + 1 + 1 + 2  # prefill, continuation, the forward at the parting, 2 decoding forwards
+    assert seen[0] == ids.tolist() + own[:5].tolist()
+    assert got.free_running.tokens.tolist() == own.tolist()
+    with torch.inference_mode():
+        hs = model(torch.cat([ids, own[: n - 1]]).unsqueeze(0), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(final_norm(model)(got.free_running.h_last), hs[n_layers][0, 8:8 + n],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("how", ["not croppable", "a recurrent state"])
 def test_a_cache_that_cannot_be_rolled_back_decodes_one_token_per_forward(monkeypatch, how):
     """A cache whose ``crop`` cannot restore it, or one holding a linear-attention layer's
