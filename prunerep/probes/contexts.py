@@ -46,7 +46,7 @@ from prunerep.probes.capture import Key, capture
 
 
 def _forward(model: nn.Module, ids: Tensor, keep: int = 1, **kw):
-    # the logits of the last ``keep`` positions: the probes recompute logits through the lens where they need them
+    # the logits of the last ``keep`` positions: the probes recompute logits through the lens
     return model(input_ids=ids.to(input_device(model)).unsqueeze(0), logits_to_keep=keep, **kw)
 
 
@@ -284,12 +284,12 @@ def _decode(model: nn.Module, out, cache, last_acts: dict, n_steps: int, stop_id
     its KV ``cache``, the last layer's state at every step read from ``last_acts`` (a
     :func:`capture` of it).
 
-    Where the cache can be rolled back (:func:`_rolls_back`), each forward also feeds a prompt-lookup draft of the next tokens
-    (:func:`_draft` of the history and the tokens so far): the draft tokens the model's own
-    greedy tokens confirm are its next steps, read off that forward, and the cache is cropped
-    back past the first wrong one. A compressed model whose generation has collapsed into
-    repetition then costs one forward per few tokens; each state is, to rounding, the stepwise
-    decode's (the same history, in a forward over several tokens)."""
+    Where the cache can be rolled back (:func:`_rolls_back`), each forward also feeds a
+    prompt-lookup draft of the next tokens (:func:`_draft` of the history and the tokens so far):
+    the draft tokens the model's own greedy tokens confirm are its next steps, read off that
+    forward, and the cache is cropped back past the first wrong one. A compressed model whose
+    generation has collapsed into repetition then costs one forward per few tokens; each state
+    is, to rounding, the stepwise decode's (the same history, in a forward over several tokens)."""
     stop = set(int(t) for t in stop_ids)
     last = num_layers(model)
     drafting = n_steps > 1 and DRAFT_TOKENS > 0 and _rolls_back(cache)
